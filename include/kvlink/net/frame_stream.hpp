@@ -1,0 +1,126 @@
+// A socket that speaks frames: one reader that pulls as many frames per
+// syscall as the kernel has, and one send buffer that collects every frame
+// queued during the current turn of the io_context and writes them together.
+// Used by the client connection and by the server's sessions.
+#pragma once
+
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/awaitable.hpp>
+#include <asio/post.hpp>
+#include <asio/use_awaitable.hpp>
+#include <asio/write.hpp>
+#include <memory>
+#include <system_error>
+#include <utility>
+
+#include "kvlink/error.hpp"
+#include "kvlink/net/endpoint.hpp"
+#include "kvlink/wire/frame.hpp"
+
+namespace kvlink::net {
+
+struct StreamEnd {
+  std::error_code ec;  // eof, connection_lost, protocol_error, ...
+  std::string reason;  // human-readable
+};
+
+class FrameStream {
+ public:
+  explicit FrameStream(Socket socket, std::uint32_t max_payload = wire::default_max_payload)
+      : socket_(std::move(socket)), parser_(max_payload) {}
+
+  Socket& socket() { return socket_; }
+  wire::FrameParser& parser() { return parser_; }
+  bool is_open() const { return socket_.is_open(); }
+  // Bytes queued but not yet accepted by the kernel.
+  std::size_t queued_bytes() const { return out_.size() + (writing_ ? writing_buf_.size() : 0); }
+
+  // Queues one frame; `encode` writes its payload. The flush happens after
+  // the current handler returns, so frames queued together leave together.
+  // `owner` keeps the object that owns this stream alive until the write ends.
+  template <class EncodePayload>
+  void send(std::uint8_t opcode, std::uint16_t flags, std::uint64_t id, EncodePayload&& encode,
+            const std::shared_ptr<void>& owner) {
+    if (!socket_.is_open()) return;
+    wire::FrameBuilder(out_).add(opcode, flags, id, std::forward<EncodePayload>(encode));
+    schedule_flush(owner);
+  }
+
+  // Lower level: append whole frames to out_buffer(), then schedule_flush().
+  wire::Bytes& out_buffer() { return out_; }
+  void schedule_flush(const std::shared_ptr<void>& owner) {
+    if (flush_scheduled_ || writing_ || out_.empty()) return;
+    flush_scheduled_ = true;
+    asio::post(socket_.get_executor(), [this, owner] { flush(owner); });
+  }
+
+  // Reads frames until the stream ends, handing each to on_frame (which
+  // returns false to stop). Returns why the stream ended.
+  template <class OnFrame>
+  asio::awaitable<StreamEnd> read_frames(OnFrame on_frame) {
+    for (;;) {
+      auto space = parser_.prepare(64 * 1024);
+      auto [ec, n] = co_await socket_.async_read_some(asio::buffer(space.data(), space.size()),
+                                                      asio::experimental::as_tuple(asio::use_awaitable));
+      if (ec) {
+        if (ec == asio::error::eof) co_return StreamEnd{errc::connection_lost, "peer closed the connection"};
+        if (ec == asio::error::operation_aborted) co_return StreamEnd{errc::connection_lost, "connection closed locally"};
+        co_return StreamEnd{errc::connection_lost, ec.message()};
+      }
+      parser_.commit(n);
+      while (auto frame = parser_.next()) {
+        if (!on_frame(*frame)) co_return StreamEnd{errc::protocol_error, "stopped by the frame handler"};
+      }
+      if (parser_.failed()) {
+        co_return StreamEnd{parser_.version_mismatch() ? make_error_code(errc::version_mismatch)
+                                                       : make_error_code(errc::protocol_error),
+                            parser_.error()};
+      }
+    }
+  }
+
+  void close() {
+    std::error_code ignored;
+    socket_.shutdown(Socket::shutdown_both, ignored);
+    socket_.close(ignored);
+  }
+
+ private:
+  void flush(const std::shared_ptr<void>& owner) {
+    flush_scheduled_ = false;
+    if (writing_ || out_.empty() || !socket_.is_open()) return;
+    // Try the kernel right away; only what does not fit waits for an async write.
+    std::error_code ec;
+    socket_.non_blocking(true, ec);
+    std::size_t n = ec ? 0 : socket_.write_some(asio::buffer(out_), ec);
+    if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
+      close();  // the reader sees the closed socket and reports the end
+      return;
+    }
+    if (n == out_.size()) {
+      out_.clear();
+      return;
+    }
+    writing_ = true;
+    writing_buf_.assign(out_.begin() + static_cast<std::ptrdiff_t>(n), out_.end());
+    out_.clear();
+    asio::async_write(socket_, asio::buffer(writing_buf_), [this, owner](std::error_code wec, std::size_t) {
+      writing_ = false;
+      writing_buf_.clear();
+      if (wec) {
+        close();
+        return;
+      }
+      if (!out_.empty()) flush(owner);
+    });
+  }
+
+  Socket socket_;
+  wire::FrameParser parser_;
+  wire::Bytes out_;          // frames queued since the last flush
+  wire::Bytes writing_buf_;  // frames the async write is sending
+  bool writing_ = false;
+  bool flush_scheduled_ = false;
+};
+
+}  // namespace kvlink::net

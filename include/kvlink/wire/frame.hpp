@@ -1,0 +1,137 @@
+// Framing: a fixed 24-byte little-endian header, then the payload.
+//
+//   u32 magic "KVLK" | u8 version | u8 opcode | u16 flags | u64 request id
+//   | u32 payload length | u32 reserved (0)
+//
+// Sans-io: FrameParser turns a byte stream into frames and FrameBuilder
+// appends frames to a buffer; the Asio layer only moves bytes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "kvlink/wire/codec.hpp"
+
+namespace kvlink::wire {
+
+inline constexpr std::uint32_t frame_magic = 0x4B4C564B;  // bytes "KVLK"
+inline constexpr std::uint8_t protocol_version = 1;
+inline constexpr std::size_t header_size = 24;
+// Largest payload either side accepts before HELLO negotiates one.
+inline constexpr std::uint32_t default_max_payload = 16u << 20;
+// HELLO and its reply must fit this before limits are known.
+inline constexpr std::uint32_t min_max_payload = 4096;
+
+enum class Opcode : std::uint8_t {
+  hello = 1,
+  ping = 2,
+  register_kv_cache = 3,
+  unregister_kv_cache = 4,
+  lookup = 5,
+  query_prefetch_status = 6,
+  sync_lookup = 7,
+  free_lookup_locks = 8,
+  store = 9,
+  retrieve = 10,
+  end_session = 11,
+  report_block_allocation = 12,
+  clear = 13,
+  stats = 14,
+};
+inline constexpr std::uint8_t max_opcode = 14;
+
+// Name for logs and errors ("PING"); "OP_<n>" for values outside the table.
+std::string opcode_name(std::uint8_t op);
+inline std::string opcode_name(Opcode op) { return opcode_name(static_cast<std::uint8_t>(op)); }
+
+namespace flag {
+inline constexpr std::uint16_t response = 1;  // a reply to request `id`
+inline constexpr std::uint16_t error = 2;     // payload is ErrorReply
+inline constexpr std::uint16_t one_way = 4;   // request that gets no reply
+inline constexpr std::uint16_t known = response | error | one_way;
+}  // namespace flag
+
+struct Header {
+  std::uint8_t version = protocol_version;
+  std::uint8_t opcode = 0;
+  std::uint16_t flags = 0;
+  std::uint64_t id = 0;
+  std::uint32_t length = 0;
+
+  bool is_response() const { return (flags & flag::response) != 0; }
+  bool is_error() const { return (flags & flag::error) != 0; }
+  bool is_one_way() const { return (flags & flag::one_way) != 0; }
+};
+
+// Appends whole frames to a byte buffer. The payload is encoded straight into
+// the buffer (no temporary), then the length is patched in.
+class FrameBuilder {
+ public:
+  explicit FrameBuilder(Bytes& out) : out_(out) {}
+
+  // Encodes one frame; `encode` receives a Writer for the payload.
+  template <class EncodePayload>
+  void add(std::uint8_t opcode, std::uint16_t flags, std::uint64_t id, EncodePayload&& encode) {
+    const std::size_t start = out_.size();
+    Writer w(out_);
+    w.num(frame_magic);
+    w.num(protocol_version);
+    w.num(opcode);
+    w.num(flags);
+    w.num(id);
+    w.num(std::uint32_t{0});  // length, patched below
+    w.num(std::uint32_t{0});  // reserved
+    encode(w);
+    const auto length = static_cast<std::uint32_t>(out_.size() - start - header_size);
+    std::memcpy(out_.data() + start + 16, &length, sizeof length);
+  }
+
+ private:
+  Bytes& out_;
+};
+
+struct Frame {
+  Header header;
+  std::span<const std::byte> payload;  // valid until the parser is fed again
+};
+
+// Splits an incoming byte stream into frames. Feed bytes with `append` (or
+// write into `prepare` + `commit` to avoid a copy), then call `next` until it
+// returns nothing. A framing error (bad magic, reserved bits, oversized
+// length) is final for the stream: the connection must be closed.
+class FrameParser {
+ public:
+  explicit FrameParser(std::uint32_t max_payload = default_max_payload) : max_payload_(max_payload) {}
+
+  void set_max_payload(std::uint32_t max_payload) { max_payload_ = max_payload; }
+  std::uint32_t max_payload() const { return max_payload_; }
+
+  std::span<std::byte> prepare(std::size_t at_least);
+  void commit(std::size_t n) { end_ += n; }
+  void append(std::span<const std::byte> data);
+
+  // The next whole frame, or nothing if more bytes are needed or on error.
+  std::optional<Frame> next();
+
+  bool failed() const { return !error_.empty(); }
+  const std::string& error() const { return error_; }
+  // A version mismatch is reported separately so the peer gets a precise answer.
+  bool version_mismatch() const { return version_mismatch_; }
+  std::uint8_t peer_version() const { return peer_version_; }
+  std::size_t buffered() const { return end_ - begin_; }
+
+ private:
+  Bytes buf_;
+  std::size_t begin_ = 0;  // first unconsumed byte
+  std::size_t end_ = 0;    // one past the last valid byte
+  std::uint32_t max_payload_;
+  std::string error_;
+  bool version_mismatch_ = false;
+  std::uint8_t peer_version_ = protocol_version;
+};
+
+}  // namespace kvlink::wire

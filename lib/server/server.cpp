@@ -1,0 +1,187 @@
+#include "kvlink/server/server.hpp"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/ip/tcp.hpp>
+#include <asio/local/stream_protocol.hpp>
+#include <fmt/format.h>
+#include <list>
+#include <random>
+#include <stdexcept>
+
+#include "kvlink/log.hpp"
+#include "kvlink/net/endpoint.hpp"
+#include "kvlink/net/frame_stream.hpp"
+
+namespace kvlink::server {
+
+namespace {
+
+// One client connection.
+struct Session final : ReplySink, std::enable_shared_from_this<Session> {
+  explicit Session(net::Socket socket, std::uint32_t max_payload) : stream(std::move(socket), max_payload) {}
+  wire::Bytes& buffer() override { return stream.out_buffer(); }
+  void flush() override { stream.schedule_flush(shared_from_this()); }
+
+  net::FrameStream stream;
+  SessionState state;
+};
+
+// True if something accepts connections on the unix socket at `path`.
+bool unix_socket_in_use(const std::string& path) {
+  asio::io_context probe;
+  asio::local::stream_protocol::socket s(probe);
+  std::error_code ec;
+  s.connect(asio::local::stream_protocol::endpoint(path), ec);
+  return !ec;
+}
+
+}  // namespace
+
+struct Server::Impl {
+  Impl(asio::io_context& io, ServerConfig cfg)
+      : io(io), config(std::move(cfg)), handler(config, random_boot_id()) {}
+
+  asio::io_context& io;
+  ServerConfig config;
+  RequestHandler handler;
+  std::list<net::Acceptor> acceptors;
+  std::vector<std::string> unix_paths;
+  std::list<std::weak_ptr<Session>> sessions;
+  bool stopped = false;
+
+  asio::awaitable<void> accept_loop(net::Acceptor& acceptor, std::string name);
+  asio::awaitable<void> serve(std::shared_ptr<Session> session);
+};
+
+asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::string name) {
+  for (;;) {
+    auto [ec, socket] = co_await acceptor.async_accept(asio::experimental::as_tuple(asio::use_awaitable));
+    if (ec) {
+      if (ec == asio::error::operation_aborted || stopped) co_return;
+      // Transient (EMFILE, ECONNABORTED): log and keep accepting.
+      log::warn("kvlink-server: accept on {} failed: {}", name, ec.message());
+      continue;
+    }
+    auto session = std::make_shared<Session>(std::move(socket), config.max_payload);
+    if (handler.counters().connections_open >= config.max_connections) {
+      ++handler.counters().connections_refused;
+      wire::Header h{};
+      h.opcode = static_cast<std::uint8_t>(wire::Opcode::hello);
+      reply_error(*session, h, errc::limit_exceeded,
+                  fmt::format("connection refused: the server is at its limit of {} connections (--max-connections)",
+                              config.max_connections));
+      // Let the error reach the client, then drop the connection.
+      asio::post(io, [session] { session->stream.close(); });
+      continue;
+    }
+    if (acceptor.local_endpoint().protocol().family() != AF_UNIX) {
+      std::error_code ignored;
+      session->stream.socket().set_option(asio::ip::tcp::no_delay(true), ignored);
+    }
+    ++handler.counters().connections_accepted;
+    ++handler.counters().connections_open;
+    sessions.push_back(session);
+    asio::co_spawn(io, serve(std::move(session)), asio::detached);
+  }
+}
+
+asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
+  net::StreamEnd end = co_await session->stream.read_frames(
+      [&](const wire::Frame& frame) { return handler.handle(session->state, frame, *session); });
+  if (end.ec == errc::protocol_error || end.ec == errc::version_mismatch) {
+    // Say why before closing: the bytes were not a frame we could answer.
+    ++handler.counters().protocol_errors;
+    log::warn("kvlink-server: closing connection of {:016x}: {}", session->state.instance_id, end.reason);
+    wire::Header h{};
+    reply_error(*session, h, end.ec, end.reason);
+    asio::post(io, [session] { session->stream.close(); });
+  } else {
+    session->stream.close();
+  }
+  --handler.counters().connections_open;
+  std::erase_if(sessions, [](const std::weak_ptr<Session>& w) { return w.expired(); });
+}
+
+Server::Server(asio::io_context& io, ServerConfig config) : impl_(std::make_unique<Impl>(io, std::move(config))) {}
+
+Server::~Server() {
+  for (const auto& path : impl_->unix_paths) ::unlink(path.c_str());
+}
+
+std::uint64_t Server::boot_id() const { return impl_->handler.boot_id(); }
+RequestHandler& Server::handler() { return impl_->handler; }
+
+void Server::start() {
+  auto& cfg = impl_->config;
+  if (cfg.listen.empty()) cfg.listen.push_back(net::default_endpoint());
+  for (const auto& text : cfg.listen) {
+    net::Endpoint ep;
+    std::string error;
+    if (!net::parse_endpoint(text, ep, error)) throw std::runtime_error(error);
+    if (ep.is_unix()) {
+      struct stat st {};
+      if (::lstat(ep.path.c_str(), &st) == 0) {
+        if (!S_ISSOCK(st.st_mode))
+          throw std::runtime_error(fmt::format("{}: {} exists and is not a socket; choose another path", text, ep.path));
+        if (unix_socket_in_use(ep.path))
+          throw std::runtime_error(
+              fmt::format("{}: another server is already listening there; stop it or choose another path", text));
+        ::unlink(ep.path.c_str());  // stale socket of a dead server
+      }
+    }
+    auto& acceptor = impl_->acceptors.emplace_back(impl_->io);
+    try {
+      auto asio_ep = ep.asio_endpoint();
+      acceptor.open(asio_ep.protocol());
+      if (!ep.is_unix()) acceptor.set_option(asio::socket_base::reuse_address(true));
+      // Create the unix socket with no permissions beyond the owner's, then
+      // widen to the configured mode: no window where others can connect.
+      const mode_t old_mask = ep.is_unix() ? ::umask(0177) : 0;
+      std::error_code bind_ec;
+      acceptor.bind(asio_ep, bind_ec);
+      if (ep.is_unix()) ::umask(old_mask);
+      if (bind_ec) throw std::system_error(bind_ec);
+      acceptor.listen(asio::socket_base::max_listen_connections);
+    } catch (const std::system_error& e) {
+      throw std::runtime_error(fmt::format("cannot listen on {}: {}", text, e.code().message()));
+    }
+    if (ep.is_unix()) {
+      ::chmod(ep.path.c_str(), static_cast<mode_t>(cfg.unix_socket_mode));
+      impl_->unix_paths.push_back(ep.path);
+    } else {
+      asio::ip::tcp::endpoint bound;
+      bound.resize(acceptor.local_endpoint().size());
+      std::memcpy(bound.data(), acceptor.local_endpoint().data(), acceptor.local_endpoint().size());
+      ep.port = bound.port();
+    }
+    bound_.push_back(ep.to_string());
+    asio::co_spawn(impl_->io, impl_->accept_loop(acceptor, ep.to_string()), asio::detached);
+  }
+}
+
+void Server::stop() {
+  if (impl_->stopped) return;
+  impl_->stopped = true;
+  for (auto& a : impl_->acceptors) {
+    std::error_code ignored;
+    a.close(ignored);
+  }
+  for (auto& w : impl_->sessions) {
+    if (auto s = w.lock()) s->stream.close();
+  }
+  for (const auto& path : impl_->unix_paths) ::unlink(path.c_str());
+  impl_->unix_paths.clear();
+}
+
+std::uint64_t random_boot_id() {
+  std::random_device rd;
+  std::uint64_t id = 0;
+  while (id == 0) id = (std::uint64_t{rd()} << 32) | rd();
+  return id;
+}
+
+}  // namespace kvlink::server

@@ -1,0 +1,63 @@
+#include "kvlink/wire/messages.hpp"
+
+#include <fmt/format.h>
+
+namespace kvlink::wire {
+
+const char* role_name(Role r) {
+  switch (r) {
+    case Role::scheduler: return "scheduler";
+    case Role::worker: return "worker";
+    case Role::admin: return "admin";
+  }
+  return "unknown";
+}
+
+std::string HelloRequest::check() const {
+  if (protocol_version != wire::protocol_version)
+    return fmt::format("protocol version {} is not supported (this side speaks {}); upgrade the older side",
+                       protocol_version, wire::protocol_version);
+  if (role != Role::scheduler && role != Role::worker && role != Role::admin)
+    return fmt::format("role {} is not scheduler (1), worker (2) or admin (3)", static_cast<int>(role));
+  if (instance_id == 0 || (instance_id >> 63) != 0)
+    return "instance_id must be a non-zero 63-bit number";
+  return {};
+}
+
+std::string KvLayout::check() const {
+  if (backend != KvBackend::cpu_memfd && backend != KvBackend::cuda_ipc)
+    return fmt::format("backend {} is not cpu_memfd (1) or cuda_ipc (2)", static_cast<int>(backend));
+  if (num_layers == 0 || num_blocks == 0 || block_size == 0 || num_kv_heads == 0 || head_size == 0 ||
+      dtype_size == 0)
+    return "num_layers, num_blocks, block_size, num_kv_heads, head_size and dtype_size must all be positive";
+  if (num_planes != 1 && num_planes != 2) return fmt::format("num_planes is {}; it must be 1 (MLA) or 2 (K and V)", num_planes);
+  if (layers.size() != num_layers)
+    return fmt::format("{} layer locations given for num_layers = {}", layers.size(), num_layers);
+  const std::uint64_t bb = block_bytes();
+  if (block_stride < bb) return fmt::format("block_stride {} is smaller than one block ({} bytes)", block_stride, bb);
+  if (num_planes == 2 && plane_stride < bb)
+    return fmt::format("plane_stride {} is smaller than one block ({} bytes)", plane_stride, bb);
+  // The last byte of each layer must lie inside the registered region;
+  // overflow-checked so huge strides cannot wrap around.
+  std::uint64_t blocks_span = 0, planes_span = 0, span = 0;
+  if (__builtin_mul_overflow(std::uint64_t{num_blocks - 1}, block_stride, &blocks_span) ||
+      __builtin_mul_overflow(std::uint64_t{num_planes - 1}, plane_stride, &planes_span) ||
+      __builtin_add_overflow(blocks_span, planes_span, &span) || __builtin_add_overflow(span, bb, &span))
+    return "block_stride / plane_stride are so large the layout overflows 64-bit offsets";
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    std::uint64_t end = 0;
+    if (__builtin_add_overflow(layers[i].offset, span, &end) || end > region_bytes)
+      return fmt::format("layer {} (offset {}) extends past the registered region of {} bytes", i, layers[i].offset,
+                         region_bytes);
+  }
+  return {};
+}
+
+std::string RegisterKvCacheRequest::check() const {
+  if (model.empty()) return "model name is empty";
+  if (world_size == 0) return "world_size must be at least 1";
+  if (kv_rank >= world_size) return fmt::format("kv_rank {} is not below world_size {}", kv_rank, world_size);
+  return layout.check();
+}
+
+}  // namespace kvlink::wire

@@ -1,0 +1,159 @@
+// The server's request handling without sockets: frames in, frames out.
+#include <doctest/doctest.h>
+
+#include "kvlink/server/request_handler.hpp"
+
+using namespace kvlink;
+using namespace kvlink::wire;
+
+namespace {
+
+struct Collect final : server::ReplySink {
+  Bytes out;
+  int flushes = 0;
+  Bytes& buffer() override { return out; }
+  void flush() override { ++flushes; }
+
+  // Parses everything collected so far into frames (copying payloads).
+  std::vector<std::pair<Header, Bytes>> frames() {
+    FrameParser p;
+    p.append(out);
+    out.clear();
+    std::vector<std::pair<Header, Bytes>> v;
+    while (auto f = p.next()) v.emplace_back(f->header, Bytes(f->payload.begin(), f->payload.end()));
+    REQUIRE_FALSE(p.failed());
+    return v;
+  }
+};
+
+struct Fixture {
+  server::ServerConfig config;
+  server::RequestHandler handler{config, 77};
+  server::SessionState session;
+  Collect sink;
+
+  template <class M>
+  bool send(std::uint64_t id, const M& m, std::uint16_t flags = 0) {
+    Bytes bytes;
+    FrameBuilder(bytes).add(static_cast<std::uint8_t>(M::opcode), flags, id, [&](Writer& w) { encode(w, m); });
+    FrameParser p;
+    p.append(bytes);
+    auto f = p.next();
+    REQUIRE(f);
+    return handler.handle(session, *f, sink);
+  }
+  void hello() {
+    HelloRequest h;
+    h.instance_id = 5;
+    REQUIRE(send(1, h));
+    sink.out.clear();
+  }
+};
+
+ErrorReply error_of(const std::pair<Header, Bytes>& f) {
+  REQUIRE(f.first.is_error());
+  ErrorReply e;
+  REQUIRE(decode(f.second, e, "error") == "");
+  return e;
+}
+
+}  // namespace
+
+TEST_CASE("HELLO answers with the boot id and limits") {
+  Fixture fx;
+  HelloRequest h;
+  h.instance_id = 5;
+  h.role = Role::worker;
+  CHECK(fx.send(1, h));
+  auto frames = fx.sink.frames();
+  REQUIRE(frames.size() == 1);
+  CHECK(frames[0].first.is_response());
+  CHECK(frames[0].first.id == 1);
+  HelloReply r;
+  REQUIRE(decode(frames[0].second, r, "reply") == "");
+  CHECK(r.boot_id == 77);
+  CHECK(r.chunk_size == fx.config.chunk_size);
+  CHECK(r.max_payload == fx.config.max_payload);
+  CHECK(fx.session.hello_done);
+  CHECK(fx.session.instance_id == 5);
+}
+
+TEST_CASE("requests before HELLO get a clear error and the connection stays") {
+  Fixture fx;
+  CHECK(fx.send(3, PingRequest{}));
+  auto frames = fx.sink.frames();
+  REQUIRE(frames.size() == 1);
+  auto e = error_of(frames[0]);
+  CHECK(e.code == static_cast<std::uint16_t>(errc::bad_request));
+  CHECK(e.message.find("HELLO") != std::string::npos);
+}
+
+TEST_CASE("a HELLO of another protocol version is refused and closes") {
+  Fixture fx;
+  HelloRequest h;
+  h.instance_id = 5;
+  h.protocol_version = 2;
+  CHECK_FALSE(fx.send(1, h));
+  auto e = error_of(fx.sink.frames().at(0));
+  CHECK(e.code == static_cast<std::uint16_t>(errc::version_mismatch));
+}
+
+TEST_CASE("PING after HELLO answers ok") {
+  Fixture fx;
+  fx.hello();
+  CHECK(fx.send(9, PingRequest{}));
+  auto frames = fx.sink.frames();
+  REQUIRE(frames.size() == 1);
+  CHECK(frames[0].first.id == 9);
+  CHECK_FALSE(frames[0].first.is_error());
+  CHECK(frames[0].second.empty());
+}
+
+TEST_CASE("an unknown opcode is answered with an error and the connection stays") {
+  Fixture fx;
+  fx.hello();
+  Bytes bytes;
+  FrameBuilder(bytes).add(200, 0, 4, [](Writer&) {});
+  FrameParser p;
+  p.append(bytes);
+  CHECK(fx.handler.handle(fx.session, *p.next(), fx.sink));
+  auto e = error_of(fx.sink.frames().at(0));
+  CHECK(e.code == static_cast<std::uint16_t>(errc::unknown_opcode));
+  CHECK(fx.handler.counters().unknown_opcodes == 1);
+}
+
+TEST_CASE("a malformed PING payload is a protocol error, counted") {
+  Fixture fx;
+  fx.hello();
+  Bytes bytes;
+  FrameBuilder(bytes).add(static_cast<std::uint8_t>(Opcode::ping), 0, 4, [](Writer& w) { w.num(std::uint32_t{1}); });
+  FrameParser p;
+  p.append(bytes);
+  CHECK(fx.handler.handle(fx.session, *p.next(), fx.sink));
+  auto e = error_of(fx.sink.frames().at(0));
+  CHECK(e.code == static_cast<std::uint16_t>(errc::protocol_error));
+  CHECK(e.message.find("trailing") != std::string::npos);
+  CHECK(fx.handler.counters().protocol_errors == 1);
+}
+
+TEST_CASE("a client sending responses is disconnected") {
+  Fixture fx;
+  fx.hello();
+  CHECK_FALSE(fx.send(4, PingRequest{}, flag::response));
+}
+
+TEST_CASE("STATS reports per-op counters") {
+  Fixture fx;
+  fx.hello();
+  fx.send(2, PingRequest{});
+  fx.send(3, PingRequest{});
+  fx.sink.out.clear();
+  fx.send(4, StatsRequest{});
+  auto frames = fx.sink.frames();
+  StatsReply s;
+  REQUIRE(decode(frames.at(0).second, s, "stats") == "");
+  std::int64_t pings = -1;
+  for (auto& e : s.entries)
+    if (e.name == "op_ping_requests") pings = e.value;
+  CHECK(pings == 2);
+}

@@ -1,0 +1,123 @@
+// kvlink-cli: operator's tool. `ping` measures round trips to a server.
+#include <asio/co_spawn.hpp>
+#include <asio/io_context.hpp>
+#include <asio/steady_timer.hpp>
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <fmt/format.h>
+
+#include "kvlink/log.hpp"
+#include "kvlink/net/connection.hpp"
+
+namespace {
+
+using namespace std::chrono;
+using kvlink::net::Clock;
+
+struct PingOptions {
+  std::string server = kvlink::net::default_endpoint();
+  int count = 5;
+  int timeout_ms = 1000;
+  int interval_ms = 200;
+};
+
+asio::awaitable<int> run_ping(PingOptions opt) {
+  auto ex = co_await asio::this_coro::executor;
+  kvlink::net::Endpoint ep;
+  std::string error;
+  if (!kvlink::net::parse_endpoint(opt.server, ep, error)) {
+    fmt::print(stderr, "kvlink-cli: {}\n", error);
+    co_return 2;
+  }
+  kvlink::wire::HelloRequest hello;
+  hello.role = kvlink::wire::Role::admin;
+  hello.instance_id = kvlink::net::random_instance_id();
+  hello.client_name = "kvlink-cli ping";
+  auto connected = co_await kvlink::net::connect(ex, ep, hello, milliseconds(opt.timeout_ms));
+  if (connected.ec) {
+    fmt::print(stderr, "kvlink-cli: {}\n", connected.error);
+    co_return 1;
+  }
+  auto conn = connected.connection;
+  fmt::print("connected to {} (boot id {:016x}, server {}, chunk size {})\n", ep.to_string(), connected.hello.boot_id,
+             connected.hello.server_version, connected.hello.chunk_size);
+  std::vector<double> rtts;
+  int failures = 0;
+  asio::steady_timer pause(ex);
+  for (int i = 0; i < opt.count; ++i) {
+    const auto t0 = Clock::now();
+    auto [ec, reply] = co_await conn->async_call(kvlink::wire::PingRequest{}, milliseconds(opt.timeout_ms),
+                                                 asio::experimental::as_tuple(asio::use_awaitable));
+    const double us = duration<double, std::micro>(Clock::now() - t0).count();
+    if (ec) {
+      ++failures;
+      fmt::print("ping {}: failed: {}\n", i + 1, ec.message());
+      if (ec == kvlink::errc::connection_lost) break;
+    } else {
+      rtts.push_back(us);
+      fmt::print("ping {}: rtt {:.1f} us\n", i + 1, us);
+    }
+    std::fflush(stdout);
+    if (i + 1 < opt.count && opt.interval_ms > 0) {
+      pause.expires_after(milliseconds(opt.interval_ms));
+      co_await pause.async_wait(asio::use_awaitable);
+    }
+  }
+  conn->close();
+  if (!rtts.empty()) {
+    std::sort(rtts.begin(), rtts.end());
+    auto pct = [&](double p) { return rtts[std::min(rtts.size() - 1, static_cast<std::size_t>(p * rtts.size()))]; };
+    fmt::print("{} sent, {} ok, {} failed; rtt min {:.1f} us, p50 {:.1f} us, p99 {:.1f} us\n", opt.count, rtts.size(),
+               failures, rtts.front(), pct(0.50), pct(0.99));
+  } else {
+    fmt::print("{} sent, 0 ok, {} failed\n", opt.count, failures);
+  }
+  if (failures > 0) {
+    fmt::print(stderr, "kvlink-cli: {} of {} pings to {} failed\n", failures, opt.count, ep.to_string());
+    co_return 1;
+  }
+  co_return 0;
+}
+
+// Runs a coroutine returning an exit code on a fresh io_context.
+int run(asio::awaitable<int> task) {
+  asio::io_context io(1);
+  int rc = 1;
+  asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, int r) {
+    rc = r;
+    if (e) {
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& ex) {
+        fmt::print(stderr, "kvlink-cli: {}\n", ex.what());
+        rc = 1;
+      }
+    }
+  });
+  io.run();
+  return rc;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"kvlink-cli: talk to a kvlink-server"};
+  app.require_subcommand(1);
+  kvlink::log::set_level(kvlink::log::Level::warn);
+
+  PingOptions ping;
+  auto* ping_cmd = app.add_subcommand("ping", "Measure PING round trips to a server");
+  ping_cmd->add_option("--server,-s", ping.server, "Server endpoint (unix:/path or tcp:HOST:PORT)")->capture_default_str();
+  ping_cmd->add_option("--count,-c", ping.count, "Number of pings")->capture_default_str()->check(CLI::Range(1, 10000000));
+  ping_cmd->add_option("--timeout-ms", ping.timeout_ms, "Deadline for the connection and for each ping")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 3600000));
+  ping_cmd->add_option("--interval-ms", ping.interval_ms, "Pause between pings")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 3600000));
+
+  CLI11_PARSE(app, argc, argv);
+  if (*ping_cmd) return run(run_ping(ping));
+  return 2;
+}
