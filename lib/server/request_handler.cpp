@@ -28,7 +28,11 @@ void RequestHandler::fail(const wire::Frame& frame, ReplySink& sink, std::error_
   reply_error(sink, frame.header, code, message);
 }
 
-bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, ReplySink& sink) {
+void RequestHandler::on_session_end(SessionState&, TimePoint) {}
+
+void RequestHandler::tick(TimePoint) {}
+
+bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint) {
   const wire::Header& h = frame.header;
   if (h.is_response()) {
     ++counters_.protocol_errors;

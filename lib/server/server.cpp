@@ -5,6 +5,7 @@
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
+#include <asio/steady_timer.hpp>
 #include <asio/ip/tcp.hpp>
 #include <asio/local/stream_protocol.hpp>
 #include <fmt/format.h>
@@ -12,6 +13,7 @@
 #include <random>
 #include <stdexcept>
 
+#include "kvlink/clock.hpp"
 #include "kvlink/log.hpp"
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/net/frame_stream.hpp"
@@ -25,6 +27,7 @@ struct Session final : ReplySink, std::enable_shared_from_this<Session> {
   explicit Session(net::Socket socket, std::uint32_t max_payload) : stream(std::move(socket), max_payload) {}
   wire::Bytes& buffer() override { return stream.out_buffer(); }
   void flush() override { stream.schedule_flush(shared_from_this()); }
+  std::weak_ptr<ReplySink> weak_self() override { return std::static_pointer_cast<ReplySink>(shared_from_this()); }
 
   net::FrameStream stream;
   SessionState state;
@@ -55,7 +58,19 @@ struct Server::Impl {
 
   asio::awaitable<void> accept_loop(net::Acceptor& acceptor, std::string name);
   asio::awaitable<void> serve(std::shared_ptr<Session> session);
+  asio::awaitable<void> tick_loop();
 };
+
+// Drives the handler's timed housekeeping (TTLs, reaping) on the io thread.
+asio::awaitable<void> Server::Impl::tick_loop() {
+  asio::steady_timer timer(io);
+  while (!stopped) {
+    timer.expires_after(RequestHandler::tick_interval);
+    auto [ec] = co_await timer.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
+    if (ec || stopped) co_return;
+    handler.tick(Clock::now());
+  }
+}
 
 asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::string name) {
   for (;;) {
@@ -91,7 +106,7 @@ asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::st
 
 asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   net::StreamEnd end = co_await session->stream.read_frames(
-      [&](const wire::Frame& frame) { return handler.handle(session->state, frame, *session); });
+      [&](const wire::Frame& frame) { return handler.handle(session->state, frame, *session, Clock::now()); });
   if (end.ec == errc::protocol_error || end.ec == errc::version_mismatch) {
     // Say why before closing: the bytes were not a frame we could answer.
     ++handler.counters().protocol_errors;
@@ -102,6 +117,7 @@ asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   } else {
     session->stream.close();
   }
+  handler.on_session_end(session->state, Clock::now());
   --handler.counters().connections_open;
   std::erase_if(sessions, [](const std::weak_ptr<Session>& w) { return w.expired(); });
 }
@@ -161,6 +177,7 @@ void Server::start() {
     bound_.push_back(ep.to_string());
     asio::co_spawn(impl_->io, impl_->accept_loop(acceptor, ep.to_string()), asio::detached);
   }
+  asio::co_spawn(impl_->io, impl_->tick_loop(), asio::detached);
 }
 
 void Server::stop() {

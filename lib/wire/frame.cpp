@@ -31,6 +31,7 @@ std::span<std::byte> FrameParser::prepare(std::size_t at_least) {
 }
 
 void FrameParser::append(std::span<const std::byte> data) {
+  if (data.empty()) return;  // memcpy from an empty span's null pointer is UB
   auto space = prepare(data.size());
   std::memcpy(space.data(), data.data(), data.size());
   commit(data.size());

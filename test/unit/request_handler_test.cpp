@@ -13,6 +13,7 @@ struct Collect final : server::ReplySink {
   int flushes = 0;
   Bytes& buffer() override { return out; }
   void flush() override { ++flushes; }
+  std::weak_ptr<ReplySink> weak_self() override { return {}; }
 
   // Parses everything collected so far into frames (copying payloads).
   std::vector<std::pair<Header, Bytes>> frames() {
@@ -31,6 +32,7 @@ struct Fixture {
   server::RequestHandler handler{config, 77};
   server::SessionState session;
   Collect sink;
+  TimePoint now{};
 
   template <class M>
   bool send(std::uint64_t id, const M& m, std::uint16_t flags = 0) {
@@ -40,7 +42,7 @@ struct Fixture {
     p.append(bytes);
     auto f = p.next();
     REQUIRE(f);
-    return handler.handle(session, *f, sink);
+    return handler.handle(session, *f, sink, now);
   }
   void hello() {
     HelloRequest h;
@@ -116,7 +118,7 @@ TEST_CASE("an unknown opcode is answered with an error and the connection stays"
   FrameBuilder(bytes).add(200, 0, 4, [](Writer&) {});
   FrameParser p;
   p.append(bytes);
-  CHECK(fx.handler.handle(fx.session, *p.next(), fx.sink));
+  CHECK(fx.handler.handle(fx.session, *p.next(), fx.sink, fx.now));
   auto e = error_of(fx.sink.frames().at(0));
   CHECK(e.code == static_cast<std::uint16_t>(errc::unknown_opcode));
   CHECK(fx.handler.counters().unknown_opcodes == 1);
@@ -129,7 +131,7 @@ TEST_CASE("a malformed PING payload is a protocol error, counted") {
   FrameBuilder(bytes).add(static_cast<std::uint8_t>(Opcode::ping), 0, 4, [](Writer& w) { w.num(std::uint32_t{1}); });
   FrameParser p;
   p.append(bytes);
-  CHECK(fx.handler.handle(fx.session, *p.next(), fx.sink));
+  CHECK(fx.handler.handle(fx.session, *p.next(), fx.sink, fx.now));
   auto e = error_of(fx.sink.frames().at(0));
   CHECK(e.code == static_cast<std::uint16_t>(errc::protocol_error));
   CHECK(e.message.find("trailing") != std::string::npos);

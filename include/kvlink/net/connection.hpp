@@ -27,6 +27,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kvlink/clock.hpp"
 #include "kvlink/error.hpp"
 #include "kvlink/log.hpp"
 #include "kvlink/net/endpoint.hpp"
@@ -35,7 +36,7 @@
 
 namespace kvlink::net {
 
-using Clock = std::chrono::steady_clock;
+using Clock = kvlink::Clock;
 
 struct ConnectionStats {
   std::uint64_t calls = 0;         // requests sent that expect a reply

@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <string>
 
+#include <memory>
+
+#include "kvlink/clock.hpp"
 #include "kvlink/error.hpp"
 #include "kvlink/server/config.hpp"
 #include "kvlink/wire/messages.hpp"
@@ -14,11 +17,13 @@
 namespace kvlink::server {
 
 // Where a session's replies go: frames are appended to buffer(), then
-// flush() hands them to the transport.
+// flush() hands them to the transport. A reply sent later (when slow work
+// completes) holds weak_self() and drops the reply if the session is gone.
 class ReplySink {
  public:
   virtual wire::Bytes& buffer() = 0;
   virtual void flush() = 0;
+  virtual std::weak_ptr<ReplySink> weak_self() = 0;
 
  protected:
   ~ReplySink() = default;
@@ -61,9 +66,16 @@ class RequestHandler {
  public:
   RequestHandler(const ServerConfig& config, std::uint64_t boot_id);
 
-  // Handles one frame of a session. Returns false when the connection must
-  // be closed (after the replies already in the sink are sent).
-  bool handle(SessionState& session, const wire::Frame& frame, ReplySink& sink);
+  // Handles one frame of a session at time `now`. Returns false when the
+  // connection must be closed (after the replies already in the sink are sent).
+  bool handle(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
+
+  // The session's connection ended (closed by either side).
+  void on_session_end(SessionState& session, TimePoint now);
+
+  // Called periodically (every tick_interval) for timed housekeeping.
+  void tick(TimePoint now);
+  static constexpr std::chrono::milliseconds tick_interval{100};
 
   std::uint64_t boot_id() const { return boot_id_; }
   ServerCounters& counters() { return counters_; }

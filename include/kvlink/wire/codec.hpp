@@ -72,7 +72,7 @@ class Reader {
     value = v == 1;
   }
   void raw(void* dst, std::size_t size, const char* field) {
-    if (!need(size, field)) return;
+    if (!need(size, field) || size == 0) return;
     std::memcpy(dst, data_.data() + pos_, size);
     pos_ += size;
   }
@@ -103,6 +103,7 @@ class Reader {
     if (n > max_count) return fail(field, "has " + std::to_string(n) + " elements, more than the limit of " + std::to_string(max_count));
     if (!need(std::size_t{n} * sizeof(T), field)) return;
     v.resize(n);
+    if (n == 0) return;  // v.data() may be null: memcpy must not see it
     std::memcpy(v.data(), data_.data() + pos_, std::size_t{n} * sizeof(T));
     pos_ += std::size_t{n} * sizeof(T);
   }

@@ -1,0 +1,48 @@
+"""Sums test results from meson's testlog.json files into one line:
+   tests: N passed, N failed[, N skipped]
+A doctest binary counts its test cases; any other test counts once. A test
+that failed although doctest reported no failing case (a crash, a timeout)
+adds one failure. Prints the failing tests' output, exits 1 on any failure."""
+import json
+import re
+import sys
+
+DOCTEST = re.compile(r"test cases:\s*(\d+)\s*\|\s*(\d+) passed\s*\|\s*(\d+) failed\s*\|\s*(\d+) skipped")
+
+build_failed = sys.argv[1] == "1"
+passed = failed = skipped = 0
+for path in sys.argv[2:]:
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        print(f"count_tests: cannot read {path}: {e}")
+        failed += 1
+        continue
+    for line in lines:
+        t = json.loads(line)
+        out = t.get("stdout", "") or ""
+        ok = t["result"] == "OK"
+        m = DOCTEST.findall(out)
+        if m:
+            _, p, f, s = map(int, m[-1])
+            passed, failed, skipped = passed + p, failed + f, skipped + s
+            if not ok and f == 0:
+                failed += 1
+        elif t["result"] == "SKIP":
+            skipped += 1
+        elif ok:
+            passed += 1
+        else:
+            failed += 1
+        if not ok and t["result"] != "SKIP":
+            print(f"---- {t['name']}: {t['result']} ----")
+            print(out[-6000:])
+            print((t.get("stderr", "") or "")[-3000:])
+
+if build_failed:
+    failed += 1
+line = f"tests: {passed} passed, {failed} failed"
+if skipped:
+    line += f", {skipped} skipped"
+print(line)
+sys.exit(1 if failed or passed == 0 else 0)
