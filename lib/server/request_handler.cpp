@@ -1,6 +1,8 @@
 #include "kvlink/server/request_handler.hpp"
 
+#include <algorithm>
 #include <fmt/format.h>
+#include <span>
 
 #include "kvlink/log.hpp"
 #include "kvlink/store/keys.hpp"
@@ -317,7 +319,22 @@ std::uint32_t RequestHandler::lookup(const SessionState& session, std::uint64_t 
   auto& s = sessions_[{session.instance_id, session_id}];
   s.last_seen = now;
   s.world_size = std::max(s.world_size, world_size);
-  if (matched > 0) s.locked.emplace_back(ns, std::vector<wire::ChunkHash>(hashes.begin(), hashes.begin() + matched));
+  if (matched == 0) return matched;
+  // Remember which keys this instance locked, once each (release_all drops
+  // all of a holder's locks on a key): a repeated or growing lookup of the
+  // same prompt replaces its earlier record instead of adding one.
+  const std::span<const wire::ChunkHash> now_locked(hashes.data(), matched);
+  for (auto& [rec_ns, rec] : s.locked) {
+    if (rec_ns != ns) continue;
+    const std::size_t common = std::min(rec.size(), now_locked.size());
+    if (!std::equal(rec.begin(), rec.begin() + static_cast<std::ptrdiff_t>(common), now_locked.begin())) continue;
+    if (now_locked.size() > rec.size()) rec.assign(now_locked.begin(), now_locked.end());
+    return matched;
+  }
+  // Bounded: past the cap the oldest record's locks are left to their TTL.
+  constexpr std::size_t max_records = 64;
+  if (s.locked.size() >= max_records) s.locked.erase(s.locked.begin());
+  s.locked.emplace_back(ns, std::vector<wire::ChunkHash>(now_locked.begin(), now_locked.end()));
   return matched;
 }
 

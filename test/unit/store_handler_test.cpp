@@ -402,6 +402,11 @@ TEST_CASE("a scheduler's connection ending releases its locks and jobs") {
   f.call(f.scheduler, l);
   CHECK(f.stat("read_locks_held") == 3);
   CHECK(f.handler->jobs() == 1);
+  // Repeated and growing lookups of one request: every lock is released
+  // at the end, however many lookups took them.
+  f.sync_lookup({h[0]}, 0);
+  f.sync_lookup(h, 0);
+  CHECK(f.stat("read_locks_held") == 7);
   f.handler->on_session_end(f.scheduler, f.now);
   CHECK(f.handler->store().read_locks() == 0);
   CHECK(f.handler->jobs() == 0);
