@@ -280,6 +280,17 @@ std::string check_world_size(std::uint32_t ws) {
     return fmt::format("world_size {} is out of range; it must be between 1 and {}", ws, max_world_size);
   return {};
 }
+
+// Keys one request may make the server visit (chunks x ranks): keeps any
+// single request from stalling the io thread.
+constexpr std::uint64_t max_keys_per_request = std::uint64_t{1} << 22;
+
+std::string check_keys(std::size_t chunks, std::uint32_t ws) {
+  if (std::uint64_t{chunks} * ws > max_keys_per_request)
+    return fmt::format("{} chunks x world_size {} is more than {} keys in one request; split the request", chunks,
+                       ws, max_keys_per_request);
+  return {};
+}
 }  // namespace
 
 void RequestHandler::on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink) {
@@ -344,12 +355,16 @@ void RequestHandler::on_lookup(SessionState& session, const wire::Frame& frame, 
     wire::SyncLookupRequest req;
     if (!parse(frame, sink, req)) return;
     if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+    if (auto why = check_keys(req.hashes.size(), req.world_size); !why.empty())
+      return fail(frame, sink, errc::bad_request, why);
     reply(sink, frame.header, wire::LookupResult{lookup(session, req.ns, req.world_size, req.session_id, req.hashes, now)});
     return;
   }
   wire::LookupRequest req;
   if (!parse(frame, sink, req)) return;
   if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  if (auto why = check_keys(req.hashes.size(), req.world_size); !why.empty())
+    return fail(frame, sink, errc::bad_request, why);
   // L1 is the only tier: the match is known at once and the job is done.
   // (An L2 prefetch would leave it pending until its copies land.)
   const std::uint64_t id = next_job_++;
@@ -380,6 +395,8 @@ void RequestHandler::on_free_locks(SessionState& session, const wire::Frame& fra
   wire::FreeLookupLocksRequest req;
   if (!parse(frame, sink, req)) return;
   if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  if (auto why = check_keys(req.hashes.size(), req.world_size); !why.empty())
+    return fail(frame, sink, errc::bad_request, why);
   if (req.start > req.end || req.end > req.hashes.size())
     return fail(frame, sink, errc::bad_request,
                 fmt::format("FREE_LOOKUP_LOCKS range [{}, {}) is not within the {} hashes given", req.start, req.end,

@@ -432,6 +432,10 @@ TEST_CASE("CLEAR, REPORT_BLOCK_ALLOCATION and lookups of a tensor-parallel world
   CHECK(f.call(f.scheduler, l).matched_chunks == 0);
   l.world_size = 0;
   CHECK(f.error(f.scheduler, l).message.find("world_size 0") != std::string::npos);
+  l.world_size = 1024;
+  l.hashes.assign(5000, h[0]);  // 5.1M keys: refused before any work
+  CHECK(f.error(f.scheduler, l).message.find("split the request") != std::string::npos);
+  l.world_size = 1;
   CHECK(f.sync_lookup({h[0]}) == 1);  // locks chunk 0
   CHECK(f.call(f.scheduler, ClearRequest{}).dropped_entries == 2);
   CHECK(f.stat("store_entries") == 1);
