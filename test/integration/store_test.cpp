@@ -6,6 +6,8 @@
 #include <asio/co_spawn.hpp>
 #include <asio/io_context.hpp>
 #include <cstdio>
+#include <sys/wait.h>
+#include <thread>
 
 #include "kvlink/net/connection.hpp"
 #include "kvlink/store/keys.hpp"
@@ -294,4 +296,77 @@ TEST_CASE("kvlink-cli stats fails clearly without a server") {
   auto out = run_cli("stats --server " + dir.socket("absent.sock"), rc);
   CHECK(rc != 0);
   CHECK(out.find("cannot connect") != std::string::npos);
+}
+
+TEST_CASE("the server's tick expires lookup locks after --read-lock-ttl-s") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--read-lock-ttl-s", "1", "--log-level",
+                        "warn"});
+  server.start();
+  asio::io_context io;
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  worker.ok(registration());
+  const auto h = prompt(3);
+  wire::StoreRequest st;
+  st.ns = ns;
+  st.hashes = h;
+  st.block_ids = blocks(3);
+  CHECK(worker.ok(st).stored_chunks == 3);
+  Client scheduler(io, server.endpoint(), wire::Role::scheduler);
+  wire::SyncLookupRequest sl;
+  sl.ns = ns;
+  sl.hashes = h;
+  CHECK(scheduler.ok(sl).matched_chunks == 3);
+  CHECK(scheduler.stat("read_locks_held") == 3);
+  // Wait for the expiry with a deadline (a hang guard, not a speed check).
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  std::int64_t held = 3;
+  while (held != 0 && std::chrono::steady_clock::now() < deadline) {
+    held = scheduler.stat("read_locks_held");
+    if (held != 0) std::this_thread::sleep_for(50ms);
+  }
+  CHECK(held == 0);
+  CHECK(scheduler.stat("read_locks_expired") == 3);
+}
+
+TEST_CASE("a scheduler that disconnects leaves no locks behind") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "warn"});
+  server.start();
+  asio::io_context io;
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  worker.ok(registration());
+  const auto h = prompt(2);
+  wire::StoreRequest st;
+  st.ns = ns;
+  st.hashes = h;
+  st.block_ids = blocks(2);
+  worker.ok(st);
+  {
+    Client scheduler(io, server.endpoint(), wire::Role::scheduler);
+    wire::LookupRequest lk;
+    lk.ns = ns;
+    lk.hashes = h;
+    scheduler.ok(lk);
+    CHECK(worker.stat("read_locks_held") == 2);
+    CHECK(worker.stat("prefetch_jobs") == 1);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (worker.stat("read_locks_held") != 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(20ms);
+  CHECK(worker.stat("read_locks_held") == 0);
+  CHECK(worker.stat("prefetch_jobs") == 0);
+}
+
+TEST_CASE("kvlink-server refuses a malformed --l1-size clearly") {
+  FILE* p = ::popen((ServerProcess::binary("KVLINK_SERVER") + " --l1-size 12parsecs 2>&1").c_str(), "r");
+  REQUIRE(p);
+  std::string out;
+  char buf[1024];
+  while (std::size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int status = ::pclose(p);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 2);
+  CHECK(out.find("--l1-size") != std::string::npos);
+  CHECK(out.find("unknown unit 'parsecs'") != std::string::npos);
 }
