@@ -1,4 +1,5 @@
-// kvlink-cli: operator's tool. `ping` measures round trips to a server.
+// kvlink-cli: operator's tool. `ping` measures round trips to a server;
+// `stats` prints the server's counters as one JSON object on one line.
 #include <asio/co_spawn.hpp>
 #include <asio/io_context.hpp>
 #include <asio/steady_timer.hpp>
@@ -80,6 +81,63 @@ asio::awaitable<int> run_ping(PingOptions opt) {
   co_return 0;
 }
 
+struct StatsOptions {
+  std::string server = kvlink::net::default_endpoint();
+  int timeout_ms = 2000;
+};
+
+// JSON string literal (stat names are plain, but be safe).
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      out += fmt::format("\\u{:04x}", static_cast<int>(c));
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+asio::awaitable<int> run_stats(StatsOptions opt) {
+  auto ex = co_await asio::this_coro::executor;
+  kvlink::net::Endpoint ep;
+  std::string error;
+  if (!kvlink::net::parse_endpoint(opt.server, ep, error)) {
+    fmt::print(stderr, "kvlink-cli: {}\n", error);
+    co_return 2;
+  }
+  kvlink::wire::HelloRequest hello;
+  hello.role = kvlink::wire::Role::admin;
+  hello.instance_id = kvlink::net::random_instance_id();
+  hello.client_name = "kvlink-cli stats";
+  auto connected = co_await kvlink::net::connect(ex, ep, hello, milliseconds(opt.timeout_ms));
+  if (connected.ec) {
+    fmt::print(stderr, "kvlink-cli: {}\n", connected.error);
+    co_return 1;
+  }
+  auto conn = connected.connection;
+  auto [ec, reply] = co_await conn->async_call(kvlink::wire::StatsRequest{}, milliseconds(opt.timeout_ms),
+                                               asio::experimental::as_tuple(asio::use_awaitable));
+  const std::string server_message = ec ? conn->last_error_message() : std::string();
+  conn->close();
+  if (ec) {
+    fmt::print(stderr, "kvlink-cli: STATS to {} failed: {}{}\n", ep.to_string(), ec.message(),
+               server_message.empty() ? "" : ": " + server_message);
+    co_return 1;
+  }
+  std::string line = "{";
+  line += fmt::format("\"server\":{},\"boot_id\":\"{:016x}\",\"server_version\":{}", json_string(ep.to_string()),
+                      connected.hello.boot_id, json_string(connected.hello.server_version));
+  for (const auto& e : reply.entries) line += fmt::format(",{}:{}", json_string(e.name), e.value);
+  line += "}";
+  fmt::print("{}\n", line);
+  co_return 0;
+}
+
 // Runs a coroutine returning an exit code on a fresh io_context.
 int run(asio::awaitable<int> task) {
   asio::io_context io(1);
@@ -117,7 +175,16 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(0, 3600000));
 
+  StatsOptions stats;
+  auto* stats_cmd = app.add_subcommand("stats", "Print the server's counters and gauges as one JSON line");
+  stats_cmd->add_option("--server,-s", stats.server, "Server endpoint (unix:/path or tcp:HOST:PORT)")
+      ->capture_default_str();
+  stats_cmd->add_option("--timeout-ms", stats.timeout_ms, "Deadline for the connection and the request")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 3600000));
+
   CLI11_PARSE(app, argc, argv);
   if (*ping_cmd) return run(run_ping(ping));
+  if (*stats_cmd) return run(run_stats(stats));
   return 2;
 }

@@ -9,6 +9,7 @@
 #include "kvlink/log.hpp"
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/server/server.hpp"
+#include "kvlink/store/l1_pool.hpp"
 #include "kvlink/version.hpp"
 
 int main(int argc, char** argv) {
@@ -36,7 +37,37 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1u, 1u << 20));
   app.add_option("--unix-mode", unix_mode, "Permission bits of unix sockets (octal)")->capture_default_str();
   app.add_option("--log-level", log_level, "debug, info, warn, error or off")->capture_default_str();
+  std::string l1_size = "1GiB";
+  app.add_option("--l1-size", l1_size, "L1 memory for KV chunks: 512MiB, 8GiB, or plain bytes")->capture_default_str();
+  bool no_huge_pages = false;
+  app.add_flag("--no-huge-pages", no_huge_pages, "Do not try huge pages for L1");
+  auto seconds = [&](const char* name, std::chrono::seconds& field, const char* what) {
+    app.add_option_function<std::int64_t>(name, [&field](std::int64_t v) { field = std::chrono::seconds(v); }, what)
+        ->default_str(std::to_string(field.count()))
+        ->check(CLI::Range(std::int64_t{1}, std::int64_t{86400 * 365}));
+  };
+  seconds("--read-lock-ttl-s", cfg.read_lock_ttl, "Seconds before a lookup's read lock expires");
+  seconds("--write-lock-ttl-s", cfg.write_lock_ttl, "Seconds before an unfinished STORE's write lock expires");
+  seconds("--job-ttl-s", cfg.job_ttl, "Seconds an unpolled prefetch job is kept");
+  seconds("--session-ttl-s", cfg.session_ttl, "Seconds an idle request session is kept");
+  app.add_option("--high-watermark", cfg.high_watermark, "Fraction of L1 above which eviction starts")
+      ->capture_default_str()
+      ->check(CLI::Range(0.01, 1.0));
+  app.add_option("--low-watermark", cfg.low_watermark, "Fraction of L1 eviction brings usage down to")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
   CLI11_PARSE(app, argc, argv);
+
+  if (auto why = kvlink::store::parse_size(l1_size, cfg.l1_size); !why.empty()) {
+    fmt::print(stderr, "kvlink-server: --l1-size: {}\n", why);
+    return 2;
+  }
+  cfg.huge_pages = !no_huge_pages;
+  if (cfg.low_watermark > cfg.high_watermark) {
+    fmt::print(stderr, "kvlink-server: --low-watermark {} is above --high-watermark {}\n", cfg.low_watermark,
+               cfg.high_watermark);
+    return 2;
+  }
 
   kvlink::log::Level level;
   if (!kvlink::log::parse_level(log_level, level)) {

@@ -1,11 +1,16 @@
 #include "kvlink/server/request_handler.hpp"
 
+#include <algorithm>
 #include <fmt/format.h>
+#include <span>
 
 #include "kvlink/log.hpp"
+#include "kvlink/store/keys.hpp"
 #include "kvlink/version.hpp"
 
 namespace kvlink::server {
+
+using store::ChunkKey;
 
 void reply_error(ReplySink& sink, const wire::Header& req, std::error_code code, std::string_view message) {
   wire::ErrorReply err{to_wire(code), std::string(message)};
@@ -14,8 +19,39 @@ void reply_error(ReplySink& sink, const wire::Header& req, std::error_code code,
   sink.flush();
 }
 
-RequestHandler::RequestHandler(const ServerConfig& config, std::uint64_t boot_id)
-    : config_(config), boot_id_(boot_id) {}
+transfer::TransferEngine& default_transfer_engine() {
+  static transfer::NullTransferEngine engine;
+  return engine;
+}
+
+namespace {
+store::StoreConfig store_config(const ServerConfig& c) {
+  store::StoreConfig s;
+  s.read_lock_ttl = c.read_lock_ttl;
+  s.write_lock_ttl = c.write_lock_ttl;
+  s.high_watermark = c.high_watermark;
+  s.low_watermark = c.low_watermark;
+  return s;
+}
+}  // namespace
+
+RequestHandler::RequestHandler(const ServerConfig& config, std::uint64_t boot_id, transfer::TransferEngine& engine)
+    : config_(config),
+      boot_id_(boot_id),
+      engine_(engine),
+      pool_(config.l1_size, config.huge_pages),
+      store_(pool_, store_config(config)) {}
+
+RequestHandler::~RequestHandler() { *alive_ = false; }
+
+template <class M>
+bool RequestHandler::parse(const wire::Frame& frame, ReplySink& sink, M& msg, std::error_code code) {
+  if (auto why = wire::decode(frame.payload, msg); !why.empty()) {
+    fail(frame, sink, code, why);
+    return false;
+  }
+  return true;
+}
 
 void RequestHandler::fail(const wire::Frame& frame, ReplySink& sink, std::error_code code, std::string_view message) {
   if (frame.header.opcode <= wire::max_opcode) ++counters_.ops[frame.header.opcode].errors;
@@ -28,11 +64,51 @@ void RequestHandler::fail(const wire::Frame& frame, ReplySink& sink, std::error_
   reply_error(sink, frame.header, code, message);
 }
 
-void RequestHandler::on_session_end(SessionState&, TimePoint) {}
+void RequestHandler::release_session(const SessionKey& key, const RequestSession& s) {
+  for (const auto& [ns, hashes] : s.locked)
+    for (const auto& h : hashes)
+      for (std::uint32_t r = 0; r < s.world_size; ++r) store_.release_all(ChunkKey{ns, h, r}, key.first);
+}
 
-void RequestHandler::tick(TimePoint) {}
+void RequestHandler::on_session_end(SessionState& session, TimePoint) {
+  if (!session.counted) return;
+  session.counted = false;
+  const std::uint64_t instance = session.instance_id;
+  auto c = connections_.find(instance);
+  if (c == connections_.end() || --c->second > 0) return;  // another connection of this instance remains
+  connections_.erase(c);
+  // The instance is gone: release the locks its lookups took, its jobs,
+  // its request sessions and its KV-cache registration.
+  auto first = sessions_.lower_bound({instance, 0});
+  auto last = first;
+  for (; last != sessions_.end() && last->first.first == instance; ++last) release_session(last->first, last->second);
+  sessions_.erase(first, last);
+  std::erase_if(jobs_, [&](const auto& j) { return j.second.instance_id == instance; });
+  registrations_.erase(instance);
+}
 
-bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint) {
+void RequestHandler::tick(TimePoint now) {
+  store_.tick(now);
+  while (!job_queue_.empty()) {
+    auto it = jobs_.find(job_queue_.front());
+    if (it != jobs_.end() && it->second.expiry > now) break;
+    if (it != jobs_.end()) jobs_.erase(it);  // never polled
+    job_queue_.pop_front();
+  }
+  if (now >= next_session_scan_) {
+    next_session_scan_ = now + std::chrono::seconds(1);
+    for (auto it = sessions_.begin(); it != sessions_.end();) {
+      if (it->second.last_seen + config_.session_ttl <= now) {
+        release_session(it->first, it->second);
+        it = sessions_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+}
+
+bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
   const wire::Header& h = frame.header;
   if (h.is_response()) {
     ++counters_.protocol_errors;
@@ -68,6 +144,52 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
     case wire::Opcode::stats:
       on_stats(frame, sink);
       return true;
+    case wire::Opcode::register_kv_cache:
+      on_register(session, frame, sink);
+      return true;
+    case wire::Opcode::unregister_kv_cache: {
+      wire::UnregisterKvCacheRequest req;
+      if (!parse(frame, sink, req)) return true;
+      registrations_.erase(session.instance_id);  // idempotent
+      reply(sink, h, wire::Empty{});
+      return true;
+    }
+    case wire::Opcode::lookup:
+      on_lookup(session, frame, sink, now, false);
+      return true;
+    case wire::Opcode::sync_lookup:
+      on_lookup(session, frame, sink, now, true);
+      return true;
+    case wire::Opcode::query_prefetch_status:
+      on_query(frame, sink);
+      return true;
+    case wire::Opcode::free_lookup_locks:
+      on_free_locks(session, frame, sink);
+      return true;
+    case wire::Opcode::end_session:
+      on_end_session(session, frame, sink, now);
+      return true;
+    case wire::Opcode::report_block_allocation: {
+      wire::ReportBlockAllocationRequest req;
+      if (!parse(frame, sink, req)) return true;
+      ++block_reports_;
+      engine_blocks_allocated_ = req.allocated_blocks;
+      engine_blocks_total_ = req.total_blocks;
+      if (!h.is_one_way()) reply(sink, h, wire::Empty{});
+      return true;
+    }
+    case wire::Opcode::clear: {
+      wire::ClearRequest req;
+      if (!parse(frame, sink, req)) return true;
+      reply(sink, h, wire::ClearResult{store_.clear()});
+      return true;
+    }
+    case wire::Opcode::store:
+      on_store(session, frame, sink, now);
+      return true;
+    case wire::Opcode::retrieve:
+      on_retrieve(session, frame, sink, now);
+      return true;
     default:
       fail(frame, sink, errc::unknown_opcode,
            fmt::format("{} is not implemented by this server build", wire::opcode_name(h.opcode)));
@@ -83,9 +205,15 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
     fail(frame, sink, version ? errc::version_mismatch : errc::bad_request, why);
     return !version;  // a client of another version cannot go on
   }
+  if (session.hello_done) {
+    fail(frame, sink, errc::bad_request, "HELLO was already sent on this connection; send it once");
+    return true;
+  }
   session.hello_done = true;
   session.role = req.role;
   session.instance_id = req.instance_id;
+  session.counted = true;
+  ++connections_[req.instance_id];
   session.client_name = req.client_name;
   log::debug("kvlink-server: HELLO from {} {:016x} ({})", wire::role_name(req.role), req.instance_id, req.client_name);
   wire::HelloReply r;
@@ -115,7 +243,350 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
     add("op_" + name + "_requests", counters_.ops[op].requests);
     add("op_" + name + "_errors", counters_.ops[op].errors);
   }
+  const auto& st = store_.stats();
+  const std::uint64_t slot = pool_.slot_bytes();
+  add("store_entries", store_.entries());
+  add("l1_capacity_bytes", pool_.configured() ? std::uint64_t{pool_.num_slots()} * slot : config_.l1_size);
+  add("l1_bytes_used", std::uint64_t{pool_.used_slots()} * slot);
+  add("l1_bytes_free", pool_.configured() ? std::uint64_t{pool_.free_slots()} * slot : config_.l1_size);
+  add("l1_slot_bytes", slot);
+  add("l1_slots_total", pool_.num_slots());
+  add("l1_slots_used", pool_.used_slots());
+  add("l1_huge_pages", pool_.huge_pages() ? 1 : 0);
+  add("lookup_hits", st.hits);
+  add("lookup_misses", st.misses);
+  add("evictions", st.evictions);
+  add("read_locks_held", store_.read_locks());
+  add("write_locks_held", store_.write_locks());
+  add("read_locks_expired", st.expired_read_locks);
+  add("write_locks_expired", st.expired_write_locks);
+  add("stores_committed", st.stores_committed);
+  add("stores_aborted", st.stores_aborted);
+  add("transfer_failures", transfer_failures_);
+  add("prefetch_jobs", jobs_.size());
+  add("sessions", sessions_.size());
+  add("registrations", registrations_.size());
+  add("block_allocation_reports", block_reports_);
+  add("engine_blocks_allocated", engine_blocks_allocated_);
+  add("engine_blocks_total", engine_blocks_total_);
   reply(sink, frame.header, r);
+}
+
+// ---- store operations ----------------------------------------------------------
+
+namespace {
+std::string check_world_size(std::uint32_t ws) {
+  if (ws == 0 || ws > max_world_size)
+    return fmt::format("world_size {} is out of range; it must be between 1 and {}", ws, max_world_size);
+  return {};
+}
+
+// Keys one request may make the server visit (chunks x ranks): keeps any
+// single request from stalling the io thread.
+constexpr std::uint64_t max_keys_per_request = std::uint64_t{1} << 22;
+
+std::string check_keys(std::size_t chunks, std::uint32_t ws) {
+  if (std::uint64_t{chunks} * ws > max_keys_per_request)
+    return fmt::format("{} chunks x world_size {} is more than {} keys in one request; split the request", chunks,
+                       ws, max_keys_per_request);
+  return {};
+}
+}  // namespace
+
+void RequestHandler::on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink) {
+  wire::RegisterKvCacheRequest req;
+  if (!parse(frame, sink, req, errc::bad_request)) return;
+  if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  if (req.ns == 0)
+    return fail(frame, sink, errc::bad_request,
+                "namespace 0 is not a namespace id; compute it with store::namespace_id(model, world size, salt)");
+  if (auto why = store::check_chunk_size(config_.chunk_size, req.layout.block_size); !why.empty())
+    return fail(frame, sink, errc::bad_request, why);
+  const std::uint32_t blocks_per_chunk = config_.chunk_size / req.layout.block_size;
+  std::uint64_t slot = 0;
+  if (__builtin_mul_overflow(std::uint64_t{req.layout.num_layers} * req.layout.num_planes * blocks_per_chunk,
+                             req.layout.block_bytes(), &slot))
+    return fail(frame, sink, errc::bad_request, "the layout's chunk size in bytes overflows 64 bits");
+  if (auto why = pool_.configure(slot); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  auto reg = std::make_shared<transfer::Registration>();
+  reg->instance_id = session.instance_id;
+  reg->ns = req.ns;
+  reg->model = std::move(req.model);
+  reg->world_size = req.world_size;
+  reg->kv_rank = req.kv_rank;
+  reg->layout = std::move(req.layout);
+  reg->blocks_per_chunk = blocks_per_chunk;
+  reg->slot_bytes = slot;
+  log::info("kvlink-server: instance {:016x} registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
+            session.instance_id, reg->model, reg->kv_rank, reg->world_size, reg->layout.num_layers, slot);
+  registrations_[session.instance_id] = std::move(reg);
+  reply(sink, frame.header, wire::Empty{});
+}
+
+std::uint32_t RequestHandler::lookup(const SessionState& session, std::uint64_t ns, std::uint32_t world_size,
+                                     std::uint64_t session_id, const std::vector<wire::ChunkHash>& hashes,
+                                     TimePoint now) {
+  const std::uint32_t matched = store_.lookup(ns, world_size, hashes, now, session.instance_id);
+  auto& s = sessions_[{session.instance_id, session_id}];
+  s.last_seen = now;
+  s.world_size = std::max(s.world_size, world_size);
+  if (matched == 0) return matched;
+  // Remember which keys this instance locked, once each (release_all drops
+  // all of a holder's locks on a key): a repeated or growing lookup of the
+  // same prompt replaces its earlier record instead of adding one.
+  const std::span<const wire::ChunkHash> now_locked(hashes.data(), matched);
+  for (auto& [rec_ns, rec] : s.locked) {
+    if (rec_ns != ns) continue;
+    const std::size_t common = std::min(rec.size(), now_locked.size());
+    if (!std::equal(rec.begin(), rec.begin() + static_cast<std::ptrdiff_t>(common), now_locked.begin())) continue;
+    if (now_locked.size() > rec.size()) rec.assign(now_locked.begin(), now_locked.end());
+    return matched;
+  }
+  // Bounded: past the cap the oldest record's locks are left to their TTL.
+  constexpr std::size_t max_records = 64;
+  if (s.locked.size() >= max_records) s.locked.erase(s.locked.begin());
+  s.locked.emplace_back(ns, std::vector<wire::ChunkHash>(now_locked.begin(), now_locked.end()));
+  return matched;
+}
+
+void RequestHandler::on_lookup(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now,
+                               bool sync) {
+  if (sync) {
+    wire::SyncLookupRequest req;
+    if (!parse(frame, sink, req)) return;
+    if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+    if (auto why = check_keys(req.hashes.size(), req.world_size); !why.empty())
+      return fail(frame, sink, errc::bad_request, why);
+    reply(sink, frame.header, wire::LookupResult{lookup(session, req.ns, req.world_size, req.session_id, req.hashes, now)});
+    return;
+  }
+  wire::LookupRequest req;
+  if (!parse(frame, sink, req)) return;
+  if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  if (auto why = check_keys(req.hashes.size(), req.world_size); !why.empty())
+    return fail(frame, sink, errc::bad_request, why);
+  // L1 is the only tier: the match is known at once and the job is done.
+  // (An L2 prefetch would leave it pending until its copies land.)
+  const std::uint64_t id = next_job_++;
+  Job job;
+  job.instance_id = session.instance_id;
+  job.matched = lookup(session, req.ns, req.world_size, req.session_id, req.hashes, now);
+  job.expiry = now + config_.job_ttl;
+  jobs_.emplace(id, job);
+  job_queue_.push_back(id);
+  reply(sink, frame.header, wire::LookupAccepted{id});
+}
+
+void RequestHandler::on_query(const wire::Frame& frame, ReplySink& sink) {
+  wire::QueryPrefetchStatusRequest req;
+  if (!parse(frame, sink, req)) return;
+  auto it = jobs_.find(req.job_id);
+  if (it == jobs_.end())
+    return fail(frame, sink, errc::not_found,
+                fmt::format("prefetch job {} is unknown: its result was already reported, it expired after {} s "
+                            "without a poll, or it never existed; start a new LOOKUP",
+                            req.job_id, config_.job_ttl.count()));
+  wire::PrefetchStatus st{it->second.state, it->second.matched};
+  if (st.state == wire::PrefetchState::done) jobs_.erase(it);  // reported exactly once
+  reply(sink, frame.header, st);
+}
+
+void RequestHandler::on_free_locks(SessionState& session, const wire::Frame& frame, ReplySink& sink) {
+  wire::FreeLookupLocksRequest req;
+  if (!parse(frame, sink, req)) return;
+  if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  if (auto why = check_keys(req.hashes.size(), req.world_size); !why.empty())
+    return fail(frame, sink, errc::bad_request, why);
+  if (req.start > req.end || req.end > req.hashes.size())
+    return fail(frame, sink, errc::bad_request,
+                fmt::format("FREE_LOOKUP_LOCKS range [{}, {}) is not within the {} hashes given", req.start, req.end,
+                            req.hashes.size()));
+  for (std::uint32_t i = req.start; i < req.end; ++i)
+    for (std::uint32_t r = 0; r < req.world_size; ++r)
+      store_.release_one(ChunkKey{req.ns, req.hashes[i], r}, session.instance_id);
+  if (!frame.header.is_one_way()) reply(sink, frame.header, wire::Empty{});
+}
+
+void RequestHandler::on_end_session(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint) {
+  wire::EndSessionRequest req;
+  if (!parse(frame, sink, req)) return;
+  std::uint32_t world_size = 1;
+  if (auto it = sessions_.find({session.instance_id, req.session_id}); it != sessions_.end()) {
+    world_size = it->second.world_size;
+    // Locks still held stay until RETRIEVE, FREE_LOOKUP_LOCKS or their TTL.
+    sessions_.erase(it);
+  }
+  for (const auto& h : req.hashes)
+    for (std::uint32_t r = 0; r < world_size; ++r) store_.touch(ChunkKey{req.ns, h, r});
+  if (!frame.header.is_one_way()) reply(sink, frame.header, wire::Empty{});
+}
+
+std::shared_ptr<const transfer::Registration> RequestHandler::registration_for(
+    const SessionState& session, std::uint64_t ns, std::uint32_t kv_rank, std::size_t chunks, std::size_t block_ids,
+    const wire::Frame& frame, ReplySink& sink) {
+  auto it = registrations_.find(session.instance_id);
+  if (it == registrations_.end()) {
+    fail(frame, sink, errc::not_registered,
+         fmt::format("instance {:016x} has no KV cache registered; send REGISTER_KV_CACHE first",
+                     session.instance_id));
+    return nullptr;
+  }
+  const auto& reg = *it->second;
+  if (ns != reg.ns) {
+    fail(frame, sink, errc::bad_request,
+         fmt::format("namespace {:016x} does not match the registered KV cache's namespace {:016x} (model {}); "
+                     "compute keys with the registered model, world size and salt",
+                     ns, reg.ns, reg.model));
+    return nullptr;
+  }
+  if (kv_rank != reg.kv_rank) {
+    fail(frame, sink, errc::bad_request,
+         fmt::format("kv_rank {} does not match the registered KV cache's rank {}", kv_rank, reg.kv_rank));
+    return nullptr;
+  }
+  if (block_ids != chunks * reg.blocks_per_chunk) {
+    fail(frame, sink, errc::bad_request,
+         fmt::format("{} block ids given for {} chunks; need chunks x chunk_size / block_size = {} x {} = {}",
+                     block_ids, chunks, chunks, reg.blocks_per_chunk, chunks * reg.blocks_per_chunk));
+    return nullptr;
+  }
+  return it->second;
+}
+
+namespace {
+// Finds the first block id outside the registered cache; "" if none.
+std::string check_blocks(const std::vector<std::uint32_t>& ids, const transfer::Registration& reg) {
+  for (std::size_t i = 0; i < ids.size(); ++i)
+    if (ids[i] >= reg.layout.num_blocks)
+      return fmt::format("block id {} (position {}) is not below the registered num_blocks {}", ids[i], i,
+                         reg.layout.num_blocks);
+  return {};
+}
+
+// Where a completion replies: the sink itself while submit() runs (an
+// engine that completes inline), otherwise the session if it still exists.
+struct ReplyTarget {
+  ReplySink* inline_sink = nullptr;
+  std::weak_ptr<ReplySink> weak;
+  template <class F>
+  void with(F&& f) {
+    if (inline_sink) return f(*inline_sink);
+    if (auto s = weak.lock()) f(*s);
+  }
+};
+}  // namespace
+
+void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
+  wire::StoreRequest req;
+  if (!parse(frame, sink, req)) return;
+  auto reg = registration_for(session, req.ns, req.kv_rank, req.hashes.size(), req.block_ids.size(), frame, sink);
+  if (!reg) return;
+  if (auto why = check_blocks(req.block_ids, *reg); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  struct Reserved {
+    ChunkKey key;
+    std::uint64_t generation;
+  };
+  std::vector<Reserved> reserved;
+  transfer::TransferJob job;
+  job.direction = transfer::Direction::store;
+  job.registration = reg;
+  const std::uint32_t bpc = reg->blocks_per_chunk;
+  std::uint32_t skipped = 0;
+  for (std::size_t i = 0; i < req.hashes.size(); ++i) {
+    ChunkKey key{req.ns, req.hashes[i], req.kv_rank};
+    std::uint32_t slot = 0;
+    std::uint64_t gen = 0;
+    if (store_.reserve(key, now, slot, gen) != store::KvStore::Reserve::reserved) {
+      ++skipped;  // present, being written, or no room: not an error
+      continue;
+    }
+    reserved.push_back({key, gen});
+    auto first = req.block_ids.begin() + static_cast<std::ptrdiff_t>(i * bpc);
+    job.chunks.push_back({pool_.data(slot), std::vector<std::uint32_t>(first, first + bpc)});
+  }
+  if (reserved.empty()) return reply(sink, frame.header, wire::StoreResult{0, skipped});
+  auto target = std::make_shared<ReplyTarget>(ReplyTarget{&sink, sink.weak_self()});
+  const wire::Header header = frame.header;
+  std::weak_ptr<bool> alive = alive_;
+  engine_.submit(std::move(job), [this, alive, target, header, reserved = std::move(reserved), skipped](
+                                     std::error_code ec) {
+    auto live = alive.lock();
+    if (!live || !*live) return;  // the handler is gone
+    const TimePoint done = Clock::now();
+    for (const auto& r : reserved) {
+      if (ec) store_.abort(r.key, r.generation);
+      else store_.commit(r.key, r.generation, done);
+    }
+    if (ec) {
+      ++transfer_failures_;
+      ++counters_.ops[header.opcode].errors;
+      target->with([&](ReplySink& s) {
+        reply_error(s, header, errc::server_error, fmt::format("STORE copy failed: {}; nothing was stored", ec.message()));
+      });
+      return;
+    }
+    target->with([&](ReplySink& s) {
+      reply(s, header, wire::StoreResult{static_cast<std::uint32_t>(reserved.size()), skipped});
+    });
+  });
+  target->inline_sink = nullptr;
+}
+
+void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
+  wire::RetrieveRequest req;
+  if (!parse(frame, sink, req)) return;
+  auto reg = registration_for(session, req.ns, req.kv_rank, req.hashes.size(), req.block_ids.size(), frame, sink);
+  if (!reg) return;
+  if (auto why = check_blocks(req.block_ids, *reg); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  const std::uint64_t tokens = std::uint64_t{req.hashes.size()} * config_.chunk_size;
+  if (req.skip_first_n_tokens > tokens && !req.hashes.empty())
+    return fail(frame, sink, errc::bad_request,
+                fmt::format("skip_first_n_tokens {} exceeds the {} tokens of the {} chunks requested",
+                            req.skip_first_n_tokens, tokens, req.hashes.size()));
+  transfer::TransferJob job;
+  job.direction = transfer::Direction::retrieve;
+  job.registration = reg;
+  job.skip_first_n_tokens = req.skip_first_n_tokens;
+  const std::uint32_t bpc = reg->blocks_per_chunk;
+  std::vector<ChunkKey> keys;
+  keys.reserve(req.hashes.size());
+  for (std::size_t i = 0; i < req.hashes.size(); ++i) {
+    ChunkKey key{req.ns, req.hashes[i], req.kv_rank};
+    const auto* e = store_.find(key);
+    if (!e)
+      return fail(frame, sink, errc::not_found,
+                  fmt::format("chunk {} (hash {}, rank {}) is not in the store: evicted or never stored; look the "
+                              "prompt up again and recompute what is missing",
+                              i, store::to_string(key.hash), key.rank));
+    auto first = req.block_ids.begin() + static_cast<std::ptrdiff_t>(i * bpc);
+    job.chunks.push_back({pool_.data(e->slot), std::vector<std::uint32_t>(first, first + bpc)});
+    keys.push_back(key);
+  }
+  // The copy holds its own read lock so the slots cannot be evicted under it.
+  for (const auto& k : keys) store_.lock(k, store::transfer_holder, now);
+  auto target = std::make_shared<ReplyTarget>(ReplyTarget{&sink, sink.weak_self()});
+  const wire::Header header = frame.header;
+  const std::uint64_t instance = session.instance_id;
+  std::weak_ptr<bool> alive = alive_;
+  engine_.submit(std::move(job), [this, alive, target, header, keys = std::move(keys), instance](std::error_code ec) {
+    auto live = alive.lock();
+    if (!live || !*live) return;
+    for (const auto& k : keys) {
+      store_.release_one(k, store::transfer_holder);
+      if (!ec) store_.release_one(k, instance);  // this rank's lookup lock, if one is held
+    }
+    if (ec) {
+      ++transfer_failures_;
+      ++counters_.ops[header.opcode].errors;
+      target->with([&](ReplySink& s) {
+        reply_error(s, header, errc::server_error, fmt::format("RETRIEVE copy failed: {}", ec.message()));
+      });
+      return;
+    }
+    target->with(
+        [&](ReplySink& s) { reply(s, header, wire::RetrieveResult{static_cast<std::uint32_t>(keys.size())}); });
+  });
+  target->inline_sink = nullptr;
 }
 
 }  // namespace kvlink::server

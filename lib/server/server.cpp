@@ -45,8 +45,8 @@ bool unix_socket_in_use(const std::string& path) {
 }  // namespace
 
 struct Server::Impl {
-  Impl(asio::io_context& io, ServerConfig cfg)
-      : io(io), config(std::move(cfg)), handler(config, random_boot_id()) {}
+  Impl(asio::io_context& io, ServerConfig cfg, transfer::TransferEngine& engine)
+      : io(io), config(std::move(cfg)), handler(config, random_boot_id(), engine) {}
 
   asio::io_context& io;
   ServerConfig config;
@@ -122,7 +122,8 @@ asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   std::erase_if(sessions, [](const std::weak_ptr<Session>& w) { return w.expired(); });
 }
 
-Server::Server(asio::io_context& io, ServerConfig config) : impl_(std::make_unique<Impl>(io, std::move(config))) {}
+Server::Server(asio::io_context& io, ServerConfig config, transfer::TransferEngine& engine)
+    : impl_(std::make_unique<Impl>(io, std::move(config), engine)) {}
 
 Server::~Server() {
   for (const auto& path : impl_->unix_paths) ::unlink(path.c_str());

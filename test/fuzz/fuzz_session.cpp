@@ -22,8 +22,15 @@ struct Sink final : server::ReplySink {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  static const server::ServerConfig config;
-  server::RequestHandler handler(config, 1);
+  // A small L1 and the in-process transfer engine (completes at once).
+  static const server::ServerConfig config = [] {
+    server::ServerConfig c;
+    c.l1_size = 16u << 20;
+    c.huge_pages = false;
+    return c;
+  }();
+  static transfer::NullTransferEngine engine;
+  server::RequestHandler handler(config, 1, engine);
   server::SessionState session;
   Sink sink;
   wire::FrameParser parser(1u << 16);

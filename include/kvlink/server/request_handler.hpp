@@ -5,13 +5,18 @@
 
 #include <array>
 #include <cstdint>
-#include <string>
-
+#include <deque>
+#include <map>
 #include <memory>
+#include <string>
+#include <unordered_map>
 
 #include "kvlink/clock.hpp"
 #include "kvlink/error.hpp"
 #include "kvlink/server/config.hpp"
+#include "kvlink/store/kv_store.hpp"
+#include "kvlink/store/l1_pool.hpp"
+#include "kvlink/transfer/transfer_engine.hpp"
 #include "kvlink/wire/messages.hpp"
 
 namespace kvlink::server {
@@ -35,6 +40,7 @@ struct SessionState {
   wire::Role role = wire::Role::scheduler;
   std::uint64_t instance_id = 0;
   std::string client_name;
+  bool counted = false;  // counted in the handler's per-instance connections
 };
 
 struct OpCounters {
@@ -62,9 +68,20 @@ void reply(ReplySink& sink, const wire::Header& req, const Message& msg) {
 // Appends an error reply (code + message) to request `req`.
 void reply_error(ReplySink& sink, const wire::Header& req, std::error_code code, std::string_view message);
 
+// The in-process transfer engine used until the CPU engine (issue 5)
+// exists: completes at once and copies nothing (see NullTransferEngine).
+transfer::TransferEngine& default_transfer_engine();
+
+// Tensor-parallel sizes beyond this are refused as bad requests.
+inline constexpr std::uint32_t max_world_size = 1024;
+
 class RequestHandler {
  public:
-  RequestHandler(const ServerConfig& config, std::uint64_t boot_id);
+  RequestHandler(const ServerConfig& config, std::uint64_t boot_id,
+                 transfer::TransferEngine& engine = default_transfer_engine());
+  ~RequestHandler();
+  RequestHandler(const RequestHandler&) = delete;
+  RequestHandler& operator=(const RequestHandler&) = delete;
 
   // Handles one frame of a session at time `now`. Returns false when the
   // connection must be closed (after the replies already in the sink are sent).
@@ -80,15 +97,67 @@ class RequestHandler {
   std::uint64_t boot_id() const { return boot_id_; }
   ServerCounters& counters() { return counters_; }
   const ServerCounters& counters() const { return counters_; }
+  store::KvStore& store() { return store_; }
+  std::size_t jobs() const { return jobs_.size(); }
+  std::size_t sessions() const { return sessions_.size(); }
+  std::size_t registrations() const { return registrations_.size(); }
 
  private:
+  // A prefetch job started by LOOKUP; reported once by QUERY_PREFETCH_STATUS.
+  struct Job {
+    std::uint64_t instance_id = 0;
+    wire::PrefetchState state = wire::PrefetchState::done;
+    std::uint32_t matched = 0;
+    TimePoint expiry{};
+  };
+  // An engine request (session id) of a scheduler instance: the locks its
+  // lookups took, so a vanished scheduler's locks can be released.
+  struct RequestSession {
+    TimePoint last_seen{};
+    std::uint32_t world_size = 1;
+    std::vector<std::pair<std::uint64_t, std::vector<wire::ChunkHash>>> locked;  // (ns, matched hashes)
+  };
+  using SessionKey = std::pair<std::uint64_t, std::uint64_t>;  // (instance, session id)
+
   bool on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink);
   void on_stats(const wire::Frame& frame, ReplySink& sink);
+  void on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink);
+  void on_lookup(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now, bool sync);
+  void on_query(const wire::Frame& frame, ReplySink& sink);
+  void on_free_locks(SessionState& session, const wire::Frame& frame, ReplySink& sink);
+  void on_end_session(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
+  void on_store(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
+  void on_retrieve(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
+  template <class M>
+  bool parse(const wire::Frame& frame, ReplySink& sink, M& msg, std::error_code code = errc::protocol_error);
+  // The caller's registration, or null after replying with the error.
+  std::shared_ptr<const transfer::Registration> registration_for(const SessionState& session, std::uint64_t ns,
+                                                                 std::uint32_t kv_rank, std::size_t chunks,
+                                                                 std::size_t block_ids, const wire::Frame& frame,
+                                                                 ReplySink& sink);
+  std::uint32_t lookup(const SessionState& session, std::uint64_t ns, std::uint32_t world_size,
+                       std::uint64_t session_id, const std::vector<wire::ChunkHash>& hashes, TimePoint now);
+  void release_session(const SessionKey& key, const RequestSession& s);
   void fail(const wire::Frame& frame, ReplySink& sink, std::error_code code, std::string_view message);
 
   const ServerConfig& config_;
   std::uint64_t boot_id_;
   ServerCounters counters_;
+  transfer::TransferEngine& engine_;
+  store::L1Pool pool_;
+  store::KvStore store_;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // completions after destruction are dropped
+  std::unordered_map<std::uint64_t, std::shared_ptr<const transfer::Registration>> registrations_;
+  std::unordered_map<std::uint64_t, std::uint32_t> connections_;  // per instance id
+  std::unordered_map<std::uint64_t, Job> jobs_;
+  std::deque<std::uint64_t> job_queue_;  // job ids by expiry (the TTL is constant)
+  std::uint64_t next_job_ = 1;
+  std::map<SessionKey, RequestSession> sessions_;
+  TimePoint next_session_scan_{};
+  std::uint64_t block_reports_ = 0;
+  std::uint64_t engine_blocks_allocated_ = 0;
+  std::uint64_t engine_blocks_total_ = 0;
+  std::uint64_t transfer_failures_ = 0;
 };
 
 }  // namespace kvlink::server

@@ -17,7 +17,10 @@ namespace kvlink::server {
 
 class Server {
  public:
-  Server(asio::io_context& io, ServerConfig config);
+  // `engine` copies STORE/RETRIEVE data; it must outlive the server. The
+  // default completes at once and copies nothing (until issue 5's CPU engine).
+  Server(asio::io_context& io, ServerConfig config,
+         transfer::TransferEngine& engine = default_transfer_engine());
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;

@@ -1,0 +1,139 @@
+// The chunk index: key -> entry {slot, state, locks}, an LRU of evictable
+// entries, watermark eviction and lock expiry. Pure logic on an injected
+// `now`: no sockets, no threads, no clock reads.
+//
+// Entry lifecycle: reserve() (writing, write-locked, not evictable) ->
+// commit() (present) or abort() (dropped, slot freed). A present entry with
+// read locks is not evictable either; it rejoins the LRU, as most recent,
+// when its last lock goes. Locks expire after a TTL so a crashed client
+// cannot pin memory forever.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <list>
+#include <optional>
+#include <utility>
+#include <span>
+#include <unordered_map>
+#include <vector>
+
+#include "kvlink/clock.hpp"
+#include "kvlink/store/keys.hpp"
+#include "kvlink/store/l1_pool.hpp"
+
+namespace kvlink::store {
+
+struct StoreConfig {
+  Duration read_lock_ttl = std::chrono::seconds(300);
+  Duration write_lock_ttl = std::chrono::seconds(600);
+  // tick() evicts down to low_watermark once usage exceeds high_watermark
+  // (fractions of the slots). Allocation evicts one entry when L1 is full.
+  double high_watermark = 0.95;
+  double low_watermark = 0.85;
+};
+
+// Who holds a read lock: a scheduler instance (lookup), or 0 for a copy in
+// progress (RETRIEVE's own lock).
+using Holder = std::uint64_t;
+inline constexpr Holder transfer_holder = 0;
+
+struct StoreStats {
+  std::uint64_t hits = 0;     // chunks matched by lookups
+  std::uint64_t misses = 0;   // chunks asked for but not matched
+  std::uint64_t evictions = 0;
+  std::uint64_t expired_read_locks = 0;
+  std::uint64_t expired_write_locks = 0;
+  std::uint64_t stores_committed = 0;
+  std::uint64_t stores_aborted = 0;
+};
+
+class KvStore {
+ public:
+  enum class State : std::uint8_t { writing, present };
+  enum class Reserve : std::uint8_t { reserved, present, locked, no_room };
+
+  struct Entry;
+  using Node = std::pair<const ChunkKey, Entry>;
+  using Queue = std::list<Node*>;
+  struct Entry {
+    std::uint32_t slot = 0;
+    State state = State::writing;
+    std::uint32_t read_locks = 0;
+    bool write_locked = false;
+    std::uint64_t generation = 0;  // tells a stale commit from the current entry
+    TimePoint read_expiry{};
+    TimePoint write_expiry{};
+    std::vector<std::pair<Holder, std::uint32_t>> holders;  // read locks by holder
+    // Membership of the LRU and the lock-expiry queues (O(1) moves).
+    Queue::iterator lru, read, write;
+    bool in_lru = false, in_read = false, in_write = false;
+  };
+
+  KvStore(L1Pool& pool, StoreConfig config);
+  KvStore(const KvStore&) = delete;
+  KvStore& operator=(const KvStore&) = delete;
+
+  // Number of leading chunks present for every rank 0..world_size-1. With
+  // `holder`, read-locks each matched (ns, hash, rank) once for it.
+  std::uint32_t lookup(std::uint64_t ns, std::uint32_t world_size, std::span<const ChunkHash> hashes, TimePoint now,
+                       std::optional<Holder> holder);
+
+  // Read locks. release_one drops one lock of `holder` if it has one, else
+  // one of any lookup holder (a worker's RETRIEVE releases the lock its
+  // scheduler took). Returns false if the key had no such lock.
+  void lock(const ChunkKey& key, Holder holder, TimePoint now);
+  bool release_one(const ChunkKey& key, Holder holder);
+  // Drops every lock `holder` has on `key`.
+  void release_all(const ChunkKey& key, Holder holder);
+
+  // Reserves a write-locked slot for `key`. On `reserved`, `slot` and
+  // `generation` identify the reservation for commit/abort.
+  Reserve reserve(const ChunkKey& key, TimePoint now, std::uint32_t& slot, std::uint64_t& generation);
+  void commit(const ChunkKey& key, std::uint64_t generation, TimePoint now);
+  void abort(const ChunkKey& key, std::uint64_t generation);
+
+  // The present entry of `key`, or null.
+  const Entry* find(const ChunkKey& key) const;
+  // Marks a present, unlocked entry most recently used.
+  void touch(const ChunkKey& key);
+
+  // Drops every present, unlocked entry; returns how many.
+  std::size_t clear();
+  // Lock expiry and watermark eviction.
+  void tick(TimePoint now);
+  // Evicts least recently used entries until `target` slots are used (or
+  // nothing evictable is left). Returns how many were evicted.
+  std::size_t evict_to(std::uint32_t target);
+
+  std::size_t entries() const { return map_.size(); }
+  std::uint64_t read_locks() const { return read_locks_; }
+  std::uint64_t write_locks() const { return write_locks_; }
+  const StoreStats& stats() const { return stats_; }
+  L1Pool& pool() { return pool_; }
+  const L1Pool& pool() const { return pool_; }
+  const StoreConfig& config() const { return config_; }
+
+ private:
+  using Map = std::unordered_map<ChunkKey, Entry, ChunkKeyHasher>;
+
+  bool evictable(const Entry& e) const { return e.state == State::present && e.read_locks == 0 && !e.write_locked; }
+  void update_lru(Node& n);
+  void lock_node(Node& n, Holder holder, TimePoint now);
+  void after_unlock(Node& n);
+  void drop(Node* n);
+
+  L1Pool& pool_;
+  StoreConfig config_;
+  Map map_;
+  Queue lru_;          // evictable entries, least recent first
+  Queue read_queue_;   // read-locked entries by expiry (the TTL is constant)
+  Queue write_queue_;  // write-locked entries by expiry
+  std::vector<Node*> scratch_;  // lookup's matched entries
+  std::uint64_t next_generation_ = 1;
+  std::uint64_t read_locks_ = 0;
+  std::uint64_t write_locks_ = 0;
+  StoreStats stats_;
+};
+
+}  // namespace kvlink::store

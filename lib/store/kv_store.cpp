@@ -1,0 +1,225 @@
+#include "kvlink/store/kv_store.hpp"
+
+#include <algorithm>
+
+namespace kvlink::store {
+
+KvStore::KvStore(L1Pool& pool, StoreConfig config) : pool_(pool), config_(config) {}
+
+void KvStore::update_lru(Node& n) {
+  Entry& e = n.second;
+  const bool want = evictable(e);
+  if (want && !e.in_lru) {
+    e.lru = lru_.insert(lru_.end(), &n);
+    e.in_lru = true;
+  } else if (!want && e.in_lru) {
+    lru_.erase(e.lru);
+    e.in_lru = false;
+  }
+}
+
+std::uint32_t KvStore::lookup(std::uint64_t ns, std::uint32_t world_size, std::span<const ChunkHash> hashes,
+                              TimePoint now, std::optional<Holder> holder) {
+  std::uint32_t matched = 0;
+  scratch_.clear();
+  for (const ChunkHash& h : hashes) {
+    bool all = true;
+    for (std::uint32_t r = 0; r < world_size; ++r) {
+      auto it = map_.find(ChunkKey{ns, h, r});
+      if (it == map_.end() || it->second.state != State::present) {
+        all = false;
+        break;
+      }
+      scratch_.push_back(&*it);
+    }
+    if (!all) break;
+    ++matched;
+  }
+  stats_.hits += matched;
+  stats_.misses += hashes.size() - matched;
+  // Only whole matched chunks (every rank) are locked; scratch_ may hold a
+  // partial last chunk's ranks.
+  scratch_.resize(std::size_t{matched} * world_size);
+  for (Node* n : scratch_) {
+    if (holder) lock_node(*n, *holder, now);
+    else if (n->second.in_lru) lru_.splice(lru_.end(), lru_, n->second.lru);  // reads refresh recency
+  }
+  return matched;
+}
+
+void KvStore::lock_node(Node& n, Holder holder, TimePoint now) {
+  Entry& e = n.second;
+  ++e.read_locks;
+  ++read_locks_;
+  auto h = std::find_if(e.holders.begin(), e.holders.end(), [&](const auto& p) { return p.first == holder; });
+  if (h == e.holders.end()) e.holders.emplace_back(holder, 1);
+  else ++h->second;
+  e.read_expiry = now + config_.read_lock_ttl;
+  if (e.in_read) {
+    read_queue_.splice(read_queue_.end(), read_queue_, e.read);
+  } else {
+    e.read = read_queue_.insert(read_queue_.end(), &n);
+    e.in_read = true;
+  }
+  update_lru(n);
+}
+
+void KvStore::lock(const ChunkKey& key, Holder holder, TimePoint now) {
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.state != State::present) return;
+  lock_node(*it, holder, now);
+}
+
+void KvStore::after_unlock(Node& n) {
+  Entry& e = n.second;
+  if (e.read_locks == 0 && e.in_read) {
+    read_queue_.erase(e.read);
+    e.in_read = false;
+  }
+  // A chunk just read is the most recently used: update_lru appends.
+  update_lru(n);
+}
+
+bool KvStore::release_one(const ChunkKey& key, Holder holder) {
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.read_locks == 0) return false;
+  Entry& e = it->second;
+  auto h = std::find_if(e.holders.begin(), e.holders.end(), [&](const auto& p) { return p.first == holder; });
+  if (h == e.holders.end() && holder != transfer_holder)
+    h = std::find_if(e.holders.begin(), e.holders.end(), [](const auto& p) { return p.first != transfer_holder; });
+  if (h == e.holders.end()) return false;
+  if (--h->second == 0) e.holders.erase(h);
+  --e.read_locks;
+  --read_locks_;
+  after_unlock(*it);
+  return true;
+}
+
+void KvStore::release_all(const ChunkKey& key, Holder holder) {
+  auto it = map_.find(key);
+  if (it == map_.end()) return;
+  Entry& e = it->second;
+  auto h = std::find_if(e.holders.begin(), e.holders.end(), [&](const auto& p) { return p.first == holder; });
+  if (h == e.holders.end()) return;
+  e.read_locks -= h->second;
+  read_locks_ -= h->second;
+  e.holders.erase(h);
+  after_unlock(*it);
+}
+
+KvStore::Reserve KvStore::reserve(const ChunkKey& key, TimePoint now, std::uint32_t& slot,
+                                  std::uint64_t& generation) {
+  auto it = map_.find(key);
+  if (it != map_.end()) {
+    if (it->second.state == State::writing) return Reserve::locked;
+    if (it->second.in_lru) lru_.splice(lru_.end(), lru_, it->second.lru);  // writes refresh recency
+    return Reserve::present;
+  }
+  if (!pool_.configured()) return Reserve::no_room;
+  auto s = pool_.allocate();
+  if (!s && pool_.num_slots() > 0) {
+    evict_to(pool_.num_slots() - 1);
+    s = pool_.allocate();
+  }
+  if (!s) return Reserve::no_room;
+  auto [pos, inserted] = map_.try_emplace(key);
+  Entry& e = pos->second;
+  e.slot = *s;
+  e.state = State::writing;
+  e.write_locked = true;
+  e.generation = next_generation_++;
+  e.write_expiry = now + config_.write_lock_ttl;
+  e.write = write_queue_.insert(write_queue_.end(), &*pos);
+  e.in_write = true;
+  ++write_locks_;
+  slot = e.slot;
+  generation = e.generation;
+  return Reserve::reserved;
+}
+
+void KvStore::commit(const ChunkKey& key, std::uint64_t generation, TimePoint) {
+  auto it = map_.find(key);
+  // A reservation that expired (and maybe was reused) is not ours any more.
+  if (it == map_.end() || it->second.generation != generation || it->second.state != State::writing) return;
+  Entry& e = it->second;
+  e.state = State::present;
+  e.write_locked = false;
+  --write_locks_;
+  write_queue_.erase(e.write);
+  e.in_write = false;
+  ++stats_.stores_committed;
+  update_lru(*it);
+}
+
+void KvStore::abort(const ChunkKey& key, std::uint64_t generation) {
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.generation != generation || it->second.state != State::writing) return;
+  ++stats_.stores_aborted;
+  drop(&*it);
+}
+
+const KvStore::Entry* KvStore::find(const ChunkKey& key) const {
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.state != State::present) return nullptr;
+  return &it->second;
+}
+
+void KvStore::touch(const ChunkKey& key) {
+  auto it = map_.find(key);
+  if (it != map_.end() && it->second.in_lru) lru_.splice(lru_.end(), lru_, it->second.lru);
+}
+
+void KvStore::drop(Node* n) {
+  Entry& e = n->second;
+  if (e.in_lru) lru_.erase(e.lru);
+  if (e.in_read) read_queue_.erase(e.read);
+  if (e.in_write) write_queue_.erase(e.write);
+  read_locks_ -= e.read_locks;
+  if (e.write_locked) --write_locks_;
+  pool_.free(e.slot);
+  const ChunkKey key = n->first;
+  map_.erase(key);
+}
+
+std::size_t KvStore::clear() {
+  std::size_t n = 0;
+  while (!lru_.empty()) {
+    drop(lru_.front());
+    ++n;
+  }
+  return n;
+}
+
+std::size_t KvStore::evict_to(std::uint32_t target) {
+  std::size_t n = 0;
+  while (pool_.used_slots() > target && !lru_.empty()) {
+    drop(lru_.front());
+    ++n;
+  }
+  stats_.evictions += n;
+  return n;
+}
+
+void KvStore::tick(TimePoint now) {
+  while (!read_queue_.empty() && read_queue_.front()->second.read_expiry <= now) {
+    Node& n = *read_queue_.front();
+    Entry& e = n.second;
+    stats_.expired_read_locks += e.read_locks;
+    read_locks_ -= e.read_locks;
+    e.read_locks = 0;
+    e.holders.clear();
+    after_unlock(n);
+  }
+  // A copy that never completed: drop the reservation (a late commit is
+  // ignored by generation).
+  while (!write_queue_.empty() && write_queue_.front()->second.write_expiry <= now) {
+    ++stats_.expired_write_locks;
+    drop(write_queue_.front());
+  }
+  const std::uint32_t slots = pool_.num_slots();
+  if (slots == 0) return;
+  if (pool_.used_slots() > static_cast<std::uint64_t>(config_.high_watermark * slots))
+    evict_to(static_cast<std::uint32_t>(config_.low_watermark * slots));
+}
+
+}  // namespace kvlink::store

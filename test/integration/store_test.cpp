@@ -1,0 +1,372 @@
+// The store operations against the real kvlink-server process over a unix
+// socket (the server runs the in-process fake transfer engine until issue 5,
+// so data does not move but every lock, slot and reply does).
+#include <doctest/doctest.h>
+
+#include <asio/co_spawn.hpp>
+#include <asio/io_context.hpp>
+#include <cstdio>
+#include <sys/wait.h>
+#include <thread>
+
+#include "kvlink/net/connection.hpp"
+#include "kvlink/store/keys.hpp"
+#include "server_process.hpp"
+
+using namespace kvlink;
+using namespace std::chrono_literals;
+using kvlink::test::ServerProcess;
+using kvlink::test::TempDir;
+
+namespace {
+
+template <class T>
+T run(asio::io_context& io, asio::awaitable<T> task, std::chrono::seconds limit = 20s) {
+  std::optional<T> result;
+  std::exception_ptr error;
+  asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, T r) {
+    error = e;
+    if (!e) result = std::move(r);
+  });
+  io.restart();
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!result && !error && std::chrono::steady_clock::now() < deadline) io.run_one_for(100ms);
+  if (error) std::rethrow_exception(error);
+  REQUIRE_MESSAGE(result.has_value(), "the test's coroutine did not finish in time");
+  return std::move(*result);
+}
+
+template <class R>
+struct Result {
+  std::error_code ec;
+  R reply;
+  std::string message;  // the server's error message
+};
+
+struct Client {
+  asio::io_context& io;
+  std::shared_ptr<net::Connection> conn;
+
+  Client(asio::io_context& io, const std::string& endpoint, wire::Role role) : io(io) {
+    net::Endpoint ep;
+    std::string error;
+    REQUIRE(net::parse_endpoint(endpoint, ep, error));
+    wire::HelloRequest h;
+    h.role = role;
+    h.instance_id = net::random_instance_id();
+    h.client_name = "store_test";
+    auto r = run(io, net::connect(io.get_executor(), ep, h, 5s));
+    REQUIRE_MESSAGE(!r.ec, r.error);
+    conn = r.connection;
+  }
+  ~Client() { conn->close(); }
+
+  template <class M>
+  static asio::awaitable<Result<typename M::reply_type>> call_co(std::shared_ptr<net::Connection> c, M m) {
+    auto [ec, r] = co_await c->async_call(std::move(m), 5s, asio::experimental::as_tuple(asio::use_awaitable));
+    co_return Result<typename M::reply_type>{ec, std::move(r), ec ? c->last_error_message() : std::string()};
+  }
+  template <class M>
+  Result<typename M::reply_type> call(M m) {
+    return run(io, call_co(conn, std::move(m)));
+  }
+  template <class M>
+  typename M::reply_type ok(M m) {
+    auto r = call(std::move(m));
+    REQUIRE_MESSAGE(!r.ec, r.ec.message() << ": " << r.message);
+    return r.reply;
+  }
+  std::int64_t stat(const std::string& name) {
+    for (auto& e : ok(wire::StatsRequest{}).entries)
+      if (e.name == name) return e.value;
+    FAIL("no stat named " << name);
+    return -1;
+  }
+};
+
+const std::uint64_t ns = store::namespace_id({"integration-model", 1, ""});
+
+wire::KvLayout layout(std::uint32_t block_size = 16) {
+  wire::KvLayout l;
+  l.num_layers = 4;
+  l.num_blocks = 4096;
+  l.block_size = block_size;
+  l.num_kv_heads = 2;
+  l.head_size = 64;
+  l.dtype_size = 2;
+  l.block_stride = l.block_bytes();
+  l.plane_stride = l.block_bytes() * l.num_blocks;
+  l.region_bytes = l.plane_stride * 2;
+  l.layers.resize(4);
+  return l;
+}
+
+std::vector<wire::ChunkHash> prompt(std::size_t chunks, std::uint32_t salt = 0) {
+  std::vector<store::Token> t(chunks * 256 + 100);  // plus a partial tail chunk
+  for (std::size_t i = 0; i < t.size(); ++i) t[i] = static_cast<store::Token>(i ^ salt);
+  auto h = store::chunk_hashes(t, 256);
+  REQUIRE(h.size() == chunks);
+  return h;
+}
+
+std::vector<std::uint32_t> blocks(std::size_t chunks) {
+  std::vector<std::uint32_t> v(chunks * 16);
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<std::uint32_t>(i);
+  return v;
+}
+
+wire::RegisterKvCacheRequest registration() {
+  wire::RegisterKvCacheRequest r;
+  r.ns = ns;
+  r.model = "integration-model";
+  r.layout = layout();
+  return r;
+}
+
+std::string run_cli(const std::string& args, int& status) {
+  std::string cmd = ServerProcess::binary("KVLINK_CLI") + " " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  REQUIRE(p);
+  std::string out;
+  char buf[4096];
+  while (std::size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  status = ::pclose(p);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("store flow over the socket: STORE, SYNC_LOOKUP, LOOKUP, RETRIEVE, FREE, END_SESSION, CLEAR, STATS") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "64MiB", "--log-level", "warn"});
+  server.start();
+  asio::io_context io;
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  Client scheduler(io, server.endpoint(), wire::Role::scheduler);
+
+  worker.ok(registration());
+  const auto h = prompt(6);
+  wire::StoreRequest st;
+  st.ns = ns;
+  st.hashes = {h.begin(), h.begin() + 4};
+  st.block_ids = blocks(4);
+  auto stored = worker.ok(st);
+  CHECK(stored.stored_chunks == 4);
+  CHECK(stored.skipped_chunks == 0);
+  st.hashes = h;
+  st.block_ids = blocks(6);
+  stored = worker.ok(st);
+  CHECK(stored.stored_chunks == 2);
+  CHECK(stored.skipped_chunks == 4);
+
+  wire::SyncLookupRequest sl;
+  sl.ns = ns;
+  sl.session_id = 1;
+  sl.hashes = prompt(8);  // 6 stored + 2 unknown
+  CHECK(scheduler.ok(sl).matched_chunks == 6);
+  CHECK(scheduler.stat("read_locks_held") == 6);
+
+  // Two-phase lookup: reported once, then not_found with a clear message.
+  wire::LookupRequest lk;
+  lk.ns = ns;
+  lk.session_id = 2;
+  lk.hashes = {h[0], h[1]};
+  const auto job = scheduler.ok(lk).job_id;
+  auto status = scheduler.ok(wire::QueryPrefetchStatusRequest{job});
+  CHECK(status.state == wire::PrefetchState::done);
+  CHECK(status.matched_chunks == 2);
+  auto again = scheduler.call(wire::QueryPrefetchStatusRequest{job});
+  CHECK(again.ec == errc::not_found);
+  CHECK(again.message.find("already reported") != std::string::npos);
+  CHECK(scheduler.stat("read_locks_held") == 8);
+
+  wire::RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = h;
+  rt.block_ids = blocks(6);
+  rt.skip_first_n_tokens = 32;
+  CHECK(worker.ok(rt).retrieved_chunks == 6);
+  CHECK(scheduler.stat("read_locks_held") == 2);
+
+  wire::FreeLookupLocksRequest fr;
+  fr.ns = ns;
+  fr.hashes = {h[0], h[1]};
+  fr.start = 0;
+  fr.end = 2;
+  scheduler.conn->send(fr);
+  wire::EndSessionRequest es;
+  es.ns = ns;
+  es.session_id = 1;
+  es.hashes = h;
+  scheduler.conn->send(es);
+  wire::ReportBlockAllocationRequest rb;
+  rb.allocated_blocks = 12;
+  rb.total_blocks = 4096;
+  scheduler.conn->send(rb);
+  // One-way requests are handled in order: STATS after them sees their effect.
+  CHECK(scheduler.stat("read_locks_held") == 0);
+  CHECK(scheduler.stat("sessions") == 1);  // session 2 remains
+  CHECK(scheduler.stat("engine_blocks_allocated") == 12);
+  CHECK(scheduler.stat("lookup_hits") == 8);
+  CHECK(scheduler.stat("lookup_misses") == 2);
+  CHECK(scheduler.stat("l1_bytes_used") == 6 * 4 * 2 * 16 * (16 * 2 * 64 * 2));
+
+  int rc = 0;
+  auto json = run_cli("stats --server " + server.endpoint(), rc);
+  CHECK(rc == 0);
+  CHECK(json.find('\n') == json.size() - 1);  // one line
+  CHECK(json.front() == '{');
+  CHECK(json.find("\"store_entries\":6") != std::string::npos);
+  CHECK(json.find("\"l1_capacity_bytes\":") != std::string::npos);
+
+  CHECK(scheduler.ok(wire::ClearRequest{}).dropped_entries == 6);
+  CHECK(scheduler.stat("store_entries") == 0);
+  CHECK(scheduler.ok(sl).matched_chunks == 0);
+}
+
+TEST_CASE("bad store requests are answered with clear errors and the connection stays") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "error"});
+  server.start();
+  asio::io_context io;
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  const auto h = prompt(2);
+  wire::StoreRequest st;
+  st.ns = ns;
+  st.hashes = h;
+  st.block_ids = blocks(2);
+
+  auto r = worker.call(st);
+  CHECK(r.ec == errc::not_registered);
+  CHECK(r.message.find("REGISTER_KV_CACHE first") != std::string::npos);
+
+  auto bad = registration();
+  bad.layout = layout(48);  // 256 is not a multiple of 48
+  auto reg = worker.call(bad);
+  CHECK(reg.ec == errc::bad_request);
+  CHECK(reg.message.find("not a multiple") != std::string::npos);
+  bad = registration();
+  bad.model = "";
+  CHECK(worker.call(bad).message.find("model name is empty") != std::string::npos);
+  worker.ok(registration());
+
+  st.ns = ns ^ 1;
+  r = worker.call(st);
+  CHECK(r.ec == errc::bad_request);
+  CHECK(r.message.find("namespace") != std::string::npos);
+  st.ns = ns;
+  st.block_ids = blocks(1);
+  r = worker.call(st);
+  CHECK(r.ec == errc::bad_request);
+  CHECK(r.message.find("16 block ids given for 2 chunks") != std::string::npos);
+
+  wire::RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = h;
+  rt.block_ids = blocks(2);
+  auto rr = worker.call(rt);
+  CHECK(rr.ec == errc::not_found);
+  CHECK(rr.message.find("chunk 0 ") != std::string::npos);
+
+  auto q = worker.call(wire::QueryPrefetchStatusRequest{999});
+  CHECK(q.ec == errc::not_found);
+  CHECK(q.message.find("prefetch job 999") != std::string::npos);
+
+  wire::SyncLookupRequest sl;
+  sl.ns = ns;
+  sl.world_size = 5000;
+  auto lk = worker.call(sl);
+  CHECK(lk.ec == errc::bad_request);
+  CHECK(lk.message.find("world_size 5000") != std::string::npos);
+
+  // Memory short: stores as many as fit (16 MiB holds 32 chunks of 512 KiB), no error.
+  st.hashes = prompt(100, 7);
+  st.block_ids = blocks(100);
+  auto many = worker.ok(st);
+  CHECK(many.stored_chunks == 32);
+  CHECK(many.skipped_chunks == 68);
+
+  CHECK_FALSE(worker.call(wire::PingRequest{}).ec);  // still connected
+  CHECK(worker.stat("op_store_errors") == 3);
+}
+
+TEST_CASE("kvlink-cli stats fails clearly without a server") {
+  TempDir dir;
+  int rc = 0;
+  auto out = run_cli("stats --server " + dir.socket("absent.sock"), rc);
+  CHECK(rc != 0);
+  CHECK(out.find("cannot connect") != std::string::npos);
+}
+
+TEST_CASE("the server's tick expires lookup locks after --read-lock-ttl-s") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--read-lock-ttl-s", "1", "--log-level",
+                        "warn"});
+  server.start();
+  asio::io_context io;
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  worker.ok(registration());
+  const auto h = prompt(3);
+  wire::StoreRequest st;
+  st.ns = ns;
+  st.hashes = h;
+  st.block_ids = blocks(3);
+  CHECK(worker.ok(st).stored_chunks == 3);
+  Client scheduler(io, server.endpoint(), wire::Role::scheduler);
+  wire::SyncLookupRequest sl;
+  sl.ns = ns;
+  sl.hashes = h;
+  CHECK(scheduler.ok(sl).matched_chunks == 3);
+  CHECK(scheduler.stat("read_locks_held") == 3);
+  // Wait for the expiry with a deadline (a hang guard, not a speed check).
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  std::int64_t held = 3;
+  while (held != 0 && std::chrono::steady_clock::now() < deadline) {
+    held = scheduler.stat("read_locks_held");
+    if (held != 0) std::this_thread::sleep_for(50ms);
+  }
+  CHECK(held == 0);
+  CHECK(scheduler.stat("read_locks_expired") == 3);
+}
+
+TEST_CASE("a scheduler that disconnects leaves no locks behind") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "warn"});
+  server.start();
+  asio::io_context io;
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  worker.ok(registration());
+  const auto h = prompt(2);
+  wire::StoreRequest st;
+  st.ns = ns;
+  st.hashes = h;
+  st.block_ids = blocks(2);
+  worker.ok(st);
+  {
+    Client scheduler(io, server.endpoint(), wire::Role::scheduler);
+    wire::LookupRequest lk;
+    lk.ns = ns;
+    lk.hashes = h;
+    scheduler.ok(lk);
+    CHECK(worker.stat("read_locks_held") == 2);
+    CHECK(worker.stat("prefetch_jobs") == 1);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (worker.stat("read_locks_held") != 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(20ms);
+  CHECK(worker.stat("read_locks_held") == 0);
+  CHECK(worker.stat("prefetch_jobs") == 0);
+}
+
+TEST_CASE("kvlink-server refuses a malformed --l1-size clearly") {
+  FILE* p = ::popen((ServerProcess::binary("KVLINK_SERVER") + " --l1-size 12parsecs 2>&1").c_str(), "r");
+  REQUIRE(p);
+  std::string out;
+  char buf[1024];
+  while (std::size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int status = ::pclose(p);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 2);
+  CHECK(out.find("--l1-size") != std::string::npos);
+  CHECK(out.find("unknown unit 'parsecs'") != std::string::npos);
+}

@@ -1,0 +1,442 @@
+// The store operations of the request handler, no sockets, fake time:
+// registration, STORE/RETRIEVE bookkeeping with a fake transfer engine,
+// lookups and their locks, prefetch jobs, sessions, TTLs.
+#include <doctest/doctest.h>
+
+#include <functional>
+
+#include "kvlink/server/request_handler.hpp"
+#include "kvlink/store/keys.hpp"
+
+using namespace kvlink;
+using namespace kvlink::wire;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct Collect final : server::ReplySink, std::enable_shared_from_this<Collect> {
+  Bytes out;
+  Bytes& buffer() override { return out; }
+  void flush() override {}
+  std::weak_ptr<ReplySink> weak_self() override { return shared_from_this(); }
+  std::vector<std::pair<Header, Bytes>> frames() {
+    FrameParser p;
+    p.append(out);
+    out.clear();
+    std::vector<std::pair<Header, Bytes>> v;
+    while (auto f = p.next()) v.emplace_back(f->header, Bytes(f->payload.begin(), f->payload.end()));
+    return v;
+  }
+};
+
+// Completes jobs only when told (a real engine is asynchronous).
+struct DeferredEngine final : transfer::TransferEngine {
+  std::vector<std::pair<transfer::TransferJob, transfer::TransferDone>> jobs;
+  void submit(transfer::TransferJob job, transfer::TransferDone done) override {
+    jobs.emplace_back(std::move(job), std::move(done));
+  }
+  void complete_all(std::error_code ec = {}) {
+    auto js = std::move(jobs);
+    for (auto& [j, d] : js) d(ec);
+  }
+};
+
+const std::uint64_t ns = store::namespace_id({"test-model", 1, ""});
+
+KvLayout layout(std::uint32_t block_size = 16) {
+  KvLayout l;
+  l.num_layers = 2;
+  l.num_blocks = 1000;
+  l.block_size = block_size;
+  l.num_kv_heads = 1;
+  l.head_size = 8;
+  l.dtype_size = 2;
+  l.block_stride = l.block_bytes();
+  l.plane_stride = l.block_bytes() * l.num_blocks;
+  l.region_bytes = l.plane_stride * 2;
+  l.layers = {LayerLocation{0, {}}, LayerLocation{0, {}}};
+  return l;
+}
+
+std::vector<ChunkHash> hashes(std::size_t n, std::uint32_t salt = 0) {
+  std::vector<store::Token> t(n * 256);
+  for (std::size_t i = 0; i < t.size(); ++i) t[i] = static_cast<store::Token>(i * 31 + salt);
+  return store::chunk_hashes(t, 256);
+}
+
+std::vector<std::uint32_t> blocks(std::size_t chunks) {
+  std::vector<std::uint32_t> v(chunks * 16);  // 256 / 16 blocks per chunk
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<std::uint32_t>(i);
+  return v;
+}
+
+struct Fixture {
+  server::ServerConfig config = [] {
+    server::ServerConfig c;
+    c.l1_size = 64u << 20;
+    c.huge_pages = false;
+    return c;
+  }();
+  transfer::NullTransferEngine null_engine;
+  DeferredEngine deferred;
+  std::unique_ptr<server::RequestHandler> handler;
+  server::SessionState worker, scheduler;
+  std::shared_ptr<Collect> sink = std::make_shared<Collect>();
+  TimePoint now{};
+  std::uint64_t next_id = 100;
+
+  explicit Fixture(bool defer = false) {
+    handler = std::make_unique<server::RequestHandler>(
+        config, 77, defer ? static_cast<transfer::TransferEngine&>(deferred) : null_engine);
+    hello(worker, Role::worker, 1);
+    hello(scheduler, Role::scheduler, 2);
+  }
+  template <class M>
+  void send(server::SessionState& s, const M& m, std::uint16_t flags = 0) {
+    Bytes bytes;
+    FrameBuilder(bytes).add(static_cast<std::uint8_t>(M::opcode), flags, next_id++, [&](Writer& w) { encode(w, m); });
+    FrameParser p;
+    p.append(bytes);
+    auto f = p.next();
+    REQUIRE(f);
+    REQUIRE(handler->handle(s, *f, *sink, now));
+  }
+  void hello(server::SessionState& s, Role role, std::uint64_t id) {
+    HelloRequest h;
+    h.role = role;
+    h.instance_id = id;
+    send(s, h);
+    sink->out.clear();
+  }
+  // Sends `m` and decodes its one reply; fails the test on an error reply.
+  template <class M>
+  typename M::reply_type call(server::SessionState& s, const M& m) {
+    send(s, m);
+    auto f = sink->frames();
+    REQUIRE(f.size() == 1);
+    if (f[0].first.is_error()) {
+      ErrorReply e;
+      decode(f[0].second, e, "error");
+      FAIL("unexpected error: " << e.message);
+    }
+    typename M::reply_type r;
+    REQUIRE(decode(f[0].second, r, "reply") == "");
+    return r;
+  }
+  // Sends `m` and returns its error reply.
+  template <class M>
+  ErrorReply error(server::SessionState& s, const M& m) {
+    send(s, m);
+    auto f = sink->frames();
+    REQUIRE(f.size() == 1);
+    REQUIRE(f[0].first.is_error());
+    ErrorReply e;
+    REQUIRE(decode(f[0].second, e, "error") == "");
+    return e;
+  }
+  void register_worker() {
+    RegisterKvCacheRequest r;
+    r.ns = ns;
+    r.model = "test-model";
+    r.layout = layout();
+    call(worker, r);
+  }
+  StoreResult store(const std::vector<ChunkHash>& h) {
+    StoreRequest s;
+    s.ns = ns;
+    s.hashes = h;
+    s.block_ids = blocks(h.size());
+    return call(worker, s);
+  }
+  std::uint32_t sync_lookup(const std::vector<ChunkHash>& h, std::uint64_t session = 1) {
+    SyncLookupRequest l;
+    l.ns = ns;
+    l.session_id = session;
+    l.hashes = h;
+    return call(scheduler, l).matched_chunks;
+  }
+  std::int64_t stat(const std::string& name) {
+    auto r = call(scheduler, StatsRequest{});
+    for (auto& e : r.entries)
+      if (e.name == name) return e.value;
+    FAIL("no stat " << name);
+    return -1;
+  }
+};
+
+std::uint16_t code(errc e) { return static_cast<std::uint16_t>(e); }
+
+}  // namespace
+
+TEST_CASE("STORE, SYNC_LOOKUP, RETRIEVE with the in-process fake engine") {
+  Fixture f;
+  f.register_worker();
+  CHECK(f.stat("l1_slot_bytes") == 2 * 2 * 16 * (16 * 8 * 2));
+  const auto h = hashes(8);
+  auto r = f.store({h.begin(), h.begin() + 5});
+  CHECK(r.stored_chunks == 5);
+  CHECK(r.skipped_chunks == 0);
+  CHECK(f.store(h).stored_chunks == 3);  // the first 5 are present
+  CHECK(f.stat("store_entries") == 8);
+  CHECK(f.sync_lookup(h) == 8);
+  CHECK(f.stat("read_locks_held") == 8);
+  RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = {h.begin(), h.begin() + 4};
+  rt.block_ids = blocks(4);
+  rt.skip_first_n_tokens = 16;
+  CHECK(f.call(f.worker, rt).retrieved_chunks == 4);
+  CHECK(f.stat("read_locks_held") == 4);  // retrieve released those chunks' locks
+  CHECK(f.null_engine.jobs() == 3);
+  CHECK(f.stat("lookup_hits") == 8);
+  CHECK(f.stat("op_store_requests") == 2);
+}
+
+TEST_CASE("registration is validated with clear errors") {
+  Fixture f;
+  RegisterKvCacheRequest r;
+  r.ns = ns;
+  r.model = "test-model";
+  r.layout = layout(24);  // 256 is not a multiple of 24
+  auto e = f.error(f.worker, r);
+  CHECK(e.code == code(errc::bad_request));
+  CHECK(e.message.find("not a multiple of the engine block size 24") != std::string::npos);
+  r.layout = layout();
+  r.model = "";
+  CHECK(f.error(f.worker, r).message.find("model name is empty") != std::string::npos);
+  r.model = "m";
+  r.ns = 0;
+  CHECK(f.error(f.worker, r).message.find("namespace 0") != std::string::npos);
+  r.ns = ns;
+  f.call(f.worker, r);
+  // A different slot size than the first registration is refused.
+  r.layout.num_layers = 4;
+  r.layout.layers.resize(4);
+  CHECK(f.error(f.worker, r).message.find("first registration") != std::string::npos);
+  // UNREGISTER is idempotent.
+  f.call(f.worker, UnregisterKvCacheRequest{});
+  f.call(f.worker, UnregisterKvCacheRequest{});
+  CHECK(f.handler->registrations() == 0);
+}
+
+TEST_CASE("STORE and RETRIEVE refuse bad requests clearly") {
+  Fixture f;
+  const auto h = hashes(2);
+  StoreRequest s;
+  s.ns = ns;
+  s.hashes = h;
+  s.block_ids = blocks(2);
+  auto e = f.error(f.worker, s);
+  CHECK(e.code == code(errc::not_registered));
+  CHECK(e.message.find("REGISTER_KV_CACHE") != std::string::npos);
+  f.register_worker();
+  s.ns = ns + 1;
+  e = f.error(f.worker, s);
+  CHECK(e.code == code(errc::bad_request));
+  CHECK(e.message.find("does not match the registered") != std::string::npos);
+  s.ns = ns;
+  s.block_ids.pop_back();
+  e = f.error(f.worker, s);
+  CHECK(e.code == code(errc::bad_request));
+  CHECK(e.message.find("31 block ids given for 2 chunks") != std::string::npos);
+  s.block_ids = blocks(2);
+  s.block_ids[3] = 5000;
+  CHECK(f.error(f.worker, s).message.find("block id 5000 (position 3)") != std::string::npos);
+  s.block_ids = blocks(2);
+  s.kv_rank = 1;
+  CHECK(f.error(f.worker, s).message.find("kv_rank 1") != std::string::npos);
+  // RETRIEVE of a chunk that is not there names the chunk.
+  f.store({h[0]});
+  RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = h;
+  rt.block_ids = blocks(2);
+  e = f.error(f.worker, rt);
+  CHECK(e.code == code(errc::not_found));
+  CHECK(e.message.find("chunk 1 ") != std::string::npos);
+  CHECK(f.stat("read_locks_held") == 0);  // nothing left locked by the failed retrieve
+  rt.hashes = {h[0]};
+  rt.block_ids = blocks(1);
+  rt.skip_first_n_tokens = 257;
+  CHECK(f.error(f.worker, rt).message.find("skip_first_n_tokens 257") != std::string::npos);
+}
+
+TEST_CASE("STORE stores as many as fit; short memory is not an error") {
+  Fixture f;
+  f.config.l1_size = 3 * 16384;  // read at construction: rebuild the handler
+  f.handler = std::make_unique<server::RequestHandler>(f.config, 77, f.null_engine);
+  f.hello(f.worker, Role::worker, 1);
+  f.hello(f.scheduler, Role::scheduler, 2);
+  f.register_worker();
+  const auto h = hashes(5);
+  f.store({h[0], h[1], h[2]});
+  CHECK(f.sync_lookup({h[0], h[1], h[2]}) == 3);  // all locked now
+  auto r = f.store(h);
+  CHECK(r.stored_chunks == 0);
+  CHECK(r.skipped_chunks == 5);
+}
+
+TEST_CASE("deferred completion: write-locked until done, reply dropped if the session is gone") {
+  Fixture f(true);
+  f.register_worker();
+  const auto h = hashes(2);
+  StoreRequest s;
+  s.ns = ns;
+  s.hashes = h;
+  s.block_ids = blocks(2);
+  f.send(f.worker, s);
+  CHECK(f.sink->frames().empty());  // no reply until the copy completes
+  CHECK(f.stat("write_locks_held") == 2);
+  CHECK(f.sync_lookup(h) == 0);  // being written: not readable
+  f.deferred.complete_all();
+  auto fr = f.sink->frames();
+  REQUIRE(fr.size() == 1);
+  StoreResult r;
+  REQUIRE(decode(fr[0].second, r, "r") == "");
+  CHECK(r.stored_chunks == 2);
+  CHECK(f.sync_lookup(h) == 2);
+
+  // A failed copy frees the slots and answers with an error.
+  const auto h2 = hashes(1, 9);
+  s.hashes = h2;
+  s.block_ids = blocks(1);
+  f.send(f.worker, s);
+  f.deferred.complete_all(make_error_code(errc::server_error));
+  auto e = f.sink->frames();
+  REQUIRE(e.size() == 1);
+  CHECK(e[0].first.is_error());
+  CHECK(f.stat("store_entries") == 2);
+
+  // The session vanished: the completion commits but drops the reply.
+  s.hashes = hashes(1, 11);
+  f.send(f.worker, s);
+  std::weak_ptr<Collect> old = f.sink;
+  f.sink = std::make_shared<Collect>();
+  CHECK(old.expired());
+  f.deferred.complete_all();
+  CHECK(f.sink->frames().empty());
+  CHECK(f.stat("store_entries") == 3);
+}
+
+TEST_CASE("LOOKUP jobs report exactly once, then not_found; unpolled jobs expire") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(4);
+  f.store({h[0], h[1]});
+  LookupRequest l;
+  l.ns = ns;
+  l.session_id = 5;
+  l.hashes = h;
+  const auto job = f.call(f.scheduler, l).job_id;
+  auto st = f.call(f.scheduler, QueryPrefetchStatusRequest{job});
+  CHECK(st.state == PrefetchState::done);
+  CHECK(st.matched_chunks == 2);
+  auto e = f.error(f.scheduler, QueryPrefetchStatusRequest{job});
+  CHECK(e.code == code(errc::not_found));
+  CHECK(e.message.find("already reported") != std::string::npos);
+  CHECK(f.error(f.scheduler, QueryPrefetchStatusRequest{12345}).code == code(errc::not_found));
+  // Never polled: gone after the job TTL.
+  f.call(f.scheduler, l);
+  CHECK(f.handler->jobs() == 1);
+  f.now += 59s;
+  f.handler->tick(f.now);
+  CHECK(f.handler->jobs() == 1);
+  f.now += 2s;
+  f.handler->tick(f.now);
+  CHECK(f.handler->jobs() == 0);
+}
+
+TEST_CASE("FREE_LOOKUP_LOCKS releases [start, end) for every rank") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(4);
+  f.store(h);
+  CHECK(f.sync_lookup(h) == 4);
+  FreeLookupLocksRequest fr;
+  fr.ns = ns;
+  fr.hashes = h;
+  fr.start = 1;
+  fr.end = 3;
+  f.send(f.scheduler, fr, flag::one_way);
+  CHECK(f.sink->frames().empty());  // one-way
+  CHECK(f.stat("read_locks_held") == 2);
+  fr.end = 9;  // bad range: dropped and counted, no reply
+  f.send(f.scheduler, fr, flag::one_way);
+  CHECK(f.sink->frames().empty());
+  CHECK(f.stat("op_free_lookup_locks_errors") == 1);
+}
+
+TEST_CASE("lock TTL, session TTL and END_SESSION with fake time") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(3);
+  f.store(h);
+  CHECK(f.sync_lookup(h, 7) == 3);
+  CHECK(f.handler->sessions() == 1);
+  f.now += 301s;
+  f.handler->tick(f.now);
+  CHECK(f.stat("read_locks_held") == 0);
+  CHECK(f.stat("read_locks_expired") == 3);
+  CHECK(f.handler->sessions() == 1);
+  f.now += 300s;
+  f.handler->tick(f.now);
+  CHECK(f.handler->sessions() == 0);  // 10 minutes without activity
+  // END_SESSION drops the session's state at once.
+  f.sync_lookup(h, 8);
+  EndSessionRequest end;
+  end.ns = ns;
+  end.session_id = 8;
+  end.hashes = h;
+  f.send(f.scheduler, end, flag::one_way);
+  CHECK(f.handler->sessions() == 0);
+}
+
+TEST_CASE("a scheduler's connection ending releases its locks and jobs") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(3);
+  f.store(h);
+  LookupRequest l;
+  l.ns = ns;
+  l.hashes = h;
+  f.call(f.scheduler, l);
+  CHECK(f.stat("read_locks_held") == 3);
+  CHECK(f.handler->jobs() == 1);
+  // Repeated and growing lookups of one request: every lock is released
+  // at the end, however many lookups took them.
+  f.sync_lookup({h[0]}, 0);
+  f.sync_lookup(h, 0);
+  CHECK(f.stat("read_locks_held") == 7);
+  f.handler->on_session_end(f.scheduler, f.now);
+  CHECK(f.handler->store().read_locks() == 0);
+  CHECK(f.handler->jobs() == 0);
+  f.handler->on_session_end(f.worker, f.now);
+  CHECK(f.handler->registrations() == 0);
+}
+
+TEST_CASE("CLEAR, REPORT_BLOCK_ALLOCATION and lookups of a tensor-parallel world") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(3);
+  f.store(h);
+  ReportBlockAllocationRequest rb;
+  rb.allocated_blocks = 10;
+  rb.total_blocks = 100;
+  f.send(f.scheduler, rb, flag::one_way);
+  CHECK(f.stat("block_allocation_reports") == 1);
+  CHECK(f.stat("engine_blocks_total") == 100);
+  SyncLookupRequest l;
+  l.ns = ns;
+  l.world_size = 2;  // rank 1 has nothing
+  l.hashes = h;
+  CHECK(f.call(f.scheduler, l).matched_chunks == 0);
+  l.world_size = 0;
+  CHECK(f.error(f.scheduler, l).message.find("world_size 0") != std::string::npos);
+  l.world_size = 1024;
+  l.hashes.assign(5000, h[0]);  // 5.1M keys: refused before any work
+  CHECK(f.error(f.scheduler, l).message.find("split the request") != std::string::npos);
+  l.world_size = 1;
+  CHECK(f.sync_lookup({h[0]}) == 1);  // locks chunk 0
+  CHECK(f.call(f.scheduler, ClearRequest{}).dropped_entries == 2);
+  CHECK(f.stat("store_entries") == 1);
+}
