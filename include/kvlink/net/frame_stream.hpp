@@ -90,8 +90,10 @@ class FrameStream {
     flush_scheduled_ = false;
     if (writing_ || out_.empty() || !socket_.is_open()) return;
     // Try the kernel right away; only what does not fit waits for an async write.
+    // Asio's non_blocking(true) is an ioctl(FIONBIO) every time; the flag
+    // sticks, so set it once.
     std::error_code ec;
-    socket_.non_blocking(true, ec);
+    if (!socket_.non_blocking()) socket_.non_blocking(true, ec);
     std::size_t n = ec ? 0 : socket_.write_some(asio::buffer(out_), ec);
     if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
       close();  // the reader sees the closed socket and reports the end
