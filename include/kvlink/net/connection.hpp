@@ -17,6 +17,7 @@
 #include <asio/async_result.hpp>
 #include <asio/awaitable.hpp>
 #include <asio/dispatch.hpp>
+#include <asio/io_context.hpp>
 #include <asio/steady_timer.hpp>
 #include <chrono>
 #include <cstdint>
@@ -50,6 +51,21 @@ struct ConnectionStats {
 
 namespace detail {
 
+// asio::dispatch(ex, f) for an any_io_executor wrapping an io_context
+// executor runs f inline when called on one of that io_context's threads,
+// but only after type-erasing f into a heap-recycled executor_function.
+// Same semantics, minus the erasure: call f directly in that case.
+template <class Executor, class F>
+void dispatch_inline(const Executor& ex, F&& f) {
+  if constexpr (std::is_same_v<Executor, asio::any_io_executor>) {
+    if (const auto* io = ex.template target<asio::io_context::executor_type>(); io && io->running_in_this_thread()) {
+      std::forward<F>(f)();
+      return;
+    }
+  }
+  asio::dispatch(ex, std::forward<F>(f));
+}
+
 // A request waiting for its reply; type-erases the completion handler.
 struct PendingCall {
   std::uint64_t id = 0;
@@ -75,7 +91,7 @@ struct PendingCallImpl final : PendingCall {
     }
     auto slot = asio::get_associated_cancellation_slot(handler);
     if (slot.is_connected()) slot.clear();
-    asio::dispatch(executor, [h = std::move(handler), ec, r = std::move(reply)]() mutable { std::move(h)(ec, std::move(r)); });
+    dispatch_inline(executor, [h = std::move(handler), ec, r = std::move(reply)]() mutable { std::move(h)(ec, std::move(r)); });
   }
 
   Handler handler;
@@ -102,7 +118,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
     using Reply = typename Request::reply_type;
     return asio::async_initiate<Token, void(std::error_code, Reply)>(
         [self = shared_from_this(), timeout](auto handler, Request request) mutable {
-          asio::dispatch(self->executor_, [self, timeout, h = std::move(handler), r = std::move(request)]() mutable {
+          detail::dispatch_inline(self->executor_, [self, timeout, h = std::move(handler), r = std::move(request)]() mutable {
             self->start_call<Reply>(r, timeout, std::move(h));
           });
         },

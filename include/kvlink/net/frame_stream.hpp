@@ -50,6 +50,13 @@ class FrameStream {
   wire::Bytes& out_buffer() { return out_; }
   void schedule_flush(const std::shared_ptr<void>& owner) {
     if (flush_scheduled_ || writing_ || out_.empty()) return;
+    if (in_read_turn_) {
+      // read_frames flushes once the frames of this read are handled: no
+      // post, so no extra trip through the scheduler (and its epoll_wait(0))
+      // before the reply leaves.
+      if (!turn_owner_) turn_owner_ = owner;
+      return;
+    }
     flush_scheduled_ = true;
     asio::post(socket_.get_executor(), [this, owner] { flush(owner); });
   }
@@ -68,9 +75,24 @@ class FrameStream {
         co_return StreamEnd{errc::connection_lost, ec.message()};
       }
       parser_.commit(n);
-      while (auto frame = parser_.next()) {
-        if (!on_frame(*frame)) co_return StreamEnd{errc::protocol_error, "stopped by the frame handler"};
+      // The frames of one read are one turn: what their handlers queue
+      // leaves together when the turn ends (end_read_turn), as it would
+      // after a posted flush.
+      in_read_turn_ = true;
+      bool stopped = false;
+      try {
+        while (auto frame = parser_.next()) {
+          if (!on_frame(*frame)) {
+            stopped = true;
+            break;
+          }
+        }
+      } catch (...) {
+        end_read_turn();
+        throw;
       }
+      end_read_turn();
+      if (stopped) co_return StreamEnd{errc::protocol_error, "stopped by the frame handler"};
       if (parser_.failed()) {
         co_return StreamEnd{parser_.version_mismatch() ? make_error_code(errc::version_mismatch)
                                                        : make_error_code(errc::protocol_error),
@@ -90,8 +112,10 @@ class FrameStream {
     flush_scheduled_ = false;
     if (writing_ || out_.empty() || !socket_.is_open()) return;
     // Try the kernel right away; only what does not fit waits for an async write.
+    // Asio's non_blocking(true) is an ioctl(FIONBIO) every time; the flag
+    // sticks, so set it once.
     std::error_code ec;
-    socket_.non_blocking(true, ec);
+    if (!socket_.non_blocking()) socket_.non_blocking(true, ec);
     std::size_t n = ec ? 0 : socket_.write_some(asio::buffer(out_), ec);
     if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
       close();  // the reader sees the closed socket and reports the end
@@ -115,8 +139,20 @@ class FrameStream {
     });
   }
 
+  void end_read_turn() {
+    in_read_turn_ = false;
+    if (auto owner = std::move(turn_owner_)) {
+      turn_owner_.reset();
+      flush(owner);
+    }
+  }
+
   Socket socket_;
   wire::FrameParser parser_;
+  // While read_frames hands frames to their handler: flushes wait for the
+  // end of the turn; turn_owner_ is the owner of the first deferred flush.
+  bool in_read_turn_ = false;
+  std::shared_ptr<void> turn_owner_;
   wire::Bytes out_;          // frames queued since the last flush
   wire::Bytes writing_buf_;  // frames the async write is sending
   bool writing_ = false;
