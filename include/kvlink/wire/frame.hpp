@@ -76,15 +76,17 @@ class FrameBuilder {
   // Encodes one frame; `encode` receives a Writer for the payload.
   template <class EncodePayload>
   void add(std::uint8_t opcode, std::uint16_t flags, std::uint64_t id, EncodePayload&& encode) {
+    // The header goes in with one copy (this is on every request's path);
+    // its length field is patched once the payload is written.
     const std::size_t start = out_.size();
+    std::byte header[header_size] = {};
+    std::memcpy(header + 0, &frame_magic, 4);
+    header[4] = static_cast<std::byte>(protocol_version);
+    header[5] = static_cast<std::byte>(opcode);
+    std::memcpy(header + 6, &flags, 2);
+    std::memcpy(header + 8, &id, 8);
+    out_.insert(out_.end(), header, header + header_size);
     Writer w(out_);
-    w.num(frame_magic);
-    w.num(protocol_version);
-    w.num(opcode);
-    w.num(flags);
-    w.num(id);
-    w.num(std::uint32_t{0});  // length, patched below
-    w.num(std::uint32_t{0});  // reserved
     encode(w);
     const auto length = static_cast<std::uint32_t>(out_.size() - start - header_size);
     std::memcpy(out_.data() + start + 16, &length, sizeof length);
