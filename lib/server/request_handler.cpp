@@ -15,7 +15,9 @@ void reply_error(ReplySink& sink, const wire::Header& req, std::error_code code,
 }
 
 RequestHandler::RequestHandler(const ServerConfig& config, std::uint64_t boot_id)
-    : config_(config), boot_id_(boot_id) {}
+    : config_(config),
+      boot_id_(boot_id),
+      liveness_({std::chrono::seconds(config.reap_timeout_s), std::chrono::seconds(config.registration_grace_s)}) {}
 
 void RequestHandler::fail(const wire::Frame& frame, ReplySink& sink, std::error_code code, std::string_view message) {
   if (frame.header.opcode <= wire::max_opcode) ++counters_.ops[frame.header.opcode].errors;
@@ -30,9 +32,11 @@ void RequestHandler::fail(const wire::Frame& frame, ReplySink& sink, std::error_
 
 void RequestHandler::on_session_end(SessionState&, TimePoint) {}
 
-void RequestHandler::tick(TimePoint) {}
+void RequestHandler::tick(TimePoint now) {
+  if (std::size_t n = liveness_.reap(now); n > 0) log::info("kvlink-server: reaped {} silent instance(s)", n);
+}
 
-bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint) {
+bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
   const wire::Header& h = frame.header;
   if (h.is_response()) {
     ++counters_.protocol_errors;
@@ -49,12 +53,14 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
   }
   ++counters_.ops[h.opcode].requests;
   const auto op = static_cast<wire::Opcode>(h.opcode);
-  if (op == wire::Opcode::hello) return on_hello(session, frame, sink);
+  if (op == wire::Opcode::hello) return on_hello(session, frame, sink, now);
   if (!session.hello_done) {
     fail(frame, sink, errc::bad_request,
          fmt::format("{} before HELLO: open every connection with HELLO", wire::opcode_name(h.opcode)));
     return true;
   }
+  const bool known = liveness_.refresh(session.instance_id, now);  // any traffic keeps an instance alive
+  if (op == wire::Opcode::register_kv_cache) liveness_.registered(session.instance_id, now);
   switch (op) {
     case wire::Opcode::ping: {
       wire::PingRequest req;
@@ -62,6 +68,14 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
         fail(frame, sink, errc::protocol_error, why);
         return true;
       }
+      if (!known) {
+        fail(frame, sink, errc::unknown_instance,
+             fmt::format("instance {:016x} is unknown here (reaped after silence, or the server restarted): send "
+                         "HELLO and register again",
+                         session.instance_id));
+        return true;
+      }
+      liveness_.pinged(session.instance_id, now);
       reply(sink, h, wire::Empty{});
       return true;
     }
@@ -75,7 +89,7 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
   }
 }
 
-bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink) {
+bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
   wire::HelloRequest req;
   std::string why = wire::decode(frame.payload, req);
   if (!why.empty()) {
@@ -87,6 +101,7 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   session.role = req.role;
   session.instance_id = req.instance_id;
   session.client_name = req.client_name;
+  liveness_.hello(req.instance_id, now);
   log::debug("kvlink-server: HELLO from {} {:016x} ({})", wire::role_name(req.role), req.instance_id, req.client_name);
   wire::HelloReply r;
   r.boot_id = boot_id_;

@@ -22,6 +22,10 @@ struct ServerConfig {
   std::uint32_t max_connections = 1024;
   // Permission bits of unix sockets.
   unsigned unix_socket_mode = 0600;
+  // Instances silent this long are reaped (their resources released).
+  std::uint32_t reap_timeout_s = 120;
+  // Longer grace for instances that registered KV caches but never pinged.
+  std::uint32_t registration_grace_s = 3600;
 };
 
 }  // namespace kvlink::server

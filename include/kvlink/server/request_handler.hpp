@@ -12,6 +12,7 @@
 #include "kvlink/clock.hpp"
 #include "kvlink/error.hpp"
 #include "kvlink/server/config.hpp"
+#include "kvlink/server/liveness.hpp"
 #include "kvlink/wire/messages.hpp"
 
 namespace kvlink::server {
@@ -80,15 +81,18 @@ class RequestHandler {
   std::uint64_t boot_id() const { return boot_id_; }
   ServerCounters& counters() { return counters_; }
   const ServerCounters& counters() const { return counters_; }
+  // Which instances are alive; the store sets its release hook here.
+  LivenessRegistry& liveness() { return liveness_; }
 
  private:
-  bool on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink);
+  bool on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   void on_stats(const wire::Frame& frame, ReplySink& sink);
   void fail(const wire::Frame& frame, ReplySink& sink, std::error_code code, std::string_view message);
 
   const ServerConfig& config_;
   std::uint64_t boot_id_;
   ServerCounters counters_;
+  LivenessRegistry liveness_;
 };
 
 }  // namespace kvlink::server
