@@ -8,6 +8,11 @@
 #include <asio/io_context.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+
 #include "kvlink/health/monitor.hpp"
 #include "server_process.hpp"
 
@@ -288,4 +293,46 @@ TEST_CASE("health: a busy server (thousands of pipelined requests) does not make
   CHECK(f.transitions() == 1);  // warming -> healthy only
   CHECK(f.monitor->counters().pings_failed == 0);
   r->connection->close();
+}
+
+TEST_CASE("kvlink-cli watch prints one JSON line per transition and exits 0 at the end or on SIGINT") {
+  TempDir dir;
+  const std::string ep = dir.socket();
+  ServerProcess server({"--listen", ep, "--log-level", "warn"});
+  server.start();
+  const std::string cli = ServerProcess::binary("KVLINK_CLI");
+  const std::string cmd =
+      cli + " watch --server " + ep + " --interval-ms 50 --timeout-ms 50 --duration-s 4 2>/dev/null";
+  FILE* f = ::popen(cmd.c_str(), "r");
+  REQUIRE(f != nullptr);
+  std::vector<std::string> lines;
+  auto next_line = [&]() -> std::string {
+    char buf[4096];
+    if (!std::fgets(buf, sizeof buf, f)) return {};
+    lines.emplace_back(buf);
+    return lines.back();
+  };
+  std::string l = next_line();
+  CHECK(l.find(R"("event":"state","from":"warming","to":"healthy")") != std::string::npos);
+  CHECK(l.rfind(R"({"ts_ms":)", 0) == 0);
+  server.kill();
+  l = next_line();
+  CHECK(l.find(R"("to":"degraded","reason":"connection lost)") != std::string::npos);
+  server.start();
+  for (l = next_line(); !l.empty() && l.find(R"("to":"healthy")") == std::string::npos;) l = next_line();
+  CHECK(l.find(R"("from":"degraded","to":"healthy")") != std::string::npos);
+  CHECK(l.find(R"("outage_ms":)") != std::string::npos);
+  while (!next_line().empty()) {
+  }
+  const int status = ::pclose(f);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(lines.back().find(R"("event":"summary")") != std::string::npos);
+
+  // SIGINT ends it with status 0 too.
+  const std::string interrupted =
+      "timeout --preserve-status -s INT 0.5 " + cli + " watch --server " + ep + " >/dev/null 2>&1";
+  const int rc = std::system(interrupted.c_str());
+  CHECK(WIFEXITED(rc));
+  CHECK(WEXITSTATUS(rc) == 0);
 }
