@@ -59,7 +59,10 @@ class FrameStream {
   template <class OnFrame>
   asio::awaitable<StreamEnd> read_frames(OnFrame on_frame) {
     for (;;) {
-      auto space = parser_.prepare(64 * 1024);
+      // Start with small reads so an idle connection holds little memory
+      // (the buffer is zero-filled, so its size is resident); grow while
+      // reads come back full.
+      auto space = parser_.prepare(read_size_);
       auto [ec, n] = co_await socket_.async_read_some(asio::buffer(space.data(), space.size()),
                                                       asio::experimental::as_tuple(asio::use_awaitable));
       if (ec) {
@@ -68,6 +71,7 @@ class FrameStream {
         co_return StreamEnd{errc::connection_lost, ec.message()};
       }
       parser_.commit(n);
+      if (n == space.size() && read_size_ < max_read_size) read_size_ *= 2;
       while (auto frame = parser_.next()) {
         if (!on_frame(*frame)) co_return StreamEnd{errc::protocol_error, "stopped by the frame handler"};
       }
@@ -91,7 +95,7 @@ class FrameStream {
     if (writing_ || out_.empty() || !socket_.is_open()) return;
     // Try the kernel right away; only what does not fit waits for an async write.
     std::error_code ec;
-    socket_.non_blocking(true, ec);
+    if (!socket_.non_blocking()) socket_.non_blocking(true, ec);  // one ioctl per socket, not per flush
     std::size_t n = ec ? 0 : socket_.write_some(asio::buffer(out_), ec);
     if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
       close();  // the reader sees the closed socket and reports the end
@@ -117,6 +121,8 @@ class FrameStream {
 
   Socket socket_;
   wire::FrameParser parser_;
+  static constexpr std::size_t max_read_size = 64 * 1024;
+  std::size_t read_size_ = 2048;
   wire::Bytes out_;          // frames queued since the last flush
   wire::Bytes writing_buf_;  // frames the async write is sending
   bool writing_ = false;
