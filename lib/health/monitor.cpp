@@ -89,12 +89,30 @@ asio::awaitable<void> Monitor::run(std::shared_ptr<Monitor> self) {
   while (!self->stopped_) {
     self->apply(self->policy_.tick(Clock::now()));
     if (self->stopped_) break;
-    self->wake_.expires_at(self->policy_.next_wakeup());
+    self->armed_for_ = self->quantize(self->policy_.next_wakeup());
+    self->wake_.expires_at(self->armed_for_);
+    self->waiting_ = true;
     co_await self->wake_.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
+    self->waiting_ = false;
   }
 }
 
-void Monitor::wake() { wake_.cancel(); }
+TimePoint Monitor::quantize(TimePoint t) const {
+  const auto step = options_.timer_slack;
+  if (t == TimePoint::max() || step <= Duration::zero()) return t;
+  const auto since = t.time_since_epoch();
+  const auto rounded = (since + step - Duration(1)) / step * step;
+  return rounded < since ? t : TimePoint(rounded);
+}
+
+// Re-arms the wake timer only when something is due before it fires: a ping
+// answer that changes nothing due costs no timer operation.
+void Monitor::wake() {
+  if (waiting_ && (stopped_ || quantize(policy_.next_wakeup()) < armed_for_)) {
+    armed_for_ = TimePoint::min();
+    wake_.cancel();
+  }
+}
 
 void Monitor::apply(Actions a) {
   if (a.transition) {

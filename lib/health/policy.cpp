@@ -47,8 +47,11 @@ TimePoint Policy::next_wakeup() const {
   if (!gate_open_) t = std::min(t, created_ + config_.max_warmup);
   if (!connected_ && !connecting_) t = std::min(t, reconnect_at_);
   if (connected_ && !reregister_in_flight_ && need_reregister_) t = std::min(t, reregister_at_);
-  if (connected_ && gate_open_ && !ping_in_flight_ && !reregister_in_flight_ && !need_reregister_)
-    t = std::min(t, next_ping_at_);
+  if (connected_ && gate_open_ && !reregister_in_flight_ && !need_reregister_) {
+    // The next ping is scheduled when one is sent. While a slow ping is still
+    // in flight past that time, its answer (or timeout) is what comes next.
+    if (!ping_in_flight_ || next_ping_at_ > accounted_until_) t = std::min(t, next_ping_at_);
+  }
   return t;
 }
 
@@ -126,6 +129,9 @@ Actions Policy::tick(TimePoint now) {
       now >= next_ping_at_) {
     ping_in_flight_ = true;
     ping_sent_at_ = now;
+    // One interval from this ping, whatever its outcome: a timeout does not
+    // stretch detection, and an answer does not move the schedule.
+    next_ping_at_ = now + jittered(config_.interval, config_.jitter);
     ++counters_.pings_sent;
     a.send_ping = true;
   }
@@ -190,7 +196,6 @@ Actions Policy::ping_ok(TimePoint now, Duration rtt) {
   ever_succeeded_ = true;
   failures_ = 0;
   ++successes_;
-  next_ping_at_ = std::max(now, ping_sent_at_ + jittered(config_.interval, config_.jitter));
   maybe_recover(a, now);
   return a;
 }
@@ -201,9 +206,6 @@ Actions Policy::ping_failed(TimePoint now, PingFailure kind, std::string_view wh
   account(now);
   ping_in_flight_ = false;
   ++counters_.pings_failed;
-  // The next ping follows the previous one by one interval, not the failure:
-  // a timeout does not stretch detection.
-  next_ping_at_ = std::max(now, ping_sent_at_ + jittered(config_.interval, config_.jitter));
   if (kind == PingFailure::unknown_instance) {
     // The server is alive but lost our registration (reaped or restarted):
     // not usable until HELLO and the re-registration hook ran again.

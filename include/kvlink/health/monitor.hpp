@@ -45,6 +45,10 @@ struct MonitorOptions {
   std::uint64_t seed = 0;
   // Names the link in log lines.
   std::string name = "kvlink";
+  // Timer wakeups are rounded up to a grid of this step, shared by every
+  // monitor, so monitors on one io_context wake (and ping) in batches: one
+  // wakeup serves many. Adds at most one step to any deadline; 0 disables.
+  Duration timer_slack = std::chrono::milliseconds(2);
 };
 
 // What callbacks receive: a state transition or a notice (an observable
@@ -105,6 +109,7 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
                                           bool hello_first, std::uint64_t gen);
   void apply(Actions a);
   void wake();
+  TimePoint quantize(TimePoint t) const;
   void do_connect();
   void do_ping();
   void on_connected(net::ConnectResult r);
@@ -138,6 +143,8 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   std::shared_ptr<WarmupGate> gate_;
   Policy policy_;
   asio::steady_timer wake_;
+  TimePoint armed_for_ = TimePoint::max();  // the wake timer's expiry while run() waits on it
+  bool waiting_ = false;
   std::atomic<State> state_{State::warming};
   std::atomic<bool> started_{false};
   bool stopped_ = false;
