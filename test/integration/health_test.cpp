@@ -156,6 +156,12 @@ TEST_CASE("health: SIGSTOP -> degraded by ping timeouts; SIGCONT -> healthy agai
 }
 
 TEST_CASE("health: server restarted on the same endpoint -> re-registered, then healthy") {
+  // Exactly one log line per transition each way: capture the log.
+  auto lines = std::make_shared<std::vector<std::string>>();
+  log::set_sink([lines](log::Level, std::string_view line) { lines->emplace_back(line); });
+  struct Restore {
+    ~Restore() { log::set_sink(nullptr); }
+  } restore;
   Fixture f;
   f.server.start();
   f.make(f.fast());
@@ -168,6 +174,13 @@ TEST_CASE("health: server restarted on the same endpoint -> re-registered, then 
   CHECK(f.monitor->boot_id() != boot1);
   CHECK(*f.reregistrations == 1);
   CHECK(f.monitor->counters().reregistrations == 1);
+  auto count = [&](std::string_view needle) {
+    return std::count_if(lines->begin(), lines->end(),
+                         [&](const std::string& l) { return l.find(needle) != std::string::npos; });
+  };
+  CHECK(count("degraded (healthy -> degraded): connection lost") == 1);
+  CHECK(count("healthy again after an outage of") == 1);
+  CHECK(count("re-registered") == 1);
 }
 
 TEST_CASE("health: server absent at start -> a clear degraded state; recovers when it appears") {

@@ -55,3 +55,30 @@ TEST_CASE("warmup gate: racing openers start the heartbeat exactly once") {
     CHECK(starts.load() == 1 + 8 * 100);
   }
 }
+
+#include <asio/io_context.hpp>
+
+TEST_CASE("warmup gate: async_wait completes on the waiter's executor once opened from another thread") {
+  WarmupGate g;
+  asio::io_context io;
+  int completions = 0;
+  std::thread::id ran_on;
+  g.async_wait(io.get_executor(), [&](std::error_code ec) {
+    CHECK_FALSE(ec);
+    ++completions;
+    ran_on = std::this_thread::get_id();
+  });
+  io.poll();
+  CHECK(completions == 0);  // still closed
+  std::thread opener([&] { g.open("ready"); });
+  opener.join();
+  io.restart();
+  io.run();
+  CHECK(completions == 1);
+  CHECK(ran_on == std::this_thread::get_id());
+  // Waiting on an open gate completes at once (through the executor).
+  g.async_wait(io.get_executor(), [&](std::error_code) { ++completions; });
+  io.restart();
+  io.run();
+  CHECK(completions == 2);
+}
