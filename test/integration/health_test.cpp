@@ -114,7 +114,9 @@ struct Fixture {
   ~Fixture() {
     if (monitor) {
       monitor->stop();
-      run_until(io, [&] { return monitor->state() == State::stopped; }, 2s);
+      // Until every handler let go of the monitor (a connect attempt in
+      // flight ends by its timeout), so the io_context dies with no work.
+      run_until(io, [&] { return monitor->state() == State::stopped && monitor.use_count() == 1; }, 5s);
     }
   }
 };
@@ -271,12 +273,14 @@ TEST_CASE("health: changed() and wait_for() observe transitions; report_deadline
 namespace {
 // Keeps `depth` pings in flight on `c` until *stop; counts completions.
 asio::awaitable<void> flood(std::shared_ptr<net::Connection> c, std::shared_ptr<bool> stop,
-                            std::shared_ptr<std::uint64_t> done) {
+                            std::shared_ptr<std::uint64_t> done, std::shared_ptr<int> active) {
+  ++*active;
   while (!*stop) {
     auto [ec, r] = co_await c->async_call(wire::PingRequest{}, 10s, asio::experimental::as_tuple(asio::use_awaitable));
-    if (ec) co_return;
+    if (ec) break;
     ++*done;
   }
+  --*active;
 }
 }  // namespace
 
@@ -297,7 +301,8 @@ TEST_CASE("health: a busy server (thousands of pipelined requests) does not make
   REQUIRE(!r->ec);
   auto stop = std::make_shared<bool>(false);
   auto done = std::make_shared<std::uint64_t>(0);
-  for (int i = 0; i < 256; ++i) asio::co_spawn(f.io, flood(r->connection, stop, done), asio::detached);
+  auto active = std::make_shared<int>(0);
+  for (int i = 0; i < 256; ++i) asio::co_spawn(f.io, flood(r->connection, stop, done, active), asio::detached);
   const auto pings_before = f.monitor->counters().pings_ok;
   REQUIRE(run_until(f.io, [&] { return f.monitor->counters().pings_ok >= pings_before + 20; }, 30s));
   *stop = true;
@@ -306,6 +311,7 @@ TEST_CASE("health: a busy server (thousands of pipelined requests) does not make
   CHECK(f.transitions() == 1);  // warming -> healthy only
   CHECK(f.monitor->counters().pings_failed == 0);
   r->connection->close();
+  CHECK(run_until(f.io, [&] { return *active == 0; }));
 }
 
 TEST_CASE("kvlink-cli watch prints one JSON line per transition and exits 0 at the end or on SIGINT") {
