@@ -146,7 +146,9 @@ void Monitor::apply(Actions a) {
   if (a.connect) do_connect();
   if (a.reregister) {
     auto c = connection();
-    if (c) asio::co_spawn(ex_, reregister(shared_from_this(), c, a.hello_first, gen_), asio::detached);
+    if (c)
+      asio::co_spawn(ex_, reregister(shared_from_this(), c, a.hello_first, gen_, ++reregister_attempt_),
+                     asio::detached);
   }
   if (a.send_ping) do_ping();
   wake();  // the coroutine re-reads the next wakeup
@@ -223,7 +225,7 @@ void Monitor::do_ping() {
 }
 
 asio::awaitable<void> Monitor::reregister(std::shared_ptr<Monitor> self, std::shared_ptr<net::Connection> conn,
-                                          bool hello_first, std::uint64_t gen) {
+                                          bool hello_first, std::uint64_t gen, std::uint64_t attempt) {
   std::error_code ec;
   std::string why;
   if (hello_first) {
@@ -241,7 +243,7 @@ asio::awaitable<void> Monitor::reregister(std::shared_ptr<Monitor> self, std::sh
       why = e.what();
     }
   }
-  if (gen != self->gen_ || self->stopped_) co_return;
+  if (gen != self->gen_ || attempt != self->reregister_attempt_ || self->stopped_) co_return;
   self->apply(self->policy_.reregistered(Clock::now(), !ec, why));
 }
 

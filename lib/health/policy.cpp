@@ -47,6 +47,7 @@ TimePoint Policy::next_wakeup() const {
   if (!gate_open_) t = std::min(t, created_ + config_.max_warmup);
   if (!connected_ && !connecting_) t = std::min(t, reconnect_at_);
   if (connected_ && !reregister_in_flight_ && need_reregister_) t = std::min(t, reregister_at_);
+  if (reregister_in_flight_) t = std::min(t, reregister_deadline_);
   if (connected_ && gate_open_ && !reregister_in_flight_ && !need_reregister_) {
     // The next ping is scheduled when one is sent. While a slow ping is still
     // in flight past that time, its answer (or timeout) is what comes next.
@@ -120,8 +121,15 @@ Actions Policy::tick(TimePoint now) {
     reconnect_at_ = TimePoint::max();
     a.connect = true;
   }
+  if (reregister_in_flight_ && now >= reregister_deadline_) {
+    reregister_in_flight_ = false;
+    reregister_at_ = now + jittered(config_.interval, config_.jitter);
+    a.notice = "re-registration timed out";
+    if (gate_open_) failure(a, now, "re-registration timed out");
+  }
   if (connected_ && need_reregister_ && !reregister_in_flight_ && now >= reregister_at_) {
     reregister_in_flight_ = true;
+    reregister_deadline_ = now + config_.reregister_timeout;
     a.reregister = true;
     a.hello_first = hello_first_;
   }

@@ -191,7 +191,7 @@ TEST_CASE("policy: boot id change -> re-register before healthy") {
   REQUIRE(a.reregister);
   CHECK_FALSE(a.hello_first);
   CHECK_FALSE(a.send_ping);  // no pings count until re-registered
-  CHECK(d.p.next_wakeup() == TimePoint::max());
+  CHECK(d.p.next_wakeup() == d.now + d.p.config().reregister_timeout);  // only the hook's deadline
   d.take(d.p.reregistered(d.now, false, "no memory"));
   CHECK(d.p.state() == State::degraded);
   REQUIRE(d.advance().reregister);
@@ -200,6 +200,28 @@ TEST_CASE("policy: boot id change -> re-register before healthy") {
   d.ping_ok();
   CHECK(d.p.state() == State::healthy);
   CHECK(d.p.counters(d.now).reregistrations == 1);
+}
+
+TEST_CASE("policy: a re-registration that never completes times out and is retried") {
+  Config c = fast_config();
+  c.reregister_timeout = 500ms;
+  Driver d(c);
+  d.healthy();
+  d.take(d.p.connection_lost(d.now, "eof"));
+  d.connect(8);
+  REQUIRE(d.advance().reregister);
+  const TimePoint started = d.now;
+  auto& a = d.advance();  // the hook hangs: the next thing due is its deadline
+  CHECK(d.now - started == 500ms);
+  CHECK(a.notice == "re-registration timed out");
+  CHECK_FALSE(a.reregister);
+  d.take(d.p.reregistered(d.now, true, ""));  // the late answer of the timed-out attempt
+  CHECK(d.p.counters(d.now).reregistrations == 0);
+  REQUIRE(d.advance().reregister);  // retried after about an interval
+  d.take(d.p.reregistered(d.now, true, ""));
+  d.ping_ok();
+  d.ping_ok();
+  CHECK(d.p.state() == State::healthy);
 }
 
 TEST_CASE("policy: unknown_instance -> degraded, HELLO + re-register, then recover") {

@@ -106,7 +106,7 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
 
   static asio::awaitable<void> run(std::shared_ptr<Monitor> self);
   static asio::awaitable<void> reregister(std::shared_ptr<Monitor> self, std::shared_ptr<net::Connection> conn,
-                                          bool hello_first, std::uint64_t gen);
+                                          bool hello_first, std::uint64_t gen, std::uint64_t attempt);
   void apply(Actions a);
   void wake();
   TimePoint quantize(TimePoint t) const;
@@ -150,7 +150,8 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   bool stopped_ = false;
   mutable std::mutex conn_mutex_;
   std::shared_ptr<net::Connection> conn_;
-  std::uint64_t gen_ = 0;  // bumps per connection; stale completions are dropped
+  std::uint64_t gen_ = 0;
+  std::uint64_t reregister_attempt_ = 0;  // results of older attempts are ignored  // bumps per connection; stale completions are dropped
   std::vector<std::function<void(const Event&)>> callbacks_;
   std::unordered_map<std::uint64_t, Waiter> waiters_;
   std::uint64_t next_waiter_ = 1;

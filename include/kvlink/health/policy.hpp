@@ -52,6 +52,9 @@ struct Config {
   double reconnect_jitter = 0.2;
   // Deadline of one connect + HELLO attempt.
   Duration connect_timeout = std::chrono::seconds(1);
+  // Deadline of one run of the re-registration hook; past it the attempt
+  // counts as failed (its late result is ignored) and is retried.
+  Duration reregister_timeout = std::chrono::seconds(10);
   // The gate opens by itself after this long, so an idle but live engine
   // still pings and is not reaped by the server.
   Duration max_warmup = std::chrono::minutes(30);
@@ -151,6 +154,7 @@ class Policy {
   TimePoint next_ping_at_ = TimePoint::max();
   TimePoint reconnect_at_ = TimePoint::max();
   TimePoint reregister_at_ = TimePoint::max();
+  TimePoint reregister_deadline_ = TimePoint::max();
   Duration backoff_{};
   std::string last_connect_error_;
   Counters counters_;
