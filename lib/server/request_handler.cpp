@@ -124,6 +124,8 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("connections_refused", counters_.connections_refused);
   add("protocol_errors", counters_.protocol_errors);
   add("unknown_opcodes", counters_.unknown_opcodes);
+  add("instances_live", liveness_.size());
+  add("instances_reaped", liveness_.reaped());
   for (std::uint8_t op = 1; op <= wire::max_opcode; ++op) {
     std::string name = wire::opcode_name(op);
     for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));

@@ -1,6 +1,7 @@
 // The server's liveness registry and its use by the RequestHandler.
 #include <doctest/doctest.h>
 
+#include <map>
 #include <vector>
 
 #include "kvlink/server/liveness.hpp"
@@ -105,4 +106,13 @@ TEST_CASE("request handler: a reaped instance's PING answers unknown_instance un
   CHECK(error_code_of(call(h, s, wire::PingRequest{}, t + 21s)) == to_wire(errc::unknown_instance));
   CHECK(error_code_of(call(h, s, hello, t + 22s)) == 0);
   CHECK(error_code_of(call(h, s, wire::PingRequest{}, t + 22s)) == 0);
+  // STATS reports the registry.
+  auto r = call(h, s, wire::StatsRequest{}, t + 23s);
+  REQUIRE_FALSE(r.first.is_error());
+  wire::StatsReply stats;
+  REQUIRE(wire::decode(r.second, stats, "stats") == "");
+  std::map<std::string, std::int64_t> m;
+  for (auto& e : stats.entries) m[e.name] = e.value;
+  CHECK(m.at("instances_live") == 1);
+  CHECK(m.at("instances_reaped") == 1);
 }
