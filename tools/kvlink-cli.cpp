@@ -1,6 +1,8 @@
 // kvlink-cli: operator's tool. `ping` measures round trips to a server;
 // `stats` prints the server's counters as one JSON object on one line.
+// `watch` runs one health monitor and prints its events as JSON lines.
 #include <asio/co_spawn.hpp>
+#include <asio/signal_set.hpp>
 #include <asio/io_context.hpp>
 #include <asio/steady_timer.hpp>
 #include <CLI/CLI.hpp>
@@ -8,6 +10,7 @@
 #include <cstdio>
 #include <fmt/format.h>
 
+#include "kvlink/health/monitor.hpp"
 #include "kvlink/log.hpp"
 #include "kvlink/net/connection.hpp"
 
@@ -86,21 +89,7 @@ struct StatsOptions {
   int timeout_ms = 2000;
 };
 
-// JSON string literal (stat names are plain, but be safe).
-std::string json_string(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      out += fmt::format("\\u{:04x}", static_cast<int>(c));
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
+std::string json_string(std::string_view s);
 
 asio::awaitable<int> run_stats(StatsOptions opt) {
   auto ex = co_await asio::this_coro::executor;
@@ -157,6 +146,108 @@ int run(asio::awaitable<int> task) {
   return rc;
 }
 
+struct WatchOptions {
+  std::string server = kvlink::net::default_endpoint();
+  int interval_ms = 1000;
+  int timeout_ms = 1000;
+  int failure_threshold = 2;
+  int success_threshold = 2;
+  double duration_s = 0;  // 0: until SIGINT
+};
+
+// A JSON string literal, escaped.
+std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  for (char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20)
+          out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
+        else
+          out += c;
+    }
+  }
+  return out + "\"";
+}
+
+long long unix_ms() {
+  return duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+void print_event(const kvlink::health::Event& e) {
+  using kvlink::health::Event;
+  if (e.kind == Event::Kind::transition) {
+    const auto& t = e.transition;
+    std::string line = fmt::format(R"({{"ts_ms":{},"event":"state","from":"{}","to":"{}","reason":{})", unix_ms(),
+                                   kvlink::health::state_name(t.from), kvlink::health::state_name(t.to),
+                                   json_string(t.reason));
+    if (t.from == kvlink::health::State::degraded && t.to == kvlink::health::State::healthy)
+      line += fmt::format(R"(,"outage_ms":{:.3f})", duration<double, std::milli>(t.outage).count());
+    fmt::print("{}}}\n", line);
+  } else {
+    fmt::print(R"({{"ts_ms":{},"event":"notice","message":{}}})"
+               "\n",
+               unix_ms(), json_string(e.notice));
+  }
+  std::fflush(stdout);
+}
+
+int run_watch(const WatchOptions& opt) {
+  namespace health = kvlink::health;
+  kvlink::net::Endpoint ep;
+  std::string error;
+  if (!kvlink::net::parse_endpoint(opt.server, ep, error)) {
+    fmt::print(stderr, "kvlink-cli: {}\n", error);
+    return 2;
+  }
+  asio::io_context io(1);
+  health::MonitorOptions o;
+  o.endpoint = ep;
+  o.health.interval = milliseconds(opt.interval_ms);
+  o.health.ping_timeout = milliseconds(opt.timeout_ms);
+  o.health.connect_timeout = milliseconds(opt.timeout_ms);
+  o.health.failure_threshold = opt.failure_threshold;
+  o.health.success_threshold = opt.success_threshold;
+  o.hello.role = kvlink::wire::Role::admin;
+  o.hello.client_name = "kvlink-cli watch";
+  o.name = "kvlink-cli watch";
+  auto monitor = health::Monitor::create(io.get_executor(), o);
+  monitor->on_event(print_event);
+  monitor->gate().open("kvlink-cli watch started");
+  monitor->start();
+
+  asio::signal_set signals(io, SIGINT, SIGTERM);
+  asio::steady_timer end(io);
+  auto finish = [&] {
+    monitor->stop();
+    signals.cancel();
+    end.cancel();
+  };
+  signals.async_wait([&](std::error_code ec, int) {
+    if (!ec) finish();
+  });
+  if (opt.duration_s > 0) {
+    end.expires_after(duration_cast<Clock::duration>(duration<double>(opt.duration_s)));
+    end.async_wait([&](std::error_code ec) {
+      if (!ec) finish();
+    });
+  }
+  io.run();
+  const auto c = monitor->counters();
+  fmt::print(R"({{"ts_ms":{},"event":"summary","pings_sent":{},"pings_ok":{},"pings_failed":{},"last_rtt_us":{:.1f},)"
+             R"("transitions":{},"connects_ok":{},"reregistrations":{}}})"
+             "\n",
+             unix_ms(), c.pings_sent, c.pings_ok, c.pings_failed, duration<double, std::micro>(c.last_rtt).count(),
+             c.transitions, c.connects_ok, c.reregistrations);
+  std::fflush(stdout);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -183,8 +274,30 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 3600000));
 
+  WatchOptions watch;
+  auto* watch_cmd = app.add_subcommand("watch", "Run a health monitor; print one JSON object per event and line");
+  watch_cmd->add_option("--server,-s", watch.server, "Server endpoint (unix:/path or tcp:HOST:PORT)")
+      ->capture_default_str();
+  watch_cmd->add_option("--interval-ms", watch.interval_ms, "Time between pings")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 3600000));
+  watch_cmd->add_option("--timeout-ms", watch.timeout_ms, "Deadline of each ping and connect")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 3600000));
+  watch_cmd->add_option("--failure-threshold", watch.failure_threshold, "Consecutive failures that mean degraded")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
+  watch_cmd->add_option("--success-threshold", watch.success_threshold, "Consecutive successes that mean healthy again")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
+  watch_cmd->add_option("--duration-s", watch.duration_s, "Stop after this long (0: until SIGINT)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e9));
+
+
   CLI11_PARSE(app, argc, argv);
   if (*ping_cmd) return run(run_ping(ping));
   if (*stats_cmd) return run(run_stats(stats));
+  if (*watch_cmd) return run_watch(watch);
   return 2;
 }

@@ -35,6 +35,13 @@ int main(int argc, char** argv) {
   app.add_option("--max-connections", cfg.max_connections, "Concurrent client connections")
       ->capture_default_str()
       ->check(CLI::Range(1u, 1u << 20));
+  app.add_option("--reap-timeout-s", cfg.reap_timeout_s, "Forget (and release) instances silent this long")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 1u << 30));
+  app.add_option("--registration-grace-s", cfg.registration_grace_s,
+                 "Silence allowed to instances that registered KV caches but never pinged")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 1u << 30));
   app.add_option("--unix-mode", unix_mode, "Permission bits of unix sockets (octal)")->capture_default_str();
   app.add_option("--log-level", log_level, "debug, info, warn, error or off")->capture_default_str();
   std::string l1_size = "1GiB";

@@ -38,9 +38,12 @@ store::StoreConfig store_config(const ServerConfig& c) {
 RequestHandler::RequestHandler(const ServerConfig& config, std::uint64_t boot_id, transfer::TransferEngine& engine)
     : config_(config),
       boot_id_(boot_id),
+      liveness_({std::chrono::seconds(config.reap_timeout_s), std::chrono::seconds(config.registration_grace_s)}),
       engine_(engine),
       pool_(config.l1_size, config.huge_pages),
-      store_(pool_, store_config(config)) {}
+      store_(pool_, store_config(config)) {
+  liveness_.on_release([this](std::uint64_t instance) { release_instance(instance); });
+}
 
 RequestHandler::~RequestHandler() { *alive_ = false; }
 
@@ -77,8 +80,13 @@ void RequestHandler::on_session_end(SessionState& session, TimePoint) {
   auto c = connections_.find(instance);
   if (c == connections_.end() || --c->second > 0) return;  // another connection of this instance remains
   connections_.erase(c);
-  // The instance is gone: release the locks its lookups took, its jobs,
-  // its request sessions and its KV-cache registration.
+  release_instance(instance);
+}
+
+// The instance is gone (last connection closed, or reaped): release the
+// locks its lookups took, its jobs, its request sessions and its KV-cache
+// registration.
+void RequestHandler::release_instance(std::uint64_t instance) {
   auto first = sessions_.lower_bound({instance, 0});
   auto last = first;
   for (; last != sessions_.end() && last->first.first == instance; ++last) release_session(last->first, last->second);
@@ -88,6 +96,7 @@ void RequestHandler::on_session_end(SessionState& session, TimePoint) {
 }
 
 void RequestHandler::tick(TimePoint now) {
+  if (std::size_t n = liveness_.reap(now); n > 0) log::info("kvlink-server: reaped {} silent instance(s)", n);
   store_.tick(now);
   while (!job_queue_.empty()) {
     auto it = jobs_.find(job_queue_.front());
@@ -125,12 +134,14 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
   }
   ++counters_.ops[h.opcode].requests;
   const auto op = static_cast<wire::Opcode>(h.opcode);
-  if (op == wire::Opcode::hello) return on_hello(session, frame, sink);
+  if (op == wire::Opcode::hello) return on_hello(session, frame, sink, now);
   if (!session.hello_done) {
     fail(frame, sink, errc::bad_request,
          fmt::format("{} before HELLO: open every connection with HELLO", wire::opcode_name(h.opcode)));
     return true;
   }
+  const bool known = liveness_.refresh(session.instance_id, now);  // any traffic keeps an instance alive
+  if (op == wire::Opcode::register_kv_cache) liveness_.registered(session.instance_id, now);
   switch (op) {
     case wire::Opcode::ping: {
       wire::PingRequest req;
@@ -138,6 +149,14 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
         fail(frame, sink, errc::protocol_error, why);
         return true;
       }
+      if (!known) {
+        fail(frame, sink, errc::unknown_instance,
+             fmt::format("instance {:016x} is unknown here (reaped after silence, or the server restarted): send "
+                         "HELLO and register again",
+                         session.instance_id));
+        return true;
+      }
+      liveness_.pinged(session.instance_id, now);
       reply(sink, h, wire::Empty{});
       return true;
     }
@@ -197,7 +216,7 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
   }
 }
 
-bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink) {
+bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
   wire::HelloRequest req;
   std::string why = wire::decode(frame.payload, req);
   if (!why.empty()) {
@@ -205,16 +224,22 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
     fail(frame, sink, version ? errc::version_mismatch : errc::bad_request, why);
     return !version;  // a client of another version cannot go on
   }
-  if (session.hello_done) {
-    fail(frame, sink, errc::bad_request, "HELLO was already sent on this connection; send it once");
+  if (session.hello_done && req.instance_id != session.instance_id) {
+    fail(frame, sink, errc::bad_request,
+         "HELLO with another instance id on an open connection; one connection speaks for one instance");
     return true;
+  }
+  // A repeated HELLO of the same instance re-announces it after the server
+  // forgot it (unknown_instance); the connection is counted once.
+  if (!session.counted) {
+    session.counted = true;
+    ++connections_[req.instance_id];
   }
   session.hello_done = true;
   session.role = req.role;
   session.instance_id = req.instance_id;
-  session.counted = true;
-  ++connections_[req.instance_id];
   session.client_name = req.client_name;
+  liveness_.hello(req.instance_id, now);
   log::debug("kvlink-server: HELLO from {} {:016x} ({})", wire::role_name(req.role), req.instance_id, req.client_name);
   wire::HelloReply r;
   r.boot_id = boot_id_;
@@ -237,6 +262,8 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("connections_refused", counters_.connections_refused);
   add("protocol_errors", counters_.protocol_errors);
   add("unknown_opcodes", counters_.unknown_opcodes);
+  add("instances_live", liveness_.size());
+  add("instances_reaped", liveness_.reaped());
   for (std::uint8_t op = 1; op <= wire::max_opcode; ++op) {
     std::string name = wire::opcode_name(op);
     for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));

@@ -159,3 +159,20 @@ TEST_CASE("STATS reports per-op counters") {
     if (e.name == "op_ping_requests") pings = e.value;
   CHECK(pings == 2);
 }
+
+TEST_CASE("a repeated HELLO must name the same instance") {
+  Fixture fx;
+  fx.hello();  // instance 5
+  HelloRequest again;
+  again.instance_id = 5;
+  CHECK(fx.send(2, again));
+  CHECK_FALSE(fx.sink.frames().at(0).first.is_error());
+
+  HelloRequest other;
+  other.instance_id = 6;
+  CHECK(fx.send(3, other));
+  auto e = error_of(fx.sink.frames().at(0));
+  CHECK(e.code == static_cast<std::uint16_t>(errc::bad_request));
+  CHECK(e.message.find("another instance id") != std::string::npos);
+  CHECK(fx.session.instance_id == 5);
+}

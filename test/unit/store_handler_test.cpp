@@ -75,6 +75,7 @@ struct Fixture {
     server::ServerConfig c;
     c.l1_size = 64u << 20;
     c.huge_pages = false;
+    c.reap_timeout_s = 24 * 3600;  // these tests are about TTLs, not reaping
     return c;
   }();
   transfer::NullTransferEngine null_engine;

@@ -66,7 +66,10 @@ class FrameStream {
   template <class OnFrame>
   asio::awaitable<StreamEnd> read_frames(OnFrame on_frame) {
     for (;;) {
-      auto space = parser_.prepare(64 * 1024);
+      // Start with small reads so an idle connection holds little memory
+      // (the buffer is zero-filled, so its size is resident); grow while
+      // reads come back full.
+      auto space = parser_.prepare(read_size_);
       auto [ec, n] = co_await socket_.async_read_some(asio::buffer(space.data(), space.size()),
                                                       asio::experimental::as_tuple(asio::use_awaitable));
       if (ec) {
@@ -75,6 +78,7 @@ class FrameStream {
         co_return StreamEnd{errc::connection_lost, ec.message()};
       }
       parser_.commit(n);
+      if (n == space.size() && read_size_ < max_read_size) read_size_ *= 2;
       // The frames of one read are one turn: what their handlers queue
       // leaves together when the turn ends (end_read_turn), as it would
       // after a posted flush.
@@ -115,7 +119,7 @@ class FrameStream {
     // Asio's non_blocking(true) is an ioctl(FIONBIO) every time; the flag
     // sticks, so set it once.
     std::error_code ec;
-    if (!socket_.non_blocking()) socket_.non_blocking(true, ec);
+    if (!socket_.non_blocking()) socket_.non_blocking(true, ec);  // one ioctl per socket, not per flush
     std::size_t n = ec ? 0 : socket_.write_some(asio::buffer(out_), ec);
     if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
       close();  // the reader sees the closed socket and reports the end
@@ -153,6 +157,8 @@ class FrameStream {
   // end of the turn; turn_owner_ is the owner of the first deferred flush.
   bool in_read_turn_ = false;
   std::shared_ptr<void> turn_owner_;
+  static constexpr std::size_t max_read_size = 64 * 1024;
+  std::size_t read_size_ = 2048;
   wire::Bytes out_;          // frames queued since the last flush
   wire::Bytes writing_buf_;  // frames the async write is sending
   bool writing_ = false;

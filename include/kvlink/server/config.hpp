@@ -41,6 +41,10 @@ struct ServerConfig {
   // Eviction starts above high_watermark of the slots and stops at low_watermark.
   double high_watermark = 0.95;
   double low_watermark = 0.85;
+  // Instances silent this long are reaped (their resources released).
+  std::uint32_t reap_timeout_s = 120;
+  // Longer grace for instances that registered KV caches but never pinged.
+  std::uint32_t registration_grace_s = 3600;
 };
 
 }  // namespace kvlink::server

@@ -17,6 +17,7 @@
 #include "kvlink/store/kv_store.hpp"
 #include "kvlink/store/l1_pool.hpp"
 #include "kvlink/transfer/transfer_engine.hpp"
+#include "kvlink/server/liveness.hpp"
 #include "kvlink/wire/messages.hpp"
 
 namespace kvlink::server {
@@ -101,6 +102,8 @@ class RequestHandler {
   std::size_t jobs() const { return jobs_.size(); }
   std::size_t sessions() const { return sessions_.size(); }
   std::size_t registrations() const { return registrations_.size(); }
+  // Which instances are alive; the store sets its release hook here.
+  LivenessRegistry& liveness() { return liveness_; }
 
  private:
   // A prefetch job started by LOOKUP; reported once by QUERY_PREFETCH_STATUS.
@@ -119,7 +122,8 @@ class RequestHandler {
   };
   using SessionKey = std::pair<std::uint64_t, std::uint64_t>;  // (instance, session id)
 
-  bool on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink);
+  bool on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
+  void release_instance(std::uint64_t instance);
   void on_stats(const wire::Frame& frame, ReplySink& sink);
   void on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink);
   void on_lookup(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now, bool sync);
@@ -143,6 +147,7 @@ class RequestHandler {
   const ServerConfig& config_;
   std::uint64_t boot_id_;
   ServerCounters counters_;
+  LivenessRegistry liveness_;
   transfer::TransferEngine& engine_;
   store::L1Pool pool_;
   store::KvStore store_;

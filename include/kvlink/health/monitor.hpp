@@ -1,0 +1,160 @@
+// The health monitor: one coroutine per monitor on a shared io_context
+// drives the sans-io Policy (health/policy.hpp). It connects (HELLO), pings
+// with its own deadline at a jittered interval, marks the link degraded at
+// once when the connection ends (EOF/reset), reconnects with backoff and a
+// connect timeout, and runs the re-registration hook before declaring the
+// link healthy again after a server restart or an unknown_instance answer.
+//
+// Any number of monitors share one io_context; none owns a thread.
+// Thread-safety: start(), stop(), state(), report_deadline_missed(),
+// connection() and gate() may be called from any thread; on_event(),
+// counters(), changed() and wait_for() belong to the monitor's executor.
+#pragma once
+
+#include <asio/any_io_executor.hpp>
+#include <asio/awaitable.hpp>
+#include <asio/steady_timer.hpp>
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kvlink/health/policy.hpp"
+#include "kvlink/health/warmup_gate.hpp"
+#include "kvlink/net/connection.hpp"
+
+namespace kvlink::health {
+
+// Re-registers what the server lost (KV caches) on the given connection.
+using ReregisterHook = std::function<asio::awaitable<std::error_code>(std::shared_ptr<net::Connection>)>;
+
+struct MonitorOptions {
+  Config health;
+  net::Endpoint endpoint;
+  // Sent on every (re)connect; instance_id 0 gets a random one.
+  wire::HelloRequest hello;
+  // Shared with the adapters that open it; null creates one.
+  std::shared_ptr<WarmupGate> gate;
+  // Called after a server restart or unknown_instance; null means nothing
+  // to re-register (counts as success).
+  ReregisterHook reregister;
+  // Seeds the jitter; 0 picks a random seed.
+  std::uint64_t seed = 0;
+  // Names the link in log lines.
+  std::string name = "kvlink";
+  // Timer wakeups are rounded up to a grid of this step, shared by every
+  // monitor, so monitors on one io_context wake (and ping) in batches: one
+  // wakeup serves many. Adds at most one step to any deadline; 0 disables.
+  Duration timer_slack = std::chrono::milliseconds(2);
+};
+
+// What callbacks receive: a state transition or a notice (an observable
+// event that changes no state, e.g. a connection lost during warmup).
+struct Event {
+  enum class Kind : std::uint8_t { transition, notice } kind = Kind::transition;
+  Transition transition;  // kind == transition
+  std::string notice;     // kind == notice
+  TimePoint at{};
+};
+
+class Monitor : public std::enable_shared_from_this<Monitor> {
+ public:
+  static std::shared_ptr<Monitor> create(asio::any_io_executor ex, MonitorOptions options);
+  ~Monitor();
+
+  // Starts the monitor coroutine (once). It connects at once; pings start
+  // when the gate opens.
+  void start();
+  // Stops pinging, closes the connection, enters `stopped`. Idempotent.
+  void stop();
+
+  WarmupGate& gate() { return *gate_; }
+  std::shared_ptr<WarmupGate> shared_gate() { return gate_; }
+  State state() const { return state_.load(std::memory_order_acquire); }
+  std::uint64_t instance_id() const { return options_.hello.instance_id; }
+  // The current connection for issuing calls (null while disconnected).
+  std::shared_ptr<net::Connection> connection() const;
+  // Passive signal: a request on this link missed its deadline.
+  void report_deadline_missed();
+
+  // Callback for every event, on the monitor's executor.
+  void on_event(std::function<void(const Event&)> callback);
+  Counters counters() const;
+  std::uint64_t boot_id() const { return policy_.boot_id(); }
+  const MonitorOptions& options() const { return options_; }
+
+  // Completes with the next transition (error operation_aborted if
+  // cancelled). Supports cancellation (parallel_group, timeouts).
+  template <class Token>
+  auto async_changed(Token&& token) {
+    return asio::async_initiate<Token, void(std::error_code, Transition)>(
+        [self = shared_from_this()](auto handler) { self->add_waiter(std::move(handler)); }, token);
+  }
+  asio::awaitable<Transition> changed();
+  // Waits until the state is `s` or `timeout` passes; returns whether the
+  // state is `s`.
+  asio::awaitable<bool> wait_for(State s, Duration timeout);
+
+  asio::any_io_executor get_executor() const { return ex_; }
+
+ private:
+  using Waiter = std::function<void(std::error_code, Transition)>;
+  Monitor(asio::any_io_executor ex, MonitorOptions options);
+
+  static asio::awaitable<void> run(std::shared_ptr<Monitor> self);
+  static asio::awaitable<void> reregister(std::shared_ptr<Monitor> self, std::shared_ptr<net::Connection> conn,
+                                          bool hello_first, std::uint64_t gen, std::uint64_t attempt);
+  void apply(Actions a);
+  void wake();
+  TimePoint quantize(TimePoint t) const;
+  void do_connect();
+  void do_ping();
+  void on_connected(net::ConnectResult r);
+  void on_lost(std::uint64_t gen, std::string why);
+  void publish(Event e);
+
+  template <class Handler>
+  void add_waiter(Handler handler) {
+    auto shared = std::make_shared<Handler>(std::move(handler));
+    const std::uint64_t id = next_waiter_++;
+    auto slot = asio::get_associated_cancellation_slot(*shared);
+    auto exec = asio::get_associated_executor(*shared, ex_);
+    waiters_.emplace(id, [shared, exec](std::error_code ec, Transition t) {
+      asio::post(exec, [shared, ec, t = std::move(t)]() mutable { std::move (*shared)(ec, std::move(t)); });
+    });
+    if (slot.is_connected()) {
+      slot.assign([weak = weak_from_this(), id](asio::cancellation_type) {
+        if (auto self = weak.lock()) {
+          auto it = self->waiters_.find(id);
+          if (it == self->waiters_.end()) return;
+          auto w = std::move(it->second);
+          self->waiters_.erase(it);
+          w(asio::error::operation_aborted, {});
+        }
+      });
+    }
+  }
+
+  asio::any_io_executor ex_;
+  MonitorOptions options_;
+  std::shared_ptr<WarmupGate> gate_;
+  Policy policy_;
+  asio::steady_timer wake_;
+  TimePoint armed_for_ = TimePoint::max();  // the wake timer's expiry while run() waits on it
+  bool waiting_ = false;
+  std::atomic<State> state_{State::warming};
+  std::atomic<bool> started_{false};
+  bool stopped_ = false;
+  mutable std::mutex conn_mutex_;
+  std::shared_ptr<net::Connection> conn_;
+  std::uint64_t gen_ = 0;
+  std::uint64_t reregister_attempt_ = 0;  // results of older attempts are ignored  // bumps per connection; stale completions are dropped
+  std::vector<std::function<void(const Event&)>> callbacks_;
+  std::unordered_map<std::uint64_t, Waiter> waiters_;
+  std::uint64_t next_waiter_ = 1;
+};
+
+}  // namespace kvlink::health

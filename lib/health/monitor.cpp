@@ -1,0 +1,269 @@
+#include "kvlink/health/monitor.hpp"
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/experimental/deferred.hpp>
+#include <asio/experimental/parallel_group.hpp>
+#include <asio/post.hpp>
+#include <asio/this_coro.hpp>
+#include <asio/use_awaitable.hpp>
+#include <random>
+
+#include "kvlink/log.hpp"
+
+namespace kvlink::health {
+
+namespace {
+std::uint64_t random_seed() {
+  std::random_device rd;
+  return (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+}
+double ms(Duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+}  // namespace
+
+std::shared_ptr<Monitor> Monitor::create(asio::any_io_executor ex, MonitorOptions options) {
+  return std::shared_ptr<Monitor>(new Monitor(std::move(ex), std::move(options)));
+}
+
+Monitor::Monitor(asio::any_io_executor ex, MonitorOptions options)
+    : ex_(ex),
+      options_(std::move(options)),
+      gate_(options_.gate ? options_.gate : std::make_shared<WarmupGate>()),
+      policy_(options_.health, Clock::now(), options_.seed ? options_.seed : random_seed()),
+      wake_(ex, TimePoint::max()) {
+  if (options_.hello.instance_id == 0) options_.hello.instance_id = net::random_instance_id();
+}
+
+Monitor::~Monitor() = default;
+
+void Monitor::start() {
+  if (started_.exchange(true)) return;
+  auto self = shared_from_this();
+  asio::post(ex_, [self] {
+    if (self->stopped_) return;
+    self->gate_->subscribe([weak = std::weak_ptr<Monitor>(self), ex = self->ex_](std::string_view reason) {
+      asio::post(ex, [weak, r = std::string(reason)] {
+        if (auto s = weak.lock()) {
+          if (s->stopped_) return;
+          log::info("{}: warmup gate opened: {}", s->options_.name, r);
+          s->apply(s->policy_.gate_opened(Clock::now(), r));
+        }
+      });
+    });
+    asio::co_spawn(self->ex_, run(self), asio::detached);
+  });
+}
+
+void Monitor::stop() {
+  asio::post(ex_, [self = shared_from_this()] {
+    if (self->stopped_) return;
+    self->apply(self->policy_.stop(Clock::now()));
+    self->stopped_ = true;
+    std::shared_ptr<net::Connection> c;
+    {
+      std::lock_guard lock(self->conn_mutex_);
+      c = std::move(self->conn_);
+    }
+    ++self->gen_;
+    if (c) c->close();
+    self->wake_.cancel();
+  });
+}
+
+std::shared_ptr<net::Connection> Monitor::connection() const {
+  std::lock_guard lock(conn_mutex_);
+  return conn_;
+}
+
+void Monitor::report_deadline_missed() {
+  asio::post(ex_, [self = shared_from_this()] { self->apply(self->policy_.deadline_missed(Clock::now())); });
+}
+
+void Monitor::on_event(std::function<void(const Event&)> callback) { callbacks_.push_back(std::move(callback)); }
+
+Counters Monitor::counters() const { return policy_.counters(Clock::now()); }
+
+asio::awaitable<void> Monitor::run(std::shared_ptr<Monitor> self) {
+  self->apply(self->policy_.start(Clock::now()));
+  while (!self->stopped_) {
+    self->apply(self->policy_.tick(Clock::now()));
+    if (self->stopped_) break;
+    self->armed_for_ = self->quantize(self->policy_.next_wakeup());
+    self->wake_.expires_at(self->armed_for_);
+    self->waiting_ = true;
+    co_await self->wake_.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
+    self->waiting_ = false;
+  }
+}
+
+TimePoint Monitor::quantize(TimePoint t) const {
+  const auto step = options_.timer_slack;
+  if (t == TimePoint::max() || step <= Duration::zero()) return t;
+  const auto since = t.time_since_epoch();
+  const auto rounded = (since + step - Duration(1)) / step * step;
+  return rounded < since ? t : TimePoint(rounded);
+}
+
+// Re-arms the wake timer only when something is due before it fires: a ping
+// answer that changes nothing due costs no timer operation.
+void Monitor::wake() {
+  if (waiting_ && (stopped_ || quantize(policy_.next_wakeup()) < armed_for_)) {
+    armed_for_ = TimePoint::min();
+    wake_.cancel();
+  }
+}
+
+void Monitor::apply(Actions a) {
+  if (a.transition) {
+    const Transition& t = *a.transition;
+    state_.store(t.to, std::memory_order_release);
+    if (t.to == State::degraded)
+      log::warn("{}: link to {} degraded ({} -> degraded): {}", options_.name, options_.endpoint.to_string(),
+                state_name(t.from), t.reason);
+    else if (t.from == State::degraded && t.to == State::healthy)
+      log::warn("{}: link to {} healthy again after an outage of {:.1f} ms: {}", options_.name,
+                options_.endpoint.to_string(), ms(t.outage), t.reason);
+    else
+      log::info("{}: link to {} {} -> {}: {}", options_.name, options_.endpoint.to_string(), state_name(t.from),
+                state_name(t.to), t.reason);
+    Event e;
+    e.kind = Event::Kind::transition;
+    e.transition = t;
+    e.at = t.at;
+    publish(std::move(e));
+  }
+  if (!a.notice.empty()) {
+    log::info("{}: {}", options_.name, a.notice);
+    Event e;
+    e.kind = Event::Kind::notice;
+    e.notice = a.notice;
+    e.at = Clock::now();
+    publish(std::move(e));
+  }
+  if (stopped_) return;
+  if (a.open_gate) gate_->open("max warmup elapsed");
+  if (a.connect) do_connect();
+  if (a.reregister) {
+    auto c = connection();
+    if (c)
+      asio::co_spawn(ex_, reregister(shared_from_this(), c, a.hello_first, gen_, ++reregister_attempt_),
+                     asio::detached);
+  }
+  if (a.send_ping) do_ping();
+  wake();  // the coroutine re-reads the next wakeup
+}
+
+void Monitor::publish(Event e) {
+  for (auto& cb : callbacks_) cb(e);
+  if (e.kind == Event::Kind::transition && !waiters_.empty()) {
+    auto waiters = std::move(waiters_);
+    waiters_.clear();
+    for (auto& [id, w] : waiters) w({}, e.transition);
+  }
+}
+
+void Monitor::do_connect() {
+  auto self = shared_from_this();
+  asio::co_spawn(ex_, net::connect(ex_, options_.endpoint, options_.hello, policy_.config().connect_timeout),
+                 [self](std::exception_ptr ep, net::ConnectResult r) {
+                   if (ep) {
+                     r.ec = errc::server_error;
+                     r.error = "connect threw";
+                   }
+                   self->on_connected(std::move(r));
+                 });
+}
+
+void Monitor::on_connected(net::ConnectResult r) {
+  if (stopped_) {
+    if (r.connection) r.connection->close();
+    return;
+  }
+  const auto now = Clock::now();
+  if (r.ec) {
+    apply(policy_.connect_failed(now, r.error));
+    return;
+  }
+  const std::uint64_t gen = ++gen_;
+  {
+    std::lock_guard lock(conn_mutex_);
+    conn_ = r.connection;
+  }
+  r.connection->on_close([weak = weak_from_this(), gen](const net::StreamEnd& end) {
+    if (auto self = weak.lock()) self->on_lost(gen, end.reason);
+  });
+  apply(policy_.connected(now, r.hello.boot_id));
+  if (!r.connection->is_open()) on_lost(gen, "closed right after connecting");
+}
+
+void Monitor::on_lost(std::uint64_t gen, std::string why) {
+  if (gen != gen_ || stopped_) return;
+  ++gen_;
+  {
+    std::lock_guard lock(conn_mutex_);
+    conn_.reset();
+  }
+  apply(policy_.connection_lost(Clock::now(), why));
+}
+
+void Monitor::do_ping() {
+  auto c = connection();
+  if (!c) return;
+  const auto t0 = Clock::now();
+  c->async_call(wire::PingRequest{}, policy_.config().ping_timeout,
+                [self = shared_from_this(), t0, gen = gen_](std::error_code ec, wire::Empty) {
+                  if (gen != self->gen_ || self->stopped_) return;
+                  const auto now = Clock::now();
+                  if (!ec) return self->apply(self->policy_.ping_ok(now, now - t0));
+                  if (ec == errc::connection_lost) return self->on_lost(gen, "connection lost during a ping");
+                  PingFailure kind = ec == errc::timed_out           ? PingFailure::timeout
+                                     : ec == errc::unknown_instance ? PingFailure::unknown_instance
+                                                                    : PingFailure::error;
+                  self->apply(self->policy_.ping_failed(now, kind, ec.message()));
+                });
+}
+
+asio::awaitable<void> Monitor::reregister(std::shared_ptr<Monitor> self, std::shared_ptr<net::Connection> conn,
+                                          bool hello_first, std::uint64_t gen, std::uint64_t attempt) {
+  std::error_code ec;
+  std::string why;
+  if (hello_first) {
+    auto [hec, reply] = co_await conn->async_call(self->options_.hello, self->policy_.config().connect_timeout,
+                                                  asio::experimental::as_tuple(asio::use_awaitable));
+    ec = hec;
+    if (ec) why = "HELLO: " + ec.message();
+  }
+  if (!ec && self->options_.reregister) {
+    try {
+      ec = co_await self->options_.reregister(conn);
+      if (ec) why = ec.message();
+    } catch (const std::exception& e) {
+      ec = errc::server_error;
+      why = e.what();
+    }
+  }
+  if (gen != self->gen_ || attempt != self->reregister_attempt_ || self->stopped_) co_return;
+  self->apply(self->policy_.reregistered(Clock::now(), !ec, why));
+}
+
+asio::awaitable<Transition> Monitor::changed() { co_return co_await async_changed(asio::use_awaitable); }
+
+asio::awaitable<bool> Monitor::wait_for(State s, Duration timeout) {
+  auto self = shared_from_this();
+  const auto deadline = Clock::now() + timeout;
+  asio::steady_timer timer(ex_, deadline);
+  while (state() != s && Clock::now() < deadline) {
+    auto [order, ec, t, tec] =
+        co_await asio::experimental::make_parallel_group(self->async_changed(asio::experimental::deferred),
+                                                         timer.async_wait(asio::experimental::deferred))
+            .async_wait(asio::experimental::wait_for_one(), asio::use_awaitable);
+    (void)ec;
+    (void)t;
+    (void)tec;
+    if (order[0] == 1) break;
+  }
+  co_return state() == s;
+}
+
+}  // namespace kvlink::health
