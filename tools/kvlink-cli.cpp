@@ -26,23 +26,41 @@ struct PingOptions {
   int interval_ms = 200;
 };
 
-asio::awaitable<int> run_ping(PingOptions opt) {
-  auto ex = co_await asio::this_coro::executor;
-  kvlink::net::Endpoint ep;
+// An admin connection for one subcommand, or the exit code saying why not
+// (the error is printed): 2 for a bad endpoint, 1 when the server is absent.
+struct AdminConnection {
+  int exit_code = 0;
+  kvlink::net::Endpoint endpoint;
+  kvlink::net::ConnectResult connected;
+};
+
+asio::awaitable<AdminConnection> connect_admin(std::string server, int timeout_ms, std::string client_name) {
+  AdminConnection a;
   std::string error;
-  if (!kvlink::net::parse_endpoint(opt.server, ep, error)) {
+  if (!kvlink::net::parse_endpoint(server, a.endpoint, error)) {
     fmt::print(stderr, "kvlink-cli: {}\n", error);
-    co_return 2;
+    a.exit_code = 2;
+    co_return a;
   }
   kvlink::wire::HelloRequest hello;
   hello.role = kvlink::wire::Role::admin;
   hello.instance_id = kvlink::net::random_instance_id();
-  hello.client_name = "kvlink-cli ping";
-  auto connected = co_await kvlink::net::connect(ex, ep, hello, milliseconds(opt.timeout_ms));
-  if (connected.ec) {
-    fmt::print(stderr, "kvlink-cli: {}\n", connected.error);
-    co_return 1;
+  hello.client_name = std::move(client_name);
+  a.connected = co_await kvlink::net::connect(co_await asio::this_coro::executor, a.endpoint, hello,
+                                              milliseconds(timeout_ms));
+  if (a.connected.ec) {
+    fmt::print(stderr, "kvlink-cli: {}\n", a.connected.error);
+    a.exit_code = 1;
   }
+  co_return a;
+}
+
+asio::awaitable<int> run_ping(PingOptions opt) {
+  auto ex = co_await asio::this_coro::executor;
+  auto admin = co_await connect_admin(opt.server, opt.timeout_ms, "kvlink-cli ping");
+  if (admin.exit_code != 0) co_return admin.exit_code;
+  const auto& ep = admin.endpoint;
+  const auto& connected = admin.connected;
   auto conn = connected.connection;
   fmt::print("connected to {} (boot id {:016x}, server {}, chunk size {})\n", ep.to_string(), connected.hello.boot_id,
              connected.hello.server_version, connected.hello.chunk_size);
@@ -92,22 +110,10 @@ struct StatsOptions {
 std::string json_string(std::string_view s);
 
 asio::awaitable<int> run_stats(StatsOptions opt) {
-  auto ex = co_await asio::this_coro::executor;
-  kvlink::net::Endpoint ep;
-  std::string error;
-  if (!kvlink::net::parse_endpoint(opt.server, ep, error)) {
-    fmt::print(stderr, "kvlink-cli: {}\n", error);
-    co_return 2;
-  }
-  kvlink::wire::HelloRequest hello;
-  hello.role = kvlink::wire::Role::admin;
-  hello.instance_id = kvlink::net::random_instance_id();
-  hello.client_name = "kvlink-cli stats";
-  auto connected = co_await kvlink::net::connect(ex, ep, hello, milliseconds(opt.timeout_ms));
-  if (connected.ec) {
-    fmt::print(stderr, "kvlink-cli: {}\n", connected.error);
-    co_return 1;
-  }
+  auto admin = co_await connect_admin(opt.server, opt.timeout_ms, "kvlink-cli stats");
+  if (admin.exit_code != 0) co_return admin.exit_code;
+  const auto& ep = admin.endpoint;
+  const auto& connected = admin.connected;
   auto conn = connected.connection;
   auto [ec, reply] = co_await conn->async_call(kvlink::wire::StatsRequest{}, milliseconds(opt.timeout_ms),
                                                asio::experimental::as_tuple(asio::use_awaitable));

@@ -15,36 +15,18 @@
 
 #include "kvlink/health/monitor.hpp"
 #include "server_process.hpp"
+#include "test_support.hpp"
 
 using namespace kvlink;
 using namespace kvlink::health;
 using namespace std::chrono_literals;
 using kvlink::test::ServerProcess;
 using kvlink::test::TempDir;
+using kvlink::test::parse;
+using kvlink::test::run_for;
+using kvlink::test::run_until;
 
 namespace {
-
-// Runs `io` until `done()` holds or `limit` passes (a hang guard).
-template <class Pred>
-bool run_until(asio::io_context& io, Pred done, std::chrono::milliseconds limit = 10s) {
-  io.restart();
-  const auto deadline = Clock::now() + limit;
-  while (!done() && Clock::now() < deadline) io.run_one_for(10ms);
-  return done();
-}
-
-// Runs `io` for `d`: only where a test asserts that nothing happens.
-void run_for(asio::io_context& io, Duration d) {
-  const auto end = Clock::now() + d;
-  run_until(io, [&] { return Clock::now() >= end; }, std::chrono::duration_cast<std::chrono::milliseconds>(d) + 1s);
-}
-
-net::Endpoint parse(const std::string& text) {
-  net::Endpoint ep;
-  std::string error;
-  REQUIRE_MESSAGE(net::parse_endpoint(text, ep, error), error);
-  return ep;
-}
 
 // Counts re-registrations; a coroutine taking its state as parameters.
 asio::awaitable<std::error_code> count_reregistration(std::shared_ptr<int> count, std::shared_ptr<net::Connection> c) {

@@ -15,40 +15,17 @@
 
 #include "kvlink/net/connection.hpp"
 #include "server_process.hpp"
+#include "test_support.hpp"
 
 using namespace kvlink;
 using namespace std::chrono_literals;
 using kvlink::test::ServerProcess;
 using kvlink::test::TempDir;
+using kvlink::test::parse;
+using kvlink::test::run;
+using kvlink::test::run_until;
 
 namespace {
-
-// Runs `task` on `io` until it finishes; fails the test if it takes longer
-// than `limit` (a hang guard, not a speed check).
-template <class T>
-T run(asio::io_context& io, asio::awaitable<T> task, std::chrono::seconds limit = 20s) {
-  std::optional<T> result;
-  std::exception_ptr error;
-  asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, T r) {
-    error = e;
-    if (!e) result = std::move(r);
-  });
-  io.restart();
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!result && !error && std::chrono::steady_clock::now() < deadline) io.run_one_for(100ms);
-  if (error) std::rethrow_exception(error);
-  REQUIRE_MESSAGE(result.has_value(), "the test's coroutine did not finish in time");
-  return std::move(*result);
-}
-
-// Keeps running the io_context until `done()` holds, within `limit`.
-template <class Pred>
-bool run_until(asio::io_context& io, Pred done, std::chrono::milliseconds limit = 10s) {
-  io.restart();
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!done() && std::chrono::steady_clock::now() < deadline) io.run_one_for(10ms);
-  return done();
-}
 
 wire::HelloRequest hello(wire::Role role = wire::Role::scheduler) {
   wire::HelloRequest h;
@@ -56,13 +33,6 @@ wire::HelloRequest hello(wire::Role role = wire::Role::scheduler) {
   h.instance_id = net::random_instance_id();
   h.client_name = "rpc_test";
   return h;
-}
-
-net::Endpoint parse(const std::string& text) {
-  net::Endpoint ep;
-  std::string error;
-  REQUIRE_MESSAGE(net::parse_endpoint(text, ep, error), error);
-  return ep;
 }
 
 std::shared_ptr<net::Connection> connect(asio::io_context& io, const std::string& endpoint) {
@@ -336,16 +306,7 @@ TEST_CASE("kvlink-cli ping reports round trips, and fails clearly without a serv
   ServerProcess server({"--listen", dir.socket()});
   server.start();
   const std::string cli = ServerProcess::binary("KVLINK_CLI");
-  auto run_cli = [&](const std::string& args, std::string& out) {
-    std::string cmd = cli + " " + args + " 2>&1";
-    FILE* f = ::popen(cmd.c_str(), "r");
-    REQUIRE(f != nullptr);
-    char buf[4096];
-    out.clear();
-    while (std::size_t n = std::fread(buf, 1, sizeof buf, f)) out.append(buf, n);
-    int status = ::pclose(f);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  };
+  auto run_cli = [&](const std::string& args, std::string& out) { return kvlink::test::run_command(cli + " " + args, out); };
   std::string out;
   CHECK(run_cli("ping --server " + server.endpoint() + " --count 3 --interval-ms 0", out) == 0);
   CHECK(out.find("3 sent, 3 ok") != std::string::npos);

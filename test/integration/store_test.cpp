@@ -12,29 +12,15 @@
 #include "kvlink/net/connection.hpp"
 #include "kvlink/store/keys.hpp"
 #include "server_process.hpp"
+#include "test_support.hpp"
 
 using namespace kvlink;
 using namespace std::chrono_literals;
 using kvlink::test::ServerProcess;
 using kvlink::test::TempDir;
+using kvlink::test::run;
 
 namespace {
-
-template <class T>
-T run(asio::io_context& io, asio::awaitable<T> task, std::chrono::seconds limit = 20s) {
-  std::optional<T> result;
-  std::exception_ptr error;
-  asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, T r) {
-    error = e;
-    if (!e) result = std::move(r);
-  });
-  io.restart();
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!result && !error && std::chrono::steady_clock::now() < deadline) io.run_one_for(100ms);
-  if (error) std::rethrow_exception(error);
-  REQUIRE_MESSAGE(result.has_value(), "the test's coroutine did not finish in time");
-  return std::move(*result);
-}
 
 template <class R>
 struct Result {
@@ -124,13 +110,8 @@ wire::RegisterKvCacheRequest registration() {
 }
 
 std::string run_cli(const std::string& args, int& status) {
-  std::string cmd = ServerProcess::binary("KVLINK_CLI") + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p);
   std::string out;
-  char buf[4096];
-  while (std::size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  status = ::pclose(p);
+  status = kvlink::test::run_command(ServerProcess::binary("KVLINK_CLI") + " " + args, out);
   return out;
 }
 
