@@ -7,6 +7,7 @@
 #include <asio/io_context.hpp>
 #include <asio/local/stream_protocol.hpp>
 #include <asio/read.hpp>
+#include <asio/experimental/deferred.hpp>
 #include <asio/use_future.hpp>
 #include <filesystem>
 #include <sys/wait.h>
@@ -276,6 +277,27 @@ TEST_CASE("use_future works while the io_context runs on its own thread") {
   guard.reset();
   c->close();
   runner.join();
+}
+
+// A deferred operation does nothing until it is launched.
+asio::awaitable<std::error_code> deferred_ping(std::shared_ptr<net::Connection> c, std::uint64_t* sent_before_launch) {
+  auto op = c->async_call(wire::PingRequest{}, 2s, asio::experimental::deferred);
+  *sent_before_launch = c->stats().calls;
+  auto [ec, reply] = co_await std::move(op)(asio::experimental::as_tuple(asio::use_awaitable));
+  co_return ec;
+}
+
+TEST_CASE("experimental::deferred: the call starts only when launched") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket()});
+  server.start();
+  asio::io_context io;
+  auto c = connect(io, server.endpoint());
+  const std::uint64_t calls_before = c->stats().calls;
+  std::uint64_t sent_before_launch = 0;
+  CHECK(run(io, deferred_ping(c, &sent_before_launch)) == std::error_code{});
+  CHECK(sent_before_launch == calls_before);
+  CHECK(c->stats().calls == calls_before + 1);
 }
 
 TEST_CASE("SIGTERM drains and exits 0, removing the socket file") {
