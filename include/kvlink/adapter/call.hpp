@@ -4,6 +4,7 @@
 // for engines without an event loop.
 #pragma once
 
+#include <asio/any_io_executor.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
 #include <asio/dispatch.hpp>
