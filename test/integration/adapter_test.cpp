@@ -86,8 +86,9 @@ struct Fixture {
     c.connect_timeout = 200ms;
     return c;
   }
-  void make(LookupMode mode = LookupMode::sync) {
+  void make(LookupMode mode = LookupMode::sync, GateTrigger trigger = GateTrigger::register_ack) {
     WorkerConfig w;
+    w.gate_trigger = trigger;
     w.endpoint = endpoint;
     w.model = "adapter-model";
     w.health = fast();
@@ -352,4 +353,33 @@ TEST_CASE("adapter: no server -> degraded; nothing hangs, everything reports the
   CHECK(st.value.ready);
   CHECK(st.value.matched_tokens == 0);
   CHECK(f.scheduler->report_block_allocation("l", 1, 2).ec == errc::unhealthy);
+}
+
+TEST_CASE("adapter: worker gate triggers; unregister") {
+  SUBCASE("first transfer") {
+    Fixture f;
+    f.server.start();
+    f.make(LookupMode::sync, GateTrigger::first_transfer);
+    REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+    CHECK(!f.worker->monitor().gate().is_open());
+    REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
+    CHECK(f.worker->monitor().gate().is_open());
+    CHECK(f.worker->monitor().gate().reason() == "first store");
+  }
+  SUBCASE("explicit ready only") {
+    Fixture f;
+    f.server.start();
+    f.make(LookupMode::sync, GateTrigger::explicit_ready);
+    REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+    REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
+    CHECK(!f.worker->monitor().gate().is_open());
+    CHECK(f.worker->monitor().state() == health::State::warming);
+    f.worker->ready();
+    CHECK(f.worker->monitor().gate().is_open());
+    REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::healthy; }));
+    CHECK(f.stat("registrations") == 1);
+    REQUIRE(!f.worker->unregister_kv_caches().ec);
+    CHECK(f.stat("registrations") == 0);
+    CHECK(f.worker->submit_store(f.spec("s2", prompt(chunk, 2))).ec == errc::not_registered);
+  }
 }
