@@ -71,11 +71,18 @@ bool eventually(Pred done, std::chrono::milliseconds limit = 10s) {
 struct Fixture {
   TempDir dir;
   std::string endpoint = dir.socket();
-  ServerProcess server{{"--listen", endpoint, "--log-level", "warn", "--chunk-size", std::to_string(chunk),
-                        "--l1-size", "64MiB", "--no-huge-pages"}};
+  ServerProcess server;
   runtime::Runtime rt;
   std::shared_ptr<WorkerAdapter> worker;
   std::shared_ptr<SchedulerAdapter> scheduler;
+
+  explicit Fixture(std::vector<std::string> extra = {}) : server(args(endpoint, std::move(extra))) {}
+  static std::vector<std::string> args(const std::string& ep, std::vector<std::string> extra) {
+    std::vector<std::string> a{"--listen", ep,      "--log-level", "warn", "--chunk-size", std::to_string(chunk),
+                               "--l1-size", "64MiB", "--no-huge-pages"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  }
 
   static health::Config fast() {
     health::Config c;
@@ -382,4 +389,19 @@ TEST_CASE("adapter: worker gate triggers; unregister") {
     CHECK(f.stat("registrations") == 0);
     CHECK(f.worker->submit_store(f.spec("s2", prompt(chunk, 2))).ec == errc::not_registered);
   }
+}
+
+TEST_CASE("adapter: reaped by the server (unknown_instance) -> the worker re-registers by itself") {
+  Fixture f({"--reap-timeout-s", "1", "--registration-grace-s", "1"});
+  f.server.start();
+  f.make(LookupMode::sync, GateTrigger::explicit_ready);
+  REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+  CHECK(f.stat("registrations") == 1);
+  // Gate closed, no pings: the server reaps the silent instance.
+  REQUIRE(eventually([&] { return f.stat("registrations") == 0; }, 10s));
+  f.worker->ready();
+  // The first ping answers unknown_instance; healthy only after re-registering.
+  REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::healthy; }, 10s));
+  CHECK(f.stat("registrations") == 1);
+  REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
 }
