@@ -35,6 +35,13 @@ std::shared_ptr<WorkerAdapter> WorkerAdapter::create(asio::any_io_executor ex, W
     return reregister(weak, std::move(conn));
   };
   self->monitor_ = health::Monitor::create(ex, std::move(o));
+  // Set before start(): nothing runs on the monitor yet.
+  self->monitor_->on_event([weak = std::weak_ptr<WorkerAdapter>(self)](const health::Event& e) {
+    if (e.kind != health::Event::Kind::transition || e.transition.to != health::State::healthy) return;
+    auto s = weak.lock();
+    if (s && s->registration_ && !s->registration_acked_ && !s->registration_in_flight_ && !s->shutting_down_)
+      asio::co_spawn(s->ex_, resend_registration(s), asio::detached);
+  });
   self->monitor_->start();
   return self;
 }
@@ -59,8 +66,32 @@ asio::awaitable<std::error_code> WorkerAdapter::reregister(std::weak_ptr<WorkerA
   if (!self || self->shutting_down_ || !self->registration_) co_return std::error_code{};
   auto [ec, reply] = co_await send_register(conn, self->registration_->request, self->registration_->memfd,
                                             self->config_.call_timeout, as_tuple_awaitable);
-  if (!ec) ++self->reregistrations_;
+  if (!ec) {
+    ++self->reregistrations_;
+    self->registration_acked_ = true;
+  }
   co_return ec;
+}
+
+// A registration the server never acknowledged, sent again now that the
+// link is healthy (the monitor's hook covers only registrations it lost).
+asio::awaitable<void> WorkerAdapter::resend_registration(std::shared_ptr<WorkerAdapter> self) {
+  auto conn = self->usable_connection();
+  if (!conn || !self->registration_) co_return;
+  self->registration_in_flight_ = true;
+  auto [ec, reply] = co_await send_register(conn, self->registration_->request, self->registration_->memfd,
+                                            self->config_.call_timeout, as_tuple_awaitable);
+  self->registration_in_flight_ = false;
+  self->note_error(ec);
+  if (!self->registration_) co_return;  // unregistered meanwhile
+  if (!ec) {
+    self->registration_acked_ = true;
+    log::info("{}: KV cache registered after the link became healthy", self->config_.name);
+    if (self->config_.gate_trigger == GateTrigger::register_ack) self->monitor_->gate().open("register acknowledged");
+  } else if (ec != errc::timed_out && ec != errc::connection_lost) {
+    log::warn("{}: REGISTER_KV_CACHE refused: {}", self->config_.name, conn->last_error_message());
+    self->registration_.reset();
+  }
 }
 
 void WorkerAdapter::start_register(wire::KvLayout layout, int memfd, detail::Callback<Done> cb) {
@@ -75,6 +106,7 @@ void WorkerAdapter::start_register(wire::KvLayout layout, int memfd, detail::Cal
     r.memfd = memfd;
     // Kept before sending: a server restart from now on re-sends it.
     self->registration_ = std::move(r);
+    self->registration_acked_ = false;
     asio::co_spawn(self->ex_, do_register(self, std::move(cb)), asio::detached);
   });
 }
@@ -95,9 +127,12 @@ asio::awaitable<void> WorkerAdapter::do_register(std::shared_ptr<WorkerAdapter> 
     cb(make_error_code(degraded ? errc::unhealthy : errc::not_connected), Done{});
     co_return;
   }
+  self->registration_in_flight_ = true;
   auto [ec, reply] = co_await send_register(conn, self->registration_->request, self->registration_->memfd,
                                             self->config_.call_timeout, as_tuple_awaitable);
+  self->registration_in_flight_ = false;
   self->note_error(ec);
+  if (!ec) self->registration_acked_ = true;
   if (ec && ec != errc::timed_out && ec != errc::connection_lost) {
     log::warn("{}: REGISTER_KV_CACHE refused: {}", self->config_.name, conn->last_error_message());
     self->registration_.reset();  // refused: nothing to re-send

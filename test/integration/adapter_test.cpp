@@ -360,6 +360,15 @@ TEST_CASE("adapter: no server -> degraded; nothing hangs, everything reports the
   CHECK(st.value.ready);
   CHECK(st.value.matched_tokens == 0);
   CHECK(f.scheduler->report_block_allocation("l", 1, 2).ec == errc::unhealthy);
+
+  // The server appears: the registration that was never acknowledged is
+  // sent once the link is healthy, and transfers work.
+  f.server.start();
+  f.healthy();
+  REQUIRE(eventually([&] { return f.stat("registrations") == 1; }, 5s));
+  auto st2 = f.worker->submit_store(f.spec("s2", prompt(chunk)));
+  CHECK_MESSAGE(!st2.ec, st2.ec.message());
+  CHECK(st2.value.stored_chunks == 1);
 }
 
 TEST_CASE("adapter: worker gate triggers; unregister") {

@@ -87,7 +87,10 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
 
   // Registers the engine's KV memory. `memfd` (CPU backend; -1 for none)
   // stays owned by the caller and must stay open while registered. The
-  // registration is kept and re-sent automatically after a server restart.
+  // registration is kept and re-sent automatically after a server restart,
+  // and, when it could not be sent or acknowledged (no server, lost
+  // connection, timeout), again each time the link becomes healthy until the
+  // server acknowledges it. A refused registration (bad layout) is dropped.
   template <class CompletionToken>
   auto async_register_kv_caches(wire::KvLayout layout, int memfd, CompletionToken&& token) {
     return detail::initiate<Done>(ex_, token, [self = shared_from_this(), l = std::move(layout), memfd](
@@ -194,6 +197,7 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   }
   static asio::awaitable<std::error_code> reregister(std::weak_ptr<WorkerAdapter> weak,
                                                      std::shared_ptr<net::Connection> conn);
+  static asio::awaitable<void> resend_registration(std::shared_ptr<WorkerAdapter> self);
   static asio::awaitable<void> do_register(std::shared_ptr<WorkerAdapter> self, detail::Callback<Done> cb);
   static asio::awaitable<void> do_shutdown(std::shared_ptr<WorkerAdapter> self, detail::Callback<Done> cb);
 
@@ -220,6 +224,8 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   std::shared_ptr<health::Monitor> monitor_;
   std::optional<Registration> registration_;
   bool shutting_down_ = false;
+  bool registration_acked_ = false;      // the server acknowledged registration_
+  bool registration_in_flight_ = false;  // a REGISTER is being sent
   std::uint64_t reregistrations_ = 0;
   GetFinishedTracker tracker_;
 };
