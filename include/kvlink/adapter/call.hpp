@@ -2,6 +2,10 @@
 // completion token (use_awaitable, callbacks, use_future, deferred) whose
 // work runs on the adapter's io thread, plus a blocking form with a deadline
 // for engines without an event loop.
+//
+// The async forms do not honour per-operation cancellation slots: each one
+// completes by its own call deadline (SchedulerConfig/WorkerConfig), so a
+// caller racing it against a timer just stops waiting for it.
 #pragma once
 
 #include <asio/any_io_executor.hpp>

@@ -134,7 +134,8 @@ class SchedulerAdapter : public std::enable_shared_from_this<SchedulerAdapter> {
   Result<Done> report_block_allocation(std::string request_id, std::uint32_t allocated_blocks,
                                        std::uint32_t total_blocks, Duration deadline = {});
 
-  // Drops the request's local state (nothing is sent).
+  // Drops the request's local state (nothing is sent). Every submitted
+  // request must end with end_session or cleanup, or its state stays.
   template <class CompletionToken>
   auto async_cleanup(std::string request_id, CompletionToken&& token) {
     return detail::initiate<Done>(ex_, token, [self = shared_from_this(), id = std::move(request_id)](
