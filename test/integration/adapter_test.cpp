@@ -208,9 +208,16 @@ TEST_CASE("adapter: store, then sync and two-phase lookups; get_finished bookkee
     REQUIRE(!f.scheduler->submit_lookup("miss", prompt(2 * chunk, 7)).ec);
     CHECK(f.matched("miss") == 0);
 
+    const auto locks = f.stat("read_locks_held");
+    CHECK(locks > 0);
     CHECK(!f.scheduler->free_lookup_locks("b", 0, 2).ec);
+    // One-way: wait for the server to have applied it.
+    CHECK(eventually([&] { return f.stat("read_locks_held") < locks; }, 5s));
     CHECK(!f.scheduler->report_block_allocation("a", 8, 256).ec);
+    const auto sessions = f.stat("sessions");
     CHECK(!f.scheduler->end_session("b").ec);
+    CHECK(eventually([&] { return f.stat("sessions") == sessions - 1; }, 5s));
+    CHECK(eventually([&] { return f.stat("block_allocation_reports") == 1; }, 5s));
     CHECK(f.scheduler->check_lookup("b").ec == errc::not_found);  // state dropped
 
     auto rt = f.worker->submit_retrieve(f.spec("req-2", tokens, 20));
