@@ -9,6 +9,7 @@
 #include <asio/co_spawn.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/use_future.hpp>
+#include <fstream>
 #include <future>
 #include <numeric>
 #include <thread>
@@ -159,6 +160,20 @@ struct Fixture {
   }
 };
 
+// SIGSTOP is delivered asynchronously: wait until the process is stopped,
+// so that nothing sent afterwards can be served.
+bool stopped(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  std::getline(f, line);
+  const auto close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'T';
+}
+void stop_server(ServerProcess& server) {
+  server.stop();
+  REQUIRE(eventually([&] { return stopped(server.pid()); }, 5s));
+}
+
 // An engine written with coroutines: a free coroutine, state as parameters.
 asio::awaitable<std::uint32_t> awaited_lookup(std::shared_ptr<SchedulerAdapter> s, std::vector<store::Token> tokens) {
   co_await s->async_submit_lookup("co", std::move(tokens), asio::use_awaitable);
@@ -274,11 +289,10 @@ TEST_CASE("adapter: SIGKILL mid-workload -> calls return in time, retrieves fail
   f.healthy();
 
   // In flight when the server dies: a store and a retrieve it never answers.
-  f.server.stop();
+  stop_server(f.server);
   auto pending_store = f.worker->async_submit_store(f.spec("s-late", prompt(2 * chunk, 5), 100), asio::use_future);
   auto pending_retrieve = f.worker->async_submit_retrieve(f.spec("r-late", tokens, 50), asio::use_future);
-  f.server.resume();
-  f.server.kill();
+  f.server.kill();  // while stopped: it never reads them
   REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::degraded; }, 5s));
   REQUIRE(pending_retrieve.wait_for(3s) == std::future_status::ready);
   REQUIRE(pending_store.wait_for(3s) == std::future_status::ready);
@@ -305,7 +319,9 @@ TEST_CASE("adapter: SIGKILL mid-workload -> calls return in time, retrieves fail
   auto expected = blocks(50, 6);
   auto more = blocks(60, 6);
   expected.insert(expected.end(), more.begin(), more.end());
-  CHECK(errors == expected);
+  std::string got;
+  for (auto b : errors) got += std::to_string(b) + " ";
+  CHECK_MESSAGE(errors == expected, "load errors: " << got);
   CHECK(f.worker->get_finished({"s-late", "r-late"}).value.stores.empty());
 
   // Restart: the worker re-registers by itself, then lookups work again.
@@ -326,7 +342,7 @@ TEST_CASE("adapter: SIGSTOP -> blocking calls return within their deadline") {
   REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
   REQUIRE(!f.scheduler->submit_lookup("x", tokens).ec);
   f.healthy();
-  f.server.stop();
+  stop_server(f.server);
   for (int i = 0; i < 3; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     auto r = f.worker->submit_retrieve(f.spec("r" + std::to_string(i), tokens, 10), 300ms);
