@@ -437,3 +437,25 @@ TEST_CASE("adapter: reaped by the server (unknown_instance) -> the worker re-reg
   CHECK(f.stat("registrations") == 1);
   REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
 }
+
+TEST_CASE("adapter: a scheduler can share the worker's monitor (one connection, one heartbeat)") {
+  Fixture f;
+  f.server.start();
+  f.make();
+  REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+  const auto tokens = prompt(2 * chunk, 3);
+  REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
+  SchedulerConfig c;
+  c.model = "adapter-model";
+  c.monitor = f.worker->shared_monitor();
+  auto shared = SchedulerAdapter::create(f.rt.executor(), c);
+  CHECK(&shared->monitor() == &f.worker->monitor());
+  REQUIRE(!shared->submit_lookup("q", tokens).ec);
+  auto st = shared->check_lookup("q");
+  CHECK(st.value.ready);
+  CHECK(st.value.matched_tokens == 2 * chunk);
+  shared->stop();  // leaves the shared monitor alone
+  shared.reset();
+  CHECK(f.worker->monitor().state() != health::State::stopped);
+  CHECK(!f.worker->submit_store(f.spec("s2", prompt(chunk, 4))).ec);
+}
