@@ -193,6 +193,7 @@ void Monitor::on_connected(net::ConnectResult r) {
   r.connection->on_close([weak = weak_from_this(), gen](const net::StreamEnd& end) {
     if (auto self = weak.lock()) self->on_lost(gen, end.reason);
   });
+  server_chunk_size_.store(r.hello.chunk_size, std::memory_order_release);
   apply(policy_.connected(now, r.hello.boot_id));
   if (!r.connection->is_open()) on_lost(gen, "closed right after connecting");
 }

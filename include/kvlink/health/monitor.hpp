@@ -84,6 +84,8 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   void on_event(std::function<void(const Event&)> callback);
   Counters counters() const;
   std::uint64_t boot_id() const { return policy_.boot_id(); }
+  // The server's chunk size from the latest HELLO (0 before the first).
+  std::uint32_t server_chunk_size() const { return server_chunk_size_.load(std::memory_order_acquire); }
   const MonitorOptions& options() const { return options_; }
 
   // Completes with the next transition (error operation_aborted if
@@ -147,6 +149,7 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   bool waiting_ = false;
   std::atomic<State> state_{State::warming};
   std::atomic<bool> started_{false};
+  std::atomic<std::uint32_t> server_chunk_size_{0};
   bool stopped_ = false;
   mutable std::mutex conn_mutex_;
   std::shared_ptr<net::Connection> conn_;

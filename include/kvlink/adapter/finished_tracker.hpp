@@ -1,0 +1,88 @@
+// get_finished bookkeeping of the worker adapter as pure logic (no Asio, no
+// clock): which engine requests finished storing or retrieving, and which
+// engine blocks failed to load.
+//
+// Rules (SPEC section 7):
+// - A request's stores are reported finished only when the server finished
+//   every store of it AND the engine reported the request finished.
+// - A request's retrieves are reported finished when the server finished
+//   (or failed) every retrieve of it; a failed retrieve's blocks go to the
+//   load-error set.
+// - Each id is reported at most once ever per direction, even when the
+//   engine repeats it.
+// - Unhealthy drain: every pending store counts as finished by the server;
+//   every pending retrieve is reported finished with its blocks in the
+//   load-error set; an id reported as a finished retrieve in that call is not
+//   also reported (then or later) as a finished store.
+// - Server completions of drained operations are ignored (tickets).
+//
+// Memory: the "reported" sets grow with every request; forget(id) drops an
+// id the engine will never mention again.
+#pragma once
+
+#include <cstdint>
+#include <set>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+namespace kvlink::adapter {
+
+class GetFinishedTracker {
+ public:
+  using Ticket = std::uint64_t;
+  struct Finished {
+    std::vector<std::string> stores;
+    std::vector<std::string> retrieves;
+  };
+
+  // A store of `id` was started (sent, or decided without sending).
+  Ticket store_started(const std::string& id);
+  // The server finished it (success or error: either way it is over).
+  void store_done(Ticket t);
+
+  // A retrieve of `id` into `blocks` was started.
+  Ticket retrieve_started(const std::string& id, std::span<const std::uint32_t> blocks);
+  // The server finished it; on failure its blocks become load errors.
+  void retrieve_done(Ticket t, bool ok);
+
+  // The engine's finished request ids for this step; `unhealthy` drains.
+  Finished get_finished(std::span<const std::string> engine_finished, bool unhealthy);
+
+  // Block ids whose load failed since the last call (sorted, unique).
+  std::vector<std::uint32_t> take_load_errors();
+  // Load errors so far, without clearing them.
+  const std::set<std::uint32_t>& load_errors() const { return load_errors_; }
+
+  std::size_t pending_stores() const { return stores_.size(); }
+  std::size_t pending_retrieves() const { return retrieves_.size(); }
+  // Drops every record of `id` (it will never be reported).
+  void forget(const std::string& id);
+
+ private:
+  struct PendingRetrieve {
+    std::string id;
+    std::vector<std::uint32_t> blocks;
+  };
+  struct Request {
+    int stores_in_flight = 0;
+    int retrieves_in_flight = 0;
+    bool had_store = false;
+    bool had_retrieve = false;
+    bool engine_finished = false;
+  };
+  void finish_retrieve(const std::string& id, Finished& out);
+
+  Ticket next_ = 1;
+  std::unordered_map<Ticket, std::string> stores_;
+  std::unordered_map<Ticket, PendingRetrieve> retrieves_;
+  std::unordered_map<std::string, Request> requests_;
+  std::unordered_set<std::string> reported_stores_;
+  std::unordered_set<std::string> reported_retrieves_;
+  std::vector<std::string> retrieves_ready_;  // every retrieve of the id done, not yet reported
+  std::set<std::uint32_t> load_errors_;
+};
+
+}  // namespace kvlink::adapter

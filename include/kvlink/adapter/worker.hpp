@@ -1,0 +1,233 @@
+// The worker side of the engine: KV-cache registration, stores, retrieves
+// and get_finished bookkeeping (SPEC sections 6 and 7).
+//
+// Same calling conventions as the scheduler adapter (adapter/scheduler.hpp):
+// async_xxx(args..., token) completing with (error_code, value) and a
+// blocking form with a deadline; callable from any thread; all state lives
+// on the adapter's single-threaded executor.
+//
+// Degraded mode: stores are not sent (they count as finished by the server);
+// retrieves are not sent and their blocks become load errors; the next
+// get_finished drains every pending transfer (GetFinishedTracker).
+// After a server restart or an unknown_instance answer the monitor's
+// re-registration hook re-sends the stored registration.
+#pragma once
+
+#include <asio/any_io_executor.hpp>
+#include <asio/awaitable.hpp>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kvlink/adapter/call.hpp"
+#include "kvlink/adapter/finished_tracker.hpp"
+#include "kvlink/health/monitor.hpp"
+#include "kvlink/store/keys.hpp"
+
+namespace kvlink::adapter {
+
+// What opens the warmup gate automatically (ready() always does).
+enum class GateTrigger : std::uint8_t {
+  register_ack,    // REGISTER_KV_CACHE acknowledged
+  first_transfer,  // the first store or retrieve
+  explicit_ready,  // only ready() (or the monitor's max_warmup)
+};
+
+struct WorkerConfig {
+  std::string endpoint;
+  std::string model;
+  std::uint32_t world_size = 1;
+  std::uint32_t kv_rank = 0;
+  std::string cache_salt;
+  // Tokens per chunk; 0 takes the server's from HELLO.
+  std::uint32_t chunk_size = 0;
+  GateTrigger gate_trigger = GateTrigger::register_ack;
+  // Deadline of register/unregister calls.
+  Duration call_timeout = std::chrono::seconds(5);
+  // Deadline of each STORE/RETRIEVE (they complete when the copy is done).
+  Duration transfer_timeout = std::chrono::seconds(30);
+  // Default deadline of the blocking calls.
+  Duration blocking_deadline = std::chrono::seconds(10);
+  health::Config health;
+  std::string auth_token;
+  std::string name = "kvlink-worker";
+};
+
+// One store or retrieve of one engine request. Give chunk hashes, or token
+// ids (their full chunks are hashed here). block_ids lists, chunk after
+// chunk, the engine blocks holding each chunk; blocks past the last full
+// chunk are ignored.
+struct TransferSpec {
+  std::string request_id;
+  std::vector<wire::ChunkHash> hashes;
+  std::vector<store::Token> tokens;
+  std::vector<std::uint32_t> block_ids;
+  std::uint32_t skip_first_n_tokens = 0;  // retrieve only
+};
+
+struct FinishedSets {
+  std::vector<std::string> stores;
+  std::vector<std::string> retrieves;
+};
+
+class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
+ public:
+  static std::shared_ptr<WorkerAdapter> create(asio::any_io_executor ex, WorkerConfig config);
+  ~WorkerAdapter();
+
+  health::Monitor& monitor() { return *monitor_; }
+  std::shared_ptr<health::Monitor> shared_monitor() { return monitor_; }
+  asio::any_io_executor get_executor() const { return ex_; }
+  const WorkerConfig& config() const { return config_; }
+  std::uint64_t namespace_id() const { return ns_; }
+  void ready() { monitor_->gate().open("engine ready"); }
+
+  // Registers the engine's KV memory. `memfd` (CPU backend; -1 for none)
+  // stays owned by the caller and must stay open while registered. The
+  // registration is kept and re-sent automatically after a server restart,
+  // and, when it could not be sent or acknowledged (no server, lost
+  // connection, timeout), again each time the link becomes healthy until the
+  // server acknowledges it. A refused registration (bad layout) is dropped.
+  template <class CompletionToken>
+  auto async_register_kv_caches(wire::KvLayout layout, int memfd, CompletionToken&& token) {
+    return detail::initiate<Done>(ex_, token, [self = shared_from_this(), l = std::move(layout), memfd](
+                                                  detail::Callback<Done> cb) mutable {
+      self->start_register(std::move(l), memfd, std::move(cb));
+    });
+  }
+  Result<Done> register_kv_caches(wire::KvLayout layout, int memfd = -1, Duration deadline = {});
+
+  template <class CompletionToken>
+  auto async_unregister_kv_caches(CompletionToken&& token) {
+    return detail::initiate<Done>(ex_, token, [self = shared_from_this()](detail::Callback<Done> cb) mutable {
+      self->start_unregister(std::move(cb));
+    });
+  }
+  Result<Done> unregister_kv_caches(Duration deadline = {});
+
+  // STORE; completes when the server finished (or refused) it.
+  template <class CompletionToken>
+  auto async_submit_store(TransferSpec spec, CompletionToken&& token) {
+    return detail::initiate<wire::StoreResult>(ex_, token, [self = shared_from_this(), s = std::move(spec)](
+                                                               detail::Callback<wire::StoreResult> cb) mutable {
+      self->start_store(std::move(s), std::move(cb));
+    });
+  }
+  Result<wire::StoreResult> submit_store(TransferSpec spec, Duration deadline = {});
+
+  // RETRIEVE; on failure its blocks become load errors.
+  template <class CompletionToken>
+  auto async_submit_retrieve(TransferSpec spec, CompletionToken&& token) {
+    return detail::initiate<wire::RetrieveResult>(ex_, token, [self = shared_from_this(), s = std::move(spec)](
+                                                                  detail::Callback<wire::RetrieveResult> cb) mutable {
+      self->start_retrieve(std::move(s), std::move(cb));
+    });
+  }
+  Result<wire::RetrieveResult> submit_retrieve(TransferSpec spec, Duration deadline = {});
+
+  // Batched: every spec is submitted at once; completes when all are done
+  // with the first error (if any) and one error code per spec.
+  using BatchResult = std::vector<std::error_code>;
+  template <class CompletionToken>
+  auto async_submit_stores(std::vector<TransferSpec> specs, CompletionToken&& token) {
+    return detail::initiate<BatchResult>(ex_, token, [self = shared_from_this(), s = std::move(specs)](
+                                                         detail::Callback<BatchResult> cb) mutable {
+      self->start_batch(true, std::move(s), std::move(cb));
+    });
+  }
+  Result<BatchResult> submit_stores(std::vector<TransferSpec> specs, Duration deadline = {});
+  template <class CompletionToken>
+  auto async_submit_retrieves(std::vector<TransferSpec> specs, CompletionToken&& token) {
+    return detail::initiate<BatchResult>(ex_, token, [self = shared_from_this(), s = std::move(specs)](
+                                                         detail::Callback<BatchResult> cb) mutable {
+      self->start_batch(false, std::move(s), std::move(cb));
+    });
+  }
+  Result<BatchResult> submit_retrieves(std::vector<TransferSpec> specs, Duration deadline = {});
+
+  // (finished stores, finished retrieves) given the engine's finished ids.
+  template <class CompletionToken>
+  auto async_get_finished(std::vector<std::string> engine_finished, CompletionToken&& token) {
+    return detail::initiate<FinishedSets>(ex_, token, [self = shared_from_this(), f = std::move(engine_finished)](
+                                                          detail::Callback<FinishedSets> cb) mutable {
+      self->start_get_finished(std::move(f), std::move(cb));
+    });
+  }
+  Result<FinishedSets> get_finished(std::vector<std::string> engine_finished, Duration deadline = {});
+
+  // Block ids whose load failed since the last call (sorted; cleared).
+  template <class CompletionToken>
+  auto async_take_load_errors(CompletionToken&& token) {
+    using V = std::vector<std::uint32_t>;
+    return detail::initiate<V>(ex_, token, [self = shared_from_this()](detail::Callback<V> cb) mutable {
+      self->start_take_load_errors(std::move(cb));
+    });
+  }
+  Result<std::vector<std::uint32_t>> take_load_errors(Duration deadline = {});
+
+  // Stops re-registration and new transfers, unregisters (bounded by
+  // call_timeout), then stops the heartbeat and closes the connection.
+  template <class CompletionToken>
+  auto async_shutdown(CompletionToken&& token) {
+    return detail::initiate<Done>(ex_, token, [self = shared_from_this()](detail::Callback<Done> cb) mutable {
+      self->start_shutdown(std::move(cb));
+    });
+  }
+  Result<Done> shutdown(Duration deadline = {});
+
+  // On the executor: re-registrations sent by the monitor's hook.
+  std::uint64_t reregistrations() const { return reregistrations_; }
+
+ private:
+  struct Registration {
+    wire::RegisterKvCacheRequest request;
+    int memfd = -1;
+  };
+  WorkerAdapter(asio::any_io_executor ex, WorkerConfig config);
+
+  // Sends REGISTER_KV_CACHE (with the memfd once fd passing exists).
+  template <class CompletionToken>
+  static auto send_register(const std::shared_ptr<net::Connection>& conn, wire::RegisterKvCacheRequest req,
+                            [[maybe_unused]] int fd, Duration timeout, CompletionToken&& token) {
+    // Switches to conn->async_call_with_fd(req, fd, ...) when fd passing lands.
+    return conn->async_call(std::move(req), timeout, std::forward<CompletionToken>(token));
+  }
+  static asio::awaitable<std::error_code> reregister(std::weak_ptr<WorkerAdapter> weak,
+                                                     std::shared_ptr<net::Connection> conn);
+  static asio::awaitable<void> resend_registration(std::shared_ptr<WorkerAdapter> self);
+  static asio::awaitable<void> do_register(std::shared_ptr<WorkerAdapter> self, detail::Callback<Done> cb);
+  static asio::awaitable<void> do_shutdown(std::shared_ptr<WorkerAdapter> self, detail::Callback<Done> cb);
+
+  void start_register(wire::KvLayout layout, int memfd, detail::Callback<Done> cb);
+  void start_unregister(detail::Callback<Done> cb);
+  void start_store(TransferSpec spec, detail::Callback<wire::StoreResult> cb);
+  void start_retrieve(TransferSpec spec, detail::Callback<wire::RetrieveResult> cb);
+  void start_batch(bool store, std::vector<TransferSpec> specs, detail::Callback<BatchResult> cb);
+  void start_get_finished(std::vector<std::string> finished, detail::Callback<FinishedSets> cb);
+  void start_take_load_errors(detail::Callback<std::vector<std::uint32_t>> cb);
+  void start_shutdown(detail::Callback<Done> cb);
+
+  void do_store(TransferSpec spec, detail::Callback<wire::StoreResult> cb);
+  void do_retrieve(TransferSpec spec, detail::Callback<wire::RetrieveResult> cb);
+  // Fills spec.hashes from tokens and trims block ids; "" or what is wrong.
+  std::error_code prepare(TransferSpec& spec) const;
+  std::shared_ptr<net::Connection> usable_connection() const;
+  void note_error(std::error_code ec);
+  Duration deadline_or_default(Duration d) const { return d == Duration{} ? config_.blocking_deadline : d; }
+
+  asio::any_io_executor ex_;
+  WorkerConfig config_;
+  std::uint64_t ns_ = 0;
+  std::shared_ptr<health::Monitor> monitor_;
+  std::optional<Registration> registration_;
+  bool shutting_down_ = false;
+  bool registration_acked_ = false;      // the server acknowledged registration_
+  bool registration_in_flight_ = false;  // a REGISTER is being sent
+  std::uint64_t reregistrations_ = 0;
+  GetFinishedTracker tracker_;
+};
+
+}  // namespace kvlink::adapter

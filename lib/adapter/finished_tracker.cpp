@@ -1,0 +1,91 @@
+#include "kvlink/adapter/finished_tracker.hpp"
+
+#include <algorithm>
+
+namespace kvlink::adapter {
+
+GetFinishedTracker::Ticket GetFinishedTracker::store_started(const std::string& id) {
+  const Ticket t = next_++;
+  stores_.emplace(t, id);
+  auto& r = requests_[id];
+  ++r.stores_in_flight;
+  r.had_store = true;
+  return t;
+}
+
+void GetFinishedTracker::store_done(Ticket t) {
+  auto it = stores_.find(t);
+  if (it == stores_.end()) return;  // drained earlier, or forgotten
+  if (auto r = requests_.find(it->second); r != requests_.end()) --r->second.stores_in_flight;
+  stores_.erase(it);
+}
+
+GetFinishedTracker::Ticket GetFinishedTracker::retrieve_started(const std::string& id,
+                                                                std::span<const std::uint32_t> blocks) {
+  const Ticket t = next_++;
+  retrieves_.emplace(t, PendingRetrieve{id, std::vector<std::uint32_t>(blocks.begin(), blocks.end())});
+  auto& r = requests_[id];
+  ++r.retrieves_in_flight;
+  r.had_retrieve = true;
+  return t;
+}
+
+void GetFinishedTracker::retrieve_done(Ticket t, bool ok) {
+  auto it = retrieves_.find(t);
+  if (it == retrieves_.end()) return;
+  if (!ok) load_errors_.insert(it->second.blocks.begin(), it->second.blocks.end());
+  const std::string id = std::move(it->second.id);
+  retrieves_.erase(it);
+  auto r = requests_.find(id);
+  if (r == requests_.end()) return;
+  if (--r->second.retrieves_in_flight == 0 && !reported_retrieves_.contains(id) &&
+      std::find(retrieves_ready_.begin(), retrieves_ready_.end(), id) == retrieves_ready_.end())
+    retrieves_ready_.push_back(id);
+}
+
+GetFinishedTracker::Finished GetFinishedTracker::get_finished(std::span<const std::string> engine_finished,
+                                                              bool unhealthy) {
+  for (const auto& id : engine_finished)
+    if (auto r = requests_.find(id); r != requests_.end()) r->second.engine_finished = true;
+  if (unhealthy) {
+    std::vector<Ticket> tickets;
+    for (const auto& [t, id] : stores_) tickets.push_back(t);
+    for (Ticket t : tickets) store_done(t);
+    tickets.clear();
+    for (const auto& [t, r] : retrieves_) tickets.push_back(t);
+    for (Ticket t : tickets) retrieve_done(t, false);
+  }
+  Finished out;
+  for (auto& id : retrieves_ready_)
+    if (reported_retrieves_.insert(id).second) out.retrieves.push_back(std::move(id));
+  retrieves_ready_.clear();
+  std::vector<std::string> done;
+  for (auto& [id, r] : requests_) {
+    if (r.had_store && r.stores_in_flight == 0 && r.engine_finished && !reported_stores_.contains(id)) {
+      reported_stores_.insert(id);
+      const bool as_retrieve = std::find(out.retrieves.begin(), out.retrieves.end(), id) != out.retrieves.end();
+      if (!(unhealthy && as_retrieve)) out.stores.push_back(id);
+    }
+    if (r.engine_finished && r.stores_in_flight == 0 && r.retrieves_in_flight == 0) done.push_back(id);
+  }
+  for (const auto& id : done) requests_.erase(id);  // over: later repeats of the id are ignored
+  std::sort(out.stores.begin(), out.stores.end());
+  return out;
+}
+
+std::vector<std::uint32_t> GetFinishedTracker::take_load_errors() {
+  std::vector<std::uint32_t> out(load_errors_.begin(), load_errors_.end());
+  load_errors_.clear();
+  return out;
+}
+
+void GetFinishedTracker::forget(const std::string& id) {
+  std::erase_if(stores_, [&](const auto& e) { return e.second == id; });
+  std::erase_if(retrieves_, [&](const auto& e) { return e.second.id == id; });
+  requests_.erase(id);
+  reported_stores_.erase(id);
+  reported_retrieves_.erase(id);
+  std::erase(retrieves_ready_, id);
+}
+
+}  // namespace kvlink::adapter

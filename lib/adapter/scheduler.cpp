@@ -1,0 +1,220 @@
+#include "kvlink/adapter/scheduler.hpp"
+
+#include <asio/post.hpp>
+#include <stdexcept>
+
+#include "kvlink/log.hpp"
+
+namespace kvlink::adapter {
+
+namespace {
+std::uint64_t session_of(const std::string& request_id) {
+  const std::uint64_t h = std::hash<std::string>{}(request_id);
+  return h == 0 ? 1 : h;
+}
+}  // namespace
+
+SchedulerAdapter::SchedulerAdapter(asio::any_io_executor ex, SchedulerConfig config)
+    : ex_(std::move(ex)), config_(std::move(config)) {}
+
+std::shared_ptr<SchedulerAdapter> SchedulerAdapter::create(asio::any_io_executor ex, SchedulerConfig config) {
+  store::NamespaceSpec spec{config.model, config.world_size, config.cache_salt};
+  std::shared_ptr<SchedulerAdapter> self(new SchedulerAdapter(ex, std::move(config)));
+  self->ns_ = store::namespace_id(spec);  // throws on an invalid namespace
+  if (self->config_.monitor) {
+    self->monitor_ = self->config_.monitor;
+  } else {
+    health::MonitorOptions o;
+    o.health = self->config_.health;
+    std::string error;
+    if (!net::parse_endpoint(self->config_.endpoint, o.endpoint, error)) throw std::invalid_argument(error);
+    o.hello.role = wire::Role::scheduler;
+    o.hello.auth_token = self->config_.auth_token;
+    o.hello.client_name = self->config_.name;
+    o.name = self->config_.name;
+    self->monitor_ = health::Monitor::create(ex, std::move(o));
+    self->owns_monitor_ = true;
+    self->monitor_->start();
+  }
+  return self;
+}
+
+SchedulerAdapter::~SchedulerAdapter() {
+  if (owns_monitor_) monitor_->stop();
+}
+
+void SchedulerAdapter::stop() {
+  if (owns_monitor_) monitor_->stop();
+}
+
+std::shared_ptr<net::Connection> SchedulerAdapter::usable_connection() const {
+  const health::State s = monitor_->state();
+  if (s == health::State::degraded || s == health::State::stopped) return nullptr;
+  return monitor_->connection();
+}
+
+void SchedulerAdapter::note_error(std::error_code ec) {
+  if (ec == errc::timed_out) monitor_->report_deadline_missed();
+}
+
+void SchedulerAdapter::start_submit(std::string id, std::vector<store::Token> tokens, detail::Callback<Done> cb) {
+  asio::post(ex_, [self = shared_from_this(), id = std::move(id), tokens = std::move(tokens), cb = std::move(cb)]() mutable {
+    if (self->lookups_.contains(id)) return cb({}, Done{});  // duplicate submit: ignored
+    if (self->config_.open_gate_on_first_lookup) self->monitor_->gate().open("first lookup");
+    auto l = std::make_shared<Lookup>();
+    l->session_id = session_of(id);
+    self->lookups_.emplace(id, l);
+    auto conn = self->usable_connection();
+    l->chunk_size = self->config_.chunk_size ? self->config_.chunk_size : self->monitor_->server_chunk_size();
+    if (!conn || l->chunk_size == 0) {
+      // Degraded (or never connected): not sent, 0 matched tokens.
+      l->final = true;
+      const auto st = self->monitor_->state();
+      const bool unhealthy = st == health::State::degraded || st == health::State::stopped;
+      return cb(make_error_code(unhealthy ? errc::unhealthy : errc::not_connected), Done{});
+    }
+    l->hashes = store::chunk_hashes(tokens, l->chunk_size);
+    if (l->hashes.empty()) {
+      l->final = true;
+      return cb({}, Done{});
+    }
+    if (self->config_.lookup_mode == LookupMode::sync) {
+      wire::SyncLookupRequest req{self->ns_, self->config_.world_size, l->session_id, l->hashes};
+      conn->async_call(std::move(req), self->config_.call_timeout,
+                       [self, l, cb = std::move(cb)](std::error_code ec, wire::LookupResult r) {
+                         self->note_error(ec);
+                         l->final = true;
+                         l->matched_tokens = ec ? 0 : r.matched_chunks * l->chunk_size;
+                         cb(ec, Done{});
+                       });
+      return;
+    }
+    wire::LookupRequest req{self->ns_, self->config_.world_size, l->session_id, l->hashes};
+    conn->async_call(std::move(req), self->config_.call_timeout,
+                     [self, l, cb = std::move(cb)](std::error_code ec, wire::LookupAccepted r) {
+                       self->note_error(ec);
+                       if (ec) {
+                         l->final = true;  // the lookup is lost: nothing matched
+                       } else {
+                         l->job_id = r.job_id;
+                         l->job_known = true;
+                       }
+                       cb(ec, Done{});
+                     });
+  });
+}
+
+void SchedulerAdapter::start_check(std::string id, detail::Callback<LookupStatus> cb) {
+  asio::post(ex_, [self = shared_from_this(), id = std::move(id), cb = std::move(cb)]() mutable {
+    auto it = self->lookups_.find(id);
+    if (it == self->lookups_.end()) return cb(make_error_code(errc::not_found), LookupStatus{});
+    auto l = it->second;
+    if (l->final) return cb({}, LookupStatus{true, l->matched_tokens});
+    auto conn = self->usable_connection();
+    if (!conn) {
+      l->final = true;  // degraded: 0 matched tokens
+      return cb({}, LookupStatus{true, 0});
+    }
+    if (!l->job_known || l->query_in_flight) return cb({}, LookupStatus{});  // pending
+    l->query_in_flight = true;
+    conn->async_call(wire::QueryPrefetchStatusRequest{l->job_id}, self->config_.call_timeout,
+                     [self, l, cb = std::move(cb)](std::error_code ec, wire::PrefetchStatus st) {
+                       self->note_error(ec);
+                       l->query_in_flight = false;
+                       if (!l->final) {
+                         if (ec) {
+                           l->final = true;
+                           l->matched_tokens = 0;
+                         } else if (st.state == wire::PrefetchState::done) {
+                           l->final = true;
+                           l->matched_tokens = st.matched_chunks * l->chunk_size;
+                         }
+                       }
+                       cb({}, LookupStatus{l->final, l->matched_tokens});
+                     });
+  });
+}
+
+void SchedulerAdapter::start_free_locks(std::string id, std::uint32_t start, std::uint32_t end,
+                                        detail::Callback<Done> cb) {
+  asio::post(ex_, [self = shared_from_this(), id = std::move(id), start, end, cb = std::move(cb)]() mutable {
+    auto it = self->lookups_.find(id);
+    if (it == self->lookups_.end()) return cb(make_error_code(errc::not_found), Done{});
+    const auto& l = *it->second;
+    const auto n = static_cast<std::uint32_t>(l.hashes.size());
+    end = std::min(end, n);
+    if (start >= end) return cb({}, Done{});
+    auto conn = self->usable_connection();
+    if (!conn) return cb(make_error_code(errc::unhealthy), Done{});  // dropped
+    conn->send(wire::FreeLookupLocksRequest{self->ns_, self->config_.world_size, l.hashes, start, end});
+    cb({}, Done{});
+  });
+}
+
+void SchedulerAdapter::start_end_session(std::string id, detail::Callback<Done> cb) {
+  asio::post(ex_, [self = shared_from_this(), id = std::move(id), cb = std::move(cb)]() mutable {
+    auto it = self->lookups_.find(id);
+    if (it == self->lookups_.end()) return cb(make_error_code(errc::not_found), Done{});
+    auto l = std::move(it->second);
+    self->lookups_.erase(it);
+    auto conn = self->usable_connection();
+    if (!conn) return cb(make_error_code(errc::unhealthy), Done{});  // dropped
+    conn->send(wire::EndSessionRequest{self->ns_, l->session_id, l->hashes});
+    cb({}, Done{});
+  });
+}
+
+void SchedulerAdapter::start_report(std::string id, std::uint32_t allocated, std::uint32_t total,
+                                    detail::Callback<Done> cb) {
+  asio::post(ex_, [self = shared_from_this(), id = std::move(id), allocated, total, cb = std::move(cb)]() mutable {
+    auto conn = self->usable_connection();
+    if (!conn) return cb(make_error_code(errc::unhealthy), Done{});  // dropped
+    conn->send(wire::ReportBlockAllocationRequest{session_of(id), allocated, total});
+    cb({}, Done{});
+  });
+}
+
+void SchedulerAdapter::start_cleanup(std::string id, detail::Callback<Done> cb) {
+  asio::post(ex_, [self = shared_from_this(), id = std::move(id), cb = std::move(cb)]() mutable {
+    self->lookups_.erase(id);
+    cb({}, Done{});
+  });
+}
+
+// ---- blocking forms ---------------------------------------------------------------
+
+#define KVLINK_BLOCKING(T, deadline, call)                                                            \
+  detail::blocking<T>(deadline_or_default(deadline), [&](detail::Callback<T> cb) { call; },          \
+                      [m = monitor_] { m->report_deadline_missed(); })
+
+Result<Done> SchedulerAdapter::submit_lookup(std::string request_id, std::vector<store::Token> tokens,
+                                             Duration deadline) {
+  return KVLINK_BLOCKING(Done, deadline, start_submit(std::move(request_id), std::move(tokens), std::move(cb)));
+}
+
+Result<LookupStatus> SchedulerAdapter::check_lookup(std::string request_id, Duration deadline) {
+  return KVLINK_BLOCKING(LookupStatus, deadline, start_check(std::move(request_id), std::move(cb)));
+}
+
+Result<Done> SchedulerAdapter::free_lookup_locks(std::string request_id, std::uint32_t start_chunk,
+                                                 std::uint32_t end_chunk, Duration deadline) {
+  return KVLINK_BLOCKING(Done, deadline, start_free_locks(std::move(request_id), start_chunk, end_chunk, std::move(cb)));
+}
+
+Result<Done> SchedulerAdapter::end_session(std::string request_id, Duration deadline) {
+  return KVLINK_BLOCKING(Done, deadline, start_end_session(std::move(request_id), std::move(cb)));
+}
+
+Result<Done> SchedulerAdapter::report_block_allocation(std::string request_id, std::uint32_t allocated_blocks,
+                                                       std::uint32_t total_blocks, Duration deadline) {
+  return KVLINK_BLOCKING(Done, deadline,
+                         start_report(std::move(request_id), allocated_blocks, total_blocks, std::move(cb)));
+}
+
+Result<Done> SchedulerAdapter::cleanup(std::string request_id, Duration deadline) {
+  return KVLINK_BLOCKING(Done, deadline, start_cleanup(std::move(request_id), std::move(cb)));
+}
+
+#undef KVLINK_BLOCKING
+
+}  // namespace kvlink::adapter

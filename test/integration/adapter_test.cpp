@@ -1,0 +1,461 @@
+// The engine-side adapters against the real kvlink-server: lookups after
+// stores, get_finished bookkeeping, degraded mode after SIGKILL/SIGSTOP,
+// automatic re-registration after a restart. The adapters run on a Runtime
+// (their own io thread); the test thread plays the engine and uses the
+// blocking calls, as a non-coroutine engine would. The server's transfer
+// engine copies nothing yet, so these check protocol and bookkeeping.
+#include <doctest/doctest.h>
+
+#include <asio/co_spawn.hpp>
+#include <asio/use_awaitable.hpp>
+#include <asio/use_future.hpp>
+#include <fstream>
+#include <future>
+#include <numeric>
+#include <thread>
+
+#include "kvlink/adapter/scheduler.hpp"
+#include "kvlink/adapter/worker.hpp"
+#include "kvlink/runtime/runtime.hpp"
+#include "server_process.hpp"
+#include "test_support.hpp"
+
+using namespace kvlink;
+using namespace kvlink::adapter;
+using namespace std::chrono_literals;
+using kvlink::test::ServerProcess;
+using kvlink::test::TempDir;
+
+namespace {
+
+constexpr std::uint32_t chunk = 32;  // server --chunk-size
+constexpr std::uint32_t block = 16;  // engine block size: 2 blocks per chunk
+
+wire::KvLayout layout() {
+  wire::KvLayout l;
+  l.num_layers = 2;
+  l.num_blocks = 256;
+  l.block_size = block;
+  l.num_kv_heads = 2;
+  l.head_size = 16;
+  l.dtype_size = 2;
+  l.block_stride = l.block_bytes();
+  l.plane_stride = l.block_bytes() * l.num_blocks;
+  l.region_bytes = l.plane_stride * 2;
+  l.layers.resize(2);
+  return l;
+}
+
+std::vector<store::Token> prompt(std::size_t tokens, std::uint32_t seed = 1) {
+  std::vector<store::Token> t(tokens);
+  std::iota(t.begin(), t.end(), seed * 100000);
+  return t;
+}
+
+std::vector<std::uint32_t> blocks(std::uint32_t first, std::uint32_t n) {
+  std::vector<std::uint32_t> b(n);
+  std::iota(b.begin(), b.end(), first);
+  return b;
+}
+
+// Polls `done` (a cheap, thread-safe check) until it holds or `limit` passes.
+template <class Pred>
+bool eventually(Pred done, std::chrono::milliseconds limit = 10s) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(2ms);
+  }
+  return true;
+}
+
+struct Fixture {
+  TempDir dir;
+  std::string endpoint = dir.socket();
+  ServerProcess server;
+  runtime::Runtime rt;
+  std::shared_ptr<WorkerAdapter> worker;
+  std::shared_ptr<SchedulerAdapter> scheduler;
+
+  explicit Fixture(std::vector<std::string> extra = {}) : server(args(endpoint, std::move(extra))) {}
+  static std::vector<std::string> args(const std::string& ep, std::vector<std::string> extra) {
+    std::vector<std::string> a{"--listen", ep,      "--log-level", "warn", "--chunk-size", std::to_string(chunk),
+                               "--l1-size", "64MiB", "--no-huge-pages"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  }
+
+  static health::Config fast() {
+    health::Config c;
+    c.interval = 50ms;
+    c.ping_timeout = 100ms;
+    c.reconnect_initial = 5ms;
+    c.reconnect_max = 50ms;
+    c.connect_timeout = 200ms;
+    return c;
+  }
+  void make(LookupMode mode = LookupMode::sync, GateTrigger trigger = GateTrigger::register_ack) {
+    WorkerConfig w;
+    w.gate_trigger = trigger;
+    w.endpoint = endpoint;
+    w.model = "adapter-model";
+    w.health = fast();
+    w.call_timeout = 1s;
+    w.transfer_timeout = 1s;
+    w.blocking_deadline = 2s;
+    worker = WorkerAdapter::create(rt.executor(), w);
+    SchedulerConfig s;
+    s.endpoint = endpoint;
+    s.model = "adapter-model";
+    s.lookup_mode = mode;
+    s.health = fast();
+    s.call_timeout = 1s;
+    s.blocking_deadline = 2s;
+    scheduler = SchedulerAdapter::create(rt.executor(), s);
+  }
+  ~Fixture() {
+    if (worker) worker->shutdown(2s);
+    if (scheduler) scheduler->stop();
+    rt.stop();
+  }
+
+  TransferSpec spec(std::string id, const std::vector<store::Token>& tokens, std::uint32_t first_block = 0) {
+    TransferSpec s;
+    s.request_id = std::move(id);
+    s.tokens = tokens;
+    s.block_ids = blocks(first_block, static_cast<std::uint32_t>((tokens.size() + block - 1) / block));
+    return s;
+  }
+  // Final matched tokens of a lookup (polls two-phase jobs).
+  std::uint32_t matched(const std::string& id) {
+    LookupStatus st;
+    REQUIRE(eventually([&] {
+      auto r = scheduler->check_lookup(id);
+      REQUIRE_MESSAGE(!r.ec, r.ec.message());
+      st = r.value;
+      return st.ready;
+    }));
+    return st.matched_tokens;
+  }
+  std::int64_t stat(const std::string& name) {
+    asio::io_context io;
+    wire::HelloRequest h;
+    h.role = wire::Role::admin;
+    h.instance_id = net::random_instance_id();
+    auto c = test::run(io, net::connect(io.get_executor(), test::parse(endpoint), h, 5s));
+    REQUIRE_MESSAGE(!c.ec, c.error);
+    auto f = c.connection->async_call(wire::StatsRequest{}, 5s, asio::use_future);
+    REQUIRE(test::run_until(io, [&] { return f.wait_for(0s) == std::future_status::ready; }));
+    auto reply = f.get();
+    c.connection->close();
+    test::run_until(io, [] { return false; }, 50ms);
+    for (auto& e : reply.entries)
+      if (e.name == name) return e.value;
+    FAIL("no stat " << name);
+    return -1;
+  }
+  void healthy() {
+    REQUIRE(eventually([&] { return worker->monitor().state() == health::State::healthy; }));
+    REQUIRE(eventually([&] { return scheduler->monitor().state() == health::State::healthy; }));
+  }
+};
+
+// SIGSTOP is delivered asynchronously: wait until the process is stopped,
+// so that nothing sent afterwards can be served.
+bool stopped(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  std::getline(f, line);
+  const auto close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'T';
+}
+void stop_server(ServerProcess& server) {
+  server.stop();
+  REQUIRE(eventually([&] { return stopped(server.pid()); }, 5s));
+}
+
+// An engine written with coroutines: a free coroutine, state as parameters.
+asio::awaitable<std::uint32_t> awaited_lookup(std::shared_ptr<SchedulerAdapter> s, std::vector<store::Token> tokens) {
+  co_await s->async_submit_lookup("co", std::move(tokens), asio::use_awaitable);
+  auto st = co_await s->async_check_lookup("co", asio::use_awaitable);
+  co_return st.ready ? st.matched_tokens : 999999;
+}
+
+}  // namespace
+
+TEST_CASE("adapter: store, then sync and two-phase lookups; get_finished bookkeeping") {
+  for (auto mode : {LookupMode::sync, LookupMode::two_phase}) {
+    CAPTURE(static_cast<int>(mode));
+    Fixture f;
+    f.server.start();
+    f.make(mode);
+    CHECK(!f.worker->monitor().gate().is_open());
+    auto reg = f.worker->register_kv_caches(layout());
+    REQUIRE_MESSAGE(!reg.ec, reg.ec.message());
+    CHECK(f.worker->monitor().gate().is_open());  // opens on the register ack
+    CHECK(f.stat("registrations") == 1);
+
+    const auto tokens = prompt(4 * chunk + 5);  // 4 full chunks and a tail
+    auto st = f.worker->submit_store(f.spec("req-1", tokens));
+    REQUIRE_MESSAGE(!st.ec, st.ec.message());
+    CHECK(st.value.stored_chunks == 4);
+    auto fin = f.worker->get_finished({});
+    REQUIRE(!fin.ec);
+    CHECK(fin.value.stores.empty());  // the engine has not finished req-1
+    fin = f.worker->get_finished({"req-1", "req-1"});
+    CHECK(fin.value.stores == std::vector<std::string>{"req-1"});
+    CHECK(f.worker->get_finished({"req-1"}).value.stores.empty());  // once, ever
+
+    CHECK(!f.scheduler->monitor().gate().is_open());
+    REQUIRE(!f.scheduler->submit_lookup("a", tokens).ec);
+    CHECK(f.scheduler->monitor().gate().is_open());  // the first lookup starts the heartbeat
+    CHECK(f.matched("a") == 4 * chunk);
+    CHECK(f.matched("a") == 4 * chunk);  // cached (a two-phase job answers once)
+
+    auto diverging = tokens;
+    diverging[2 * chunk + 1] += 1;  // the third chunk differs
+    REQUIRE(!f.scheduler->submit_lookup("b", diverging).ec);
+    CHECK(f.matched("b") == 2 * chunk);
+    // A duplicate submit is ignored: the first answer stands.
+    REQUIRE(!f.scheduler->submit_lookup("b", tokens).ec);
+    CHECK(f.matched("b") == 2 * chunk);
+
+    REQUIRE(!f.scheduler->submit_lookup("miss", prompt(2 * chunk, 7)).ec);
+    CHECK(f.matched("miss") == 0);
+
+    const auto locks = f.stat("read_locks_held");
+    CHECK(locks > 0);
+    CHECK(!f.scheduler->free_lookup_locks("b", 0, 2).ec);
+    // One-way: wait for the server to have applied it.
+    CHECK(eventually([&] { return f.stat("read_locks_held") < locks; }, 5s));
+    CHECK(!f.scheduler->report_block_allocation("a", 8, 256).ec);
+    const auto sessions = f.stat("sessions");
+    CHECK(!f.scheduler->end_session("b").ec);
+    CHECK(eventually([&] { return f.stat("sessions") == sessions - 1; }, 5s));
+    CHECK(eventually([&] { return f.stat("block_allocation_reports") == 1; }, 5s));
+    CHECK(f.scheduler->check_lookup("b").ec == errc::not_found);  // state dropped
+
+    auto rt = f.worker->submit_retrieve(f.spec("req-2", tokens, 20));
+    REQUIRE_MESSAGE(!rt.ec, rt.ec.message());
+    CHECK(rt.value.retrieved_chunks == 4);
+    fin = f.worker->get_finished({});
+    CHECK(fin.value.retrieves == std::vector<std::string>{"req-2"});
+    CHECK(f.worker->take_load_errors().value.empty());
+    CHECK(f.worker->monitor().state() == health::State::healthy);
+  }
+}
+
+TEST_CASE("adapter: the async forms work with use_future and callbacks; batches") {
+  Fixture f;
+  f.server.start();
+  f.make();
+  auto reg = f.worker->async_register_kv_caches(layout(), -1, asio::use_future);
+  REQUIRE(reg.wait_for(5s) == std::future_status::ready);
+  reg.get();  // throws on an error
+  std::vector<TransferSpec> specs{f.spec("s1", prompt(2 * chunk, 1), 0), f.spec("s2", prompt(2 * chunk, 2), 8)};
+  auto batch = f.worker->async_submit_stores(specs, asio::use_future);
+  REQUIRE(batch.wait_for(5s) == std::future_status::ready);
+  auto codes = batch.get();
+  REQUIRE(codes.size() == 2);
+  CHECK(!codes[0]);
+  CHECK(!codes[1]);
+  std::promise<std::vector<std::string>> p;
+  f.worker->async_get_finished({"s1", "s2"}, [&](std::error_code, FinishedSets s) { p.set_value(s.stores); });
+  auto fut = p.get_future();
+  REQUIRE(fut.wait_for(5s) == std::future_status::ready);
+  CHECK(fut.get() == std::vector<std::string>{"s1", "s2"});
+  auto rb = f.worker->submit_retrieves({f.spec("r1", prompt(2 * chunk, 1), 30), f.spec("r2", prompt(chunk, 9), 40)});
+  REQUIRE(rb.value.size() == 2);
+  CHECK(!rb.value[0]);
+  CHECK(rb.value[1] == errc::not_found);  // never stored: its blocks failed to load
+  CHECK(rb.ec == errc::not_found);
+  auto fin = f.worker->get_finished({});
+  CHECK(fin.value.retrieves.size() == 2);
+  CHECK(f.worker->take_load_errors().value == blocks(40, 2));
+  auto co = asio::co_spawn(f.rt.executor(), awaited_lookup(f.scheduler, prompt(2 * chunk + 3, 1)), asio::use_future);
+  REQUIRE(co.wait_for(5s) == std::future_status::ready);
+  CHECK(co.get() == 2 * chunk);
+}
+
+TEST_CASE("adapter: SIGKILL mid-workload -> calls return in time, retrieves fail, get_finished drains; "
+          "a restart re-registers and lookups resume") {
+  Fixture f;
+  f.server.start();
+  f.make();
+  REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+  const auto tokens = prompt(3 * chunk);
+  REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
+  REQUIRE(!f.scheduler->submit_lookup("warm", tokens).ec);
+  f.healthy();
+
+  // In flight when the server dies: a store and a retrieve it never answers.
+  stop_server(f.server);
+  auto pending_store = f.worker->async_submit_store(f.spec("s-late", prompt(2 * chunk, 5), 100), asio::use_future);
+  auto pending_retrieve = f.worker->async_submit_retrieve(f.spec("r-late", tokens, 50), asio::use_future);
+  f.server.kill();  // while stopped: it never reads them
+  REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::degraded; }, 5s));
+  REQUIRE(pending_retrieve.wait_for(3s) == std::future_status::ready);
+  REQUIRE(pending_store.wait_for(3s) == std::future_status::ready);
+
+  const auto t0 = std::chrono::steady_clock::now();
+  auto rr = f.worker->submit_retrieve(f.spec("r-degraded", tokens, 60));
+  CHECK(rr.ec == errc::unhealthy);  // not sent
+  auto ss = f.worker->submit_store(f.spec("s-degraded", tokens, 70));
+  CHECK(ss.ec == errc::unhealthy);
+  REQUIRE(eventually([&] { return f.scheduler->monitor().state() == health::State::degraded; }, 5s));
+  CHECK(f.scheduler->submit_lookup("during", tokens).ec == errc::unhealthy);
+  auto during = f.scheduler->check_lookup("during");
+  CHECK(during.value.ready);
+  CHECK(during.value.matched_tokens == 0);
+  CHECK(f.scheduler->end_session("warm").ec == errc::unhealthy);  // dropped
+  CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+
+  auto fin = f.worker->get_finished({"s-late", "s-degraded", "r-late"});
+  REQUIRE(!fin.ec);
+  std::sort(fin.value.retrieves.begin(), fin.value.retrieves.end());
+  CHECK(fin.value.retrieves == std::vector<std::string>{"r-degraded", "r-late"});
+  CHECK(fin.value.stores == std::vector<std::string>{"s-degraded", "s-late"});
+  auto errors = f.worker->take_load_errors().value;
+  auto expected = blocks(50, 6);
+  auto more = blocks(60, 6);
+  expected.insert(expected.end(), more.begin(), more.end());
+  std::string got;
+  for (auto b : errors) got += std::to_string(b) + " ";
+  CHECK_MESSAGE(errors == expected, "load errors: " << got);
+  CHECK(f.worker->get_finished({"s-late", "r-late"}).value.stores.empty());
+
+  // Restart: the worker re-registers by itself, then lookups work again.
+  f.server.start();
+  f.healthy();
+  CHECK(f.stat("registrations") == 1);
+  REQUIRE(!f.worker->submit_store(f.spec("s2", tokens)).ec);
+  REQUIRE(!f.scheduler->submit_lookup("after", tokens).ec);
+  CHECK(f.matched("after") == 3 * chunk);
+}
+
+TEST_CASE("adapter: SIGSTOP -> blocking calls return within their deadline") {
+  Fixture f;
+  f.server.start();
+  f.make(LookupMode::two_phase);
+  REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+  const auto tokens = prompt(2 * chunk);
+  REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
+  REQUIRE(!f.scheduler->submit_lookup("x", tokens).ec);
+  f.healthy();
+  stop_server(f.server);
+  for (int i = 0; i < 3; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = f.worker->submit_retrieve(f.spec("r" + std::to_string(i), tokens, 10), 300ms);
+    const auto took = std::chrono::steady_clock::now() - t0;
+    CHECK(r.ec);  // timed_out while the link looks healthy, unhealthy after
+    CHECK(took < 1s);
+    const auto t1 = std::chrono::steady_clock::now();
+    auto l = f.scheduler->submit_lookup("y" + std::to_string(i), tokens, 300ms);
+    (void)l;
+    auto c = f.scheduler->check_lookup("y" + std::to_string(i), 300ms);
+    (void)c;
+    CHECK(std::chrono::steady_clock::now() - t1 < 1500ms);
+  }
+  REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::degraded; }, 5s));
+  auto fin = f.worker->get_finished({});
+  CHECK(fin.value.retrieves.size() == 3);  // drained
+  f.server.resume();
+  f.healthy();
+  CHECK(f.stat("registrations") == 1);  // same server: registration kept
+}
+
+TEST_CASE("adapter: no server -> degraded; nothing hangs, everything reports the degraded outcome") {
+  Fixture f;
+  f.make();
+  f.worker->ready();
+  f.scheduler->ready();
+  REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::degraded; }, 5s));
+  REQUIRE(eventually([&] { return f.scheduler->monitor().state() == health::State::degraded; }, 5s));
+  CHECK(f.worker->register_kv_caches(layout()).ec == errc::unhealthy);
+  CHECK(f.worker->submit_store(f.spec("s", prompt(chunk))).ec == errc::unhealthy);
+  CHECK(f.worker->submit_retrieve(f.spec("r", prompt(chunk), 3)).ec == errc::unhealthy);
+  auto fin = f.worker->get_finished({"s"});
+  CHECK(fin.value.stores == std::vector<std::string>{"s"});
+  CHECK(fin.value.retrieves == std::vector<std::string>{"r"});
+  CHECK(f.worker->take_load_errors().value == blocks(3, 2));
+  CHECK(f.scheduler->submit_lookup("l", prompt(chunk)).ec == errc::unhealthy);
+  auto st = f.scheduler->check_lookup("l");
+  CHECK(st.value.ready);
+  CHECK(st.value.matched_tokens == 0);
+  CHECK(f.scheduler->report_block_allocation("l", 1, 2).ec == errc::unhealthy);
+
+  // The server appears: the registration that was never acknowledged is
+  // sent once the link is healthy, and transfers work.
+  f.server.start();
+  f.healthy();
+  REQUIRE(eventually([&] { return f.stat("registrations") == 1; }, 5s));
+  auto st2 = f.worker->submit_store(f.spec("s2", prompt(chunk)));
+  CHECK_MESSAGE(!st2.ec, st2.ec.message());
+  CHECK(st2.value.stored_chunks == 1);
+}
+
+TEST_CASE("adapter: worker gate triggers; unregister") {
+  SUBCASE("first transfer") {
+    Fixture f;
+    f.server.start();
+    f.make(LookupMode::sync, GateTrigger::first_transfer);
+    REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+    CHECK(!f.worker->monitor().gate().is_open());
+    REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
+    CHECK(f.worker->monitor().gate().is_open());
+    CHECK(f.worker->monitor().gate().reason() == "first store");
+  }
+  SUBCASE("explicit ready only") {
+    Fixture f;
+    f.server.start();
+    f.make(LookupMode::sync, GateTrigger::explicit_ready);
+    REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+    REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
+    CHECK(!f.worker->monitor().gate().is_open());
+    CHECK(f.worker->monitor().state() == health::State::warming);
+    f.worker->ready();
+    CHECK(f.worker->monitor().gate().is_open());
+    REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::healthy; }));
+    CHECK(f.stat("registrations") == 1);
+    REQUIRE(!f.worker->unregister_kv_caches().ec);
+    CHECK(f.stat("registrations") == 0);
+    CHECK(f.worker->submit_store(f.spec("s2", prompt(chunk, 2))).ec == errc::not_registered);
+  }
+}
+
+TEST_CASE("adapter: reaped by the server (unknown_instance) -> the worker re-registers by itself") {
+  Fixture f({"--reap-timeout-s", "1", "--registration-grace-s", "1"});
+  f.server.start();
+  f.make(LookupMode::sync, GateTrigger::explicit_ready);
+  REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+  CHECK(f.stat("registrations") == 1);
+  // Gate closed, no pings: the server reaps the silent instance.
+  REQUIRE(eventually([&] { return f.stat("registrations") == 0; }, 10s));
+  f.worker->ready();
+  // The first ping answers unknown_instance; healthy only after re-registering.
+  REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::healthy; }, 10s));
+  CHECK(f.stat("registrations") == 1);
+  REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
+}
+
+TEST_CASE("adapter: a scheduler can share the worker's monitor (one connection, one heartbeat)") {
+  Fixture f;
+  f.server.start();
+  f.make();
+  REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+  const auto tokens = prompt(2 * chunk, 3);
+  REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
+  SchedulerConfig c;
+  c.model = "adapter-model";
+  c.monitor = f.worker->shared_monitor();
+  auto shared = SchedulerAdapter::create(f.rt.executor(), c);
+  CHECK(&shared->monitor() == &f.worker->monitor());
+  REQUIRE(!shared->submit_lookup("q", tokens).ec);
+  auto st = shared->check_lookup("q");
+  CHECK(st.value.ready);
+  CHECK(st.value.matched_tokens == 2 * chunk);
+  shared->stop();  // leaves the shared monitor alone
+  shared.reset();
+  CHECK(f.worker->monitor().state() != health::State::stopped);
+  CHECK(!f.worker->submit_store(f.spec("s2", prompt(chunk, 4))).ec);
+}

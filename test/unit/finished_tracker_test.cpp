@@ -1,0 +1,125 @@
+// get_finished bookkeeping (SPEC section 7) as pure logic.
+#include <doctest/doctest.h>
+
+#include "kvlink/adapter/finished_tracker.hpp"
+
+using kvlink::adapter::GetFinishedTracker;
+using Ids = std::vector<std::string>;
+using Blocks = std::vector<std::uint32_t>;
+
+namespace {
+GetFinishedTracker::Finished step(GetFinishedTracker& t, Ids engine = {}, bool unhealthy = false) {
+  return t.get_finished(engine, unhealthy);
+}
+}  // namespace
+
+TEST_CASE("tracker: a store is finished only after both the server and the engine finished it") {
+  GetFinishedTracker t;
+  auto s = t.store_started("a");
+  CHECK(step(t, {"a"}).stores.empty());  // engine done, server not
+  t.store_done(s);
+  CHECK(step(t).stores == Ids{"a"});  // the engine's earlier report is remembered
+
+  auto s2 = t.store_started("b");
+  t.store_done(s2);
+  CHECK(step(t).stores.empty());  // server done, engine not
+  CHECK(step(t, {"b"}).stores == Ids{"b"});
+}
+
+TEST_CASE("tracker: every store of a request must finish") {
+  GetFinishedTracker t;
+  auto s1 = t.store_started("a");
+  auto s2 = t.store_started("a");
+  t.store_done(s1);
+  CHECK(step(t, {"a"}).stores.empty());
+  t.store_done(s2);
+  CHECK(step(t).stores == Ids{"a"});
+}
+
+TEST_CASE("tracker: each id is reported at most once, even when the engine repeats it") {
+  GetFinishedTracker t;
+  t.store_done(t.store_started("a"));
+  CHECK(step(t, {"a", "a"}).stores == Ids{"a"});
+  CHECK(step(t, {"a"}).stores.empty());
+  // A later store under the same id is never reported again.
+  t.store_done(t.store_started("a"));
+  CHECK(step(t, {"a"}).stores.empty());
+  // Retrieves likewise.
+  t.retrieve_done(t.retrieve_started("r", Blocks{1}), true);
+  CHECK(step(t).retrieves == Ids{"r"});
+  t.retrieve_done(t.retrieve_started("r", Blocks{1}), true);
+  CHECK(step(t, {"r"}).retrieves.empty());
+  CHECK(t.take_load_errors().empty());
+}
+
+TEST_CASE("tracker: engine ids with no transfers are ignored") {
+  GetFinishedTracker t;
+  auto f = step(t, {"x", "y"});
+  CHECK(f.stores.empty());
+  CHECK(f.retrieves.empty());
+}
+
+TEST_CASE("tracker: retrieves finish without the engine; failures become load errors") {
+  GetFinishedTracker t;
+  auto ok = t.retrieve_started("a", Blocks{1, 2});
+  auto bad = t.retrieve_started("b", Blocks{7, 3});
+  CHECK(step(t).retrieves.empty());
+  t.retrieve_done(ok, true);
+  t.retrieve_done(bad, false);
+  auto f = step(t);
+  CHECK(f.retrieves == Ids{"a", "b"});
+  CHECK(t.load_errors().size() == 2);
+  CHECK(t.take_load_errors() == Blocks{3, 7});
+  CHECK(t.take_load_errors().empty());  // reported once
+}
+
+TEST_CASE("tracker: unhealthy drain finishes every pending store and fails every pending retrieve") {
+  GetFinishedTracker t;
+  auto s = t.store_started("s");
+  auto s_unfinished = t.store_started("s2");
+  auto r = t.retrieve_started("r", Blocks{4, 5});
+  auto f = step(t, {"s"}, true);
+  CHECK(f.stores == Ids{"s"});
+  CHECK(f.retrieves == Ids{"r"});
+  CHECK(t.take_load_errors() == Blocks{4, 5});
+  CHECK(t.pending_stores() == 0);
+  CHECK(t.pending_retrieves() == 0);
+  // s2 counts as finished by the server: reported once the engine finishes it.
+  CHECK(step(t, {"s2"}).stores == Ids{"s2"});
+  // Late server completions of drained operations change nothing.
+  t.store_done(s);
+  t.store_done(s_unfinished);
+  t.retrieve_done(r, true);
+  f = step(t, {"s", "s2", "r"});
+  CHECK(f.stores.empty());
+  CHECK(f.retrieves.empty());
+  CHECK(t.take_load_errors().empty());
+}
+
+TEST_CASE("tracker: a request drained as a finished retrieve is not also a finished store") {
+  GetFinishedTracker t;
+  t.store_started("a");
+  t.retrieve_started("a", Blocks{9});
+  auto f = step(t, {"a"}, true);
+  CHECK(f.retrieves == Ids{"a"});
+  CHECK(f.stores.empty());
+  CHECK(step(t, {"a"}).stores.empty());  // not later either
+  CHECK(t.take_load_errors() == Blocks{9});
+}
+
+TEST_CASE("tracker: healthy steps report a request in both directions when both finished") {
+  GetFinishedTracker t;
+  t.retrieve_done(t.retrieve_started("a", Blocks{1}), true);
+  CHECK(step(t).retrieves == Ids{"a"});
+  t.store_done(t.store_started("a"));
+  CHECK(step(t, {"a"}).stores == Ids{"a"});
+}
+
+TEST_CASE("tracker: forget drops an id's records") {
+  GetFinishedTracker t;
+  auto s = t.store_started("a");
+  t.forget("a");
+  t.store_done(s);
+  CHECK(step(t, {"a"}).stores.empty());
+  CHECK(t.pending_stores() == 0);
+}
