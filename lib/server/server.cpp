@@ -96,6 +96,9 @@ asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::st
     if (acceptor.local_endpoint().protocol().family() != AF_UNIX) {
       std::error_code ignored;
       session->stream.socket().set_option(asio::ip::tcp::no_delay(true), ignored);
+    } else {
+      // Workers pass their KV cache's memfd with REGISTER_KV_CACHE.
+      session->stream.receive_fds_into(&session->state.received_fds);
     }
     ++handler.counters().connections_accepted;
     ++handler.counters().connections_open;

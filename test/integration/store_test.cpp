@@ -1,12 +1,15 @@
 // The store operations against the real kvlink-server process over a unix
-// socket (the server runs the in-process fake transfer engine until issue 5,
-// so data does not move but every lock, slot and reply does).
+// socket, with the CPU transfer engine moving the data between a memfd KV
+// cache (passed with REGISTER_KV_CACHE) and L1.
 #include <doctest/doctest.h>
 
 #include <asio/co_spawn.hpp>
 #include <asio/io_context.hpp>
 #include <cstdio>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 #include <thread>
 
 #include "kvlink/net/connection.hpp"
@@ -53,9 +56,33 @@ struct Client {
     co_return Result<typename M::reply_type>{ec, std::move(r), ec ? c->last_error_message() : std::string()};
   }
   template <class M>
+  static asio::awaitable<Result<typename M::reply_type>> call_fd_co(std::shared_ptr<net::Connection> c, M m, int fd) {
+    auto [ec, r] =
+        co_await c->async_call_with_fd(std::move(m), fd, 5s, asio::experimental::as_tuple(asio::use_awaitable));
+    co_return Result<typename M::reply_type>{ec, std::move(r), ec ? c->last_error_message() : std::string()};
+  }
+  // REGISTER_KV_CACHE passes the KV cache's memfd (created here, sized to
+  // the layout, unless the test passes its own); everything else is a call.
+  template <class M>
   Result<typename M::reply_type> call(M m) {
+    if constexpr (std::is_same_v<M, wire::RegisterKvCacheRequest>) {
+      if (!memfd) {
+        memfd = UniqueFd(::memfd_create("store_test-kv", MFD_CLOEXEC));
+        REQUIRE(memfd);
+      }
+      struct stat st {};
+      REQUIRE(::fstat(memfd.get(), &st) == 0);
+      if (static_cast<std::uint64_t>(st.st_size) < m.layout.region_bytes)
+        REQUIRE(::ftruncate(memfd.get(), static_cast<off_t>(m.layout.region_bytes)) == 0);
+      return call_with_fd(std::move(m), memfd.get());
+    }
     return run(io, call_co(conn, std::move(m)));
   }
+  template <class M>
+  Result<typename M::reply_type> call_with_fd(M m, int fd) {
+    return run(io, call_fd_co(conn, std::move(m), fd));
+  }
+  UniqueFd memfd;  // the worker's KV cache
   template <class M>
   typename M::reply_type ok(M m) {
     auto r = call(std::move(m));
