@@ -98,19 +98,24 @@ class FrameStream {
       std::size_t n = 0;
       if (fd_sink_) {
         // recvmsg ourselves (Asio's reads have no control buffer, and the
-        // kernel would close any fd that arrives): a speculative read, then
-        // wait for readability only when nothing is there, as Asio does.
+        // kernel would close any fd that arrives). Like Asio's reactor: a
+        // speculative read only when the last read filled its buffer (more
+        // is likely waiting); after a short read, wait for readability first
+        // instead of paying for a recvmsg that finds nothing.
         bool waited = false;
-        for (;;) {
+        if (!maybe_more_) {
+          auto [wec] = co_await socket_.async_wait(Socket::wait_read, asio::experimental::as_tuple(asio::use_awaitable));
+          waited = true;
+          ec = wec;
+        }
+        while (!ec) {
           n = receive_some(space.data(), space.size(), ec);
           if (ec != std::errc::resource_unavailable_try_again && ec != std::errc::operation_would_block) break;
           auto [wec] = co_await socket_.async_wait(Socket::wait_read, asio::experimental::as_tuple(asio::use_awaitable));
           waited = true;
-          if (wec) {
-            ec = wec;
-            break;
-          }
+          ec = wec;  // readable (clear) or why the wait ended
         }
+        maybe_more_ = !ec && n == space.size();
         // A read that found data at once lets other sessions run first, as
         // Asio's completion would (one busy client cannot starve the rest).
         if (!ec && !waited) co_await asio::post(socket_.get_executor(), asio::use_awaitable);
@@ -304,6 +309,7 @@ class FrameStream {
   static constexpr std::size_t max_fds_per_message = 8;
   std::vector<UniqueFd> fds_out_;               // to send with the next flush
   std::deque<UniqueFd>* fd_sink_ = nullptr;     // where received fds go (null: plain reads)
+  bool maybe_more_ = false;                     // the last recvmsg filled its buffer
 };
 
 }  // namespace kvlink::net
