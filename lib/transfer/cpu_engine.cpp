@@ -1,6 +1,8 @@
 #include "kvlink/transfer/cpu_engine.hpp"
 
+#include <asio/execution/outstanding_work.hpp>
 #include <asio/post.hpp>
+#include <asio/prefer.hpp>
 #include <algorithm>
 #include <atomic>
 #include <fmt/format.h>
@@ -55,6 +57,10 @@ namespace {
 struct JobState {
   TransferJob job;
   TransferDone done;
+  // Outstanding work on the completion executor: its io_context's run()
+  // does not return while a copy is in flight (the server's L1 and the
+  // handler stay alive until every completion ran).
+  asio::any_io_executor work;
   std::atomic<std::size_t> parts_left{0};
   std::mutex mutex;
   std::string error;  // the first part's failure
@@ -71,6 +77,7 @@ void CpuTransferEngine::submit(TransferJob job, TransferDone done) {
   const std::size_t parts = std::min<std::size_t>(chunks, threads_.size());
   state->job = std::move(job);
   state->done = std::move(done);
+  state->work = asio::prefer(completions_, asio::execution::outstanding_work.tracked);
   state->parts_left = parts;
   {
     std::lock_guard lock(mutex_);
@@ -89,7 +96,8 @@ void CpuTransferEngine::submit(TransferJob job, TransferDone done) {
                     state->job.direction == Direction::store ? "STORE" : "RETRIEVE", state->error);
           ec = errc::bad_request;
         }
-        asio::post(completions_, [state, ec] { state->done(ec); });
+        auto work = std::move(state->work);
+        asio::post(work, [state, ec] { state->done(ec); });
       });
     }
   }

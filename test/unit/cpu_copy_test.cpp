@@ -237,3 +237,23 @@ TEST_CASE("CpuTransferEngine: refuses a REGISTER without memfd, splits jobs, com
   for (std::uint32_t i = 0; i < 4; ++i)
     CHECK(slots[i][slot_offset(reg->layout, 2, 2, 1, 1)] == pattern(2, 1, 2 * i + 1, 0));
 }
+
+TEST_CASE("CpuTransferEngine: a copy in flight is outstanding work, so io_context::run waits for its completion") {
+  asio::io_context io;
+  CpuTransferEngine engine(io.get_executor(), 1);
+  auto reg = make_reg(false);
+  std::vector<std::byte> slot(reg->slot_bytes);
+  int done = 0;
+  for (int i = 0; i < 8; ++i) {
+    TransferJob job;
+    job.direction = Direction::store;
+    job.registration = reg;
+    job.chunks = {{slot.data(), {0, 1}}};
+    engine.submit(std::move(job), [&](std::error_code ec) {
+      CHECK(!ec);
+      ++done;
+    });
+  }
+  io.run();  // returns once nothing is outstanding
+  CHECK(done == 8);
+}
