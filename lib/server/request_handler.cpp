@@ -353,7 +353,14 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
   reg->slot_bytes = slot;
   // Map the engine's memory before L1 is sized for this layout: a refused
   // memfd leaves the pool as it was.
-  if (auto why = engine_.attach(*reg, std::move(fd)); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  const bool had_fd = static_cast<bool>(fd);
+  if (auto why = engine_.attach(*reg, std::move(fd)); !why.empty()) {
+    // The server collects fds on worker connections only (server.cpp).
+    if (!had_fd && session.role != wire::Role::worker)
+      why += fmt::format("; fds are received on worker connections only, and this one said HELLO as {}",
+                         wire::role_name(session.role));
+    return fail(frame, sink, errc::bad_request, why);
+  }
   if (auto why = pool_.configure(slot); !why.empty()) return fail(frame, sink, errc::bad_request, why);
   log::info("kvlink-server: instance {:016x} registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
             session.instance_id, reg->model, reg->kv_rank, reg->world_size, reg->layout.num_layers, slot);

@@ -579,6 +579,15 @@ TEST_CASE("failed registrations leak no fds in the server, which keeps serving")
     Client other(io, server.endpoint(), wire::Role::worker);
     CHECK(other.call_with_fd(reg, small.fd.get()).ec == errc::bad_request);
   }
+  {
+    // Fds are collected on worker connections only: a scheduler's is
+    // dropped by the kernel, and the error says why.
+    Client scheduler(io, server.endpoint(), wire::Role::scheduler);
+    auto s = scheduler.call_with_fd(reg, mem.fd.get());
+    CHECK(s.ec == errc::bad_request);
+    CHECK(s.message.find("no memfd received") == 0);
+    CHECK(s.message.find("worker connections only") != std::string::npos);
+  }
   CHECK_FALSE(worker.call(wire::PingRequest{}).ec);
   const auto deadline = std::chrono::steady_clock::now() + 10s;
   while (open_fds(server.pid()) != before && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(10ms);
