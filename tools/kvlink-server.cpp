@@ -10,6 +10,7 @@
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/server/server.hpp"
 #include "kvlink/store/l1_pool.hpp"
+#include "kvlink/transfer/cpu_engine.hpp"
 #include "kvlink/version.hpp"
 
 int main(int argc, char** argv) {
@@ -63,6 +64,10 @@ int main(int argc, char** argv) {
   app.add_option("--low-watermark", cfg.low_watermark, "Fraction of L1 eviction brings usage down to")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--transfer-threads", cfg.transfer_threads,
+                 "Threads copying KV data between the workers' memfds and L1 (CPU transfer engine)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 256u));
   CLI11_PARSE(app, argc, argv);
 
   if (auto why = kvlink::store::parse_size(l1_size, cfg.l1_size); !why.empty()) {
@@ -92,7 +97,9 @@ int main(int argc, char** argv) {
   }
 
   asio::io_context io(1);
-  kvlink::server::Server server(io, cfg);
+  // Declared before the server, so it outlives it: the server's jobs run here.
+  kvlink::transfer::CpuTransferEngine engine(io.get_executor(), cfg.transfer_threads);
+  kvlink::server::Server server(io, cfg, engine);
   try {
     server.start();
   } catch (const std::exception& e) {

@@ -94,8 +94,8 @@ asio::awaitable<void> WorkerAdapter::resend_registration(std::shared_ptr<WorkerA
   }
 }
 
-void WorkerAdapter::start_register(wire::KvLayout layout, int memfd, detail::Callback<Done> cb) {
-  asio::post(ex_, [self = shared_from_this(), l = std::move(layout), memfd, cb = std::move(cb)]() mutable {
+void WorkerAdapter::start_register(wire::KvLayout layout, UniqueFd memfd, detail::Callback<Done> cb) {
+  asio::post(ex_, [self = shared_from_this(), l = std::move(layout), memfd = std::move(memfd), cb = std::move(cb)]() mutable {
     if (self->shutting_down_) return cb(make_error_code(errc::shutting_down), Done{});
     Registration r;
     r.request.ns = self->ns_;
@@ -103,7 +103,7 @@ void WorkerAdapter::start_register(wire::KvLayout layout, int memfd, detail::Cal
     r.request.world_size = self->config_.world_size;
     r.request.kv_rank = self->config_.kv_rank;
     r.request.layout = std::move(l);
-    r.memfd = memfd;
+    r.memfd = std::move(memfd);
     // Kept before sending: a server restart from now on re-sends it.
     self->registration_ = std::move(r);
     self->registration_acked_ = false;
@@ -310,7 +310,7 @@ asio::awaitable<void> WorkerAdapter::do_shutdown(std::shared_ptr<WorkerAdapter> 
                       [m = monitor_] { m->report_deadline_missed(); })
 
 Result<Done> WorkerAdapter::register_kv_caches(wire::KvLayout layout, int memfd, Duration deadline) {
-  return KVLINK_BLOCKING(Done, deadline, start_register(std::move(layout), memfd, std::move(cb)));
+  return KVLINK_BLOCKING(Done, deadline, start_register(std::move(layout), duplicate_fd(memfd), std::move(cb)));
 }
 Result<Done> WorkerAdapter::unregister_kv_caches(Duration deadline) {
   return KVLINK_BLOCKING(Done, deadline, start_unregister(std::move(cb)));

@@ -22,7 +22,11 @@ std::shared_ptr<Connection> Connection::start(Socket socket, std::uint32_t max_p
 }
 
 Connection::Connection(Socket socket, std::uint32_t max_payload)
-    : executor_(socket.get_executor()), stream_(std::move(socket), max_payload), deadline_timer_(executor_) {}
+    : executor_(socket.get_executor()), stream_(std::move(socket), max_payload), deadline_timer_(executor_) {
+  std::error_code ec;
+  const auto local = stream_.socket().local_endpoint(ec);
+  is_unix_ = !ec && local.protocol().family() == AF_UNIX;
+}
 
 Connection::~Connection() = default;
 

@@ -74,6 +74,7 @@ void RequestHandler::release_session(const SessionKey& key, const RequestSession
 }
 
 void RequestHandler::on_session_end(SessionState& session, TimePoint) {
+  session.received_fds.clear();  // closes fds no REGISTER took
   if (!session.counted) return;
   session.counted = false;
   const std::uint64_t instance = session.instance_id;
@@ -119,6 +120,13 @@ void RequestHandler::tick(TimePoint now) {
 
 bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
   const wire::Header& h = frame.header;
+  // A REGISTER takes the oldest received fd whatever happens next, so a
+  // failed registration's memfd is closed here, not handed to a later one.
+  UniqueFd fd;
+  if (h.opcode == static_cast<std::uint8_t>(wire::Opcode::register_kv_cache) && !session.received_fds.empty()) {
+    fd = std::move(session.received_fds.front());
+    session.received_fds.pop_front();
+  }
   if (h.is_response()) {
     ++counters_.protocol_errors;
     reply_error(sink, h, errc::protocol_error, "clients send requests, not responses; closing the connection");
@@ -164,7 +172,7 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
       on_stats(frame, sink);
       return true;
     case wire::Opcode::register_kv_cache:
-      on_register(session, frame, sink);
+      on_register(session, frame, sink, std::move(fd));
       return true;
     case wire::Opcode::unregister_kv_cache: {
       wire::UnregisterKvCacheRequest req;
@@ -320,7 +328,7 @@ std::string check_keys(std::size_t chunks, std::uint32_t ws) {
 }
 }  // namespace
 
-void RequestHandler::on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink) {
+void RequestHandler::on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink, UniqueFd fd) {
   wire::RegisterKvCacheRequest req;
   if (!parse(frame, sink, req, errc::bad_request)) return;
   if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
@@ -334,7 +342,6 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
   if (__builtin_mul_overflow(std::uint64_t{req.layout.num_layers} * req.layout.num_planes * blocks_per_chunk,
                              req.layout.block_bytes(), &slot))
     return fail(frame, sink, errc::bad_request, "the layout's chunk size in bytes overflows 64 bits");
-  if (auto why = pool_.configure(slot); !why.empty()) return fail(frame, sink, errc::bad_request, why);
   auto reg = std::make_shared<transfer::Registration>();
   reg->instance_id = session.instance_id;
   reg->ns = req.ns;
@@ -344,6 +351,17 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
   reg->layout = std::move(req.layout);
   reg->blocks_per_chunk = blocks_per_chunk;
   reg->slot_bytes = slot;
+  // Map the engine's memory before L1 is sized for this layout: a refused
+  // memfd leaves the pool as it was.
+  const bool had_fd = static_cast<bool>(fd);
+  if (auto why = engine_.attach(*reg, std::move(fd)); !why.empty()) {
+    // The server collects fds on worker connections only (server.cpp).
+    if (!had_fd && session.role != wire::Role::worker)
+      why += fmt::format("; fds are received on worker connections only, and this one said HELLO as {}",
+                         wire::role_name(session.role));
+    return fail(frame, sink, errc::bad_request, why);
+  }
+  if (auto why = pool_.configure(slot); !why.empty()) return fail(frame, sink, errc::bad_request, why);
   log::info("kvlink-server: instance {:016x} registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
             session.instance_id, reg->model, reg->kv_rank, reg->world_size, reg->layout.num_layers, slot);
   registrations_[session.instance_id] = std::move(reg);

@@ -31,6 +31,20 @@ struct Session final : ReplySink, std::enable_shared_from_this<Session> {
 
   net::FrameStream stream;
   SessionState state;
+  bool unix_socket = false;
+  bool fd_reads = false;
+
+  // Workers pass their KV cache's memfd with REGISTER_KV_CACHE, so once a
+  // worker's HELLO is handled its reads collect fds (recvmsg). Schedulers
+  // and admins keep Asio's plain reads: their PINGs and lookups are the
+  // latency-critical path. A worker sends REGISTER only after HELLO's reply
+  // (net::connect awaits it), so no fd can reach a plain read.
+  void after_frame() {
+    if (unix_socket && !fd_reads && state.hello_done && state.role == wire::Role::worker) {
+      fd_reads = true;
+      stream.receive_fds_into(&state.received_fds);
+    }
+  }
 };
 
 // True if something accepts connections on the unix socket at `path`.
@@ -96,6 +110,8 @@ asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::st
     if (acceptor.local_endpoint().protocol().family() != AF_UNIX) {
       std::error_code ignored;
       session->stream.socket().set_option(asio::ip::tcp::no_delay(true), ignored);
+    } else {
+      session->unix_socket = true;
     }
     ++handler.counters().connections_accepted;
     ++handler.counters().connections_open;
@@ -106,7 +122,11 @@ asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::st
 
 asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   net::StreamEnd end = co_await session->stream.read_frames(
-      [&](const wire::Frame& frame) { return handler.handle(session->state, frame, *session, Clock::now()); });
+      [&](const wire::Frame& frame) {
+        const bool go_on = handler.handle(session->state, frame, *session, Clock::now());
+        session->after_frame();
+        return go_on;
+      });
   if (end.ec == errc::protocol_error || end.ec == errc::version_mismatch) {
     // Say why before closing: the bytes were not a frame we could answer.
     ++handler.counters().protocol_errors;

@@ -5,6 +5,8 @@
 // blocking calls, as a non-coroutine engine would. The server's transfer
 // engine copies nothing yet, so these check protocol and bookkeeping.
 #include <doctest/doctest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <asio/co_spawn.hpp>
 #include <asio/use_awaitable.hpp>
@@ -17,6 +19,7 @@
 #include "kvlink/adapter/scheduler.hpp"
 #include "kvlink/adapter/worker.hpp"
 #include "kvlink/runtime/runtime.hpp"
+#include "kvlink/unique_fd.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 
@@ -69,8 +72,17 @@ bool eventually(Pred done, std::chrono::milliseconds limit = 10s) {
   return true;
 }
 
+// The engine's KV memory for layout(): a memfd of the layout's size.
+UniqueFd kv_memfd() {
+  UniqueFd fd(::memfd_create("adapter_test-kv", MFD_CLOEXEC));
+  REQUIRE(fd);
+  REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(layout().region_bytes)) == 0);
+  return fd;
+}
+
 struct Fixture {
   TempDir dir;
+  UniqueFd kv = kv_memfd();
   std::string endpoint = dir.socket();
   ServerProcess server;
   runtime::Runtime rt;
@@ -190,7 +202,7 @@ TEST_CASE("adapter: store, then sync and two-phase lookups; get_finished bookkee
     f.server.start();
     f.make(mode);
     CHECK(!f.worker->monitor().gate().is_open());
-    auto reg = f.worker->register_kv_caches(layout());
+    auto reg = f.worker->register_kv_caches(layout(), f.kv.get());
     REQUIRE_MESSAGE(!reg.ec, reg.ec.message());
     CHECK(f.worker->monitor().gate().is_open());  // opens on the register ack
     CHECK(f.stat("registrations") == 1);
@@ -249,7 +261,7 @@ TEST_CASE("adapter: the async forms work with use_future and callbacks; batches"
   Fixture f;
   f.server.start();
   f.make();
-  auto reg = f.worker->async_register_kv_caches(layout(), -1, asio::use_future);
+  auto reg = f.worker->async_register_kv_caches(layout(), f.kv.get(), asio::use_future);
   REQUIRE(reg.wait_for(5s) == std::future_status::ready);
   reg.get();  // throws on an error
   std::vector<TransferSpec> specs{f.spec("s1", prompt(2 * chunk, 1), 0), f.spec("s2", prompt(2 * chunk, 2), 8)};
@@ -282,7 +294,7 @@ TEST_CASE("adapter: SIGKILL mid-workload -> calls return in time, retrieves fail
   Fixture f;
   f.server.start();
   f.make();
-  REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
   const auto tokens = prompt(3 * chunk);
   REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
   REQUIRE(!f.scheduler->submit_lookup("warm", tokens).ec);
@@ -337,7 +349,7 @@ TEST_CASE("adapter: SIGSTOP -> blocking calls return within their deadline") {
   Fixture f;
   f.server.start();
   f.make(LookupMode::two_phase);
-  REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
   const auto tokens = prompt(2 * chunk);
   REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
   REQUIRE(!f.scheduler->submit_lookup("x", tokens).ec);
@@ -371,7 +383,7 @@ TEST_CASE("adapter: no server -> degraded; nothing hangs, everything reports the
   f.scheduler->ready();
   REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::degraded; }, 5s));
   REQUIRE(eventually([&] { return f.scheduler->monitor().state() == health::State::degraded; }, 5s));
-  CHECK(f.worker->register_kv_caches(layout()).ec == errc::unhealthy);
+  CHECK(f.worker->register_kv_caches(layout(), f.kv.get()).ec == errc::unhealthy);
   CHECK(f.worker->submit_store(f.spec("s", prompt(chunk))).ec == errc::unhealthy);
   CHECK(f.worker->submit_retrieve(f.spec("r", prompt(chunk), 3)).ec == errc::unhealthy);
   auto fin = f.worker->get_finished({"s"});
@@ -399,7 +411,7 @@ TEST_CASE("adapter: worker gate triggers; unregister") {
     Fixture f;
     f.server.start();
     f.make(LookupMode::sync, GateTrigger::first_transfer);
-    REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+    REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
     CHECK(!f.worker->monitor().gate().is_open());
     REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
     CHECK(f.worker->monitor().gate().is_open());
@@ -409,7 +421,7 @@ TEST_CASE("adapter: worker gate triggers; unregister") {
     Fixture f;
     f.server.start();
     f.make(LookupMode::sync, GateTrigger::explicit_ready);
-    REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+    REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
     REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
     CHECK(!f.worker->monitor().gate().is_open());
     CHECK(f.worker->monitor().state() == health::State::warming);
@@ -427,7 +439,7 @@ TEST_CASE("adapter: reaped by the server (unknown_instance) -> the worker re-reg
   Fixture f({"--reap-timeout-s", "1", "--registration-grace-s", "1"});
   f.server.start();
   f.make(LookupMode::sync, GateTrigger::explicit_ready);
-  REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
   CHECK(f.stat("registrations") == 1);
   // Gate closed, no pings: the server reaps the silent instance.
   REQUIRE(eventually([&] { return f.stat("registrations") == 0; }, 10s));
@@ -442,7 +454,7 @@ TEST_CASE("adapter: a scheduler can share the worker's monitor (one connection, 
   Fixture f;
   f.server.start();
   f.make();
-  REQUIRE(!f.worker->register_kv_caches(layout()).ec);
+  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
   const auto tokens = prompt(2 * chunk, 3);
   REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
   SchedulerConfig c;

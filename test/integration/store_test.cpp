@@ -1,12 +1,18 @@
 // The store operations against the real kvlink-server process over a unix
-// socket (the server runs the in-process fake transfer engine until issue 5,
-// so data does not move but every lock, slot and reply does).
+// socket, with the CPU transfer engine moving the data between a memfd KV
+// cache (passed with REGISTER_KV_CACHE) and L1.
 #include <doctest/doctest.h>
 
 #include <asio/co_spawn.hpp>
 #include <asio/io_context.hpp>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fmt/format.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 #include <thread>
 
 #include "kvlink/net/connection.hpp"
@@ -53,9 +59,33 @@ struct Client {
     co_return Result<typename M::reply_type>{ec, std::move(r), ec ? c->last_error_message() : std::string()};
   }
   template <class M>
+  static asio::awaitable<Result<typename M::reply_type>> call_fd_co(std::shared_ptr<net::Connection> c, M m, int fd) {
+    auto [ec, r] =
+        co_await c->async_call_with_fd(std::move(m), fd, 5s, asio::experimental::as_tuple(asio::use_awaitable));
+    co_return Result<typename M::reply_type>{ec, std::move(r), ec ? c->last_error_message() : std::string()};
+  }
+  // REGISTER_KV_CACHE passes the KV cache's memfd (created here, sized to
+  // the layout, unless the test passes its own); everything else is a call.
+  template <class M>
   Result<typename M::reply_type> call(M m) {
+    if constexpr (std::is_same_v<M, wire::RegisterKvCacheRequest>) {
+      if (!memfd) {
+        memfd = UniqueFd(::memfd_create("store_test-kv", MFD_CLOEXEC));
+        REQUIRE(memfd);
+      }
+      struct stat st {};
+      REQUIRE(::fstat(memfd.get(), &st) == 0);
+      if (static_cast<std::uint64_t>(st.st_size) < m.layout.region_bytes)
+        REQUIRE(::ftruncate(memfd.get(), static_cast<off_t>(m.layout.region_bytes)) == 0);
+      return call_with_fd(std::move(m), memfd.get());
+    }
     return run(io, call_co(conn, std::move(m)));
   }
+  template <class M>
+  Result<typename M::reply_type> call_with_fd(M m, int fd) {
+    return run(io, call_fd_co(conn, std::move(m), fd));
+  }
+  UniqueFd memfd;  // the worker's KV cache
   template <class M>
   typename M::reply_type ok(M m) {
     auto r = call(std::move(m));
@@ -350,4 +380,217 @@ TEST_CASE("kvlink-server refuses a malformed --l1-size clearly") {
   CHECK(WEXITSTATUS(status) == 2);
   CHECK(out.find("--l1-size") != std::string::npos);
   CHECK(out.find("unknown unit 'parsecs'") != std::string::npos);
+}
+
+// ---- the CPU data path: memfd KV cache, real copies -----------------------------
+
+namespace {
+
+// 4 layers at distinct offsets, 64 blocks of 16 tokens, 2 heads x 64 x 2
+// bytes (256 bytes per token, 4 KiB per block); a chunk is 16 blocks.
+wire::KvLayout data_layout(bool block_first) {
+  wire::KvLayout l;
+  l.num_layers = 4;
+  l.num_blocks = 64;
+  l.block_size = 16;
+  l.num_kv_heads = 2;
+  l.head_size = 64;
+  l.dtype_size = 2;
+  const std::uint64_t bb = l.block_bytes();
+  l.block_stride = block_first ? 2 * bb : bb;
+  l.plane_stride = block_first ? bb : bb * l.num_blocks;
+  const std::uint64_t layer_bytes = 2 * bb * l.num_blocks;
+  l.region_bytes = layer_bytes * l.num_layers;
+  l.layers.resize(l.num_layers);
+  for (std::uint32_t i = 0; i < l.num_layers; ++i) l.layers[i].offset = i * layer_bytes;
+  return l;
+}
+
+// The engine's view of its memfd KV cache.
+struct EngineMemory {
+  UniqueFd fd;
+  std::byte* base = nullptr;
+  std::size_t size = 0;
+  explicit EngineMemory(std::size_t bytes, std::size_t truncate_to = 0) : size(bytes) {
+    fd = UniqueFd(::memfd_create("kv-cache", MFD_CLOEXEC));
+    REQUIRE(fd);
+    REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(truncate_to ? truncate_to : bytes)) == 0);
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    REQUIRE(p != MAP_FAILED);
+    base = static_cast<std::byte*>(p);
+  }
+  ~EngineMemory() { ::munmap(base, size); }
+  std::byte* block(const wire::KvLayout& l, std::uint32_t layer, std::uint32_t plane, std::uint32_t id) const {
+    return base + l.layers[layer].offset + plane * l.plane_stride + id * l.block_stride;
+  }
+};
+
+// A deterministic byte for token `token` of the prompt (byte i of its K or V
+// row in `layer`).
+std::byte token_byte(std::uint32_t layer, std::uint32_t plane, std::uint32_t token, std::uint32_t i) {
+  return static_cast<std::byte>((token * 131 + layer * 17 + plane * 7 + i) % 251);
+}
+
+// Writes tokens [0, blocks.size() x 16) of the prompt into `blocks`.
+void fill_tokens(const EngineMemory& m, const wire::KvLayout& l, const std::vector<std::uint32_t>& blocks) {
+  const std::uint32_t tb = static_cast<std::uint32_t>(l.block_bytes() / l.block_size);
+  for (std::uint32_t layer = 0; layer < l.num_layers; ++layer)
+    for (std::uint32_t plane = 0; plane < 2; ++plane)
+      for (std::uint32_t j = 0; j < blocks.size(); ++j)
+        for (std::uint32_t t = 0; t < l.block_size; ++t)
+          for (std::uint32_t i = 0; i < tb; ++i)
+            m.block(l, layer, plane, blocks[j])[t * tb + i] = token_byte(layer, plane, j * l.block_size + t, i);
+}
+
+// True if `blocks` hold tokens [0, blocks.size() x 16) of the prompt, except
+// that tokens before `skip` must be zero.
+bool tokens_match(const EngineMemory& m, const wire::KvLayout& l, const std::vector<std::uint32_t>& blocks,
+                  std::uint32_t skip = 0) {
+  const std::uint32_t tb = static_cast<std::uint32_t>(l.block_bytes() / l.block_size);
+  for (std::uint32_t layer = 0; layer < l.num_layers; ++layer)
+    for (std::uint32_t plane = 0; plane < 2; ++plane)
+      for (std::uint32_t j = 0; j < blocks.size(); ++j)
+        for (std::uint32_t t = 0; t < l.block_size; ++t) {
+          const std::uint32_t token = j * l.block_size + t;
+          for (std::uint32_t i = 0; i < tb; ++i) {
+            const std::byte want = token < skip ? std::byte{0} : token_byte(layer, plane, token, i);
+            if (m.block(l, layer, plane, blocks[j])[t * tb + i] != want) return false;
+          }
+        }
+  return true;
+}
+
+std::vector<std::uint32_t> range_ids(std::uint32_t first, std::uint32_t n) {
+  std::vector<std::uint32_t> v(n);
+  for (std::uint32_t i = 0; i < n; ++i) v[i] = first + i;
+  return v;
+}
+
+std::size_t open_fds(pid_t pid) {
+  std::size_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd")) ++n;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("CPU data path: STORE from a memfd, wipe, SYNC_LOOKUP, RETRIEVE into other blocks gives the same bytes") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "warn"});
+  server.start();
+  asio::io_context io;
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  Client scheduler(io, server.endpoint(), wire::Role::scheduler);
+  std::uint32_t salt = 100;
+  for (bool block_first : {false, true}) {
+    CAPTURE(block_first);
+    const auto l = data_layout(block_first);
+    EngineMemory mem(l.region_bytes);
+    auto reg = registration();
+    reg.layout = l;
+    auto r = worker.call_with_fd(reg, mem.fd.get());
+    REQUIRE_MESSAGE(!r.ec, r.message);
+
+    const auto h = prompt(2, salt++);
+    const auto src = range_ids(0, 32);  // tokens 0..511 in blocks 0..31
+    fill_tokens(mem, l, src);
+    wire::StoreRequest st;
+    st.ns = ns;
+    st.hashes = h;
+    st.block_ids = src;
+    CHECK(worker.ok(st).stored_chunks == 2);
+
+    std::memset(mem.base, 0, mem.size);  // the engine's blocks are reused
+    wire::SyncLookupRequest sl;
+    sl.ns = ns;
+    sl.session_id = 7;
+    sl.hashes = h;
+    CHECK(scheduler.ok(sl).matched_chunks == 2);
+
+    wire::RetrieveRequest rt;
+    rt.ns = ns;
+    rt.hashes = h;
+    rt.block_ids = range_ids(32, 32);
+    CHECK(worker.ok(rt).retrieved_chunks == 2);
+    CHECK(tokens_match(mem, l, range_ids(32, 32)));
+    CHECK(tokens_match(mem, l, src, ~0u));  // the source blocks stay wiped
+
+    // skip_first_n_tokens: 280 = chunk 0 whole plus 24 tokens (a block and a
+    // half) of chunk 1 stay untouched.
+    std::memset(mem.base, 0, mem.size);
+    rt.skip_first_n_tokens = 280;
+    CHECK(worker.ok(rt).retrieved_chunks == 2);
+    CHECK(tokens_match(mem, l, range_ids(32, 32), 280));
+  }
+}
+
+TEST_CASE("KV cache registration over TCP is refused with a clear error") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--listen", "tcp:127.0.0.1:0", "--l1-size", "16MiB",
+                        "--log-level", "error"});
+  server.start();
+  asio::io_context io;
+  Client worker(io, server.endpoint(1), wire::Role::worker);
+  EngineMemory mem(data_layout(false).region_bytes);
+  auto reg = registration();
+  reg.layout = data_layout(false);
+  auto r = worker.call_with_fd(reg, mem.fd.get());
+  CHECK(r.ec == errc::bad_request);
+  CHECK(r.message == "KV cache registration needs a unix: endpoint (memfd is passed with SCM_RIGHTS)");
+  // Sent without an fd anyway: the server says what is missing.
+  auto plain = run(io, Client::call_co(worker.conn, reg));
+  CHECK(plain.ec == errc::bad_request);
+  CHECK(plain.message.find("no memfd received with REGISTER_KV_CACHE") == 0);
+  CHECK_FALSE(worker.call(wire::PingRequest{}).ec);
+}
+
+TEST_CASE("failed registrations leak no fds in the server, which keeps serving") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "error"});
+  server.start();
+  asio::io_context io;
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  const auto l = data_layout(false);
+  auto reg = registration();
+  reg.layout = l;
+  const std::size_t before = open_fds(server.pid());
+
+  // memfd smaller than the layout's region.
+  EngineMemory small(l.region_bytes, l.region_bytes / 2);
+  auto r = worker.call_with_fd(reg, small.fd.get());
+  CHECK(r.ec == errc::bad_request);
+  CHECK(r.message.find(fmt::format("memfd is {} bytes, layout needs {}", l.region_bytes / 2, l.region_bytes)) == 0);
+  // No fd at all.
+  auto none = run(io, Client::call_co(worker.conn, reg));
+  CHECK(none.message.find("no memfd received") == 0);
+  // An fd with a request the handler refuses before looking at it.
+  EngineMemory mem(l.region_bytes);
+  auto bad = reg;
+  bad.model = "";
+  CHECK(worker.call_with_fd(bad, mem.fd.get()).ec == errc::bad_request);
+  for (int i = 0; i < 20; ++i) CHECK(worker.call_with_fd(reg, small.fd.get()).ec == errc::bad_request);
+  CHECK(open_fds(server.pid()) == before);
+
+  // A good registration keeps the mapping, not the fd; a client that sends
+  // an fd and disconnects leaves none behind either.
+  CHECK_FALSE(worker.call_with_fd(reg, mem.fd.get()).ec);
+  CHECK(open_fds(server.pid()) == before);
+  {
+    Client other(io, server.endpoint(), wire::Role::worker);
+    CHECK(other.call_with_fd(reg, small.fd.get()).ec == errc::bad_request);
+  }
+  {
+    // Fds are collected on worker connections only: a scheduler's is
+    // dropped by the kernel, and the error says why.
+    Client scheduler(io, server.endpoint(), wire::Role::scheduler);
+    auto s = scheduler.call_with_fd(reg, mem.fd.get());
+    CHECK(s.ec == errc::bad_request);
+    CHECK(s.message.find("no memfd received") == 0);
+    CHECK(s.message.find("worker connections only") != std::string::npos);
+  }
+  CHECK_FALSE(worker.call(wire::PingRequest{}).ec);
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (open_fds(server.pid()) != before && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  CHECK(open_fds(server.pid()) == before);
+  CHECK(worker.stat("registrations") == 1);
 }

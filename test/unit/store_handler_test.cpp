@@ -3,6 +3,9 @@
 // lookups and their locks, prefetch jobs, sessions, TTLs.
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+
 #include <functional>
 
 #include "kvlink/server/request_handler.hpp"
@@ -440,4 +443,30 @@ TEST_CASE("CLEAR, REPORT_BLOCK_ALLOCATION and lookups of a tensor-parallel world
   CHECK(f.sync_lookup({h[0]}) == 1);  // locks chunk 0
   CHECK(f.call(f.scheduler, ClearRequest{}).dropped_entries == 2);
   CHECK(f.stat("store_entries") == 1);
+}
+
+TEST_CASE("received fds: each REGISTER takes the oldest, even when refused; the rest close with the session") {
+  Fixture f;
+  auto open_fd = [] { return UniqueFd(::memfd_create("kvlink-handler-test", MFD_CLOEXEC)); };
+  auto is_open = [](int fd) { return ::fcntl(fd, F_GETFD) != -1; };
+  const int a = (f.worker.received_fds.push_back(open_fd()), f.worker.received_fds.back().get());
+  const int b = (f.worker.received_fds.push_back(open_fd()), f.worker.received_fds.back().get());
+  const int c = (f.worker.received_fds.push_back(open_fd()), f.worker.received_fds.back().get());
+  // A refused REGISTER (namespace 0) still consumes and closes its fd.
+  RegisterKvCacheRequest bad;
+  bad.model = "test-model";
+  bad.layout = layout();
+  CHECK(f.error(f.worker, bad).code == to_wire(errc::bad_request));
+  CHECK(!is_open(a));
+  CHECK(is_open(b));
+  f.register_worker();  // takes b; the null engine closes it
+  CHECK(f.null_engine.fds() == 1);
+  CHECK(!is_open(b));
+  CHECK(is_open(c));
+  // Other operations leave queued fds alone; the session's end closes them.
+  f.store(hashes(1));
+  CHECK(is_open(c));
+  f.handler->on_session_end(f.worker, f.now);
+  CHECK(f.worker.received_fds.empty());
+  CHECK(!is_open(c));
 }

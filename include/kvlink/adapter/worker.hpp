@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "kvlink/adapter/call.hpp"
+#include "kvlink/unique_fd.hpp"
 #include "kvlink/adapter/finished_tracker.hpp"
 #include "kvlink/health/monitor.hpp"
 #include "kvlink/store/keys.hpp"
@@ -85,17 +86,18 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   std::uint64_t namespace_id() const { return ns_; }
   void ready() { monitor_->gate().open("engine ready"); }
 
-  // Registers the engine's KV memory. `memfd` (CPU backend; -1 for none)
-  // stays owned by the caller and must stay open while registered. The
+  // Registers the engine's KV memory. `memfd` (CPU backend; -1 for none) is
+  // duplicated at once: the adapter keeps its own copy (a server restart
+  // needs it again), so the caller may close theirs when this returns. The
   // registration is kept and re-sent automatically after a server restart,
   // and, when it could not be sent or acknowledged (no server, lost
   // connection, timeout), again each time the link becomes healthy until the
   // server acknowledges it. A refused registration (bad layout) is dropped.
   template <class CompletionToken>
   auto async_register_kv_caches(wire::KvLayout layout, int memfd, CompletionToken&& token) {
-    return detail::initiate<Done>(ex_, token, [self = shared_from_this(), l = std::move(layout), memfd](
-                                                  detail::Callback<Done> cb) mutable {
-      self->start_register(std::move(l), memfd, std::move(cb));
+    return detail::initiate<Done>(ex_, token, [self = shared_from_this(), l = std::move(layout),
+                                               fd = duplicate_fd(memfd)](detail::Callback<Done> cb) mutable {
+      self->start_register(std::move(l), std::move(fd), std::move(cb));
     });
   }
   Result<Done> register_kv_caches(wire::KvLayout layout, int memfd = -1, Duration deadline = {});
@@ -184,16 +186,15 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
  private:
   struct Registration {
     wire::RegisterKvCacheRequest request;
-    int memfd = -1;
+    UniqueFd memfd;  // the adapter's own duplicate: re-registration needs it after the caller's is closed
   };
   WorkerAdapter(asio::any_io_executor ex, WorkerConfig config);
 
-  // Sends REGISTER_KV_CACHE (with the memfd once fd passing exists).
+  // Sends REGISTER_KV_CACHE with the memfd attached (SCM_RIGHTS).
   template <class CompletionToken>
   static auto send_register(const std::shared_ptr<net::Connection>& conn, wire::RegisterKvCacheRequest req,
-                            [[maybe_unused]] int fd, Duration timeout, CompletionToken&& token) {
-    // Switches to conn->async_call_with_fd(req, fd, ...) when fd passing lands.
-    return conn->async_call(std::move(req), timeout, std::forward<CompletionToken>(token));
+                            const UniqueFd& fd, Duration timeout, CompletionToken&& token) {
+    return conn->async_call_with_fd(std::move(req), fd.get(), timeout, std::forward<CompletionToken>(token));
   }
   static asio::awaitable<std::error_code> reregister(std::weak_ptr<WorkerAdapter> weak,
                                                      std::shared_ptr<net::Connection> conn);
@@ -201,7 +202,7 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   static asio::awaitable<void> do_register(std::shared_ptr<WorkerAdapter> self, detail::Callback<Done> cb);
   static asio::awaitable<void> do_shutdown(std::shared_ptr<WorkerAdapter> self, detail::Callback<Done> cb);
 
-  void start_register(wire::KvLayout layout, int memfd, detail::Callback<Done> cb);
+  void start_register(wire::KvLayout layout, UniqueFd memfd, detail::Callback<Done> cb);
   void start_unregister(detail::Callback<Done> cb);
   void start_store(TransferSpec spec, detail::Callback<wire::StoreResult> cb);
   void start_retrieve(TransferSpec spec, detail::Callback<wire::RetrieveResult> cb);

@@ -11,6 +11,8 @@
 // from any thread (it is dispatched there).
 #pragma once
 
+#include <fcntl.h>
+
 #include <asio/any_io_executor.hpp>
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
@@ -33,6 +35,7 @@
 #include "kvlink/log.hpp"
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/net/frame_stream.hpp"
+#include "kvlink/unique_fd.hpp"
 #include "kvlink/wire/messages.hpp"
 
 namespace kvlink::net {
@@ -125,6 +128,24 @@ class Connection : public std::enable_shared_from_this<Connection> {
         token, std::move(req));
   }
 
+  // async_call with a file descriptor passed along (SCM_RIGHTS): the
+  // worker's KV-cache memfd with REGISTER_KV_CACHE. `fd` is duplicated at
+  // once (the caller keeps and may close its own); the copy is owned until
+  // the kernel took it. Unix endpoints only: on TCP it completes at once
+  // with bad_request (last_error_message() says why).
+  template <class Request, class Token>
+  auto async_call_with_fd(Request req, int fd, Clock::duration timeout, Token&& token) {
+    using Reply = typename Request::reply_type;
+    return asio::async_initiate<Token, void(std::error_code, Reply)>(
+        [self = shared_from_this(), timeout](auto handler, Request request, UniqueFd owned) mutable {
+          detail::dispatch_inline(self->executor_, [self, timeout, h = std::move(handler), r = std::move(request),
+                                                    f = std::move(owned)]() mutable {
+            self->start_call<Reply>(r, timeout, std::move(h), std::move(f), true);
+          });
+        },
+        token, std::move(req), duplicate_fd(fd));
+  }
+
   // Sends a one-way request (no reply). Dropped if the connection is closed.
   template <class Request>
     requires std::is_void_v<typename Request::reply_type>
@@ -161,10 +182,20 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Connection(Socket socket, std::uint32_t max_payload);
 
   template <class Reply, class Handler>
-  void start_call(const auto& request, Clock::duration timeout, Handler&& handler) {
+  void start_call(const auto& request, Clock::duration timeout, Handler&& handler, UniqueFd fd = {},
+                  bool with_fd = false) {
     using Request = std::decay_t<decltype(request)>;
     auto call = std::make_unique<detail::PendingCallImpl<Reply, std::decay_t<Handler>>>(std::move(handler), executor_);
     if (closed_) return call->complete(errc::connection_lost, {});
+    if (with_fd && !is_unix_) {
+      last_error_message_ = "KV cache registration needs a unix: endpoint (memfd is passed with SCM_RIGHTS)";
+      log::warn("kvlink: {} not sent: {}", wire::opcode_name(Request::opcode), last_error_message_);
+      return call->complete(errc::bad_request, {});
+    }
+    if (with_fd && !fd) {
+      last_error_message_ = "the file descriptor to pass is not open (dup failed)";
+      return call->complete(errc::bad_request, {});
+    }
     if (pending_.size() >= max_in_flight_) {
       log::warn("kvlink: {} not sent: {} requests already in flight on this connection", wire::opcode_name(Request::opcode),
                 pending_.size());
@@ -180,6 +211,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
       });
     }
     ++stats_.calls;
+    if (fd) stream_.attach_fd(std::move(fd));
     stream_.send(static_cast<std::uint8_t>(Request::opcode), 0, id, [&](wire::Writer& w) { wire::encode(w, request); },
                  shared_from_this());
     arm_deadline(call->deadline, id);
@@ -207,6 +239,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool closed_ = false;
   ConnectionStats stats_;
   std::string last_error_message_;
+  bool is_unix_ = false;  // fds can be passed
   std::function<void(const StreamEnd&)> on_close_;
 };
 

@@ -2,18 +2,31 @@
 // syscall as the kernel has, and one send buffer that collects every frame
 // queued during the current turn of the io_context and writes them together.
 // Used by the client connection and by the server's sessions.
+//
+// File descriptors (memfds) travel with frames on unix sockets (SCM_RIGHTS):
+// attach_fd() sends one with the next flush, receive_fds_into() makes the
+// reader use recvmsg and collect what arrives.
 #pragma once
+
+#include <sys/socket.h>
 
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/awaitable.hpp>
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/write.hpp>
+#include <algorithm>
+#include <cstring>
+#include <cerrno>
+#include <deque>
 #include <memory>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include "kvlink/error.hpp"
+#include "kvlink/log.hpp"
+#include "kvlink/unique_fd.hpp"
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/wire/frame.hpp"
 
@@ -46,6 +59,17 @@ class FrameStream {
     schedule_flush(owner);
   }
 
+  // Sends `fd` (a unix socket only) with the bytes of the next flush, so it
+  // reaches the peer no later than the frames queued with it. The stream
+  // owns it until the kernel took it; closed if the stream closes first.
+  void attach_fd(UniqueFd fd) { fds_out_.push_back(std::move(fd)); }
+
+  // Unix sockets: read with recvmsg and append the fds that arrive to
+  // `sink` (owned by the caller, outlives the reader). At most
+  // max_queued_fds wait there; more are closed on arrival.
+  void receive_fds_into(std::deque<UniqueFd>* sink) { fd_sink_ = sink; }
+  static constexpr std::size_t max_queued_fds = 16;
+
   // Lower level: append whole frames to out_buffer(), then schedule_flush().
   wire::Bytes& out_buffer() { return out_; }
   void schedule_flush(const std::shared_ptr<void>& owner) {
@@ -70,8 +94,37 @@ class FrameStream {
       // (the buffer is zero-filled, so its size is resident); grow while
       // reads come back full.
       auto space = parser_.prepare(read_size_);
-      auto [ec, n] = co_await socket_.async_read_some(asio::buffer(space.data(), space.size()),
-                                                      asio::experimental::as_tuple(asio::use_awaitable));
+      std::error_code ec;
+      std::size_t n = 0;
+      if (fd_sink_) {
+        // recvmsg ourselves (Asio's reads have no control buffer, and the
+        // kernel would close any fd that arrives). Like Asio's reactor: a
+        // speculative read only when the last read filled its buffer (more
+        // is likely waiting); after a short read, wait for readability first
+        // instead of paying for a recvmsg that finds nothing.
+        bool waited = false;
+        if (!maybe_more_) {
+          auto [wec] = co_await socket_.async_wait(Socket::wait_read, asio::experimental::as_tuple(asio::use_awaitable));
+          waited = true;
+          ec = wec;
+        }
+        while (!ec) {
+          n = receive_some(space.data(), space.size(), ec);
+          if (ec != std::errc::resource_unavailable_try_again && ec != std::errc::operation_would_block) break;
+          auto [wec] = co_await socket_.async_wait(Socket::wait_read, asio::experimental::as_tuple(asio::use_awaitable));
+          waited = true;
+          ec = wec;  // readable (clear) or why the wait ended
+        }
+        maybe_more_ = !ec && n == space.size();
+        // A read that found data at once lets other sessions run first, as
+        // Asio's completion would (one busy client cannot starve the rest).
+        if (!ec && !waited) co_await asio::post(socket_.get_executor(), asio::use_awaitable);
+      } else {
+        auto [rec, rn] = co_await socket_.async_read_some(asio::buffer(space.data(), space.size()),
+                                                          asio::experimental::as_tuple(asio::use_awaitable));
+        ec = rec;
+        n = rn;
+      }
       if (ec) {
         if (ec == asio::error::eof) co_return StreamEnd{errc::connection_lost, "peer closed the connection"};
         if (ec == asio::error::operation_aborted) co_return StreamEnd{errc::connection_lost, "connection closed locally"};
@@ -106,6 +159,7 @@ class FrameStream {
   }
 
   void close() {
+    fds_out_.clear();
     std::error_code ignored;
     socket_.shutdown(Socket::shutdown_both, ignored);
     socket_.close(ignored);
@@ -120,7 +174,22 @@ class FrameStream {
     // sticks, so set it once.
     std::error_code ec;
     if (!socket_.non_blocking()) socket_.non_blocking(true, ec);  // one ioctl per socket, not per flush
-    std::size_t n = ec ? 0 : socket_.write_some(asio::buffer(out_), ec);
+    std::size_t n = 0;
+    if (!ec && !fds_out_.empty()) {
+      n = send_with_fds(ec);
+      if (ec == std::errc::resource_unavailable_try_again || ec == std::errc::operation_would_block) {
+        // Nothing sent: retry the sendmsg (with the fds) once writable.
+        writing_ = true;
+        socket_.async_wait(Socket::wait_write, [this, owner](std::error_code wec) {
+          writing_ = false;
+          if (wec) return close();
+          flush(owner);
+        });
+        return;
+      }
+    } else if (!ec) {
+      n = socket_.write_some(asio::buffer(out_), ec);
+    }
     if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
       close();  // the reader sees the closed socket and reports the end
       return;
@@ -143,6 +212,80 @@ class FrameStream {
     });
   }
 
+  // recvmsg into [data, data + size), collecting SCM_RIGHTS fds into fd_sink_.
+  std::size_t receive_some(std::byte* data, std::size_t size, std::error_code& ec) {
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_fds_per_message)];
+    iovec iov{data, size};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    ssize_t r;
+    do {
+      r = ::recvmsg(socket_.native_handle(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+      ec = std::error_code(errno, std::system_category());
+      return 0;
+    }
+    ec.clear();
+    if (msg.msg_controllen > 0) take_fds(msg);
+    if (r == 0) ec = asio::error::eof;
+    return static_cast<std::size_t>(r);
+  }
+
+  void take_fds(msghdr& msg) {
+    if (msg.msg_flags & MSG_CTRUNC) log::warn("kvlink: more fds arrived with one message than accepted; extras closed");
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+      const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (std::size_t i = 0; i < count; ++i) {
+        int fd;
+        std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+        UniqueFd owned(fd);
+        if (fd_sink_->size() >= max_queued_fds) {
+          log::warn("kvlink: {} received fds are waiting for REGISTER_KV_CACHE; closing another", max_queued_fds);
+          continue;
+        }
+        fd_sink_->push_back(std::move(owned));
+      }
+    }
+  }
+
+  // sendmsg of out_ with every fd of fds_out_ attached to its first byte.
+  std::size_t send_with_fds(std::error_code& ec) {
+    const std::size_t count = std::min(fds_out_.size(), max_fds_per_message);
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_fds_per_message)] = {};
+    iovec iov{out_.data(), out_.size()};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * count);
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * count);
+    for (std::size_t i = 0; i < count; ++i) {
+      const int fd = fds_out_[i].get();
+      std::memcpy(CMSG_DATA(c) + i * sizeof(int), &fd, sizeof fd);
+    }
+    ssize_t r;
+    do {
+      r = ::sendmsg(socket_.native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+      ec = std::error_code(errno, std::system_category());
+      return 0;
+    }
+    ec.clear();
+    // The kernel holds these now; more than one message's worth go with the
+    // next flush (still no later than their frames' bytes).
+    fds_out_.erase(fds_out_.begin(), fds_out_.begin() + static_cast<std::ptrdiff_t>(count));
+    return static_cast<std::size_t>(r);
+  }
+
   void end_read_turn() {
     in_read_turn_ = false;
     if (auto owner = std::move(turn_owner_)) {
@@ -163,6 +306,10 @@ class FrameStream {
   wire::Bytes writing_buf_;  // frames the async write is sending
   bool writing_ = false;
   bool flush_scheduled_ = false;
+  static constexpr std::size_t max_fds_per_message = 8;
+  std::vector<UniqueFd> fds_out_;               // to send with the next flush
+  std::deque<UniqueFd>* fd_sink_ = nullptr;     // where received fds go (null: plain reads)
+  bool maybe_more_ = false;                     // the last recvmsg filled its buffer
 };
 
 }  // namespace kvlink::net

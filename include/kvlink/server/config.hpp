@@ -41,6 +41,8 @@ struct ServerConfig {
   // Eviction starts above high_watermark of the slots and stops at low_watermark.
   double high_watermark = 0.95;
   double low_watermark = 0.85;
+  // Copy threads of the CPU transfer engine (--transfer-threads).
+  unsigned transfer_threads = 2;
   // Instances silent this long are reaped (their resources released).
   std::uint32_t reap_timeout_s = 120;
   // Longer grace for instances that registered KV caches but never pinged.

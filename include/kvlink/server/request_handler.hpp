@@ -17,6 +17,7 @@
 #include "kvlink/store/kv_store.hpp"
 #include "kvlink/store/l1_pool.hpp"
 #include "kvlink/transfer/transfer_engine.hpp"
+#include "kvlink/unique_fd.hpp"
 #include "kvlink/server/liveness.hpp"
 #include "kvlink/wire/messages.hpp"
 
@@ -42,6 +43,11 @@ struct SessionState {
   std::uint64_t instance_id = 0;
   std::string client_name;
   bool counted = false;  // counted in the handler's per-instance connections
+  // File descriptors received on the connection (SCM_RIGHTS, unix sockets
+  // only), oldest first. Each REGISTER_KV_CACHE takes the oldest (the
+  // client sends the memfd with the frame's bytes, so it arrives no later
+  // than the frame); the rest are closed when the session ends.
+  std::deque<UniqueFd> received_fds;
 };
 
 struct OpCounters {
@@ -125,7 +131,7 @@ class RequestHandler {
   bool on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   void release_instance(std::uint64_t instance);
   void on_stats(const wire::Frame& frame, ReplySink& sink);
-  void on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink);
+  void on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink, UniqueFd fd);
   void on_lookup(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now, bool sync);
   void on_query(const wire::Frame& frame, ReplySink& sink);
   void on_free_locks(SessionState& session, const wire::Frame& frame, ReplySink& sink);

@@ -1,7 +1,8 @@
 // The copy between engine KV blocks and L1 chunk slots, behind an
 // interface: the server's request handling decides what to copy, an engine
-// copies it. The CPU engine (memfd + thread pool) is issue 5, the CUDA one
-// issue 6; until then the server runs NullTransferEngine.
+// copies it. CpuTransferEngine (cpu_engine.hpp: memfd + thread pool) is what
+// kvlink-server runs; the CUDA one is issue 6; NullTransferEngine serves the
+// unit tests.
 #pragma once
 
 #include <cstddef>
@@ -12,12 +13,34 @@
 #include <system_error>
 #include <vector>
 
+#include "kvlink/unique_fd.hpp"
 #include "kvlink/wire/messages.hpp"
 
 namespace kvlink::transfer {
 
-// A worker's registered KV cache: its namespace, rank and memory layout.
-// (The memfd / CUDA IPC mapping is attached here by the real engines.)
+// The engine's KV memory mapped into the server (MAP_SHARED of the memfd);
+// unmapped when the last Registration / job holding it lets go.
+class Mapping {
+ public:
+  Mapping(std::byte* base, std::size_t size) : base_(base), size_(size) {}
+  ~Mapping();
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  std::byte* base() const { return base_; }
+  std::size_t size() const { return size_; }
+
+ private:
+  std::byte* base_;
+  std::size_t size_;
+};
+
+// Maps `fd` (a memfd of at least region_bytes) read-write and shared.
+// Returns "" and sets `out`, or why not ("memfd is N bytes, layout needs M").
+// The fd is closed either way (the mapping keeps the memory).
+std::string map_memfd(UniqueFd fd, std::uint64_t region_bytes, std::shared_ptr<const Mapping>& out);
+
+// A worker's registered KV cache: its namespace, rank and memory layout,
+// and the engine's memory once an engine attached it.
 struct Registration {
   std::uint64_t instance_id = 0;
   std::uint64_t ns = 0;
@@ -27,6 +50,7 @@ struct Registration {
   wire::KvLayout layout;
   std::uint32_t blocks_per_chunk = 0;  // chunk_size / layout.block_size
   std::uint64_t slot_bytes = 0;        // bytes of one chunk of this rank
+  std::shared_ptr<const Mapping> memory;  // CPU engine: the mapped memfd
 };
 
 enum class Direction : std::uint8_t { store, retrieve };
@@ -51,6 +75,16 @@ using TransferDone = std::function<void(std::error_code)>;
 class TransferEngine {
  public:
   virtual ~TransferEngine() = default;
+  // Attaches the engine's memory to a new registration (called on the
+  // request-handling thread before the registration is used). `fd` is the
+  // memfd received with REGISTER_KV_CACHE, or empty. Returns "" or why the
+  // registration is refused (a bad_request). The fd is closed either way.
+  // The default accepts every registration and needs no memory.
+  virtual std::string attach(Registration& reg, UniqueFd fd) {
+    (void)reg;
+    fd.reset();
+    return {};
+  }
   virtual void submit(TransferJob job, TransferDone done) = 0;
 };
 
@@ -59,6 +93,11 @@ class TransferEngine {
 // exactly as with a real engine; the data does not move.
 class NullTransferEngine final : public TransferEngine {
  public:
+  // Accepts any registration, with or without an fd (which it closes).
+  std::string attach(Registration&, UniqueFd fd) override {
+    if (fd) ++fds_;
+    return {};
+  }
   void submit(TransferJob job, TransferDone done) override {
     ++jobs_;
     chunks_ += job.chunks.size();
@@ -68,8 +107,10 @@ class NullTransferEngine final : public TransferEngine {
   void fail_next(std::error_code ec) { fail_next_ = ec; }
   std::uint64_t jobs() const { return jobs_; }
   std::uint64_t chunks() const { return chunks_; }
+  std::uint64_t fds() const { return fds_; }  // fds received by attach()
 
  private:
+  std::uint64_t fds_ = 0;
   std::uint64_t jobs_ = 0;
   std::uint64_t chunks_ = 0;
   std::error_code fail_next_;

@@ -1,0 +1,347 @@
+// bench-transfer-cpu: the CPU KV data path end to end. An in-process
+// kvlink::server::Server running the CpuTransferEngine listens on a unix
+// socket; a worker client registers a memfd KV cache (passed with
+// SCM_RIGHTS) and times STORE and RETRIEVE requests. PERF.md's reference,
+// measured in the same run: one contiguous memcpy of the same bytes.
+//
+// Shape (PERF.md cpu_store / cpu_retrieve): 32 layers, 16-token blocks, K
+// and V, 8 kv heads x 128 x 2 bytes = 32 KiB per block per plane, vLLM's
+// [2, num_blocks, ...] layout per layer; chunks of 256 tokens (32 MiB each),
+// 4 chunks (128 MiB) per request. The summary prints GB/s, the ratio to the
+// memcpy (target >= 0.8) and per-request latency.
+#include <benchmark/benchmark.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <asio/co_spawn.hpp>
+#include <asio/executor_work_guard.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/io_context.hpp>
+#include <asio/post.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fmt/format.h>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kvlink/log.hpp"
+#include "kvlink/net/connection.hpp"
+#include "kvlink/server/server.hpp"
+#include "kvlink/store/keys.hpp"
+#include "kvlink/transfer/cpu_engine.hpp"
+
+namespace {
+
+using namespace std::chrono;
+using kvlink::net::Clock;
+namespace wire = kvlink::wire;
+
+constexpr std::uint32_t layers = 32, block_size = 16, heads = 8, head_size = 128, dtype = 2;
+constexpr std::uint32_t chunk_tokens = 256, blocks_per_chunk = chunk_tokens / block_size;
+constexpr std::uint32_t chunks_per_request = 4;
+constexpr std::uint32_t num_blocks = blocks_per_chunk * chunks_per_request * 2;  // room to retrieve elsewhere
+constexpr std::uint64_t block_bytes = std::uint64_t{block_size} * heads * head_size * dtype;  // 32 KiB
+constexpr std::uint64_t chunk_bytes = std::uint64_t{layers} * 2 * blocks_per_chunk * block_bytes;  // 32 MiB
+constexpr std::uint64_t request_bytes = chunk_bytes * chunks_per_request;
+constexpr auto call_timeout = seconds(30);
+
+wire::KvLayout make_layout() {
+  wire::KvLayout l;
+  l.num_layers = layers;
+  l.num_blocks = num_blocks;
+  l.block_size = block_size;
+  l.num_kv_heads = heads;
+  l.head_size = head_size;
+  l.dtype_size = dtype;
+  l.block_stride = block_bytes;
+  l.plane_stride = block_bytes * num_blocks;
+  const std::uint64_t layer_bytes = 2 * l.plane_stride;
+  l.region_bytes = layer_bytes * layers;
+  l.layers.resize(layers);
+  for (std::uint32_t i = 0; i < layers; ++i) l.layers[i].offset = i * layer_bytes;
+  return l;
+}
+
+struct Figures {
+  std::vector<double> seconds;  // per request
+  double gbps() const {
+    if (seconds.empty()) return 0;
+    auto s = seconds;
+    std::sort(s.begin(), s.end());
+    return static_cast<double>(request_bytes) / s[s.size() / 2] / 1e9;  // at the median request
+  }
+  double p50_ms() const {
+    if (seconds.empty()) return 0;
+    auto s = seconds;
+    std::sort(s.begin(), s.end());
+    return s[s.size() / 2] * 1e3;
+  }
+};
+std::map<std::string, Figures> g_figures;
+
+// The server on its own io thread, copying with the CPU engine.
+class ServerThread {
+ public:
+  explicit ServerThread(unsigned threads) : engine_(io_.get_executor(), threads) {
+    char tmpl[] = "/tmp/kvlink-bench-XXXXXX";
+    if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
+    dir_ = tmpl;
+    cfg_.listen = {"unix:" + dir_ + "/kvlink.sock"};
+    cfg_.l1_size = request_bytes * 2;
+    cfg_.chunk_size = chunk_tokens;
+    server_ = std::make_unique<kvlink::server::Server>(io_, cfg_, engine_);
+    server_->start();
+    std::string error;
+    if (!kvlink::net::parse_endpoint(server_->endpoints().at(0), endpoint_, error)) throw std::runtime_error(error);
+    thread_ = std::thread([this] { io_.run(); });
+  }
+  ~ServerThread() {
+    asio::post(io_, [this] { server_->stop(); });
+    guard_.reset();
+    thread_.join();
+    server_.reset();
+    std::error_code ignored;
+    std::filesystem::remove_all(dir_, ignored);
+  }
+  const kvlink::net::Endpoint& endpoint() const { return endpoint_; }
+
+ private:
+  asio::io_context io_{1};
+  asio::executor_work_guard<asio::io_context::executor_type> guard_{io_.get_executor()};
+  kvlink::server::ServerConfig cfg_;
+  kvlink::transfer::CpuTransferEngine engine_;
+  std::string dir_;
+  std::unique_ptr<kvlink::server::Server> server_;
+  kvlink::net::Endpoint endpoint_;
+  std::thread thread_;
+};
+
+ServerThread* g_server = nullptr;
+
+template <class T>
+T run_until_done(asio::io_context& io, asio::awaitable<T> task) {
+  bool done = false;
+  std::exception_ptr error;
+  T result{};
+  asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, T r) {
+    error = e;
+    result = std::move(r);
+    done = true;
+  });
+  while (!done) io.run_one();
+  if (error) std::rethrow_exception(error);
+  return result;
+}
+
+template <class M>
+asio::awaitable<typename M::reply_type> call(std::shared_ptr<kvlink::net::Connection> c, M m, int fd = -1) {
+  using asio::experimental::as_tuple;
+  auto [ec, r] = fd >= 0 ? co_await c->async_call_with_fd(std::move(m), fd, call_timeout, as_tuple(asio::use_awaitable))
+                         : co_await c->async_call(std::move(m), call_timeout, as_tuple(asio::use_awaitable));
+  if (ec) throw std::runtime_error(fmt::format("{} failed: {}", wire::opcode_name(static_cast<std::uint8_t>(M::opcode)),
+                                               c->last_error_message().empty() ? ec.message() : c->last_error_message()));
+  co_return r;
+}
+
+// A worker: its memfd KV cache (filled), a registered connection, a prompt.
+struct Worker {
+  asio::io_context io{1};
+  std::shared_ptr<kvlink::net::Connection> conn;
+  int fd = -1;
+  std::byte* base = nullptr;
+  wire::KvLayout layout = make_layout();
+  std::uint64_t ns = kvlink::store::namespace_id({"bench-model", 1, ""});
+  std::vector<wire::ChunkHash> hashes;
+
+  Worker() {
+    fd = ::memfd_create("bench-kv-cache", MFD_CLOEXEC);
+    if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(layout.region_bytes)) != 0) throw std::runtime_error("memfd");
+    void* p = ::mmap(nullptr, layout.region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("mmap");
+    base = static_cast<std::byte*>(p);
+    for (std::uint64_t i = 0; i < layout.region_bytes; i += 64) base[i] = static_cast<std::byte>(i / 64);
+    wire::HelloRequest hello;
+    hello.role = wire::Role::worker;
+    hello.instance_id = kvlink::net::random_instance_id();
+    hello.client_name = "bench-transfer-cpu";
+    auto r = run_until_done(io, kvlink::net::connect(io.get_executor(), g_server->endpoint(), hello, seconds(5)));
+    if (r.ec) throw std::runtime_error(r.error);
+    conn = r.connection;
+    wire::RegisterKvCacheRequest reg;
+    reg.ns = ns;
+    reg.model = "bench-model";
+    reg.layout = layout;
+    run_until_done(io, call(conn, reg, fd));
+    std::vector<kvlink::store::Token> tokens(chunk_tokens * chunks_per_request);
+    for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<kvlink::store::Token>(i);
+    hashes = kvlink::store::chunk_hashes(tokens, chunk_tokens);
+  }
+  ~Worker() {
+    bool closed = false;
+    asio::post(io, [&] {
+      conn->on_close([&](const kvlink::net::StreamEnd&) { closed = true; });
+      conn->close();
+    });
+    while (!closed) io.run_one();
+    conn.reset();
+    io.poll();
+    ::munmap(base, layout.region_bytes);
+    ::close(fd);
+  }
+  std::vector<std::uint32_t> blocks(std::uint32_t first, std::uint32_t chunks) const {
+    std::vector<std::uint32_t> v(chunks * blocks_per_chunk);
+    for (std::uint32_t i = 0; i < v.size(); ++i) v[i] = first + i;
+    return v;
+  }
+  wire::StoreRequest store_request(std::uint32_t chunks) const {
+    wire::StoreRequest s;
+    s.ns = ns;
+    s.hashes.assign(hashes.begin(), hashes.begin() + chunks);
+    s.block_ids = blocks(0, chunks);
+    return s;
+  }
+  wire::RetrieveRequest retrieve_request(std::uint32_t chunks) const {
+    wire::RetrieveRequest r;
+    r.ns = ns;
+    r.hashes.assign(hashes.begin(), hashes.begin() + chunks);
+    r.block_ids = blocks(num_blocks / 2, chunks);
+    return r;
+  }
+  // One timed STORE of `chunks` (CLEAR first, untimed, so it copies them all).
+  double timed_store(std::uint32_t chunks) {
+    run_until_done(io, call(conn, wire::ClearRequest{}));
+    const auto t0 = Clock::now();
+    auto r = run_until_done(io, call(conn, store_request(chunks)));
+    const double s = duration<double>(Clock::now() - t0).count();
+    if (r.stored_chunks != chunks) throw std::runtime_error(fmt::format("stored {} of {}", r.stored_chunks, chunks));
+    return s;
+  }
+  double timed_retrieve(std::uint32_t chunks) {
+    const auto t0 = Clock::now();
+    auto r = run_until_done(io, call(conn, retrieve_request(chunks)));
+    const double s = duration<double>(Clock::now() - t0).count();
+    if (r.retrieved_chunks != chunks) throw std::runtime_error("retrieve short");
+    return s;
+  }
+};
+
+void BM_cpu_store(benchmark::State& state) {
+  Worker w;
+  w.timed_store(chunks_per_request);  // warm up: L1 slots faulted in
+  Figures f;
+  for (auto _ : state) {
+    const double s = w.timed_store(chunks_per_request);
+    state.SetIterationTime(s);
+    f.seconds.push_back(s);
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * request_bytes));
+  g_figures["cpu_store"] = f;
+}
+
+void BM_cpu_retrieve(benchmark::State& state) {
+  Worker w;
+  w.timed_store(chunks_per_request);
+  w.timed_retrieve(chunks_per_request);  // warm up
+  Figures f;
+  for (auto _ : state) {
+    const double s = w.timed_retrieve(chunks_per_request);
+    state.SetIterationTime(s);
+    f.seconds.push_back(s);
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * request_bytes));
+  g_figures["cpu_retrieve"] = f;
+}
+
+// Request latency of one chunk (32 MiB) each way.
+void BM_cpu_one_chunk_latency(benchmark::State& state) {
+  Worker w;
+  w.timed_store(1);
+  Figures st, rt;
+  for (auto _ : state) {
+    const double s = w.timed_store(1);
+    const double r = w.timed_retrieve(1);
+    state.SetIterationTime(s + r);
+    st.seconds.push_back(s);
+    rt.seconds.push_back(r);
+  }
+  g_figures["one_chunk_store"] = st;
+  g_figures["one_chunk_retrieve"] = rt;
+}
+
+// Reference: one contiguous memcpy of the same bytes, warm buffers.
+void BM_memcpy_reference(benchmark::State& state) {
+  auto* src = static_cast<std::byte*>(::mmap(nullptr, request_bytes, PROT_READ | PROT_WRITE,
+                                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  auto* dst = static_cast<std::byte*>(::mmap(nullptr, request_bytes, PROT_READ | PROT_WRITE,
+                                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  if (src == MAP_FAILED || dst == MAP_FAILED) throw std::runtime_error("mmap");
+  std::memset(src, 1, request_bytes);
+  std::memcpy(dst, src, request_bytes);  // fault in
+  Figures f;
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    std::memcpy(dst, src, request_bytes);
+    benchmark::ClobberMemory();
+    const double s = duration<double>(Clock::now() - t0).count();
+    state.SetIterationTime(s);
+    f.seconds.push_back(s);
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * request_bytes));
+  g_figures["memcpy"] = f;
+  ::munmap(src, request_bytes);
+  ::munmap(dst, request_bytes);
+}
+
+BENCHMARK(BM_memcpy_reference)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+BENCHMARK(BM_cpu_store)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+BENCHMARK(BM_cpu_retrieve)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+BENCHMARK(BM_cpu_one_chunk_latency)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+
+void print_summary(unsigned threads) {
+  const double ref = g_figures["memcpy"].gbps();
+  std::printf("\nCPU data path: %u layers, %u-token blocks, %llu KiB per block per plane, %u chunks (%llu MiB) per "
+              "request, %u copy threads\n",
+              layers, block_size, static_cast<unsigned long long>(block_bytes / 1024), chunks_per_request,
+              static_cast<unsigned long long>(request_bytes >> 20), threads);
+  std::printf("| figure | GB/s | p50 ms/request | reference memcpy GB/s | ratio | target | result |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
+  bool ok = true;
+  for (const char* name : {"cpu_store", "cpu_retrieve"}) {
+    const auto& f = g_figures[name];
+    if (f.seconds.empty() || ref <= 0) continue;
+    const double ratio = f.gbps() / ref;
+    ok = ok && ratio >= 0.8;
+    std::printf("| %s | %.2f | %.2f | %.2f | %.2fx | >= 0.8x | %s |\n", name, f.gbps(), f.p50_ms(), ref, ratio,
+                ratio >= 0.8 ? "pass" : "FAIL");
+  }
+  for (const char* name : {"one_chunk_store", "one_chunk_retrieve"}) {
+    const auto& f = g_figures[name];
+    if (f.seconds.empty()) continue;
+    std::printf("| %s (32 MiB) | %.2f | %.2f | | | report | |\n", name,
+                static_cast<double>(chunk_bytes) / (f.p50_ms() / 1e3) / 1e9, f.p50_ms());
+  }
+  std::printf("%s\n", ok ? "all targets met" : "a target was missed");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  kvlink::log::set_level(kvlink::log::Level::warn);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  unsigned threads = 2;
+  if (const char* t = std::getenv("KVLINK_TRANSFER_THREADS")) threads = static_cast<unsigned>(std::max(1, std::atoi(t)));
+  ServerThread server(threads);
+  g_server = &server;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  print_summary(threads);
+  g_server = nullptr;
+  return 0;
+}

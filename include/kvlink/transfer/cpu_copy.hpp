@@ -1,0 +1,42 @@
+// The CPU engine's gather/scatter between the engine's paged KV memory (a
+// mapped memfd) and L1 chunk slots. Pure functions, no threads and no Asio:
+// CpuTransferEngine runs them on its pool; unit tests call them directly.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "kvlink/transfer/transfer_engine.hpp"
+
+namespace kvlink::transfer {
+
+// The layout of one chunk inside its L1 slot, the same for STORE and
+// RETRIEVE: [layer][plane][block of the chunk], each block `block_bytes`,
+// packed. slot_bytes = layers x planes x blocks_per_chunk x block_bytes.
+inline std::uint64_t slot_offset(const wire::KvLayout& l, std::uint32_t blocks_per_chunk, std::uint32_t layer,
+                                 std::uint32_t plane, std::uint32_t block_in_chunk) {
+  return ((std::uint64_t{layer} * l.num_planes + plane) * blocks_per_chunk + block_in_chunk) * l.block_bytes();
+}
+
+// Where block `block_id` of `plane` of `layer` starts in the engine memory.
+inline std::uint64_t engine_offset(const wire::KvLayout& l, std::uint32_t layer, std::uint32_t plane,
+                                   std::uint32_t block_id) {
+  return l.layers[layer].offset + plane * l.plane_stride + block_id * l.block_stride;
+}
+
+// Copies one chunk between `memory` (the engine's KV cache) and its slot:
+// store gathers engine blocks into the slot, retrieve scatters the slot into
+// engine blocks, leaving the chunk's first `skip_tokens` tokens untouched
+// (whole blocks, then the head of a partial block). Every block id is checked
+// against num_blocks and the mapping's size before anything is copied;
+// returns "" or why not (nothing outside the mapping is ever written).
+std::string copy_chunk(Direction direction, const Registration& reg, const Mapping& memory, const ChunkCopy& chunk,
+                       std::uint32_t skip_tokens);
+
+// Copies chunks [first, last) of `job`; chunk i of the job covers tokens
+// [i x chunk_size, (i+1) x chunk_size) for skip_first_n_tokens. Stops at the
+// first error and returns it.
+std::string copy_chunks(const TransferJob& job, std::size_t first, std::size_t last);
+
+}  // namespace kvlink::transfer

@@ -1,0 +1,108 @@
+#include "kvlink/transfer/cpu_engine.hpp"
+
+#include <asio/execution/outstanding_work.hpp>
+#include <asio/post.hpp>
+#include <asio/prefer.hpp>
+#include <algorithm>
+#include <atomic>
+#include <fmt/format.h>
+
+#include "kvlink/error.hpp"
+#include "kvlink/log.hpp"
+#include "kvlink/transfer/cpu_copy.hpp"
+
+namespace kvlink::transfer {
+
+CpuTransferEngine::CpuTransferEngine(asio::any_io_executor completions, unsigned threads)
+    : completions_(std::move(completions)) {
+  threads = std::max(threads, 1u);
+  threads_.reserve(threads);
+  for (unsigned i = 0; i < threads; ++i) threads_.emplace_back([this] { worker(); });
+}
+
+CpuTransferEngine::~CpuTransferEngine() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+void CpuTransferEngine::worker() {
+  for (;;) {
+    std::function<void()> task;
+    {
+      std::unique_lock lock(mutex_);
+      wake_.wait(lock, [this] { return stopping_ || !tasks_.empty(); });
+      if (tasks_.empty()) return;  // stopping, and everything queued is done
+      task = std::move(tasks_.front());
+      tasks_.pop_front();
+    }
+    task();
+  }
+}
+
+std::string CpuTransferEngine::attach(Registration& reg, UniqueFd fd) {
+  if (reg.layout.backend != wire::KvBackend::cpu_memfd)
+    return "this server runs the CPU transfer engine: register a cpu_memfd layout (cuda_ipc needs a CUDA server)";
+  if (!fd)
+    return "no memfd received with REGISTER_KV_CACHE: the CPU engine needs the KV cache's memfd, passed with "
+           "SCM_RIGHTS over a unix: endpoint (Connection::async_call_with_fd)";
+  return map_memfd(std::move(fd), reg.layout.region_bytes, reg.memory);
+}
+
+namespace {
+// One job split into parts; the last part to finish posts the completion.
+struct JobState {
+  TransferJob job;
+  TransferDone done;
+  // Outstanding work on the completion executor: its io_context's run()
+  // does not return while a copy is in flight (the server's L1 and the
+  // handler stay alive until every completion ran).
+  asio::any_io_executor work;
+  std::atomic<std::size_t> parts_left{0};
+  std::mutex mutex;
+  std::string error;  // the first part's failure
+};
+}  // namespace
+
+void CpuTransferEngine::submit(TransferJob job, TransferDone done) {
+  if (job.chunks.empty()) {
+    asio::post(completions_, [done = std::move(done)] { done({}); });
+    return;
+  }
+  auto state = std::make_shared<JobState>();
+  const std::size_t chunks = job.chunks.size();
+  const std::size_t parts = std::min<std::size_t>(chunks, threads_.size());
+  state->job = std::move(job);
+  state->done = std::move(done);
+  state->work = asio::prefer(completions_, asio::execution::outstanding_work.tracked);
+  state->parts_left = parts;
+  {
+    std::lock_guard lock(mutex_);
+    for (std::size_t p = 0; p < parts; ++p) {
+      const std::size_t first = chunks * p / parts, last = chunks * (p + 1) / parts;
+      tasks_.emplace_back([this, state, first, last] {
+        std::string why = copy_chunks(state->job, first, last);
+        if (!why.empty()) {
+          std::lock_guard l(state->mutex);
+          if (state->error.empty()) state->error = std::move(why);
+        }
+        if (state->parts_left.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+        std::error_code ec;
+        if (!state->error.empty()) {
+          log::warn("kvlink-server: {} copy failed: {}",
+                    state->job.direction == Direction::store ? "STORE" : "RETRIEVE", state->error);
+          ec = errc::bad_request;
+        }
+        auto work = std::move(state->work);
+        asio::post(work, [state, ec] { state->done(ec); });
+      });
+    }
+  }
+  if (parts == 1) wake_.notify_one();
+  else wake_.notify_all();
+}
+
+}  // namespace kvlink::transfer
