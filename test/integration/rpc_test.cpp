@@ -270,9 +270,13 @@ TEST_CASE("use_future works while the io_context runs on its own thread") {
   }
   CHECK(ok == 100);
   server.stop();
-  auto late = c->async_call(wire::PingRequest{}, 50ms, asio::use_future);
+  // The timeout arrives as a value through a callback, not as an exception
+  // crossing threads: libstdc++'s exception_ptr refcount is invisible to TSan.
+  std::promise<std::error_code> late_result;
+  auto late = late_result.get_future();
+  c->async_call(wire::PingRequest{}, 50ms, [&](std::error_code ec, wire::Empty) { late_result.set_value(ec); });
   REQUIRE(late.wait_for(10s) == std::future_status::ready);
-  CHECK_THROWS_AS(late.get(), std::system_error);
+  CHECK(late.get() == errc::timed_out);
   server.resume();
   guard.reset();
   c->close();
