@@ -33,10 +33,13 @@
 
 #include <fmt/format.h>
 
+#include "bench_support.hpp"
 #include "kvlink/log.hpp"
 #include "kvlink/net/connection.hpp"
 #include "kvlink/server/server.hpp"
 #include "kvlink/wire/frame.hpp"
+
+using kvlink::bench::run_until_done;
 
 namespace {
 
@@ -128,22 +131,6 @@ ServerThread* g_server = nullptr;
 // ---------------------------------------------------------------------------
 // kvlink client helpers: everything runs on `io` in the calling thread.
 
-// Runs `task` on `io` in this thread until it completes (the connection's
-// reader keeps `io` busy forever, so run() alone would not return).
-template <class T>
-T run_until_done(asio::io_context& io, asio::awaitable<T> task) {
-  bool done = false;
-  std::exception_ptr error;
-  T result{};
-  asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, T r) {
-    error = e;
-    result = std::move(r);
-    done = true;
-  });
-  while (!done) io.run_one();
-  if (error) std::rethrow_exception(error);
-  return result;
-}
 
 std::shared_ptr<kvlink::net::Connection> connect_client(asio::io_context& io, bool unix_socket) {
   kvlink::wire::HelloRequest hello;

@@ -30,11 +30,14 @@
 #include <thread>
 #include <vector>
 
+#include "bench_support.hpp"
 #include "kvlink/log.hpp"
 #include "kvlink/net/connection.hpp"
 #include "kvlink/server/server.hpp"
 #include "kvlink/store/keys.hpp"
 #include "kvlink/transfer/cpu_engine.hpp"
+
+using kvlink::bench::run_until_done;
 
 namespace {
 
@@ -124,20 +127,6 @@ class ServerThread {
 
 ServerThread* g_server = nullptr;
 
-template <class T>
-T run_until_done(asio::io_context& io, asio::awaitable<T> task) {
-  bool done = false;
-  std::exception_ptr error;
-  T result{};
-  asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, T r) {
-    error = e;
-    result = std::move(r);
-    done = true;
-  });
-  while (!done) io.run_one();
-  if (error) std::rethrow_exception(error);
-  return result;
-}
 
 template <class M>
 asio::awaitable<typename M::reply_type> call(std::shared_ptr<kvlink::net::Connection> c, M m, int fd = -1) {
