@@ -53,6 +53,29 @@ std::string KvLayout::check() const {
   return {};
 }
 
+KvLayout paged_layout(std::uint32_t num_layers, std::uint32_t num_blocks, std::uint32_t block_size,
+                      std::uint32_t num_kv_heads, std::uint32_t head_size, std::uint32_t dtype_size,
+                      PagedOrder order) {
+  KvLayout l;
+  l.backend = KvBackend::cpu_memfd;
+  l.num_layers = num_layers;
+  l.num_blocks = num_blocks;
+  l.block_size = block_size;
+  l.num_planes = 2;
+  l.num_kv_heads = num_kv_heads;
+  l.head_size = head_size;
+  l.dtype_size = dtype_size;
+  const std::uint64_t bb = l.block_bytes();
+  const bool planes_first = order == PagedOrder::planes_first;
+  l.block_stride = planes_first ? bb : 2 * bb;
+  l.plane_stride = planes_first ? bb * num_blocks : bb;
+  const std::uint64_t layer_bytes = 2 * bb * num_blocks;
+  l.region_bytes = layer_bytes * num_layers;
+  l.layers.resize(num_layers);
+  for (std::uint32_t i = 0; i < num_layers; ++i) l.layers[i].offset = i * layer_bytes;
+  return l;
+}
+
 std::string RegisterKvCacheRequest::check() const {
   if (model.empty()) return "model name is empty";
   if (world_size == 0) return "world_size must be at least 1";

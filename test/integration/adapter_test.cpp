@@ -34,20 +34,7 @@ namespace {
 constexpr std::uint32_t chunk = 32;  // server --chunk-size
 constexpr std::uint32_t block = 16;  // engine block size: 2 blocks per chunk
 
-wire::KvLayout layout() {
-  wire::KvLayout l;
-  l.num_layers = 2;
-  l.num_blocks = 256;
-  l.block_size = block;
-  l.num_kv_heads = 2;
-  l.head_size = 16;
-  l.dtype_size = 2;
-  l.block_stride = l.block_bytes();
-  l.plane_stride = l.block_bytes() * l.num_blocks;
-  l.region_bytes = l.plane_stride * 2;
-  l.layers.resize(2);
-  return l;
-}
+wire::KvLayout layout() { return wire::paged_layout(2, 256, block, 2, 16, 2); }
 
 std::vector<store::Token> prompt(std::size_t tokens, std::uint32_t seed = 1) {
   std::vector<store::Token> t(tokens);

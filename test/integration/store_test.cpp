@@ -102,20 +102,7 @@ struct Client {
 
 const std::uint64_t ns = store::namespace_id({"integration-model", 1, ""});
 
-wire::KvLayout layout(std::uint32_t block_size = 16) {
-  wire::KvLayout l;
-  l.num_layers = 4;
-  l.num_blocks = 4096;
-  l.block_size = block_size;
-  l.num_kv_heads = 2;
-  l.head_size = 64;
-  l.dtype_size = 2;
-  l.block_stride = l.block_bytes();
-  l.plane_stride = l.block_bytes() * l.num_blocks;
-  l.region_bytes = l.plane_stride * 2;
-  l.layers.resize(4);
-  return l;
-}
+wire::KvLayout layout(std::uint32_t block_size = 16) { return wire::paged_layout(4, 4096, block_size, 2, 64, 2); }
 
 std::vector<wire::ChunkHash> prompt(std::size_t chunks, std::uint32_t salt = 0) {
   std::vector<store::Token> t(chunks * 256 + 100);  // plus a partial tail chunk
@@ -389,21 +376,7 @@ namespace {
 // 4 layers at distinct offsets, 64 blocks of 16 tokens, 2 heads x 64 x 2
 // bytes (256 bytes per token, 4 KiB per block); a chunk is 16 blocks.
 wire::KvLayout data_layout(bool block_first) {
-  wire::KvLayout l;
-  l.num_layers = 4;
-  l.num_blocks = 64;
-  l.block_size = 16;
-  l.num_kv_heads = 2;
-  l.head_size = 64;
-  l.dtype_size = 2;
-  const std::uint64_t bb = l.block_bytes();
-  l.block_stride = block_first ? 2 * bb : bb;
-  l.plane_stride = block_first ? bb : bb * l.num_blocks;
-  const std::uint64_t layer_bytes = 2 * bb * l.num_blocks;
-  l.region_bytes = layer_bytes * l.num_layers;
-  l.layers.resize(l.num_layers);
-  for (std::uint32_t i = 0; i < l.num_layers; ++i) l.layers[i].offset = i * layer_bytes;
-  return l;
+  return wire::paged_layout(4, 64, 16, 2, 64, 2, block_first ? wire::PagedOrder::blocks_first : wire::PagedOrder::planes_first);
 }
 
 // The engine's view of its memfd KV cache.

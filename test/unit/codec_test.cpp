@@ -159,3 +159,21 @@ TEST_CASE("a boolean field only accepts 0 or 1") {
   CHECK(!r.ok());
   CHECK(r.error().find("'flag'") != std::string::npos);
 }
+
+TEST_CASE("paged_layout derives strides, layer offsets and the region for both orders") {
+  for (auto order : {PagedOrder::planes_first, PagedOrder::blocks_first}) {
+    const KvLayout l = paged_layout(3, 10, 16, 2, 8, 2, order);
+    const std::uint64_t bb = 16 * 2 * 8 * 2;
+    CHECK(l.block_bytes() == bb);
+    CHECK(l.check() == "");
+    CHECK(l.region_bytes == 3 * 2 * 10 * bb);
+    CHECK(l.layers.at(2).offset == 2 * 2 * 10 * bb);  // layers follow each other
+    if (order == PagedOrder::planes_first) {
+      CHECK(l.block_stride == bb);
+      CHECK(l.plane_stride == 10 * bb);
+    } else {
+      CHECK(l.block_stride == 2 * bb);
+      CHECK(l.plane_stride == bb);
+    }
+  }
+}

@@ -22,25 +22,7 @@ namespace {
 // 3 layers, 8 blocks of 4 tokens, 1 head x 2 x 2 bytes: 4 bytes per token,
 // 16 per block; a chunk is 2 blocks (8 tokens).
 wire::KvLayout small_layout(bool block_first) {
-  wire::KvLayout l;
-  l.num_layers = 3;
-  l.num_blocks = 8;
-  l.block_size = 4;
-  l.num_kv_heads = 1;
-  l.head_size = 2;
-  l.dtype_size = 2;
-  const std::uint64_t bb = l.block_bytes();
-  if (block_first) {  // [num_blocks, 2, ...] per layer
-    l.block_stride = 2 * bb;
-    l.plane_stride = bb;
-  } else {  // vLLM's [2, num_blocks, ...] per layer
-    l.block_stride = bb;
-    l.plane_stride = bb * l.num_blocks;
-  }
-  const std::uint64_t layer_bytes = 2 * bb * l.num_blocks;
-  l.region_bytes = layer_bytes * l.num_layers;
-  l.layers.resize(l.num_layers);
-  for (std::uint32_t i = 0; i < l.num_layers; ++i) l.layers[i].offset = i * layer_bytes;
+  wire::KvLayout l = wire::paged_layout(3, 8, 4, 1, 2, 2, block_first ? wire::PagedOrder::blocks_first : wire::PagedOrder::planes_first);
   REQUIRE(l.check() == "");
   return l;
 }

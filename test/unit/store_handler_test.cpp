@@ -46,20 +46,7 @@ struct DeferredEngine final : transfer::TransferEngine {
 
 const std::uint64_t ns = store::namespace_id({"test-model", 1, ""});
 
-KvLayout layout(std::uint32_t block_size = 16) {
-  KvLayout l;
-  l.num_layers = 2;
-  l.num_blocks = 1000;
-  l.block_size = block_size;
-  l.num_kv_heads = 1;
-  l.head_size = 8;
-  l.dtype_size = 2;
-  l.block_stride = l.block_bytes();
-  l.plane_stride = l.block_bytes() * l.num_blocks;
-  l.region_bytes = l.plane_stride * 2;
-  l.layers = {LayerLocation{0, {}}, LayerLocation{0, {}}};
-  return l;
-}
+KvLayout layout(std::uint32_t block_size = 16) { return paged_layout(2, 1000, block_size, 1, 8, 2); }
 
 std::vector<ChunkHash> hashes(std::size_t n, std::uint32_t salt = 0) {
   std::vector<store::Token> t(n * 256);

@@ -200,6 +200,19 @@ struct KvLayout {
   std::string check() const;
 };
 
+// Block order of each layer's paged KV tensor.
+enum class PagedOrder : std::uint8_t {
+  planes_first,  // vLLM's [2, num_blocks, block_size, heads, head_size]
+  blocks_first,  // [num_blocks, 2, block_size, heads, head_size]
+};
+
+// The CPU layout of a paged K/V cache with every layer in one region, one
+// layer after the other: strides, layer offsets and region size derived
+// from the shape. What an engine registers for a memfd of region_bytes.
+KvLayout paged_layout(std::uint32_t num_layers, std::uint32_t num_blocks, std::uint32_t block_size,
+                      std::uint32_t num_kv_heads, std::uint32_t head_size, std::uint32_t dtype_size,
+                      PagedOrder order = PagedOrder::planes_first);
+
 struct RegisterKvCacheRequest {
   static constexpr Opcode opcode = Opcode::register_kv_cache;
   using reply_type = Empty;
