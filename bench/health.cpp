@@ -96,6 +96,17 @@ std::shared_ptr<Monitor> make_monitor(asio::io_context& io, const std::string& e
   return m;
 }
 
+// A started monitor with its gate open, once it is healthy; throws naming
+// the benchmark when it never gets there.
+std::shared_ptr<Monitor> healthy_monitor(asio::io_context& io, const std::string& ep, Config c, Watcher& w,
+                                         const char* bench) {
+  auto m = make_monitor(io, ep, c, &w);
+  m->start();
+  m->gate().open("bench");
+  if (!w.wait(State::healthy)) throw std::runtime_error(std::string(bench) + ": never healthy");
+  return m;
+}
+
 struct Stats {
   std::vector<double> v;
   double pct(double p) {
@@ -127,10 +138,7 @@ void crash_detect(int runs) {
     Watcher w;
     Config c;
     c.interval = 1s;  // detection must come from EOF, not pings
-    auto m = make_monitor(t.io, dir.socket(), c, &w);
-    m->start();
-    m->gate().open("bench");
-    if (!w.wait(State::healthy)) throw std::runtime_error("crash_detect: never healthy");
+    auto m = healthy_monitor(t.io, dir.socket(), c, w, "crash_detect");
     const auto t_kill = Clock::now();
     server.kill();  // SIGKILL + waitpid: returns once the process is dead
     const auto t_dead = Clock::now();
@@ -161,10 +169,7 @@ void hang_detect(int runs) {
   Config c;
   c.interval = 100ms;
   c.ping_timeout = 100ms;
-  auto m = make_monitor(t.io, dir.socket(), c, &w);
-  m->start();
-  m->gate().open("bench");
-  if (!w.wait(State::healthy)) throw std::runtime_error("hang_detect: never healthy");
+  auto m = healthy_monitor(t.io, dir.socket(), c, w, "hang_detect");
   for (int i = 0; i < runs; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 100));  // a random phase of the interval
     w.reset(State::degraded);
@@ -196,10 +201,7 @@ void recover(int runs) {
   c.ping_timeout = 100ms;
   c.reconnect_initial = 5ms;
   c.reconnect_max = 20ms;
-  auto m = make_monitor(t.io, dir.socket(), c, &w);
-  m->start();
-  m->gate().open("bench");
-  if (!w.wait(State::healthy)) throw std::runtime_error("recover: never healthy");
+  auto m = healthy_monitor(t.io, dir.socket(), c, w, "recover");
   int bad_reregistrations = 0;
   for (int i = 0; i < runs; ++i) {
     w.reset(State::healthy);
@@ -232,10 +234,7 @@ void false_alarms(Duration window) {
   IoThread t;
   Watcher w1, w2;
   Config c;  // defaults: interval 1 s, timeout 1 s
-  auto active = make_monitor(t.io, dir.socket(), c, &w1);
-  active->start();
-  active->gate().open("bench");
-  if (!w1.wait(State::healthy)) throw std::runtime_error("false_alarms: never healthy");
+  auto active = healthy_monitor(t.io, dir.socket(), c, w1, "false_alarms");
   auto warming = make_monitor(t.io, dir.socket(), c, &w2);
   warming->start();
   std::atomic<int> transitions{0};
