@@ -148,8 +148,12 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
          fmt::format("{} before HELLO: open every connection with HELLO", wire::opcode_name(h.opcode)));
     return true;
   }
-  const bool known = liveness_.refresh(session.instance_id, now);  // any traffic keeps an instance alive
-  if (op == wire::Opcode::register_kv_cache) liveness_.registered(session.instance_id, now);
+  // Any traffic keeps an instance alive (one registry lookup per request).
+  using Traffic = LivenessRegistry::Traffic;
+  const Traffic traffic = op == wire::Opcode::ping                ? Traffic::ping
+                          : op == wire::Opcode::register_kv_cache ? Traffic::registration
+                                                                  : Traffic::other;
+  const bool known = liveness_.refresh(session.instance_id, now, traffic);
   switch (op) {
     case wire::Opcode::ping: {
       wire::PingRequest req;
@@ -164,7 +168,6 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
                          session.instance_id));
         return true;
       }
-      liveness_.pinged(session.instance_id, now);
       reply(sink, h, wire::Empty{});
       return true;
     }

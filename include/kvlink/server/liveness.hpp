@@ -37,25 +37,21 @@ class LivenessRegistry {
     auto& e = instances_[id];
     e.last_seen = now;
   }
-  // Any traffic from a known instance. Returns false if it is unknown.
-  bool refresh(std::uint64_t id, TimePoint now) {
+  // What a request tells about its instance, beyond being alive.
+  enum class Traffic : std::uint8_t { other, ping, registration };
+
+  // Any traffic from a known instance, with one lookup. Returns false if
+  // the instance is unknown (then nothing is recorded).
+  bool refresh(std::uint64_t id, TimePoint now, Traffic kind = Traffic::other) {
     auto it = instances_.find(id);
     if (it == instances_.end()) return false;
     it->second.last_seen = now;
+    if (kind == Traffic::ping) it->second.pinged = true;
+    if (kind == Traffic::registration) it->second.registered = true;
     return true;
   }
-  void pinged(std::uint64_t id, TimePoint now) {
-    if (auto it = instances_.find(id); it != instances_.end()) {
-      it->second.pinged = true;
-      it->second.last_seen = now;
-    }
-  }
-  void registered(std::uint64_t id, TimePoint now) {
-    if (auto it = instances_.find(id); it != instances_.end()) {
-      it->second.registered = true;
-      it->second.last_seen = now;
-    }
-  }
+  void pinged(std::uint64_t id, TimePoint now) { refresh(id, now, Traffic::ping); }
+  void registered(std::uint64_t id, TimePoint now) { refresh(id, now, Traffic::registration); }
   bool known(std::uint64_t id) const { return instances_.contains(id); }
   std::size_t size() const { return instances_.size(); }
   std::uint64_t reaped() const { return reaped_; }
