@@ -150,7 +150,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   template <class Request>
     requires std::is_void_v<typename Request::reply_type>
   void send(Request req) {
-    asio::dispatch(executor_, [self = shared_from_this(), r = std::move(req)] {
+    detail::dispatch_inline(executor_, [self = shared_from_this(), r = std::move(req)] {
       if (self->closed_) return;
       ++self->stats_.one_way;
       self->stream_.send(static_cast<std::uint8_t>(Request::opcode), wire::flag::one_way, self->next_id_++,
