@@ -38,7 +38,7 @@ void GetFinishedTracker::retrieve_done(Ticket t, bool ok) {
   retrieves_.erase(it);
   auto r = requests_.find(id);
   if (r == requests_.end()) return;
-  if (--r->second.retrieves_in_flight == 0 && !reported_retrieves_.contains(id) &&
+  if (--r->second.retrieves_in_flight == 0 && !retrieve_reported(id) &&
       std::find(retrieves_ready_.begin(), retrieves_ready_.end(), id) == retrieves_ready_.end())
     retrieves_ready_.push_back(id);
 }
@@ -57,18 +57,18 @@ GetFinishedTracker::Finished GetFinishedTracker::get_finished(std::span<const st
   }
   Finished out;
   for (auto& id : retrieves_ready_)
-    if (reported_retrieves_.insert(id).second) out.retrieves.push_back(std::move(id));
+    if (!retired_.contains(id) && reported_retrieves_.insert(id).second) out.retrieves.push_back(std::move(id));
   retrieves_ready_.clear();
   std::vector<std::string> done;
   for (auto& [id, r] : requests_) {
-    if (r.had_store && r.stores_in_flight == 0 && r.engine_finished && !reported_stores_.contains(id)) {
+    if (r.had_store && r.stores_in_flight == 0 && r.engine_finished && !store_reported(id)) {
       reported_stores_.insert(id);
       const bool as_retrieve = std::find(out.retrieves.begin(), out.retrieves.end(), id) != out.retrieves.end();
       if (!(unhealthy && as_retrieve)) out.stores.push_back(id);
     }
     if (r.engine_finished && r.stores_in_flight == 0 && r.retrieves_in_flight == 0) done.push_back(id);
   }
-  for (const auto& id : done) requests_.erase(id);  // over: later repeats of the id are ignored
+  for (const auto& id : done) retire(id);  // over: later repeats of the id are ignored
   std::sort(out.stores.begin(), out.stores.end());
   return out;
 }
@@ -79,6 +79,18 @@ std::vector<std::uint32_t> GetFinishedTracker::take_load_errors() {
   return out;
 }
 
+void GetFinishedTracker::retire(const std::string& id) {
+  requests_.erase(id);
+  reported_stores_.erase(id);
+  reported_retrieves_.erase(id);
+  if (remembered_ids_ == 0 || !retired_.insert(id).second) return;
+  retired_order_.push_back(id);
+  if (retired_order_.size() > remembered_ids_) {
+    retired_.erase(retired_order_.front());
+    retired_order_.pop_front();
+  }
+}
+
 void GetFinishedTracker::forget(const std::string& id) {
   std::erase_if(stores_, [&](const auto& e) { return e.second == id; });
   std::erase_if(retrieves_, [&](const auto& e) { return e.second.id == id; });
@@ -86,6 +98,7 @@ void GetFinishedTracker::forget(const std::string& id) {
   reported_stores_.erase(id);
   reported_retrieves_.erase(id);
   std::erase(retrieves_ready_, id);
+  if (retired_.erase(id)) std::erase(retired_order_, id);
 }
 
 }  // namespace kvlink::adapter

@@ -123,3 +123,27 @@ TEST_CASE("tracker: forget drops an id's records") {
   CHECK(step(t, {"a"}).stores.empty());
   CHECK(t.pending_stores() == 0);
 }
+
+TEST_CASE("tracker: memory stays bounded; repeats within the remembered window are still blocked") {
+  GetFinishedTracker t(2);
+  auto finish = [&](const std::string& id) {
+    t.store_done(t.store_started(id));
+    return step(t, {id}).stores;
+  };
+  CHECK(finish("a") == Ids{"a"});
+  CHECK(t.live_requests() == 0);
+  CHECK(t.retired_ids() == 1);
+  CHECK(finish("a").empty());  // repeated while remembered: not reported again
+  CHECK(finish("b") == Ids{"b"});
+  CHECK(finish("c") == Ids{"c"});  // "a" falls out of the window
+  for (int i = 0; i < 100; ++i) finish("r" + std::to_string(i));
+  CHECK(t.retired_ids() == 2);
+  CHECK(t.live_requests() == 0);
+  CHECK(finish("a") == Ids{"a"});  // long forgotten: a new request
+  // A retrieve-only request retires too once the engine finished it.
+  t.retrieve_done(t.retrieve_started("x", Blocks{7}), true);
+  CHECK(step(t, {"x"}).retrieves == Ids{"x"});
+  CHECK(t.live_requests() == 0);
+  t.retrieve_done(t.retrieve_started("x", Blocks{7}), true);
+  CHECK(step(t, {"x"}).retrieves.empty());
+}

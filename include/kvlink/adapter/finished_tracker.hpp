@@ -16,11 +16,15 @@
 //   also reported (then or later) as a finished store.
 // - Server completions of drained operations are ignored (tickets).
 //
-// Memory: the "reported" sets grow with every request; forget(id) drops an
-// id the engine will never mention again.
+// Memory is bounded: once a request is over (the engine finished it and no
+// transfer of it is in flight) its id moves to a FIFO of the last
+// `remembered_ids` retired ids, which still blocks repeats; an id repeated
+// after that many newer requests retired is treated as a new request.
+// forget(id) drops every record of an id at once.
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <set>
 #include <span>
 #include <string>
@@ -33,6 +37,7 @@ namespace kvlink::adapter {
 class GetFinishedTracker {
  public:
   using Ticket = std::uint64_t;
+  explicit GetFinishedTracker(std::size_t remembered_ids = 1u << 16) : remembered_ids_(remembered_ids) {}
   struct Finished {
     std::vector<std::string> stores;
     std::vector<std::string> retrieves;
@@ -58,6 +63,9 @@ class GetFinishedTracker {
 
   std::size_t pending_stores() const { return stores_.size(); }
   std::size_t pending_retrieves() const { return retrieves_.size(); }
+  // Ids of requests still tracked (not over yet) and of retired ones.
+  std::size_t live_requests() const { return requests_.size(); }
+  std::size_t retired_ids() const { return retired_order_.size(); }
   // Drops every record of `id` (it will never be reported).
   void forget(const std::string& id);
 
@@ -73,7 +81,14 @@ class GetFinishedTracker {
     bool had_retrieve = false;
     bool engine_finished = false;
   };
-  void finish_retrieve(const std::string& id, Finished& out);
+  bool store_reported(const std::string& id) const {
+    return reported_stores_.contains(id) || retired_.contains(id);
+  }
+  bool retrieve_reported(const std::string& id) const {
+    return reported_retrieves_.contains(id) || retired_.contains(id);
+  }
+  // The request is over: keep its id only in the bounded FIFO.
+  void retire(const std::string& id);
 
   Ticket next_ = 1;
   std::unordered_map<Ticket, std::string> stores_;
@@ -83,6 +98,9 @@ class GetFinishedTracker {
   std::unordered_set<std::string> reported_retrieves_;
   std::vector<std::string> retrieves_ready_;  // every retrieve of the id done, not yet reported
   std::set<std::uint32_t> load_errors_;
+  std::size_t remembered_ids_;
+  std::unordered_set<std::string> retired_;
+  std::deque<std::string> retired_order_;  // oldest first
 };
 
 }  // namespace kvlink::adapter
