@@ -2,8 +2,8 @@
 // stores, get_finished bookkeeping, degraded mode after SIGKILL/SIGSTOP,
 // automatic re-registration after a restart. The adapters run on a Runtime
 // (their own io thread); the test thread plays the engine and uses the
-// blocking calls, as a non-coroutine engine would. The server's transfer
-// engine copies nothing yet, so these check protocol and bookkeeping.
+// blocking calls, as a non-coroutine engine would. These check protocol
+// and bookkeeping; byte-exact data through the CPU engine is e2e_test's.
 #include <doctest/doctest.h>
 #include <sys/mman.h>
 #include <unistd.h>

@@ -88,7 +88,7 @@ class TransferEngine {
   virtual void submit(TransferJob job, TransferDone done) = 0;
 };
 
-// FOR TESTS AND UNTIL ISSUE 5: completes every job at once, inside submit(),
+// For tests and control-plane benchmarks: completes every job at once, inside submit(),
 // and copies nothing. The server's bookkeeping (locks, slots, replies) runs
 // exactly as with a real engine; the data does not move.
 class NullTransferEngine final : public TransferEngine {
