@@ -66,7 +66,6 @@ struct Options {
   int failure_threshold = 2;
   int success_threshold = 2;
   int progress_ms = 1000;
-  bool reuse_unanswered = false;
   std::string log_level = "warn";
 };
 
@@ -117,23 +116,13 @@ struct Active {
   enum class Phase { lookup, blocks, loading, storing } phase = Phase::lookup;
   std::vector<std::uint32_t> blocks;
   std::uint32_t matched = 0;   // tokens the lookup matched
-  bool store_done = false;     // get_finished reported the store
-  // Transfers the adapter has not completed yet: the blocks stay ours
-  // until then, even when get_finished already drained them.
-  std::shared_ptr<std::atomic<int>> in_flight = std::make_shared<std::atomic<int>>(0);
-  // A transfer ended without the server's answer (deadline, lost link).
-  std::shared_ptr<std::atomic<bool>> unanswered = std::make_shared<std::atomic<bool>>(false);
+  bool store_done = false;     // get_finished reported the store: the blocks are free
 };
 
-// A server that never answered a transfer may still run it later (a
-// stopped server resumes): the request's blocks are not reused until that
-// server is known gone (a new boot id), or a late copy would write another
-// request's blocks, or store their bytes under this request's keys.
-bool unanswered(std::error_code ec) { return ec == errc::timed_out || ec == errc::connection_lost; }
 
 struct Totals {
   std::uint64_t requests = 0, hit_tokens = 0, lookup_tokens = 0, verify_failures = 0, load_error_blocks = 0;
-  std::uint64_t recomputed_blocks = 0, quarantined_blocks = 0;
+  std::uint64_t recomputed_blocks = 0;
   double max_call_ms = 0;
 };
 
@@ -198,11 +187,6 @@ class Engine {
   }
 
   const Totals& totals() const { return t_; }
-  std::size_t quarantined_now() const {
-    std::size_t n = 0;
-    for (const auto& q : quarantine_) n += q.blocks.size();
-    return n;
-  }
   const Shared& shared() const { return *shared_; }
   std::size_t abandoned() const { return abandoned_; }
   std::chrono::milliseconds deadline() const { return duration_cast<milliseconds>(deadline_); }
@@ -267,14 +251,10 @@ class Engine {
     spec.tokens.assign(a.req.tokens.begin(), a.req.tokens.begin() + a.matched);
     spec.block_ids.assign(hit.begin(), hit.end());
     a.phase = Active::Phase::loading;
-    a.in_flight->fetch_add(1);
     worker_->async_submit_retrieve(
-        std::move(spec), [sh = shared_, n = a.in_flight, u = a.unanswered, t0 = steady_clock::now()](
-                             std::error_code ec, wire::RetrieveResult r) {
+        std::move(spec), [sh = shared_, t0 = steady_clock::now()](std::error_code ec, wire::RetrieveResult r) {
           if (!ec) sh->retrieved_chunks += r.retrieved_chunks;
-          if (unanswered(ec)) *u = true;
           sh->transfer_took(steady_clock::now() - t0);
-          n->fetch_sub(1);
           sh->wake.notify();
         });
   }
@@ -292,13 +272,10 @@ class Engine {
     spec.tokens = a.req.tokens;
     spec.block_ids = a.blocks;
     a.phase = Active::Phase::storing;
-    a.in_flight->fetch_add(1);
-    worker_->async_submit_store(std::move(spec), [sh = shared_, n = a.in_flight, u = a.unanswered,
-                                                  t0 = steady_clock::now()](std::error_code ec, wire::StoreResult r) {
+    worker_->async_submit_store(std::move(spec), [sh = shared_, t0 = steady_clock::now()](std::error_code ec,
+                                                                                          wire::StoreResult r) {
       if (!ec) sh->stored_chunks += r.stored_chunks;
-      if (unanswered(ec)) *u = true;
       sh->transfer_took(steady_clock::now() - t0);
-      n->fetch_sub(1);
       sh->wake.notify();
     });
     report_.push_back(id);  // the engine is done with it: its stores may be reported
@@ -324,13 +301,10 @@ class Engine {
     }
     for (auto it = active_.begin(); it != active_.end();) {
       auto& a = it->second;
-      if (a.phase == Active::Phase::storing && a.store_done && a.in_flight->load() == 0) {
-        if (*a.unanswered && !o_.reuse_unanswered) {
-          t_.quarantined_blocks += a.blocks.size();
-          quarantine_.push_back({std::move(a.blocks), boot_id()});
-        } else {
-          alloc_.release(a.blocks);
-        }
+      // Like vLLM, trust get_finished: the adapter reports a store only once
+      // the server can no longer read its blocks, so they are reused at once.
+      if (a.phase == Active::Phase::storing && a.store_done) {
+        alloc_.release(a.blocks);
         timed([&] { return scheduler_->end_session(it->first, deadline_); });  // degraded: dropped, state freed
         ++t_.requests;
         it = active_.erase(it);
@@ -338,22 +312,6 @@ class Engine {
         ++it;
       }
     }
-    release_quarantine();
-  }
-
-  std::uint64_t boot_id() {
-    return on_io(rt_, [w = worker_] { return w->monitor().boot_id(); });
-  }
-
-  // Quarantined blocks whose server has been replaced are free again.
-  void release_quarantine() {
-    if (quarantine_.empty() || worker_->monitor().state() != health::State::healthy) return;
-    const auto now_boot = boot_id();
-    std::erase_if(quarantine_, [&](Quarantined& q) {
-      if (q.boot_id == now_boot) return false;
-      alloc_.release(q.blocks);
-      return true;
-    });
   }
 
   void verify_loaded(const std::string& id, Active& a) {
@@ -383,9 +341,9 @@ class Engine {
 
   void progress(steady_clock::time_point start) {
     emit(fmt::format(R"({{"ts_ms":{},"event":"progress","t_s":{:.1f},"requests":{},"hit_tokens":{},)"
-                     R"("load_error_blocks":{},"verify_failures":{},"active":{},"quarantined":{},"worker":"{}","scheduler":"{}"}})",
+                     R"("load_error_blocks":{},"verify_failures":{},"active":{},"worker":"{}","scheduler":"{}"}})",
                      unix_ms(), duration<double>(steady_clock::now() - start).count(), t_.requests, t_.hit_tokens,
-                     t_.load_error_blocks, t_.verify_failures, active_.size(), quarantined_now(), state_of(*worker_),
+                     t_.load_error_blocks, t_.verify_failures, active_.size(), state_of(*worker_),
                      state_of(*scheduler_)));
   }
 
@@ -401,11 +359,6 @@ class Engine {
   std::map<std::string, Active> active_;
   std::vector<std::string> report_;       // finished by the engine, for the next get_finished
   std::set<std::uint32_t> load_errors_;   // reported, not yet matched to a finished retrieve
-  struct Quarantined {
-    std::vector<std::uint32_t> blocks;
-    std::uint64_t boot_id = 0;  // of the server that may still copy them
-  };
-  std::vector<Quarantined> quarantine_;
   std::uint64_t admitted_ = 0;
   std::size_t abandoned_ = 0;
   Totals t_;
@@ -439,8 +392,9 @@ int run(const Options& o) {
                                   "before the remote call's own deadline",
                                   o.deadline_ms, o.call_timeout_ms));
   const std::uint32_t per_request = sim::blocks_for(o.workload.max_prompt_tokens, o.block_size);
-  // Default: room for twice the concurrency (blocks held back after a
-  // transfer the server never answered must not starve the engine).
+  // Default: room for twice the concurrency (while a stopped server holds
+  // transfers unanswered, their blocks stay taken until the transfer
+  // deadline; that must not starve the engine).
   const std::uint32_t num_blocks = o.num_blocks ? o.num_blocks : 2 * per_request * o.concurrency;
   if (num_blocks < per_request)
     return fail_start(fmt::format("--num-blocks {} cannot hold one prompt of --max-prompt-tokens {} ({} blocks of {})",
@@ -541,11 +495,11 @@ int run(const Options& o) {
   emit(fmt::format(R"({{"ts_ms":{},"event":"summary","requests":{},"hit_tokens":{},"stored_chunks":{},)"
                    R"("retrieved_chunks":{},"verify_failures":{},"load_error_blocks":{},"max_call_ms":{:.1f},)"
                    R"("deadline_ms":{},"max_transfer_ms":{:.1f},"transfer_timeout_ms":{},"lookup_hit_tokens":{},)"
-                   R"("recomputed_blocks":{},"quarantined_blocks":{},"reregistrations":{},"unfinished":{}}})",
+                   R"("recomputed_blocks":{},"reregistrations":{},"unfinished":{}}})",
                    unix_ms(), t.requests, t.hit_tokens, engine.shared().stored_chunks.load(),
                    engine.shared().retrieved_chunks.load(), t.verify_failures, t.load_error_blocks, t.max_call_ms,
                    o.deadline_ms, engine.shared().max_transfer_us.load() / 1000.0, o.transfer_timeout_ms,
-                   t.lookup_tokens, t.recomputed_blocks, t.quarantined_blocks, rereg, engine.abandoned()));
+                   t.lookup_tokens, t.recomputed_blocks, rereg, engine.abandoned()));
   rt.stop();
   return t.verify_failures > 0 ? 1 : 0;
 }
@@ -624,9 +578,6 @@ int main(int argc, char** argv) {
   app.add_option("--progress-ms", o.progress_ms, "Time between progress lines")
       ->capture_default_str()
       ->check(CLI::Range(10, 3600000));
-  app.add_flag("--reuse-unanswered-blocks", o.reuse_unanswered,
-               "Reuse the blocks of a transfer the server never answered at once (shows the late-copy hazard: "
-               "a stopped server that resumes may still copy them)");
   app.add_option("--log-level", o.log_level, "Library log level on stderr: debug, info, warn, error or off")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);

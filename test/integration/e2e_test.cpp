@@ -13,6 +13,7 @@
 #include <atomic>
 #include <fstream>
 #include <future>
+#include <map>
 #include <mutex>
 #include <set>
 #include <sstream>
@@ -201,7 +202,7 @@ class Engine {
     for (int i = 0; i < n; ++i) one_request();
   }
 
-  std::atomic<std::uint64_t> requests{0}, hit_tokens{0}, load_error_blocks{0}, verify_failures{0}, quarantined{0};
+  std::atomic<std::uint64_t> requests{0}, hit_tokens{0}, load_error_blocks{0}, verify_failures{0};
   std::atomic<std::int64_t> max_call_us{0};
   std::string problems() {
     std::lock_guard lock(m_);
@@ -210,10 +211,8 @@ class Engine {
   double max_call_ms() const { return static_cast<double>(max_call_us.load()) / 1000.0; }
 
  private:
-  // A transfer that ended without the server's answer (its deadline passed,
-  // or the connection went) may still run in a stopped server once it
-  // resumes: its blocks are not reused, or a late copy would store another
-  // request's bytes under this one's keys (see the KNOWN BUG test below).
+  // Ended on the client's side: the server may not have run it yet, and
+  // its load errors come once it no longer can (the adapter's fence).
   static bool unanswered(std::error_code ec) { return ec == errc::timed_out || ec == errc::connection_lost; }
 
   template <class F>
@@ -239,19 +238,17 @@ class Engine {
     auto blocks = alloc_.allocate(sim::blocks_for(n, block));
     if (!blocks) return problem("out of blocks");
     std::vector<bool> loaded(blocks->size(), false);
-    bool quarantine = false;  // a transfer the server never answered: see unanswered()
     if (matched > 0) {
       const std::vector<std::uint32_t> hit(blocks->begin(), blocks->begin() + matched / block);
       sim::poison_blocks(kv_, hit);
       std::vector<store::Token> prefix(req.tokens.begin(), req.tokens.begin() + matched);
       auto r = timed([&] { return f_.worker->submit_retrieve(f_.spec(req.id, prefix, hit), deadline); });
-      quarantine = quarantine || unanswered(r.ec);
       auto fin = timed([&] { return f_.worker->get_finished({}, deadline); });
       auto errors = timed([&] { return f_.worker->take_load_errors(deadline); });
       const std::set<std::uint32_t> failed(errors.value.begin(), errors.value.end());
       load_error_blocks += failed.size();
       for (std::uint32_t b = 0; b < hit.size(); ++b) {
-        if (failed.contains(hit[b])) continue;
+        if (failed.contains(hit[b]) || unanswered(r.ec)) continue;  // not loaded: computed below
         if (r.ec) {
           problem(req.id + ": retrieve failed (" + r.ec.message() + ") but block " + std::to_string(hit[b]) +
                   " is not a load error");
@@ -269,14 +266,21 @@ class Engine {
     for (std::uint32_t b = 0; b < blocks->size(); ++b)
       if (!loaded[b]) sim::fill_tokens(kv_, req.tokens, *blocks, b * block, std::min(n, (b + 1) * block));
     auto stored = timed([&] { return f_.worker->submit_store(f_.spec(req.id, req.tokens, *blocks), deadline); });
-    quarantine = quarantine || unanswered(stored.ec);
-    auto fin = timed([&] { return f_.worker->get_finished({req.id}, deadline); });
-    if (!fin.ec && std::find(fin.value.stores.begin(), fin.value.stores.end(), req.id) == fin.value.stores.end())
-      problem(req.id + ": store done but not reported finished");
-    if (quarantine)
-      quarantined += blocks->size();  // never reused: the server may still copy them
-    else
-      alloc_.release(*blocks);
+    // Like vLLM, reuse a request's blocks once get_finished reports its store.
+    held_.emplace(req.id, std::move(*blocks));
+    report_.push_back(req.id);
+    auto fin = timed([&] { return f_.worker->get_finished(report_, deadline); });
+    if (!fin.ec) {
+      report_.clear();
+      const auto& done = fin.value.stores;
+      if (!stored.ec && std::find(done.begin(), done.end(), req.id) == done.end())
+        problem(req.id + ": store answered but not reported finished");
+      for (const auto& id : done)
+        if (auto it = held_.find(id); it != held_.end()) {
+          alloc_.release(it->second);
+          held_.erase(it);
+        }
+    }
     timed([&] { return f_.scheduler->end_session(req.id, deadline); });
     ++requests;
   }
@@ -285,6 +289,8 @@ class Engine {
   sim::KvView kv_;
   sim::RequestGenerator gen_;
   sim::BlockAllocator alloc_;
+  std::map<std::string, std::vector<std::uint32_t>> held_;  // blocks of stores not yet reported finished
+  std::vector<std::string> report_;                         // finished requests for the next get_finished
   std::atomic<bool> stop_{false};
   std::thread thread_;
   std::mutex m_;
@@ -460,7 +466,7 @@ TEST_CASE("e2e: server SIGKILL mid-workload -> the engine keeps running, retriev
   CHECK(e.verify_failures == 0);
   CHECK(e.max_call_ms() < std::chrono::duration<double, std::milli>(deadline).count() + 100);
   MESSAGE("requests " << e.requests.load() << ", hit tokens " << e.hit_tokens.load() << ", load-error blocks "
-                      << e.load_error_blocks.load() << ", quarantined blocks " << e.quarantined.load() << ", longest call " << e.max_call_ms() << " ms");
+                      << e.load_error_blocks.load() << ", longest call " << e.max_call_ms() << " ms");
 }
 
 TEST_CASE("e2e: server SIGSTOP -> degraded within the configured timeouts, calls bounded; SIGCONT -> recovers") {
@@ -489,7 +495,7 @@ TEST_CASE("e2e: server SIGSTOP -> degraded within the configured timeouts, calls
   CHECK(e.max_call_ms() < std::chrono::duration<double, std::milli>(deadline).count() + 100);
   CHECK(f.stat("registrations") == 1);
   MESSAGE("requests " << e.requests.load() << ", hit tokens " << e.hit_tokens.load() << ", load-error blocks "
-                      << e.load_error_blocks.load() << ", quarantined blocks " << e.quarantined.load() << ", longest call " << e.max_call_ms() << " ms");
+                      << e.load_error_blocks.load() << ", longest call " << e.max_call_ms() << " ms");
 }
 
 TEST_CASE("e2e: kvlink-engine-sim runs against a server and reports a clean summary") {
@@ -522,16 +528,11 @@ TEST_CASE("e2e: kvlink-engine-sim runs against a server and reports a clean summ
   CHECK(out.find(R"("link":"worker","event":"state","from":"warming","to":"healthy")") != std::string::npos);
 }
 
-// KNOWN BUG (reported to the lead, issue 5/8): a STORE whose deadline passed
-// while the server was stopped is reported finished by get_finished, so the
-// engine reuses its blocks; after SIGCONT the server still runs the copy and
-// stores the reused blocks' bytes under the first request's keys. Later
-// lookups hit and RETRIEVE returns wrong KV data. The same holds for a late
-// RETRIEVE writing into reused blocks. Fixing it needs the protocol (e.g. an
-// absolute deadline in STORE/RETRIEVE that the server honours before it
-// copies, or a fence). should_fail: remove it once fixed.
-TEST_CASE("e2e: a STORE that timed out during SIGSTOP must not copy the engine's blocks after SIGCONT" *
-          doctest::should_fail()) {
+// A STORE whose deadline passed while the server was stopped is reported
+// finished, so the engine reuses its blocks. After SIGCONT the server must
+// not copy them any more (its fence passed), or it would store the reused
+// blocks' bytes under the first request's keys.
+TEST_CASE("e2e: a STORE that timed out during SIGSTOP must not copy the engine's blocks after SIGCONT") {
   Fixture f;
   f.server.start();
   f.make();
@@ -552,8 +553,9 @@ TEST_CASE("e2e: a STORE that timed out during SIGSTOP must not copy the engine's
   f.server.resume();
   REQUIRE(eventually([&] { return f.state_is(health::State::healthy); }));
   const auto m = f.matched("c-lookup", c);
-  MESSAGE("after SIGCONT the server has " << m << " tokens of the timed-out store");
-  if (m > 0) {  // what the server returns for c must be c's bytes
+  CHECK(m == 0);  // dropped at its fence
+  CHECK(f.stat("transfers_fenced") == 1);
+  if (m > 0) {  // if it had been stored, what the server returns for c must still be c's bytes
     const auto dst = range(100, m / block);
     sim::poison_blocks(kv, dst);
     auto r = f.worker->submit_retrieve(f.spec("c-read", std::vector<store::Token>(c.begin(), c.begin() + m), dst));

@@ -4,7 +4,9 @@
 //
 // Rules (SPEC section 7):
 // - A request's stores are reported finished only when the server finished
-//   every store of it AND the engine reported the request finished.
+//   every store of it AND the engine reported the request finished AND no
+//   retrieve of it is still pending (the engine frees the request's blocks
+//   on that report).
 // - A request's retrieves are reported finished when the server finished
 //   (or failed) every retrieve of it; a failed retrieve's blocks go to the
 //   load-error set.
@@ -15,6 +17,15 @@
 //   load-error set; an id reported as a finished retrieve in that call is not
 //   also reported (then or later) as a finished store.
 // - Server completions of drained operations are ignored (tickets).
+// - Fences: a transfer that was sent may still be copied by the server until
+//   its fence (the server checks it, see wire::StoreRequest). A transfer that
+//   ended without the server's answer (deadline, lost connection) and
+//   pending transfers in a drain are finished only once that cannot happen
+//   any more: the fence passed, or the server answering now is a different
+//   process (boot id) from the one the transfer was sent to. Reporting them
+//   earlier would let the engine reuse blocks that a stopped server, once
+//   resumed, still reads (storing wrong KV under the request's keys) or
+//   writes.
 //
 // Memory is bounded: once a request is over (the engine finished it and no
 // transfer of it is in flight) its id moves to a FIFO of the last
@@ -25,6 +36,7 @@
 
 #include <cstdint>
 #include <deque>
+#include "kvlink/clock.hpp"
 #include <set>
 #include <span>
 #include <string>
@@ -33,6 +45,20 @@
 #include <vector>
 
 namespace kvlink::adapter {
+
+// Where a sent transfer went: until when the server may touch its blocks,
+// and the boot id of that server. The default: not sent.
+struct SentTransfer {
+  TimePoint fence = TimePoint::min();
+  std::uint64_t boot_id = 0;
+};
+
+// What get_finished knows of the present: the time, and the boot id of the
+// server the adapter is healthily connected to (0: none).
+struct LinkNow {
+  TimePoint now;
+  std::uint64_t boot_id = 0;
+};
 
 class GetFinishedTracker {
  public:
@@ -43,18 +69,26 @@ class GetFinishedTracker {
     std::vector<std::string> retrieves;
   };
 
+  using Sent = SentTransfer;
+  using Present = LinkNow;
+
   // A store of `id` was started (sent, or decided without sending).
-  Ticket store_started(const std::string& id);
-  // The server finished it (success or error: either way it is over).
+  Ticket store_started(const std::string& id, Sent sent = {});
+  // The server answered it (success or error), or it was never sent.
   void store_done(Ticket t);
+  // It ended without the server's answer: finished once its fence is safe.
+  void store_unanswered(Ticket t);
 
   // A retrieve of `id` into `blocks` was started.
-  Ticket retrieve_started(const std::string& id, std::span<const std::uint32_t> blocks);
-  // The server finished it; on failure its blocks become load errors.
+  Ticket retrieve_started(const std::string& id, std::span<const std::uint32_t> blocks, Sent sent = {});
+  // The server answered it, or it was never sent; on failure its blocks
+  // become load errors.
   void retrieve_done(Ticket t, bool ok);
+  // It ended without the server's answer: failed, finished once safe.
+  void retrieve_unanswered(Ticket t);
 
   // The engine's finished request ids for this step; `unhealthy` drains.
-  Finished get_finished(std::span<const std::string> engine_finished, bool unhealthy);
+  Finished get_finished(std::span<const std::string> engine_finished, bool unhealthy, Present present);
 
   // Block ids whose load failed since the last call (sorted, unique).
   std::vector<std::uint32_t> take_load_errors();
@@ -70,10 +104,21 @@ class GetFinishedTracker {
   void forget(const std::string& id);
 
  private:
+  struct PendingStore {
+    std::string id;
+    Sent sent;
+    bool unanswered = false;
+  };
   struct PendingRetrieve {
     std::string id;
     std::vector<std::uint32_t> blocks;
+    Sent sent;
+    bool unanswered = false;
   };
+  // The server can no longer touch this transfer's blocks.
+  static bool safe(const Sent& s, const Present& p) {
+    return s.fence <= p.now || (s.boot_id != 0 && p.boot_id != 0 && s.boot_id != p.boot_id);
+  }
   struct Request {
     int stores_in_flight = 0;
     int retrieves_in_flight = 0;
@@ -91,7 +136,7 @@ class GetFinishedTracker {
   void retire(const std::string& id);
 
   Ticket next_ = 1;
-  std::unordered_map<Ticket, std::string> stores_;
+  std::unordered_map<Ticket, PendingStore> stores_;
   std::unordered_map<Ticket, PendingRetrieve> retrieves_;
   std::unordered_map<std::string, Request> requests_;
   std::unordered_set<std::string> reported_stores_;

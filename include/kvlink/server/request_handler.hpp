@@ -169,6 +169,9 @@ class RequestHandler {
   std::uint64_t engine_blocks_allocated_ = 0;
   std::uint64_t engine_blocks_total_ = 0;
   std::uint64_t transfer_failures_ = 0;
+  std::uint64_t transfers_fenced_ = 0;  // not done before their fence (timed_out)
+  // Counts a failed copy and replies with what the engine should know.
+  void copy_failed(const wire::Header& header, std::error_code ec, ReplySink& sink, std::string_view consequence);
 };
 
 }  // namespace kvlink::server

@@ -13,6 +13,7 @@
 #include <system_error>
 #include <vector>
 
+#include "kvlink/clock.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "kvlink/wire/messages.hpp"
 
@@ -66,6 +67,10 @@ struct TransferJob {
   std::shared_ptr<const Registration> registration;  // outlives an UNREGISTER during the copy
   std::vector<ChunkCopy> chunks;
   std::uint32_t skip_first_n_tokens = 0;  // retrieve: leave these engine tokens untouched
+  // The request's fence (wire::StoreRequest): engines touch no engine block
+  // at or after it; they fail the job with errc::timed_out instead, and a
+  // store whose copy ends past it fails too (its bytes may be reused ones).
+  TimePoint fence = TimePoint::max();
 };
 
 // Completion: an empty error_code on success. Engines must invoke it on the
