@@ -325,6 +325,7 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("in_flight_refused", counters_.in_flight_refused);
   add("instances_refused", counters_.instances_refused);
   add("auth_failures", counters_.auth_failures);
+  add("frames_too_large", counters_.frames_too_large);
   add("reads_paused", counters_.reads_paused);
   add("connections_paused", counters_.connections_paused);
   add("slow_reader_closes", counters_.slow_reader_closes);

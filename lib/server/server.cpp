@@ -179,9 +179,15 @@ asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   } else if (end.ec == errc::protocol_error || end.ec == errc::version_mismatch) {
     // Say why before closing: the bytes were not a frame we could answer.
     ++handler.counters().protocol_errors;
+    std::error_code code = end.ec;
+    if (session->stream.parser().too_large()) {
+      ++handler.counters().frames_too_large;
+      code = errc::frame_too_large;
+      end.reason += " (the server's --max-payload, announced in HELLO); split the request or raise --max-payload";
+    }
     log::warn("kvlink-server: closing connection of {:016x}: {}", session->state.instance_id, end.reason);
     wire::Header h{};
-    reply_error(*session, h, end.ec, end.reason);
+    reply_error(*session, h, code, end.reason);
     asio::post(io, [session] { session->stream.close(); });
   } else {
     session->stream.close();

@@ -27,6 +27,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     server::ServerConfig c;
     c.l1_size = 16u << 20;
     c.huge_pages = false;
+    c.instance_l1_quota_fraction = 0.5;  // the quota path too
     return c;
   }();
   static transfer::NullTransferEngine engine;

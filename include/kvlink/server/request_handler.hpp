@@ -69,6 +69,7 @@ struct ServerCounters {
   std::uint64_t in_flight_refused = 0;    // requests beyond max_in_flight
   std::uint64_t instances_refused = 0;    // HELLOs beyond max_instances
   std::uint64_t auth_failures = 0;        // HELLOs with a missing or wrong token
+  std::uint64_t frames_too_large = 0;     // frames longer than max_payload (the connection is closed)
   // Slow readers (kept by the network layer).
   std::uint64_t reads_paused = 0;         // times a connection's reads stopped for its queued replies
   std::uint64_t connections_paused = 0;   // connections whose reads are stopped now
