@@ -49,7 +49,10 @@ std::shared_ptr<WorkerAdapter> WorkerAdapter::create(asio::any_io_executor ex, W
   return self;
 }
 
-WorkerAdapter::~WorkerAdapter() { monitor_->stop(); }
+// monitor_ is null when create() threw (a bad endpoint, namespace or token file).
+WorkerAdapter::~WorkerAdapter() {
+  if (monitor_) monitor_->stop();
+}
 
 std::shared_ptr<net::Connection> WorkerAdapter::usable_connection() const {
   const health::State s = monitor_->state();

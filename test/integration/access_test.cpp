@@ -12,8 +12,12 @@
 #include <asio/read.hpp>
 #include <asio/write.hpp>
 #include <fstream>
+#include <thread>
 
+#include "kvlink/adapter/scheduler.hpp"
+#include "kvlink/adapter/worker.hpp"
 #include "kvlink/net/connection.hpp"
+#include "kvlink/runtime/runtime.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 
@@ -200,4 +204,57 @@ TEST_CASE("access: a non-loopback address needs a token; with one it serves (che
   REQUIRE_MESSAGE(!good.ec, good.error);
   CHECK(run(io, ping(good.connection)) == std::error_code{});
   good.connection->close();
+}
+
+TEST_CASE("access: adapters send the token from their token file or KVLINK_AUTH_TOKEN; without it they stay degraded") {
+  TempDir dir;
+  const std::string file = write_token(dir, "adapter-secret");
+  ServerProcess server({"--listen", dir.socket(), "--auth-token-file", file, "--log-level", "off"});
+  server.start();
+  runtime::Runtime rt;
+  health::Config fast;
+  fast.interval = 50ms;
+  fast.ping_timeout = 200ms;
+  fast.reconnect_initial = 5ms;
+  fast.reconnect_max = 50ms;
+  fast.connect_timeout = 500ms;
+  auto worker_with = [&](std::string token_file) {
+    adapter::WorkerConfig w;
+    w.endpoint = server.endpoint();
+    w.model = "access-model";
+    w.health = fast;
+    w.auth_token_file = std::move(token_file);
+    auto a = adapter::WorkerAdapter::create(rt.executor(), w);
+    a->ready();
+    return a;
+  };
+  auto from_file = worker_with(file);
+  ::setenv("KVLINK_AUTH_TOKEN", "adapter-secret", 1);
+  adapter::SchedulerConfig sc;
+  sc.endpoint = server.endpoint();
+  sc.model = "access-model";
+  sc.health = fast;
+  auto from_env = adapter::SchedulerAdapter::create(rt.executor(), sc);
+  ::unsetenv("KVLINK_AUTH_TOKEN");
+  from_env->ready();
+  auto without = worker_with("");
+  auto state_is = [](auto& a, health::State s, std::chrono::milliseconds limit) {
+    const auto end = std::chrono::steady_clock::now() + limit;
+    while (a->monitor().state() != s && std::chrono::steady_clock::now() < end) std::this_thread::sleep_for(5ms);
+    return a->monitor().state() == s;
+  };
+  CHECK(state_is(from_file, health::State::healthy, 10s));
+  CHECK(state_is(from_env, health::State::healthy, 10s));
+  CHECK(state_is(without, health::State::degraded, 10s));
+  // An unreadable token file is a configuration error at once.
+  adapter::WorkerConfig bad;
+  bad.endpoint = server.endpoint();
+  bad.model = "access-model";
+  bad.auth_token_file = dir.path() + "/absent";
+  CHECK_THROWS_WITH_AS(adapter::WorkerAdapter::create(rt.executor(), bad), doctest::Contains("cannot be read"),
+                       std::invalid_argument);
+  from_file->shutdown(2s);
+  without->shutdown(2s);
+  from_env->stop();
+  rt.stop();
 }
