@@ -12,6 +12,7 @@
 
 #include "kvlink/health/monitor.hpp"
 #include "kvlink/log.hpp"
+#include "kvlink/net/auth_token.hpp"
 #include "kvlink/net/connection.hpp"
 #include "event_json.hpp"
 
@@ -21,6 +22,9 @@ using namespace std::chrono;
 using kvlink::net::Clock;
 using kvlink::tools::json_string;
 using kvlink::tools::unix_ms;
+
+// HELLO's shared secret: --auth-token-file, else $KVLINK_AUTH_TOKEN.
+std::string g_auth_token;
 
 struct PingOptions {
   std::string server = kvlink::net::default_endpoint();
@@ -49,6 +53,7 @@ asio::awaitable<AdminConnection> connect_admin(std::string server, int timeout_m
   hello.role = kvlink::wire::Role::admin;
   hello.instance_id = kvlink::net::random_instance_id();
   hello.client_name = std::move(client_name);
+  hello.auth_token = g_auth_token;
   a.connected = co_await kvlink::net::connect(co_await asio::this_coro::executor, a.endpoint, hello,
                                               milliseconds(timeout_ms));
   if (a.connected.ec) {
@@ -185,6 +190,7 @@ int run_watch(const WatchOptions& opt) {
   o.health.success_threshold = opt.success_threshold;
   o.hello.role = kvlink::wire::Role::admin;
   o.hello.client_name = "kvlink-cli watch";
+  o.hello.auth_token = g_auth_token;
   o.name = "kvlink-cli watch";
   auto monitor = health::Monitor::create(io.get_executor(), o);
   monitor->on_event(print_event);
@@ -265,7 +271,15 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 1e9));
 
 
+  std::string token_file;
+  app.add_option("--auth-token-file", token_file,
+                 "File holding the server's shared secret (default: $KVLINK_AUTH_TOKEN, if set)");
+
   CLI11_PARSE(app, argc, argv);
+  if (auto why = kvlink::net::resolve_auth_token({}, token_file, g_auth_token); !why.empty()) {
+    fmt::print(stderr, "kvlink-cli: --auth-token-file: {}\n", why);
+    return 2;
+  }
   if (*ping_cmd) return run(run_ping(ping));
   if (*stats_cmd) return run(run_stats(stats));
   if (*watch_cmd) return run_watch(watch);

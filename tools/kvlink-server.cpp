@@ -4,9 +4,11 @@
 #include <asio/signal_set.hpp>
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <fmt/format.h>
 
 #include "kvlink/log.hpp"
+#include "kvlink/net/auth_token.hpp"
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/server/server.hpp"
 #include "kvlink/store/l1_pool.hpp"
@@ -36,6 +38,23 @@ int main(int argc, char** argv) {
   app.add_option("--max-connections", cfg.max_connections, "Concurrent client connections")
       ->capture_default_str()
       ->check(CLI::Range(1u, 1u << 20));
+  app.add_option("--max-instances", cfg.max_instances,
+                 "Client instances the server keeps (each HELLO's instance id until it leaves or is reaped)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 1u << 24));
+  std::string max_outbound = std::to_string(cfg.max_outbound_bytes);
+  app.add_option("--max-outbound-bytes", max_outbound,
+                 "Replies a connection may have queued before the server stops reading its requests (8MiB, ...)")
+      ->capture_default_str();
+  std::string quota;
+  app.add_option("--instance-l1-quota", quota,
+                 "L1 one instance's STOREs may hold: bytes (4GiB, ...) or a fraction of L1 (0.25); default: no quota");
+  std::string token_file;
+  app.add_option("--auth-token-file", token_file,
+                 "File holding the shared secret every HELLO must carry (or set KVLINK_AUTH_TOKEN); required for "
+                 "non-loopback tcp endpoints");
+  app.add_option("--unix-group", cfg.unix_group,
+                 "Give unix sockets to this group and make them group-accessible (mode 0660 unless --unix-mode)");
   app.add_option("--reap-timeout-s", cfg.reap_timeout_s, "Forget (and release) instances silent this long")
       ->capture_default_str()
       ->check(CLI::Range(1u, 1u << 30));
@@ -43,7 +62,8 @@ int main(int argc, char** argv) {
                  "Silence allowed to instances that registered KV caches but never pinged")
       ->capture_default_str()
       ->check(CLI::Range(1u, 1u << 30));
-  app.add_option("--unix-mode", unix_mode, "Permission bits of unix sockets (octal)")->capture_default_str();
+  auto* unix_mode_opt =
+      app.add_option("--unix-mode", unix_mode, "Permission bits of unix sockets (octal)")->capture_default_str();
   app.add_option("--log-level", log_level, "debug, info, warn, error or off")->capture_default_str();
   std::string l1_size = "1GiB";
   app.add_option("--l1-size", l1_size, "L1 memory for KV chunks: 512MiB, 8GiB, or plain bytes")->capture_default_str();
@@ -58,6 +78,8 @@ int main(int argc, char** argv) {
   seconds("--write-lock-ttl-s", cfg.write_lock_ttl, "Seconds before an unfinished STORE's write lock expires");
   seconds("--job-ttl-s", cfg.job_ttl, "Seconds an unpolled prefetch job is kept");
   seconds("--session-ttl-s", cfg.session_ttl, "Seconds an idle request session is kept");
+  seconds("--outbound-stall-timeout-s", cfg.outbound_stall_timeout,
+          "Seconds a connection's replies may stay above --max-outbound-bytes before it is closed");
   app.add_option("--high-watermark", cfg.high_watermark, "Fraction of L1 above which eviction starts")
       ->capture_default_str()
       ->check(CLI::Range(0.01, 1.0));
@@ -74,6 +96,32 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "kvlink-server: --l1-size: {}\n", why);
     return 2;
   }
+  if (auto why = kvlink::store::parse_size(max_outbound, cfg.max_outbound_bytes); !why.empty() || cfg.max_outbound_bytes < 65536) {
+    fmt::print(stderr, "kvlink-server: --max-outbound-bytes: {}\n", why.empty() ? "must be at least 64KiB" : why);
+    return 2;
+  }
+  if (!quota.empty()) {
+    // A plain number below 1 (or with a point) is a fraction of L1; anything else a size.
+    char* end = nullptr;
+    const double fraction = std::strtod(quota.c_str(), &end);
+    if (end && *end == '\0' && quota.find('.') != std::string::npos) {
+      if (!(fraction > 0 && fraction <= 1)) {
+        fmt::print(stderr, "kvlink-server: --instance-l1-quota {}: a fraction of L1 must be in (0, 1]\n", quota);
+        return 2;
+      }
+      cfg.instance_l1_quota_fraction = fraction;
+    } else if (auto why = kvlink::store::parse_size(quota, cfg.instance_l1_quota_bytes);
+               !why.empty() || cfg.instance_l1_quota_bytes == 0) {
+      fmt::print(stderr, "kvlink-server: --instance-l1-quota: {} (give bytes such as 4GiB or a fraction such as 0.25)\n",
+                 why.empty() ? "must not be 0" : why);
+      return 2;
+    }
+  }
+  if (auto why = kvlink::net::resolve_auth_token({}, token_file, cfg.auth_token); !why.empty()) {
+    fmt::print(stderr, "kvlink-server: --auth-token-file: {}\n", why);
+    return 2;
+  }
+  if (!cfg.unix_group.empty() && unix_mode_opt->count() == 0) unix_mode = "0660";
   cfg.huge_pages = !no_huge_pages;
   if (cfg.low_watermark > cfg.high_watermark) {
     fmt::print(stderr, "kvlink-server: --low-watermark {} is above --high-watermark {}\n", cfg.low_watermark,

@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "kvlink/log.hpp"
+#include "kvlink/net/auth_token.hpp"
 
 namespace kvlink::adapter {
 
@@ -29,7 +30,9 @@ std::shared_ptr<SchedulerAdapter> SchedulerAdapter::create(asio::any_io_executor
     std::string error;
     if (!net::parse_endpoint(self->config_.endpoint, o.endpoint, error)) throw std::invalid_argument(error);
     o.hello.role = wire::Role::scheduler;
-    o.hello.auth_token = self->config_.auth_token;
+    if (auto why = net::resolve_auth_token(self->config_.auth_token, self->config_.auth_token_file, o.hello.auth_token);
+        !why.empty())
+      throw std::invalid_argument(why);
     o.hello.client_name = self->config_.name;
     o.name = self->config_.name;
     self->monitor_ = health::Monitor::create(ex, std::move(o));

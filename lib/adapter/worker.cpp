@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "kvlink/log.hpp"
+#include "kvlink/net/auth_token.hpp"
 
 namespace kvlink::adapter {
 
@@ -39,7 +40,9 @@ std::shared_ptr<WorkerAdapter> WorkerAdapter::create(asio::any_io_executor ex, W
   std::string error;
   if (!net::parse_endpoint(self->config_.endpoint, o.endpoint, error)) throw std::invalid_argument(error);
   o.hello.role = wire::Role::worker;
-  o.hello.auth_token = self->config_.auth_token;
+  if (auto why = net::resolve_auth_token(self->config_.auth_token, self->config_.auth_token_file, o.hello.auth_token);
+      !why.empty())
+    throw std::invalid_argument(why);
   o.hello.client_name = self->config_.name;
   o.name = self->config_.name;
   o.reregister = [weak = std::weak_ptr<WorkerAdapter>(self)](std::shared_ptr<net::Connection> conn) {
@@ -57,7 +60,10 @@ std::shared_ptr<WorkerAdapter> WorkerAdapter::create(asio::any_io_executor ex, W
   return self;
 }
 
-WorkerAdapter::~WorkerAdapter() { monitor_->stop(); }
+// monitor_ is null when create() threw (a bad endpoint, namespace or token file).
+WorkerAdapter::~WorkerAdapter() {
+  if (monitor_) monitor_->stop();
+}
 
 std::shared_ptr<net::Connection> WorkerAdapter::usable_connection() const {
   const health::State s = monitor_->state();

@@ -54,6 +54,15 @@ bool Connection::on_frame(const wire::Frame& frame) {
   }
   auto it = pending_.find(h.id);
   if (it == pending_.end()) {
+    wire::ErrorReply err;
+    if (h.is_error() && h.id == 0 && wire::decode(frame.payload, err, "error reply").empty()) {
+      // A connection-level error (a refused connection, bytes the server
+      // could not parse): it closes next, and the calls then failing with
+      // connection_lost say why through last_error_message().
+      log::debug("kvlink: server error on the connection: {}", err.message);
+      last_error_message_ = std::move(err.message);
+      return true;
+    }
     ++stats_.late_replies;  // its deadline passed or it was cancelled
     return true;
   }

@@ -60,8 +60,13 @@ bool parse_endpoint(std::string_view text, Endpoint& out, std::string& error) {
     } else {
       auto colon = rest.rfind(':');
       if (colon == std::string_view::npos) {
-        error = fmt::format("endpoint '{}': missing port (write tcp:HOST:PORT)", text);
-        return false;
+        // tcp:PORT: the host omitted means loopback, as with tcp::PORT.
+        if (rest.empty() || rest.find_first_not_of("0123456789") != std::string_view::npos) {
+          error = fmt::format("endpoint '{}': missing port (write tcp:HOST:PORT, or tcp:PORT for loopback)", text);
+          return false;
+        }
+        colon = 0;
+        rest = text.substr(3);  // ":PORT"
       }
       host = rest.substr(0, colon);
       port = rest.substr(colon + 1);

@@ -19,6 +19,16 @@ void reply_error(ReplySink& sink, const wire::Header& req, std::error_code code,
   sink.flush();
 }
 
+bool constant_time_equal(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  // volatile: keep the compiler from turning the loop into an early exit.
+  volatile unsigned char result = diff;
+  return result == 0;
+}
+
 transfer::TransferEngine& default_transfer_engine() {
   static transfer::NullTransferEngine engine;
   return engine;
@@ -143,6 +153,16 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
   ++counters_.ops[h.opcode].requests;
   const auto op = static_cast<wire::Opcode>(h.opcode);
   if (op == wire::Opcode::hello) return on_hello(session, frame, sink, now);
+  // A client that honours HELLO's max_in_flight never gets here: it counts
+  // every request until its reply, the server only those still working.
+  if (*session.in_flight >= config_.max_in_flight) {
+    ++counters_.in_flight_refused;
+    fail(frame, sink, errc::limit_exceeded,
+         fmt::format("{} refused: this connection already has {} requests in progress, the server's limit "
+                     "(--max-in-flight, announced in HELLO); wait for replies before sending more",
+                     wire::opcode_name(h.opcode), *session.in_flight));
+    return true;
+  }
   if (!session.hello_done) {
     fail(frame, sink, errc::bad_request,
          fmt::format("{} before HELLO: open every connection with HELLO", wire::opcode_name(h.opcode)));
@@ -235,10 +255,28 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
     fail(frame, sink, version ? errc::version_mismatch : errc::bad_request, why);
     return !version;  // a client of another version cannot go on
   }
+  if (!config_.auth_token.empty() && !constant_time_equal(req.auth_token, config_.auth_token)) {
+    ++counters_.auth_failures;
+    log::warn("kvlink-server: HELLO from {:016x} ({}) refused: {} auth token", req.instance_id, req.client_name,
+              req.auth_token.empty() ? "no" : "wrong");
+    fail(frame, sink, errc::unauthorized,
+         fmt::format("{} auth token in HELLO: this server requires the shared secret of its --auth-token-file "
+                     "(clients read it from KVLINK_AUTH_TOKEN or their token-file option); closing the connection",
+                     req.auth_token.empty() ? "no" : "wrong"));
+    return false;
+  }
   if (session.hello_done && req.instance_id != session.instance_id) {
     fail(frame, sink, errc::bad_request,
          "HELLO with another instance id on an open connection; one connection speaks for one instance");
     return true;
+  }
+  if (!liveness_.known(req.instance_id) && liveness_.size() >= config_.max_instances) {
+    ++counters_.instances_refused;
+    fail(frame, sink, errc::limit_exceeded,
+         fmt::format("HELLO refused: the server already knows {} instances, its limit (--max-instances); raise it, "
+                     "or wait until silent instances are reaped; closing the connection",
+                     liveness_.size()));
+    return false;
   }
   // A repeated HELLO of the same instance re-announces it after the server
   // forgot it (unknown_instance); the connection is counted once.
@@ -263,6 +301,17 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   return true;
 }
 
+std::uint32_t RequestHandler::quota_slots() const {
+  if (!pool_.configured()) return 0;
+  std::uint64_t slots = 0;
+  if (config_.instance_l1_quota_bytes > 0) slots = config_.instance_l1_quota_bytes / pool_.slot_bytes();
+  else if (config_.instance_l1_quota_fraction > 0)
+    slots = static_cast<std::uint64_t>(config_.instance_l1_quota_fraction * pool_.num_slots());
+  else return 0;
+  // A quota smaller than one chunk would refuse everything: one slot at least.
+  return static_cast<std::uint32_t>(std::clamp<std::uint64_t>(slots, 1, pool_.num_slots()));
+}
+
 void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   wire::StatsReply r;
   auto add = [&](std::string name, std::uint64_t value) {
@@ -273,6 +322,13 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("connections_refused", counters_.connections_refused);
   add("protocol_errors", counters_.protocol_errors);
   add("unknown_opcodes", counters_.unknown_opcodes);
+  add("in_flight_refused", counters_.in_flight_refused);
+  add("instances_refused", counters_.instances_refused);
+  add("auth_failures", counters_.auth_failures);
+  add("frames_too_large", counters_.frames_too_large);
+  add("reads_paused", counters_.reads_paused);
+  add("connections_paused", counters_.connections_paused);
+  add("slow_reader_closes", counters_.slow_reader_closes);
   add("instances_live", liveness_.size());
   add("instances_reaped", liveness_.reaped());
   for (std::uint8_t op = 1; op <= wire::max_opcode; ++op) {
@@ -300,6 +356,9 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("write_locks_expired", st.expired_write_locks);
   add("stores_committed", st.stores_committed);
   add("stores_aborted", st.stores_aborted);
+  add("instance_l1_quota_slots", quota_slots());
+  add("quota_evictions", st.quota_evictions);
+  add("quota_refusals", st.quota_refusals);
   add("transfer_failures", transfer_failures_);
   add("transfers_fenced", transfers_fenced_);
   add("prefetch_jobs", jobs_.size());
@@ -558,12 +617,13 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
   if (now >= job.fence) return copy_failed(frame.header, errc::timed_out, sink, "nothing was stored");
   const std::uint32_t bpc = reg->blocks_per_chunk;
   std::uint32_t skipped = 0;
+  const std::uint32_t quota = quota_slots();
   for (std::size_t i = 0; i < req.hashes.size(); ++i) {
     ChunkKey key{req.ns, req.hashes[i], req.kv_rank};
     std::uint32_t slot = 0;
     std::uint64_t gen = 0;
-    if (store_.reserve(key, now, slot, gen) != store::KvStore::Reserve::reserved) {
-      ++skipped;  // present, being written, or no room: not an error
+    if (store_.reserve(key, now, slot, gen, session.instance_id, quota) != store::KvStore::Reserve::reserved) {
+      ++skipped;  // present, being written, no room or over quota: not an error
       continue;
     }
     reserved.push_back({key, gen});
@@ -574,8 +634,11 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
   auto target = std::make_shared<ReplyTarget>(ReplyTarget{&sink, sink.weak_self()});
   const wire::Header header = frame.header;
   std::weak_ptr<bool> alive = alive_;
-  engine_.submit(std::move(job), [this, alive, target, header, reserved = std::move(reserved), skipped](
-                                     std::error_code ec) {
+  std::shared_ptr<std::uint32_t> in_flight = session.in_flight;
+  ++*in_flight;
+  engine_.submit(std::move(job), [this, alive, target, header, reserved = std::move(reserved), skipped,
+                                  in_flight](std::error_code ec) {
+    --*in_flight;
     auto live = alive.lock();
     if (!live || !*live) return;  // the handler is gone
     const TimePoint done = Clock::now();
@@ -629,7 +692,11 @@ void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame
   const wire::Header header = frame.header;
   const std::uint64_t instance = session.instance_id;
   std::weak_ptr<bool> alive = alive_;
-  engine_.submit(std::move(job), [this, alive, target, header, keys = std::move(keys), instance](std::error_code ec) {
+  std::shared_ptr<std::uint32_t> in_flight = session.in_flight;
+  ++*in_flight;
+  engine_.submit(std::move(job), [this, alive, target, header, keys = std::move(keys), instance,
+                                  in_flight](std::error_code ec) {
+    --*in_flight;
     auto live = alive.lock();
     if (!live || !*live) return;
     for (const auto& k : keys) {

@@ -1,5 +1,6 @@
 #include "kvlink/server/server.hpp"
 
+#include <grp.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,7 +10,9 @@
 #include <asio/ip/tcp.hpp>
 #include <asio/local/stream_protocol.hpp>
 #include <fmt/format.h>
+#include <cstring>
 #include <list>
+#include <optional>
 #include <random>
 #include <stdexcept>
 
@@ -33,6 +36,7 @@ struct Session final : ReplySink, std::enable_shared_from_this<Session> {
   SessionState state;
   bool unix_socket = false;
   bool fd_reads = false;
+  bool handler_closed = false;  // the handler asked to close (its error reply is queued)
 
   // Workers pass their KV cache's memfd with REGISTER_KV_CACHE, so once a
   // worker's HELLO is handled its reads collect fds (recvmsg). Schedulers
@@ -56,7 +60,34 @@ bool unix_socket_in_use(const std::string& path) {
   return !ec;
 }
 
+// The group id of `name`; throws with a clear message if there is none.
+gid_t group_id(const std::string& name) {
+  std::vector<char> buf(16384);
+  group g{};
+  group* found = nullptr;
+  const int rc = ::getgrnam_r(name.c_str(), &g, buf.data(), buf.size(), &found);
+  if (rc != 0 || found == nullptr)
+    throw std::runtime_error(fmt::format("--unix-group '{}': no such group{}; create it (groupadd) or name an "
+                                         "existing one",
+                                         name, rc != 0 ? fmt::format(" ({})", std::strerror(rc)) : ""));
+  return g.gr_gid;
+}
+
 }  // namespace
+
+std::string check_access(const ServerConfig& config) {
+  if (!config.auth_token.empty()) return {};
+  for (const auto& text : config.listen) {
+    net::Endpoint ep;
+    std::string error;
+    if (!net::parse_endpoint(text, ep, error)) continue;  // start() reports it
+    if (!ep.is_loopback())
+      return fmt::format("{} is not a loopback address: anyone who can reach it could connect, so it needs a "
+                         "shared secret; give --auth-token-file PATH or set KVLINK_AUTH_TOKEN",
+                         text);
+  }
+  return {};
+}
 
 struct Server::Impl {
   Impl(asio::io_context& io, ServerConfig cfg, transfer::TransferEngine& engine)
@@ -96,6 +127,15 @@ asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::st
       continue;
     }
     auto session = std::make_shared<Session>(std::move(socket), config.max_payload);
+    session->stream.limit_outbound(config.max_outbound_bytes, config.outbound_stall_timeout, [this](bool paused) {
+      auto& c = handler.counters();
+      if (paused) {
+        ++c.reads_paused;
+        ++c.connections_paused;
+      } else {
+        --c.connections_paused;
+      }
+    });
     if (handler.counters().connections_open >= config.max_connections) {
       ++handler.counters().connections_refused;
       wire::Header h{};
@@ -125,14 +165,29 @@ asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
       [&](const wire::Frame& frame) {
         const bool go_on = handler.handle(session->state, frame, *session, Clock::now());
         session->after_frame();
+        session->handler_closed = !go_on;
         return go_on;
       });
-  if (end.ec == errc::protocol_error || end.ec == errc::version_mismatch) {
+  if (session->handler_closed) {
+    // The handler's error reply is queued: let it leave, then close.
+    asio::post(io, [session] { session->stream.close(); });
+  } else if (end.ec == errc::limit_exceeded) {
+    // A slow reader: its queue is full, so no error reply could reach it.
+    ++handler.counters().slow_reader_closes;
+    log::warn("kvlink-server: closing connection of {:016x}: {}", session->state.instance_id, end.reason);
+    session->stream.close();
+  } else if (end.ec == errc::protocol_error || end.ec == errc::version_mismatch) {
     // Say why before closing: the bytes were not a frame we could answer.
     ++handler.counters().protocol_errors;
+    std::error_code code = end.ec;
+    if (session->stream.parser().too_large()) {
+      ++handler.counters().frames_too_large;
+      code = errc::frame_too_large;
+      end.reason += " (the server's --max-payload, announced in HELLO); split the request or raise --max-payload";
+    }
     log::warn("kvlink-server: closing connection of {:016x}: {}", session->state.instance_id, end.reason);
     wire::Header h{};
-    reply_error(*session, h, end.ec, end.reason);
+    reply_error(*session, h, code, end.reason);
     asio::post(io, [session] { session->stream.close(); });
   } else {
     session->stream.close();
@@ -155,6 +210,8 @@ RequestHandler& Server::handler() { return impl_->handler; }
 void Server::start() {
   auto& cfg = impl_->config;
   if (cfg.listen.empty()) cfg.listen.push_back(net::default_endpoint());
+  if (auto why = check_access(cfg); !why.empty()) throw std::runtime_error(why);
+  const std::optional<gid_t> group = cfg.unix_group.empty() ? std::nullopt : std::optional(group_id(cfg.unix_group));
   for (const auto& text : cfg.listen) {
     net::Endpoint ep;
     std::string error;
@@ -187,8 +244,14 @@ void Server::start() {
       throw std::runtime_error(fmt::format("cannot listen on {}: {}", text, e.code().message()));
     }
     if (ep.is_unix()) {
-      ::chmod(ep.path.c_str(), static_cast<mode_t>(cfg.unix_socket_mode));
       impl_->unix_paths.push_back(ep.path);
+      // Group first, then the mode: a group-readable socket of the wrong group is never visible.
+      if (group && ::chown(ep.path.c_str(), static_cast<uid_t>(-1), *group) != 0)
+        throw std::runtime_error(fmt::format("{}: cannot give the socket to group '{}' (--unix-group): {}", text,
+                                             cfg.unix_group, std::strerror(errno)));
+      if (::chmod(ep.path.c_str(), static_cast<mode_t>(cfg.unix_socket_mode)) != 0)
+        throw std::runtime_error(fmt::format("{}: cannot set the socket's mode {:o}: {}", text, cfg.unix_socket_mode,
+                                             std::strerror(errno)));
     } else {
       asio::ip::tcp::endpoint bound;
       bound.resize(acceptor.local_endpoint().size());

@@ -108,7 +108,7 @@ void KvStore::release_all(const ChunkKey& key, Holder holder) {
 }
 
 KvStore::Reserve KvStore::reserve(const ChunkKey& key, TimePoint now, std::uint32_t& slot,
-                                  std::uint64_t& generation) {
+                                  std::uint64_t& generation, Owner owner, std::uint32_t quota) {
   auto it = map_.find(key);
   if (it != map_.end()) {
     if (it->second.state == State::writing) return Reserve::locked;
@@ -116,6 +116,17 @@ KvStore::Reserve KvStore::reserve(const ChunkKey& key, TimePoint now, std::uint3
     return Reserve::present;
   }
   if (!pool_.configured()) return Reserve::no_room;
+  if (quota > 0 && owned_slots(owner) >= quota) {
+    // At its quota: the owner's oldest evictable entry makes room.
+    Queue& mine = owners_[owner];
+    auto victim = std::find_if(mine.begin(), mine.end(), [&](Node* n) { return evictable(n->second); });
+    if (victim == mine.end()) {
+      ++stats_.quota_refusals;
+      return Reserve::over_quota;
+    }
+    ++stats_.quota_evictions;
+    drop(*victim);
+  }
   auto s = pool_.allocate();
   if (!s && pool_.num_slots() > 0) {
     evict_to(pool_.num_slots() - 1);
@@ -131,6 +142,9 @@ KvStore::Reserve KvStore::reserve(const ChunkKey& key, TimePoint now, std::uint3
   e.write_expiry = now + config_.write_lock_ttl;
   e.write = write_queue_.insert(write_queue_.end(), &*pos);
   e.in_write = true;
+  e.owner = owner;
+  Queue& mine = owners_[owner];
+  e.owned = mine.insert(mine.end(), &*pos);
   ++write_locks_;
   slot = e.slot;
   generation = e.generation;
@@ -174,6 +188,10 @@ void KvStore::drop(Node* n) {
   if (e.in_lru) lru_.erase(e.lru);
   if (e.in_read) read_queue_.erase(e.read);
   if (e.in_write) write_queue_.erase(e.write);
+  if (auto o = owners_.find(e.owner); o != owners_.end()) {
+    o->second.erase(e.owned);
+    if (o->second.empty()) owners_.erase(o);
+  }
   read_locks_ -= e.read_locks;
   if (e.write_locked) --write_locks_;
   pool_.free(e.slot);

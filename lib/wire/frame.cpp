@@ -66,6 +66,7 @@ std::optional<Frame> FrameParser::next() {
     return std::nullopt;
   }
   if (h.length > max_payload_) {
+    too_large_ = true;
     error_ = "frame payload of " + std::to_string(h.length) + " bytes exceeds the maximum of " +
              std::to_string(max_payload_);
     return std::nullopt;

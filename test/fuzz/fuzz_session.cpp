@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "kvlink/log.hpp"
 #include "kvlink/server/request_handler.hpp"
 
 using namespace kvlink;
@@ -21,12 +22,21 @@ struct Sink final : server::ReplySink {
 
 }  // namespace
 
+// Every log line is formatted (so its formatting is fuzzed too) and dropped:
+// at ~10^4 sessions a second the server's info lines would be gigabytes.
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  log::set_level(log::Level::debug);
+  log::set_sink([](log::Level, std::string_view) {});
+  return 0;
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   // A small L1 and the in-process transfer engine (completes at once).
   static const server::ServerConfig config = [] {
     server::ServerConfig c;
     c.l1_size = 16u << 20;
     c.huge_pages = false;
+    c.instance_l1_quota_fraction = 0.5;  // the quota path too
     return c;
   }();
   static transfer::NullTransferEngine engine;

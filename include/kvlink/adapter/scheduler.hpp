@@ -48,7 +48,10 @@ struct SchedulerConfig {
   // The first lookup opens the warmup gate (the heartbeat starts).
   bool open_gate_on_first_lookup = true;
   health::Config health;
+  // HELLO's shared secret; empty: read from auth_token_file if set, else
+  // from $KVLINK_AUTH_TOKEN (none if unset).
   std::string auth_token;
+  std::string auth_token_file;
   std::string name = "kvlink-scheduler";
   // Shares an existing monitor (and its connection); null creates one.
   std::shared_ptr<health::Monitor> monitor;

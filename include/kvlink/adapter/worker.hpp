@@ -58,7 +58,10 @@ struct WorkerConfig {
   // Default deadline of the blocking calls.
   Duration blocking_deadline = std::chrono::seconds(10);
   health::Config health;
+  // HELLO's shared secret; empty: read from auth_token_file if set, else
+  // from $KVLINK_AUTH_TOKEN (none if unset).
   std::string auth_token;
+  std::string auth_token_file;
   std::string name = "kvlink-worker";
 };
 

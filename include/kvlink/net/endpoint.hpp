@@ -1,5 +1,6 @@
 // Endpoints are written `unix:/path/to.sock` or `tcp:HOST:PORT` (HOST: an
-// IPv4 address, [IPv6], or localhost). One generic stream socket type serves
+// IPv4 address, [IPv6], or localhost; omitted, as in tcp:PORT or tcp::PORT,
+// it is the loopback address 127.0.0.1). One generic stream socket type serves
 // both, so the connection and server code is written once.
 #pragma once
 

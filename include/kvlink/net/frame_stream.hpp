@@ -13,17 +13,22 @@
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/awaitable.hpp>
 #include <asio/post.hpp>
+#include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/write.hpp>
 #include <algorithm>
 #include <cstring>
 #include <cerrno>
 #include <deque>
+#include <fmt/format.h>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <system_error>
 #include <utility>
 #include <vector>
 
+#include "kvlink/clock.hpp"
 #include "kvlink/error.hpp"
 #include "kvlink/log.hpp"
 #include "kvlink/unique_fd.hpp"
@@ -70,6 +75,18 @@ class FrameStream {
   void receive_fds_into(std::deque<UniqueFd>* sink) { fd_sink_ = sink; }
   static constexpr std::size_t max_queued_fds = 16;
 
+  // Back-pressure against a peer that does not read its replies: while
+  // more than `bytes` are queued, read_frames handles no more frames and
+  // reads nothing (the peer's sends then block in the kernel). If the queue
+  // stays above `bytes` for `stall_timeout`, read_frames ends with
+  // errc::limit_exceeded. on_pause(true/false) reports each stop and resume.
+  // 0 bytes (the default): no limit.
+  void limit_outbound(std::size_t bytes, Duration stall_timeout, std::function<void(bool paused)> on_pause) {
+    outbound_limit_ = bytes;
+    stall_timeout_ = stall_timeout;
+    on_pause_ = std::move(on_pause);
+  }
+
   // Lower level: append whole frames to out_buffer(), then schedule_flush().
   wire::Bytes& out_buffer() { return out_; }
   void schedule_flush(const std::shared_ptr<void>& owner) {
@@ -90,48 +107,55 @@ class FrameStream {
   template <class OnFrame>
   asio::awaitable<StreamEnd> read_frames(OnFrame on_frame) {
     for (;;) {
-      // Start with small reads so an idle connection holds little memory
-      // (the buffer is zero-filled, so its size is resident); grow while
-      // reads come back full.
-      auto space = parser_.prepare(read_size_);
-      std::error_code ec;
-      std::size_t n = 0;
-      if (fd_sink_) {
-        // recvmsg ourselves (Asio's reads have no control buffer, and the
-        // kernel would close any fd that arrives). Like Asio's reactor: a
-        // speculative read only when the last read filled its buffer (more
-        // is likely waiting); after a short read, wait for readability first
-        // instead of paying for a recvmsg that finds nothing.
-        bool waited = false;
-        if (!maybe_more_) {
-          auto [wec] = co_await socket_.async_wait(Socket::wait_read, asio::experimental::as_tuple(asio::use_awaitable));
-          waited = true;
-          ec = wec;
-        }
-        while (!ec) {
-          n = receive_some(space.data(), space.size(), ec);
-          if (ec != std::errc::resource_unavailable_try_again && ec != std::errc::operation_would_block) break;
-          auto [wec] = co_await socket_.async_wait(Socket::wait_read, asio::experimental::as_tuple(asio::use_awaitable));
-          waited = true;
-          ec = wec;  // readable (clear) or why the wait ended
-        }
-        maybe_more_ = !ec && n == space.size();
-        // A read that found data at once lets other sessions run first, as
-        // Asio's completion would (one busy client cannot starve the rest).
-        if (!ec && !waited) co_await asio::post(socket_.get_executor(), asio::use_awaitable);
-      } else {
-        auto [rec, rn] = co_await socket_.async_read_some(asio::buffer(space.data(), space.size()),
-                                                          asio::experimental::as_tuple(asio::use_awaitable));
-        ec = rec;
-        n = rn;
+      if (over_limit()) {
+        if (auto end = co_await wait_for_drain()) co_return std::move(*end);
       }
-      if (ec) {
-        if (ec == asio::error::eof) co_return StreamEnd{errc::connection_lost, "peer closed the connection"};
-        if (ec == asio::error::operation_aborted) co_return StreamEnd{errc::connection_lost, "connection closed locally"};
-        co_return StreamEnd{errc::connection_lost, ec.message()};
+      // Frames a pause left in the parser are handled before reading more.
+      if (!frames_left_) {
+        // Start with small reads so an idle connection holds little memory
+        // (the buffer is zero-filled, so its size is resident); grow while
+        // reads come back full.
+        auto space = parser_.prepare(read_size_);
+        std::error_code ec;
+        std::size_t n = 0;
+        if (fd_sink_) {
+          // recvmsg ourselves (Asio's reads have no control buffer, and the
+          // kernel would close any fd that arrives). Like Asio's reactor: a
+          // speculative read only when the last read filled its buffer (more
+          // is likely waiting); after a short read, wait for readability first
+          // instead of paying for a recvmsg that finds nothing.
+          bool waited = false;
+          if (!maybe_more_) {
+            auto [wec] = co_await socket_.async_wait(Socket::wait_read, asio::experimental::as_tuple(asio::use_awaitable));
+            waited = true;
+            ec = wec;
+          }
+          while (!ec) {
+            n = receive_some(space.data(), space.size(), ec);
+            if (ec != std::errc::resource_unavailable_try_again && ec != std::errc::operation_would_block) break;
+            auto [wec] = co_await socket_.async_wait(Socket::wait_read, asio::experimental::as_tuple(asio::use_awaitable));
+            waited = true;
+            ec = wec;  // readable (clear) or why the wait ended
+          }
+          maybe_more_ = !ec && n == space.size();
+          // A read that found data at once lets other sessions run first, as
+          // Asio's completion would (one busy client cannot starve the rest).
+          if (!ec && !waited) co_await asio::post(socket_.get_executor(), asio::use_awaitable);
+        } else {
+          auto [rec, rn] = co_await socket_.async_read_some(asio::buffer(space.data(), space.size()),
+                                                            asio::experimental::as_tuple(asio::use_awaitable));
+          ec = rec;
+          n = rn;
+        }
+        if (ec) {
+          if (ec == asio::error::eof) co_return StreamEnd{errc::connection_lost, "peer closed the connection"};
+          if (ec == asio::error::operation_aborted) co_return StreamEnd{errc::connection_lost, "connection closed locally"};
+          co_return StreamEnd{errc::connection_lost, ec.message()};
+        }
+        parser_.commit(n);
+        if (n == space.size() && read_size_ < max_read_size) read_size_ *= 2;
       }
-      parser_.commit(n);
-      if (n == space.size() && read_size_ < max_read_size) read_size_ *= 2;
+      frames_left_ = false;
       // The frames of one read are one turn: what their handlers queue
       // leaves together when the turn ends (end_read_turn), as it would
       // after a posted flush.
@@ -141,6 +165,10 @@ class FrameStream {
         while (auto frame = parser_.next()) {
           if (!on_frame(*frame)) {
             stopped = true;
+            break;
+          }
+          if (over_limit()) {
+            frames_left_ = true;
             break;
           }
         }
@@ -163,9 +191,38 @@ class FrameStream {
     std::error_code ignored;
     socket_.shutdown(Socket::shutdown_both, ignored);
     socket_.close(ignored);
+    if (drain_timer_) drain_timer_->cancel();  // wakes a reader paused by limit_outbound
   }
 
  private:
+  bool over_limit() const { return outbound_limit_ > 0 && queued_bytes() > outbound_limit_; }
+
+  // Paused reading: waits until the queued replies drain to the limit.
+  // Returns why the stream ends if they do not within the stall timeout.
+  asio::awaitable<std::optional<StreamEnd>> wait_for_drain() {
+    if (!drain_timer_) drain_timer_.emplace(socket_.get_executor());
+    if (on_pause_) on_pause_(true);
+    const TimePoint deadline = Clock::now() + stall_timeout_;
+    std::optional<StreamEnd> end;
+    while (over_limit()) {
+      if (!socket_.is_open()) {
+        end = StreamEnd{errc::connection_lost, "connection closed locally"};
+        break;
+      }
+      if (Clock::now() >= deadline) {
+        end = StreamEnd{errc::limit_exceeded,
+                        fmt::format("the peer did not read its replies: {} bytes stayed queued (limit {}) for {} ms",
+                                    queued_bytes(), outbound_limit_,
+                                    std::chrono::duration_cast<std::chrono::milliseconds>(stall_timeout_).count())};
+        break;
+      }
+      drain_timer_->expires_at(deadline);
+      co_await drain_timer_->async_wait(asio::experimental::as_tuple(asio::use_awaitable));  // cancelled by progress
+    }
+    if (on_pause_) on_pause_(false);
+    co_return end;
+  }
+
   void flush(const std::shared_ptr<void>& owner) {
     flush_scheduled_ = false;
     if (writing_ || out_.empty() || !socket_.is_open()) return;
@@ -196,6 +253,7 @@ class FrameStream {
     }
     if (n == out_.size()) {
       out_.clear();
+      wake_reader();
       return;
     }
     writing_ = true;
@@ -209,6 +267,7 @@ class FrameStream {
         return;
       }
       if (!out_.empty()) flush(owner);
+      wake_reader();
     });
   }
 
@@ -286,6 +345,11 @@ class FrameStream {
     return static_cast<std::size_t>(r);
   }
 
+  // Written bytes left the queue: a reader paused by the outbound limit checks again.
+  void wake_reader() {
+    if (drain_timer_) drain_timer_->cancel();
+  }
+
   void end_read_turn() {
     in_read_turn_ = false;
     if (auto owner = std::move(turn_owner_)) {
@@ -310,6 +374,11 @@ class FrameStream {
   std::vector<UniqueFd> fds_out_;               // to send with the next flush
   std::deque<UniqueFd>* fd_sink_ = nullptr;     // where received fds go (null: plain reads)
   bool maybe_more_ = false;                     // the last recvmsg filled its buffer
+  std::size_t outbound_limit_ = 0;              // limit_outbound (0: none)
+  Duration stall_timeout_{};
+  std::function<void(bool)> on_pause_;
+  std::optional<asio::steady_timer> drain_timer_;  // a paused reader waits on it; progress cancels it
+  bool frames_left_ = false;                    // a pause stopped a turn with frames still parsed
 };
 
 }  // namespace kvlink::net

@@ -17,12 +17,32 @@ struct ServerConfig {
   std::uint32_t chunk_size = 256;
   // Largest frame payload accepted from a client.
   std::uint32_t max_payload = 64u << 20;
-  // Requests one connection may have outstanding.
+  // Requests one connection may have outstanding (announced in HELLO).
+  // The server enforces it on requests still being worked on (STORE and
+  // RETRIEVE copies): the excess gets limit_exceeded error replies.
   std::uint32_t max_in_flight = 4096;
   // Concurrent client connections; more are refused with an error.
   std::uint32_t max_connections = 1024;
-  // Permission bits of unix sockets.
+  // Instances (distinct ids said HELLO, not yet gone) the server keeps;
+  // HELLO of another is refused with an error.
+  std::uint32_t max_instances = 4096;
+  // Replies a connection may have queued before the server stops reading its
+  // requests (a client that does not read its replies), and how long the
+  // queue may stay above that without draining before the connection is closed.
+  std::uint64_t max_outbound_bytes = 8u << 20;
+  std::chrono::seconds outbound_stall_timeout{30};
+  // Permission bits of unix sockets; with unix_group set, the sockets are
+  // chowned to that group (and the default mode becomes 0660).
   unsigned unix_socket_mode = 0600;
+  std::string unix_group;
+  // Shared secret every HELLO must carry when non-empty (compared in
+  // constant time). Required when listening on a non-loopback address.
+  std::string auth_token;
+  // L1 slots one instance's STOREs may hold: a byte count, or a fraction of
+  // L1 (0: no quota). At its quota an instance's oldest stored chunk makes
+  // room; past it (nothing of its own evictable) chunks are skipped.
+  std::uint64_t instance_l1_quota_bytes = 0;
+  double instance_l1_quota_fraction = 0;
 
   // ---- store (flags: --l1-size, --no-huge-pages, --read-lock-ttl-s, ...) ----
   // Bytes of L1 memory for chunk slots (--l1-size accepts 512MiB, 8GiB, ...).

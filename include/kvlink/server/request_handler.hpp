@@ -48,6 +48,9 @@ struct SessionState {
   // client sends the memfd with the frame's bytes, so it arrives no later
   // than the frame); the rest are closed when the session ends.
   std::deque<UniqueFd> received_fds;
+  // Requests of this connection still being worked on (their copies run):
+  // shared with the completions, which may outlive the session.
+  std::shared_ptr<std::uint32_t> in_flight = std::make_shared<std::uint32_t>(0);
 };
 
 struct OpCounters {
@@ -62,7 +65,19 @@ struct ServerCounters {
   std::uint64_t connections_accepted = 0;
   std::uint64_t connections_refused = 0;
   std::uint64_t connections_open = 0;
+  // Limits and access control (each refusal is an error reply).
+  std::uint64_t in_flight_refused = 0;    // requests beyond max_in_flight
+  std::uint64_t instances_refused = 0;    // HELLOs beyond max_instances
+  std::uint64_t auth_failures = 0;        // HELLOs with a missing or wrong token
+  std::uint64_t frames_too_large = 0;     // frames longer than max_payload (the connection is closed)
+  // Slow readers (kept by the network layer).
+  std::uint64_t reads_paused = 0;         // times a connection's reads stopped for its queued replies
+  std::uint64_t connections_paused = 0;   // connections whose reads are stopped now
+  std::uint64_t slow_reader_closes = 0;   // connections closed for not reading their replies
 };
+
+// True if `a` equals `b`; the time taken depends only on their lengths.
+bool constant_time_equal(std::string_view a, std::string_view b);
 
 // Appends a reply to request `req` carrying `msg`.
 template <class Message>
@@ -108,6 +123,9 @@ class RequestHandler {
   std::size_t jobs() const { return jobs_.size(); }
   std::size_t sessions() const { return sessions_.size(); }
   std::size_t registrations() const { return registrations_.size(); }
+  // L1 slots one instance may hold (0: no quota), from the configured
+  // quota and the registered slot size.
+  std::uint32_t quota_slots() const;
   // Which instances are alive; the store sets its release hook here.
   LivenessRegistry& liveness() { return liveness_; }
 

@@ -45,6 +45,10 @@ class Server {
   std::vector<std::string> bound_;
 };
 
+// Why `config` must not be served as it is, or "": listening on a
+// non-loopback address needs an auth token.
+std::string check_access(const ServerConfig& config);
+
 // A random 64-bit server boot id, never 0.
 std::uint64_t random_boot_id();
 

@@ -38,6 +38,10 @@ struct StoreConfig {
 using Holder = std::uint64_t;
 inline constexpr Holder transfer_holder = 0;
 
+// Who stored an entry (an instance id): per-owner slot counts back the
+// per-instance L1 quota.
+using Owner = std::uint64_t;
+
 struct StoreStats {
   std::uint64_t hits = 0;     // chunks matched by lookups
   std::uint64_t misses = 0;   // chunks asked for but not matched
@@ -46,12 +50,14 @@ struct StoreStats {
   std::uint64_t expired_write_locks = 0;
   std::uint64_t stores_committed = 0;
   std::uint64_t stores_aborted = 0;
+  std::uint64_t quota_evictions = 0;  // an owner's own entries dropped to stay within its quota
+  std::uint64_t quota_refusals = 0;   // reservations refused: quota reached, nothing of the owner evictable
 };
 
 class KvStore {
  public:
   enum class State : std::uint8_t { writing, present };
-  enum class Reserve : std::uint8_t { reserved, present, locked, no_room };
+  enum class Reserve : std::uint8_t { reserved, present, locked, no_room, over_quota };
 
   struct Entry;
   using Node = std::pair<const ChunkKey, Entry>;
@@ -65,8 +71,9 @@ class KvStore {
     TimePoint read_expiry{};
     TimePoint write_expiry{};
     std::vector<std::pair<Holder, std::uint32_t>> holders;  // read locks by holder
-    // Membership of the LRU and the lock-expiry queues (O(1) moves).
-    Queue::iterator lru, read, write;
+    Owner owner = 0;
+    // Membership of the LRU, the lock-expiry queues and the owner's queue (O(1) moves).
+    Queue::iterator lru, read, write, owned;
     bool in_lru = false, in_read = false, in_write = false;
   };
 
@@ -87,9 +94,13 @@ class KvStore {
   // Drops every lock `holder` has on `key`.
   void release_all(const ChunkKey& key, Holder holder);
 
-  // Reserves a write-locked slot for `key`. On `reserved`, `slot` and
-  // `generation` identify the reservation for commit/abort.
-  Reserve reserve(const ChunkKey& key, TimePoint now, std::uint32_t& slot, std::uint64_t& generation);
+  // Reserves a write-locked slot for `key`, owned by `owner`. On `reserved`,
+  // `slot` and `generation` identify the reservation for commit/abort.
+  // With `quota` > 0 the owner holds at most that many slots: at its quota
+  // its oldest evictable entry makes room (the owner's own FIFO), and if
+  // none is evictable the answer is over_quota.
+  Reserve reserve(const ChunkKey& key, TimePoint now, std::uint32_t& slot, std::uint64_t& generation,
+                  Owner owner = 0, std::uint32_t quota = 0);
   void commit(const ChunkKey& key, std::uint64_t generation, TimePoint now);
   void abort(const ChunkKey& key, std::uint64_t generation);
 
@@ -107,6 +118,11 @@ class KvStore {
   std::size_t evict_to(std::uint32_t target);
 
   std::size_t entries() const { return map_.size(); }
+  // Slots held (present or being written) by entries `owner` stored.
+  std::uint32_t owned_slots(Owner owner) const {
+    auto it = owners_.find(owner);
+    return it == owners_.end() ? 0 : static_cast<std::uint32_t>(it->second.size());
+  }
   std::uint64_t read_locks() const { return read_locks_; }
   std::uint64_t write_locks() const { return write_locks_; }
   const StoreStats& stats() const { return stats_; }
@@ -129,6 +145,8 @@ class KvStore {
   Queue lru_;          // evictable entries, least recent first
   Queue read_queue_;   // read-locked entries by expiry (the TTL is constant)
   Queue write_queue_;  // write-locked entries by expiry
+  // Each owner's entries, oldest reservation first (absent owners have none).
+  std::unordered_map<Owner, Queue> owners_;
   std::vector<Node*> scratch_;  // lookup's matched entries
   std::uint64_t next_generation_ = 1;
   std::uint64_t read_locks_ = 0;

@@ -124,6 +124,8 @@ class FrameParser {
   // A version mismatch is reported separately so the peer gets a precise answer.
   bool version_mismatch() const { return version_mismatch_; }
   std::uint8_t peer_version() const { return peer_version_; }
+  // The failure was a frame longer than max_payload.
+  bool too_large() const { return too_large_; }
   std::size_t buffered() const { return end_ - begin_; }
 
  private:
@@ -133,6 +135,7 @@ class FrameParser {
   std::uint32_t max_payload_;
   std::string error_;
   bool version_mismatch_ = false;
+  bool too_large_ = false;
   std::uint8_t peer_version_ = protocol_version;
 };
 

@@ -1,0 +1,197 @@
+// Limits against the real kvlink-server: a client that pipelines requests
+// and never reads its replies cannot make the server buffer without bound
+// (reads stop at --max-outbound-bytes; the connection is closed after
+// --outbound-stall-timeout-s), and --max-instances / --max-connections
+// refuse the excess with errors naming the flag.
+#include <doctest/doctest.h>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <asio/io_context.hpp>
+#include <fstream>
+
+#include "kvlink/net/connection.hpp"
+#include "server_process.hpp"
+#include "test_support.hpp"
+
+using namespace kvlink;
+using namespace std::chrono_literals;
+using kvlink::test::ServerProcess;
+using kvlink::test::TempDir;
+using kvlink::test::run;
+
+namespace {
+
+wire::HelloRequest hello(std::uint64_t id = net::random_instance_id()) {
+  wire::HelloRequest h;
+  h.role = wire::Role::admin;
+  h.instance_id = id;
+  h.client_name = "backpressure_test";
+  return h;
+}
+
+struct Admin {
+  asio::io_context& io;
+  std::shared_ptr<net::Connection> conn;
+  Admin(asio::io_context& io, const std::string& ep) : io(io) {
+    auto r = run(io, net::connect(io.get_executor(), test::parse(ep), hello(), 5s));
+    REQUIRE_MESSAGE(!r.ec, r.error);
+    conn = r.connection;
+  }
+  ~Admin() { conn->close(); }
+  static asio::awaitable<std::int64_t> stat_co(std::shared_ptr<net::Connection> c, std::string name) {
+    auto [ec, r] = co_await c->async_call(wire::StatsRequest{}, 5s, asio::experimental::as_tuple(asio::use_awaitable));
+    if (ec) co_return -1;
+    for (auto& e : r.entries)
+      if (e.name == name) co_return e.value;
+    co_return -2;
+  }
+  std::int64_t stat(const std::string& name) { return run(io, stat_co(conn, name)); }
+  static asio::awaitable<std::error_code> ping_co(std::shared_ptr<net::Connection> c) {
+    auto [ec, r] = co_await c->async_call(wire::PingRequest{}, 5s, asio::experimental::as_tuple(asio::use_awaitable));
+    co_return ec;
+  }
+  std::error_code ping() { return run(io, ping_co(conn)); }
+};
+
+// Resident set of a process, in bytes.
+std::uint64_t rss(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6)) * 1024;
+  FAIL("no VmRSS for " << pid);
+  return 0;
+}
+
+// A unix socket client that sends HELLO, then STATS requests as fast as
+// the kernel takes them, and never reads.
+struct NonReader {
+  int fd = -1;
+  std::uint64_t sent = 0;  // bytes the kernel accepted
+  wire::Bytes batch;
+  explicit NonReader(const std::string& endpoint) {
+    fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    const std::string path = endpoint.substr(5);
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    const int small = 4096;  // keep kernel buffers small, so the server's own buffering shows
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    wire::Bytes h;
+    wire::FrameBuilder(h).add(static_cast<std::uint8_t>(wire::Opcode::hello), 0, 1,
+                              [&](wire::Writer& w) { wire::encode(w, hello()); });
+    REQUIRE(::send(fd, h.data(), h.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(h.size()));
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    for (std::uint64_t id = 2; id < 2 + 1024; ++id)
+      wire::FrameBuilder(batch).add(static_cast<std::uint8_t>(wire::Opcode::stats), 0, id, [](wire::Writer&) {});
+  }
+  ~NonReader() {
+    if (fd >= 0) ::close(fd);
+  }
+  // Sends for up to `d`; returns false once the socket is closed by the peer.
+  bool pump(std::chrono::milliseconds d) {
+    const auto end = std::chrono::steady_clock::now() + d;
+    std::size_t off = sent % batch.size();
+    while (std::chrono::steady_clock::now() < end) {
+      const ssize_t n = ::send(fd, batch.data() + off, batch.size() - off, MSG_NOSIGNAL);
+      if (n > 0) {
+        sent += static_cast<std::uint64_t>(n);
+        off = (off + static_cast<std::size_t>(n)) % batch.size();
+        continue;
+      }
+      if (errno == EPIPE || errno == ECONNRESET) return false;
+      pollfd p{fd, POLLOUT, 0};
+      ::poll(&p, 1, 10);
+      if (p.revents & (POLLERR | POLLHUP)) return false;
+    }
+    return true;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("limits: a client that never reads its replies stops being read; the server's memory stays bounded") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--max-outbound-bytes", "1MiB", "--outbound-stall-timeout-s", "600",
+                        "--l1-size", "16MiB", "--log-level", "off"});
+  server.start();
+  asio::io_context io;
+  Admin admin(io, server.endpoint());
+  CHECK(admin.stat("connections_paused") == 0);
+  const std::uint64_t rss_before = rss(server.pid());
+
+  NonReader bad(server.endpoint());
+  // Each 24-byte STATS request asks for a ~3 KiB reply: unbounded, the
+  // server would queue over 100x what the client sends.
+  REQUIRE(bad.pump(500ms));
+  CHECK(test::run_until(io, [&] { return admin.stat("connections_paused") == 1; }, 10s));
+  // Once reading stopped, the kernel buffers fill and the client's sends stop too.
+  const std::uint64_t sent_when_paused = bad.sent;
+  REQUIRE(bad.pump(2s));
+  const std::uint64_t sent_more = bad.sent - sent_when_paused;
+  CHECK(sent_more < 1u << 20);
+  const std::uint64_t rss_after = rss(server.pid());
+  MESSAGE("client sent " << bad.sent << " bytes; server RSS " << rss_before / 1024 << " KiB -> " << rss_after / 1024
+                         << " KiB");
+  // The queue bound (1 MiB) plus one read turn's replies, well below what
+  // the unread replies of what was sent would need.
+  CHECK(rss_after < rss_before + (48u << 20));
+  CHECK(admin.stat("reads_paused") >= 1);
+  // Everyone else is still served.
+  CHECK_FALSE(admin.ping());
+  Admin other(io, server.endpoint());
+  CHECK_FALSE(other.ping());
+}
+
+TEST_CASE("limits: a reader stuck past --outbound-stall-timeout-s is disconnected and counted") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--max-outbound-bytes", "64KiB", "--outbound-stall-timeout-s", "1",
+                        "--l1-size", "16MiB", "--log-level", "off"});
+  server.start();
+  asio::io_context io;
+  Admin admin(io, server.endpoint());
+  NonReader bad(server.endpoint());
+  const auto deadline = std::chrono::steady_clock::now() + 15s;
+  bool open = true;
+  while (open && std::chrono::steady_clock::now() < deadline) open = bad.pump(100ms);
+  CHECK_FALSE(open);  // the server closed it
+  CHECK(test::run_until(io, [&] { return admin.stat("slow_reader_closes") == 1; }, 5s));
+  CHECK(admin.stat("connections_paused") == 0);
+  CHECK(admin.stat("connections_open") == 1);
+  CHECK_FALSE(admin.ping());
+}
+
+TEST_CASE("limits: --max-instances refuses HELLO of one more instance, naming the flag") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--max-instances", "2", "--log-level", "off"});
+  server.start();
+  asio::io_context io;
+  Admin a(io, server.endpoint());
+  Admin b(io, server.endpoint());
+  auto r = run(io, net::connect(io.get_executor(), test::parse(server.endpoint()), hello(), 5s));
+  CHECK(r.ec == errc::limit_exceeded);
+  CHECK(r.error.find("--max-instances") != std::string::npos);
+  CHECK(a.stat("instances_refused") == 1);
+  CHECK_FALSE(b.ping());
+}
+
+TEST_CASE("limits: --max-connections refuses one more connection, naming the flag") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--max-connections", "1", "--log-level", "off"});
+  server.start();
+  asio::io_context io;
+  Admin a(io, server.endpoint());
+  auto r = run(io, net::connect(io.get_executor(), test::parse(server.endpoint()), hello(), 5s));
+  // Refused before HELLO is read: the connection-level error says why.
+  CHECK(r.ec == errc::connection_lost);
+  CHECK(r.error.find("server is at its limit of 1 connections (--max-connections)") != std::string::npos);
+  CHECK(a.stat("connections_refused") == 1);
+}

@@ -1,0 +1,414 @@
+// Bad input against the real kvlink-server: malformed frames on raw
+// sockets, and well-formed requests with bad arguments. Each gets a clear
+// error, the server keeps serving other clients, and a KV cache stored
+// before stays byte-exact. (Wrong magic, unknown opcodes, unregistered
+// STOREs, mismatched namespaces and block counts, and a memfd smaller than
+// its layout are covered in rpc_test.cpp and store_test.cpp.)
+#include <doctest/doctest.h>
+
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <asio/io_context.hpp>
+#include <cstring>
+#include <fmt/format.h>
+
+#include "kvlink/net/connection.hpp"
+#include "kvlink/store/keys.hpp"
+#include "server_process.hpp"
+#include "test_support.hpp"
+
+using namespace kvlink;
+using namespace std::chrono_literals;
+using kvlink::test::ServerProcess;
+using kvlink::test::TempDir;
+using kvlink::test::run;
+
+namespace {
+
+// A blocking unix socket speaking raw bytes; reads time out (hang guard).
+struct RawSocket {
+  int fd = -1;
+  explicit RawSocket(const std::string& endpoint) {
+    fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    const std::string path = endpoint.substr(5);  // unix:
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    timeval tv{10, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  }
+  ~RawSocket() { ::close(fd); }
+  void send(const wire::Bytes& b) { REQUIRE(::send(fd, b.data(), b.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(b.size())); }
+  // Reads until the server closes the connection (or the 10 s guard);
+  // returns the frames received and whether EOF was seen.
+  std::pair<std::vector<std::pair<wire::Header, wire::Bytes>>, bool> read_to_eof() {
+    wire::FrameParser p;
+    std::vector<std::pair<wire::Header, wire::Bytes>> frames;
+    for (;;) {
+      auto space = p.prepare(4096);
+      const ssize_t n = ::recv(fd, space.data(), space.size(), 0);
+      if (n <= 0) return {frames, n == 0};
+      p.commit(static_cast<std::size_t>(n));
+      while (auto f = p.next()) frames.emplace_back(f->header, wire::Bytes(f->payload.begin(), f->payload.end()));
+    }
+  }
+};
+
+wire::Bytes frame(std::uint8_t opcode, std::uint64_t id, const wire::Bytes& payload, std::uint16_t flags = 0) {
+  wire::Bytes b;
+  wire::FrameBuilder(b).add(opcode, flags, id, [&](wire::Writer& w) { w.raw(payload.data(), payload.size()); });
+  return b;
+}
+
+template <class M>
+wire::Bytes payload_of(const M& m) {
+  wire::Bytes b;
+  wire::FrameBuilder(b).add(static_cast<std::uint8_t>(M::opcode), 0, 1, [&](wire::Writer& w) { wire::encode(w, m); });
+  return wire::Bytes(b.begin() + wire::header_size, b.end());
+}
+
+wire::ErrorReply error_of(const std::pair<wire::Header, wire::Bytes>& f) {
+  REQUIRE(f.first.is_error());
+  wire::ErrorReply e;
+  REQUIRE(wire::decode(f.second, e, "error") == "");
+  return e;
+}
+
+wire::HelloRequest hello(wire::Role role) {
+  wire::HelloRequest h;
+  h.role = role;
+  h.instance_id = net::random_instance_id();
+  h.client_name = "bad_input_test";
+  return h;
+}
+
+template <class R>
+struct Result {
+  std::error_code ec;
+  R reply;
+  std::string message;
+};
+
+struct Client {
+  asio::io_context& io;
+  std::shared_ptr<net::Connection> conn;
+  Client(asio::io_context& io, const std::string& endpoint, wire::Role role) : io(io) {
+    auto r = run(io, net::connect(io.get_executor(), test::parse(endpoint), hello(role), 5s));
+    REQUIRE_MESSAGE(!r.ec, r.error);
+    conn = r.connection;
+  }
+  ~Client() { conn->close(); }
+  template <class M>
+  static asio::awaitable<Result<typename M::reply_type>> call_co(std::shared_ptr<net::Connection> c, M m, int fd) {
+    // (No co_await inside ?: — g++ 12 miscompiles it.)
+    std::tuple<std::error_code, typename M::reply_type> t;
+    if (fd >= 0)
+      t = co_await c->async_call_with_fd(std::move(m), fd, 5s, asio::experimental::as_tuple(asio::use_awaitable));
+    else
+      t = co_await c->async_call(std::move(m), 5s, asio::experimental::as_tuple(asio::use_awaitable));
+    auto& [ec, r] = t;
+    co_return Result<typename M::reply_type>{ec, std::move(r), ec ? c->last_error_message() : std::string()};
+  }
+  template <class M>
+  Result<typename M::reply_type> call(M m, int fd = -1) {
+    return run(io, call_co(conn, std::move(m), fd));
+  }
+  template <class M>
+  typename M::reply_type ok(M m, int fd = -1) {
+    auto r = call(std::move(m), fd);
+    REQUIRE_MESSAGE(!r.ec, r.ec.message() << ": " << r.message);
+    return r.reply;
+  }
+  std::int64_t stat(const std::string& name) {
+    for (auto& e : ok(wire::StatsRequest{}).entries)
+      if (e.name == name) return e.value;
+    FAIL("no stat named " << name);
+    return -1;
+  }
+};
+
+const std::uint64_t ns = store::namespace_id({"bad-input-model", 1, ""});
+
+// 4 layers, 64 blocks of 16 tokens, 4 KiB per block; a chunk is 16 blocks.
+wire::KvLayout kv_layout() { return wire::paged_layout(4, 64, 16, 2, 64, 2); }
+
+struct Memory {
+  UniqueFd fd;
+  std::byte* base = nullptr;
+  std::size_t size = 0;
+  explicit Memory(std::size_t bytes) : size(bytes) {
+    fd = UniqueFd(::memfd_create("kv", MFD_CLOEXEC));
+    REQUIRE(fd);
+    REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(bytes)) == 0);
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    REQUIRE(p != MAP_FAILED);
+    base = static_cast<std::byte*>(p);
+  }
+  ~Memory() { ::munmap(base, size); }
+};
+
+std::vector<wire::ChunkHash> prompt(std::size_t chunks, std::uint32_t salt) {
+  std::vector<store::Token> t(chunks * 256);
+  for (std::size_t i = 0; i < t.size(); ++i) t[i] = static_cast<store::Token>(i * 7 + salt);
+  return store::chunk_hashes(t, 256);
+}
+
+std::vector<std::uint32_t> ids(std::uint32_t first, std::uint32_t n) {
+  std::vector<std::uint32_t> v(n);
+  for (std::uint32_t i = 0; i < n; ++i) v[i] = first + i;
+  return v;
+}
+
+wire::RegisterKvCacheRequest registration(const wire::KvLayout& l = kv_layout()) {
+  wire::RegisterKvCacheRequest r;
+  r.ns = ns;
+  r.model = "bad-input-model";
+  r.layout = l;
+  return r;
+}
+
+// A worker that stored 2 chunks of known bytes (blocks 0..31) and can check
+// that they still come back byte-exact (into blocks 32..63).
+struct Victim {
+  Client worker;
+  Memory mem{kv_layout().region_bytes};
+  std::vector<wire::ChunkHash> hashes = prompt(2, 12345);
+  std::vector<std::byte> expected;
+  Victim(asio::io_context& io, const std::string& endpoint) : worker(io, endpoint, wire::Role::worker) {
+    worker.ok(registration(), mem.fd.get());
+    for (std::size_t i = 0; i < mem.size; ++i) mem.base[i] = static_cast<std::byte>((i * 131 + 7) % 251);
+    wire::StoreRequest st;
+    st.ns = ns;
+    st.hashes = hashes;
+    st.block_ids = ids(0, 32);
+    REQUIRE(worker.ok(st).stored_chunks == 2);
+    const auto l = kv_layout();
+    for (std::uint32_t layer = 0; layer < 4; ++layer)
+      for (std::uint32_t plane = 0; plane < 2; ++plane) {
+        const std::byte* p = mem.base + l.layers[layer].offset + plane * l.plane_stride;
+        expected.insert(expected.end(), p, p + 32 * l.block_stride);
+      }
+  }
+  bool intact() {
+    std::memset(mem.base, 0, mem.size);
+    wire::RetrieveRequest rt;
+    rt.ns = ns;
+    rt.hashes = hashes;
+    rt.block_ids = ids(32, 32);
+    if (worker.ok(rt).retrieved_chunks != 2) return false;
+    const auto l = kv_layout();
+    std::vector<std::byte> got;
+    for (std::uint32_t layer = 0; layer < 4; ++layer)
+      for (std::uint32_t plane = 0; plane < 2; ++plane) {
+        const std::byte* p = mem.base + l.layers[layer].offset + plane * l.plane_stride + 32 * l.block_stride;
+        got.insert(got.end(), p, p + 32 * l.block_stride);
+      }
+    return got == expected;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("bad frames: each gets a clear error and closes only its connection; stored data stays intact") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--max-payload", "65536", "--log-level",
+                        "off"});
+  server.start();
+  asio::io_context io;
+  Victim victim(io, server.endpoint());
+  Client admin(io, server.endpoint(), wire::Role::admin);
+  const std::int64_t open_before = admin.stat("connections_open");
+
+  SUBCASE("oversized length: frame_too_large naming --max-payload") {
+    RawSocket raw(server.endpoint());
+    wire::Bytes f = frame(static_cast<std::uint8_t>(wire::Opcode::ping), 9, {});
+    const std::uint32_t huge = 65537;
+    std::memcpy(f.data() + 16, &huge, 4);  // the header's payload length
+    raw.send(f);
+    auto [frames, eof] = raw.read_to_eof();
+    CHECK(eof);
+    REQUIRE(frames.size() == 1);
+    auto e = error_of(frames[0]);
+    CHECK(e.code == static_cast<std::uint16_t>(errc::frame_too_large));
+    CHECK(e.message.find("65537 bytes exceeds the maximum of 65536") != std::string::npos);
+    CHECK(e.message.find("--max-payload") != std::string::npos);
+    CHECK(admin.stat("frames_too_large") == 1);
+  }
+  SUBCASE("a 4 GiB length field is refused before anything is buffered") {
+    RawSocket raw(server.endpoint());
+    wire::Bytes f = frame(static_cast<std::uint8_t>(wire::Opcode::ping), 9, {});
+    const std::uint32_t huge = 0xffffffffu;
+    std::memcpy(f.data() + 16, &huge, 4);
+    raw.send(f);
+    auto [frames, eof] = raw.read_to_eof();
+    CHECK(eof);
+    REQUIRE(frames.size() == 1);
+    CHECK(error_of(frames[0]).code == static_cast<std::uint16_t>(errc::frame_too_large));
+  }
+  SUBCASE("wrong protocol version: version_mismatch saying which versions") {
+    RawSocket raw(server.endpoint());
+    wire::Bytes f = frame(static_cast<std::uint8_t>(wire::Opcode::hello), 1, payload_of(hello(wire::Role::admin)));
+    f[4] = std::byte{99};  // the header's version byte
+    raw.send(f);
+    auto [frames, eof] = raw.read_to_eof();
+    CHECK(eof);
+    REQUIRE(frames.size() == 1);
+    auto e = error_of(frames[0]);
+    CHECK(e.code == static_cast<std::uint16_t>(errc::version_mismatch));
+    CHECK(e.message.find("peer speaks version 99") != std::string::npos);
+  }
+  SUBCASE("truncated frames: a partial header, a partial payload, then the client goes away") {
+    {
+      RawSocket raw(server.endpoint());
+      wire::Bytes f = frame(static_cast<std::uint8_t>(wire::Opcode::hello), 1, payload_of(hello(wire::Role::admin)));
+      raw.send(wire::Bytes(f.begin(), f.begin() + 10));
+    }
+    {
+      RawSocket raw(server.endpoint());
+      wire::Bytes f = frame(static_cast<std::uint8_t>(wire::Opcode::hello), 1, payload_of(hello(wire::Role::admin)));
+      raw.send(wire::Bytes(f.begin(), f.end() - 3));
+      ::shutdown(raw.fd, SHUT_WR);
+      auto [frames, eof] = raw.read_to_eof();  // nothing to answer: the server just closes
+      CHECK(eof);
+      CHECK(frames.empty());
+    }
+  }
+  SUBCASE("a payload that ends inside a field: protocol_error naming the field; the connection stays") {
+    RawSocket raw(server.endpoint());
+    raw.send(frame(static_cast<std::uint8_t>(wire::Opcode::hello), 1, payload_of(hello(wire::Role::worker))));
+    wire::StoreRequest st;
+    st.ns = ns;
+    st.hashes = prompt(1, 1);
+    st.block_ids = ids(0, 16);
+    wire::Bytes p = payload_of(st);
+    p.resize(p.size() - 5);
+    raw.send(frame(static_cast<std::uint8_t>(wire::Opcode::store), 2, p));
+    // A count of 2^32-1 hashes with a few bytes behind it: refused, nothing allocated.
+    wire::Bytes huge = payload_of(st);
+    const std::uint32_t n = 0xffffffffu;
+    std::memcpy(huge.data() + 12, &n, 4);  // after ns (8) and kv_rank (4)
+    raw.send(frame(static_cast<std::uint8_t>(wire::Opcode::store), 3, huge));
+    // FREE_LOOKUP_LOCKS (sent here as a request with a reply) with a range past its hashes.
+    wire::FreeLookupLocksRequest fl;
+    fl.ns = ns;
+    fl.hashes = prompt(2, 1);
+    fl.start = 1;
+    fl.end = 0xffffffffu;
+    raw.send(frame(static_cast<std::uint8_t>(wire::Opcode::free_lookup_locks), 5, payload_of(fl)));
+    raw.send(frame(static_cast<std::uint8_t>(wire::Opcode::ping), 4, {}));
+    ::shutdown(raw.fd, SHUT_WR);
+    auto [frames, eof] = raw.read_to_eof();
+    CHECK(eof);
+    REQUIRE(frames.size() == 5);
+    CHECK_FALSE(frames[0].first.is_error());
+    auto truncated = error_of(frames[1]);
+    CHECK(truncated.code == static_cast<std::uint16_t>(errc::protocol_error));
+    CAPTURE(truncated.message);
+    CHECK(truncated.message.find("block_ids") != std::string::npos);
+    auto counted = error_of(frames[2]);
+    CHECK(counted.code == static_cast<std::uint16_t>(errc::protocol_error));
+    CHECK(counted.message.find("hashes") != std::string::npos);
+    auto range = error_of(frames[3]);
+    CHECK(range.code == static_cast<std::uint16_t>(errc::bad_request));
+    CHECK(range.message == "FREE_LOOKUP_LOCKS range [1, 4294967295) is not within the 2 hashes given");
+    CHECK_FALSE(frames[4].first.is_error());  // PING still answered
+  }
+  SUBCASE("a response frame from a client: protocol_error, closed") {
+    RawSocket raw(server.endpoint());
+    raw.send(frame(static_cast<std::uint8_t>(wire::Opcode::ping), 5, {}, wire::flag::response));
+    auto [frames, eof] = raw.read_to_eof();
+    CHECK(eof);
+    REQUIRE(frames.size() == 1);
+    CHECK(error_of(frames[0]).message.find("clients send requests, not responses") == 0);
+  }
+
+  // Others are still served, the broken connections are gone, nothing stored changed.
+  CHECK_FALSE(admin.call(wire::PingRequest{}).ec);
+  CHECK(test::run_until(io, [&] { return admin.stat("connections_open") == open_before; }, 5s));
+  CHECK(victim.intact());
+}
+
+TEST_CASE("bad store arguments: clear errors, the connection stays, stored data stays intact") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "off"});
+  server.start();
+  asio::io_context io;
+  Victim victim(io, server.endpoint());
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  Memory mem(kv_layout().region_bytes);
+
+  // Layouts that do not fit their memory.
+  auto reg = registration();
+  reg.layout.layers[3].offset = reg.layout.region_bytes;  // a layer past the region
+  auto r = worker.call(reg, mem.fd.get());
+  CHECK(r.ec == errc::bad_request);
+  CHECK(r.message.find("layer 3") != std::string::npos);
+  CHECK(r.message.find("extends past the registered region") != std::string::npos);
+  reg = registration();
+  reg.layout.block_stride = 1;
+  r = worker.call(reg, mem.fd.get());
+  CHECK(r.ec == errc::bad_request);
+  CHECK(r.message.find("block_stride 1 is smaller than one block") != std::string::npos);
+  reg = registration();
+  reg.kv_rank = 3;
+  r = worker.call(reg, mem.fd.get());
+  CHECK(r.message.find("kv_rank 3 is not below world_size 1") != std::string::npos);
+  reg = registration();
+  reg.world_size = 100000;
+  reg.kv_rank = 0;
+  r = worker.call(reg, mem.fd.get());
+  CHECK(r.message.find("world_size 100000 is out of range") != std::string::npos);
+  // A different chunk geometry than the pool was set up with (by the victim).
+  reg = registration(wire::paged_layout(2, 64, 16, 2, 64, 2));
+  r = worker.call(reg, mem.fd.get());
+  CHECK(r.ec == errc::bad_request);
+  CHECK(r.message.find("every worker of one server must use the same KV layout") != std::string::npos);
+
+  // Registering again on the same connection replaces the registration (a
+  // worker re-registering after a reconnect does the same).
+  worker.ok(registration(), mem.fd.get());
+  worker.ok(registration(), mem.fd.get());
+
+  // Out-of-range block ids, for STORE and RETRIEVE.
+  wire::StoreRequest st;
+  st.ns = ns;
+  st.hashes = prompt(1, 99);
+  st.block_ids = ids(50, 16);  // 50..65: 64 and 65 are beyond num_blocks 64
+  auto s = worker.call(st);
+  CHECK(s.ec == errc::bad_request);
+  CHECK(s.message == "block id 64 (position 14) is not below the registered num_blocks 64");
+  st.block_ids = ids(0, 16);
+  st.block_ids[3] = 0xffffffffu;
+  CHECK(worker.call(st).message.find("block id 4294967295 (position 3)") == 0);
+  wire::RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = victim.hashes;
+  rt.block_ids = ids(40, 32);
+  auto rr = worker.call(rt);
+  CHECK(rr.ec == errc::bad_request);
+  CHECK(rr.message.find("block id 64 (position 24)") == 0);
+
+  // Huge counts and offsets.
+  rt.block_ids = ids(32, 32);
+  rt.skip_first_n_tokens = 0xffffffffu;
+  rr = worker.call(rt);
+  CHECK(rr.ec == errc::bad_request);
+  CHECK(rr.message.find("skip_first_n_tokens 4294967295 exceeds the 512 tokens") == 0);
+  wire::SyncLookupRequest sl;
+  sl.ns = ns;
+  sl.world_size = 0;
+  CHECK(worker.call(sl).message.find("world_size 0 is out of range") == 0);
+  sl.world_size = 1024;
+  sl.hashes = std::vector<wire::ChunkHash>(5000);
+  CHECK(worker.call(sl).message.find("more than 4194304 keys in one request") != std::string::npos);
+  // The worker's own registration is unharmed too: it can store and retrieve.
+  CHECK_FALSE(worker.call(wire::PingRequest{}).ec);
+  st.block_ids = ids(0, 16);
+  CHECK(worker.ok(st).stored_chunks == 1);
+  CHECK(victim.intact());
+}
