@@ -257,7 +257,7 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   r.chunk_size = config_.chunk_size;
   r.max_payload = config_.max_payload;
   r.max_in_flight = config_.max_in_flight;
-  r.capabilities = 0;
+  r.capabilities = engine_.capabilities();
   r.server_version = version_string;
   reply(sink, frame.header, r);
   return true;
@@ -365,6 +365,8 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
     return fail(frame, sink, errc::bad_request, why);
   }
   if (auto why = pool_.configure(slot); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  if (auto why = engine_.use_l1(*reg, pool_.region(), pool_.region_bytes()); !why.empty())
+    return fail(frame, sink, errc::bad_request, why);
   log::info("kvlink-server: instance {:016x} registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
             session.instance_id, reg->model, reg->kv_rank, reg->world_size, reg->layout.num_layers, slot);
   registrations_[session.instance_id] = std::move(reg);
@@ -538,6 +540,7 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
   transfer::TransferJob job;
   job.direction = transfer::Direction::store;
   job.registration = reg;
+  job.engine_event = std::move(req.engine_event);
   const std::uint32_t bpc = reg->blocks_per_chunk;
   std::uint32_t skipped = 0;
   for (std::size_t i = 0; i < req.hashes.size(); ++i) {
@@ -595,6 +598,7 @@ void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame
   job.direction = transfer::Direction::retrieve;
   job.registration = reg;
   job.skip_first_n_tokens = req.skip_first_n_tokens;
+  job.engine_event = std::move(req.engine_event);
   const std::uint32_t bpc = reg->blocks_per_chunk;
   std::vector<ChunkKey> keys;
   keys.reserve(req.hashes.size());

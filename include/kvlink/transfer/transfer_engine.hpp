@@ -39,6 +39,13 @@ class Mapping {
 // The fd is closed either way (the mapping keeps the memory).
 std::string map_memfd(UniqueFd fd, std::uint64_t region_bytes, std::shared_ptr<const Mapping>& out);
 
+// What an engine keeps per registration besides a memfd mapping (the CUDA
+// engine: the opened IPC memory handles and events). Released, like the
+// Mapping, when the last Registration / job holding it lets go.
+struct EngineState {
+  virtual ~EngineState() = default;
+};
+
 // A worker's registered KV cache: its namespace, rank and memory layout,
 // and the engine's memory once an engine attached it.
 struct Registration {
@@ -51,6 +58,7 @@ struct Registration {
   std::uint32_t blocks_per_chunk = 0;  // chunk_size / layout.block_size
   std::uint64_t slot_bytes = 0;        // bytes of one chunk of this rank
   std::shared_ptr<const Mapping> memory;  // CPU engine: the mapped memfd
+  std::shared_ptr<EngineState> engine_state;  // CUDA engine: see EngineState
 };
 
 enum class Direction : std::uint8_t { store, retrieve };
@@ -66,6 +74,7 @@ struct TransferJob {
   std::shared_ptr<const Registration> registration;  // outlives an UNREGISTER during the copy
   std::vector<ChunkCopy> chunks;
   std::uint32_t skip_first_n_tokens = 0;  // retrieve: leave these engine tokens untouched
+  wire::Bytes engine_event;  // CUDA: the engine's IPC event the copy waits on; empty on CPU
 };
 
 // Completion: an empty error_code on success. Engines must invoke it on the
@@ -86,6 +95,15 @@ class TransferEngine {
     return {};
   }
   virtual void submit(TransferJob job, TransferDone done) = 0;
+  // Called after `reg` was attached and L1 [base, base + bytes) mapped for
+  // it, on every registration: the CUDA engine pins L1 here, once. Returns
+  // "" or why the registration is refused.
+  virtual std::string use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) {
+    (void)reg, (void)base, (void)bytes;
+    return {};
+  }
+  // wire::capability bits announced in HELLO.
+  virtual std::uint64_t capabilities() const { return 0; }
 };
 
 // FOR TESTS AND UNTIL ISSUE 5: completes every job at once, inside submit(),
