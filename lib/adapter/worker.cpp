@@ -187,7 +187,8 @@ void WorkerAdapter::do_store(TransferSpec spec, detail::Callback<wire::StoreResu
     tracker_.store_done(ticket);  // not sent: counts as finished
     return cb(ec, wire::StoreResult{});
   }
-  wire::StoreRequest req{ns_, config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids), {}};
+  wire::StoreRequest req{ns_, config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids),
+                         std::move(spec.engine_event)};
   conn->async_call(std::move(req), config_.transfer_timeout,
                    [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::StoreResult r) {
                      self->note_error(ec);
@@ -224,7 +225,7 @@ void WorkerAdapter::do_retrieve(TransferSpec spec, detail::Callback<wire::Retrie
     return cb({}, wire::RetrieveResult{});
   }
   wire::RetrieveRequest req{ns_, config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids),
-                            spec.skip_first_n_tokens, {}};
+                            spec.skip_first_n_tokens, std::move(spec.engine_event)};
   conn->async_call(std::move(req), config_.transfer_timeout,
                    [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::RetrieveResult r) {
                      self->note_error(ec);
