@@ -21,15 +21,6 @@
 
 namespace kvlink::transfer {
 
-const char* copy_method_name(CudaCopyMethod m) { return m == CudaCopyMethod::kernel ? "kernel" : "batch"; }
-
-bool parse_copy_method(const std::string& text, CudaCopyMethod& out) {
-  if (text == "batch") out = CudaCopyMethod::batch;
-  else if (text == "kernel") out = CudaCopyMethod::kernel;
-  else return false;
-  return true;
-}
-
 std::string cuda_device_count(int& count) {
   count = 0;
   int n = 0;

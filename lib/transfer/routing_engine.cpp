@@ -42,6 +42,17 @@ std::uint64_t RoutingTransferEngine::capabilities() const {
   return (cpu_ ? cpu_->capabilities() : 0) | (cuda_ ? cuda_->capabilities() : 0);
 }
 
+// Declared in cuda_engine.hpp; defined here so builds without CUDA parse
+// --cuda-copy too.
+const char* copy_method_name(CudaCopyMethod m) { return m == CudaCopyMethod::kernel ? "kernel" : "batch"; }
+
+bool parse_copy_method(const std::string& text, CudaCopyMethod& out) {
+  if (text == "batch") out = CudaCopyMethod::batch;
+  else if (text == "kernel") out = CudaCopyMethod::kernel;
+  else return false;
+  return true;
+}
+
 bool parse_engine_choice(const std::string& text, EngineChoice& out) {
   if (text == "auto") out = EngineChoice::automatic;
   else if (text == "cpu") out = EngineChoice::cpu;
