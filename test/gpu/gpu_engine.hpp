@@ -19,9 +19,11 @@ namespace kvlink::gpu_test {
 const std::string& no_gpu_reason();
 inline bool gpu_available() { return no_gpu_reason().empty(); }
 
+// 4 MiB per layer: cudaMalloc may carve small allocations out of a shared
+// block, which CUDA IPC then shares whole; engines' KV tensors are large.
 struct KvShape {
   std::uint32_t layers = 4;
-  std::uint32_t num_blocks = 128;
+  std::uint32_t num_blocks = 512;
   std::uint32_t block_size = 16;
   std::uint32_t heads = 2;
   std::uint32_t head_size = 64;

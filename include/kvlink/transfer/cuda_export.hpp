@@ -10,6 +10,9 @@
 // Built only with CUDA (KVLINK_HAVE_CUDA). Memory must come from cudaMalloc
 // (PyTorch's caching allocator qualifies; cudaMallocAsync pools and
 // cuMemCreate (expandable segments) cannot be shared through legacy IPC).
+// The offset of a layer is taken from cuMemGetAddressRange, as PyTorch's
+// own CUDA IPC does; tiny cudaMalloc allocations (well under 2 MiB) may be
+// carved from a shared block and are not what a KV cache is made of.
 #pragma once
 
 #include <cuda_runtime_api.h>
