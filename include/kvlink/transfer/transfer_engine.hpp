@@ -1,8 +1,9 @@
 // The copy between engine KV blocks and L1 chunk slots, behind an
 // interface: the server's request handling decides what to copy, an engine
-// copies it. CpuTransferEngine (cpu_engine.hpp: memfd + thread pool) is what
-// kvlink-server runs; the CUDA one is issue 6; NullTransferEngine serves the
-// unit tests.
+// copies it. CpuTransferEngine (cpu_engine.hpp: memfd + thread pool) and
+// CudaTransferEngine (cuda_engine.hpp: CUDA IPC + stream pool) do it for
+// kvlink-server, behind RoutingTransferEngine (routing_engine.hpp);
+// NullTransferEngine serves the unit tests.
 #pragma once
 
 #include <cstddef>
