@@ -7,18 +7,25 @@
 // The server runs on its own io_context thread; the client io_context runs
 // in the benchmark thread (a coroutine awaiting each call, as an engine's
 // coroutine would). After the benchmarks, a summary prints kvlink p50 over
-// reference p50 for unix and tcp against the target (<= 1.25).
+// reference p50 for unix and tcp against the target (<= 1.25), the
+// pipelined and fan-in rates (bench/run compares them with redis), and
+// PING round trips of a host-driven Runtime (the host waits in epoll on
+// host_fd() and calls poll()) against the own-thread mode (the host blocks
+// on a future).
 #include <benchmark/benchmark.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <asio/bind_executor.hpp>
 #include <asio/co_spawn.hpp>
 #include <asio/executor_work_guard.hpp>
 #include <asio/io_context.hpp>
 #include <asio/post.hpp>
+#include <asio/use_future.hpp>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -36,6 +43,7 @@
 #include "bench_support.hpp"
 #include "kvlink/log.hpp"
 #include "kvlink/net/connection.hpp"
+#include "kvlink/runtime/runtime.hpp"
 #include "kvlink/server/server.hpp"
 #include "kvlink/wire/frame.hpp"
 
@@ -48,6 +56,8 @@ using kvlink::net::Clock;
 
 constexpr auto call_timeout = seconds(5);
 constexpr int warmup_pings = 200;
+// Paired runs alternate their two sides in blocks of this many pings.
+constexpr std::int64_t paired_block = 500;
 
 // ---------------------------------------------------------------------------
 // Results kept for the summary (the last run of each benchmark wins: Google
@@ -66,6 +76,13 @@ struct PairedRun {
 };
 std::map<std::string, std::vector<PairedRun>> g_paired;
 std::map<std::string, double> g_rate;
+std::map<std::string, double> g_fan_in;
+// Host-driven vs own-thread runs (paired), one entry per run.
+struct HostRun {
+  Latency host, own;
+  double ratio() const { return own.p50_us > 0 ? host.p50_us / own.p50_us : 0; }
+};
+std::vector<HostRun> g_host_runs;
 
 Latency summarize(std::vector<double>& us) {
   Latency l;
@@ -127,6 +144,7 @@ class ServerThread {
 };
 
 ServerThread* g_server = nullptr;
+using runtime_executor = asio::io_context::executor_type;
 
 // ---------------------------------------------------------------------------
 // kvlink client helpers: everything runs on `io` in the calling thread.
@@ -239,6 +257,149 @@ void kvlink_pipelined(benchmark::State& state, bool unix_socket) {
 void BM_kvlink_ping_pipelined_unix(benchmark::State& state) { kvlink_pipelined(state, true); }
 void BM_kvlink_ping_pipelined_tcp(benchmark::State& state) { kvlink_pipelined(state, false); }
 
+// Fan-in: `clients` connections from one client thread, one PING in flight
+// on each (what `redis-benchmark -c 16 -P 1` does), 4096 per iteration.
+struct FanIn {
+  std::vector<std::shared_ptr<kvlink::net::Connection>> conns;
+  std::size_t to_start = 0, outstanding = 0;
+  bool failed = false;
+
+  void start_on(std::size_t c) {
+    --to_start;
+    ++outstanding;
+    conns[c]->async_call(kvlink::wire::PingRequest{}, call_timeout, [this, c](std::error_code ec, kvlink::wire::Empty) {
+      --outstanding;
+      if (ec) failed = true;
+      if (to_start > 0 && !failed) start_on(c);
+    });
+  }
+};
+
+void kvlink_fan_in(benchmark::State& state, bool unix_socket) {
+  const auto clients = static_cast<std::size_t>(state.range(0));
+  constexpr std::size_t per_iteration = 4096;
+  asio::io_context io(1);
+  FanIn f;
+  for (std::size_t i = 0; i < clients; ++i) f.conns.push_back(connect_client(io, unix_socket));
+  auto batch = [&] {
+    f.to_start = per_iteration;
+    asio::post(io, [&] {
+      for (std::size_t c = 0; c < clients && f.to_start > 0; ++c) f.start_on(c);
+    });
+    io.run_one();
+    while (f.outstanding > 0 || f.to_start > 0) io.run_one();
+  };
+  batch();  // warm up
+  const auto t0 = Clock::now();
+  for (auto _ : state) {
+    batch();
+    if (f.failed) {
+      state.SkipWithError("a fan-in call failed");
+      break;
+    }
+  }
+  const double seconds = duration<double>(Clock::now() - t0).count();
+  for (auto& c : f.conns) disconnect(io, c);
+  const auto items = static_cast<std::int64_t>(state.iterations() * per_iteration);
+  state.SetItemsProcessed(items);
+  state.counters["req_per_s"] = benchmark::Counter(static_cast<double>(items), benchmark::Counter::kIsRate);
+  if (seconds > 0)
+    g_fan_in[fmt::format("{}, {} connections", unix_socket ? "unix" : "tcp", clients)] = static_cast<double>(items) / seconds;
+}
+
+void BM_kvlink_fan_in_unix(benchmark::State& state) { kvlink_fan_in(state, true); }
+
+// ---------------------------------------------------------------------------
+// Embedding: PING through a runtime::Runtime (kvlink's own io thread), from
+// a host thread, two ways, alternating in blocks of `paired_block`:
+//  - own-thread mode: the host blocks on asio::use_future per call;
+//  - host-driven mode: the completion is bound to rt.host_executor(); the
+//    host waits in epoll_wait on rt.host_fd() and runs it with rt.poll().
+
+std::shared_ptr<kvlink::net::Connection> connect_on(runtime_executor ex, bool unix_socket) {
+  kvlink::wire::HelloRequest hello;
+  hello.role = kvlink::wire::Role::admin;
+  hello.instance_id = kvlink::net::random_instance_id();
+  hello.client_name = "bench-rpc-host";
+  auto f = asio::co_spawn(ex, kvlink::net::connect(ex, g_server->endpoint(unix_socket), hello, seconds(5)),
+                          asio::use_future);
+  auto result = f.get();
+  if (result.ec) throw std::runtime_error(result.error);
+  return result.connection;
+}
+
+// The host's side of host-driven mode: an epoll set holding host_fd().
+class HostLoop {
+ public:
+  explicit HostLoop(kvlink::runtime::Runtime& rt) : rt_(rt), ep_(::epoll_create1(EPOLL_CLOEXEC)) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = rt.host_fd();
+    if (ep_ < 0 || ::epoll_ctl(ep_, EPOLL_CTL_ADD, rt.host_fd(), &ev) != 0) throw std::runtime_error("epoll");
+  }
+  ~HostLoop() { ::close(ep_); }
+  // One PING; false if it failed.
+  bool ping(kvlink::net::Connection& conn) {
+    bool done = false;
+    std::error_code result;
+    conn.async_call(kvlink::wire::PingRequest{}, call_timeout,
+                    asio::bind_executor(rt_.host_executor(), [&](std::error_code ec, kvlink::wire::Empty) {
+                      result = ec;
+                      done = true;
+                    }));
+    while (!done) {
+      epoll_event ev;
+      if (::epoll_wait(ep_, &ev, 1, 10'000) != 1) return false;
+      rt_.poll();
+    }
+    return !result;
+  }
+
+ private:
+  kvlink::runtime::Runtime& rt_;
+  int ep_;
+};
+
+bool own_thread_ping(kvlink::net::Connection& conn) {
+  try {
+    conn.async_call(kvlink::wire::PingRequest{}, call_timeout, asio::use_future).get();
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+void host_driven_ping(benchmark::State& state) {
+  kvlink::runtime::Runtime rt;
+  auto conn = connect_on(rt.executor(), true);
+  HostLoop host(rt);
+  for (int i = 0; i < warmup_pings; ++i)
+    if (!host.ping(*conn) || !own_thread_ping(*conn)) throw std::runtime_error("warm-up ping failed");
+  std::vector<double> h, o;
+  h.reserve(1 << 20);
+  o.reserve(1 << 20);
+  std::int64_t i = 0;
+  for (auto _ : state) {
+    const bool host_turn = (i++ / paired_block) % 2 == 0;
+    const auto t0 = Clock::now();
+    const bool ok = host_turn ? host.ping(*conn) : own_thread_ping(*conn);
+    const auto t1 = Clock::now();
+    if (!ok) {
+      state.SkipWithError("a ping failed");
+      break;
+    }
+    (host_turn ? h : o).push_back(duration<double, std::micro>(t1 - t0).count());
+  }
+  conn->close();
+  const Latency hl = summarize(h), ol = summarize(o);
+  state.counters["host_p50_us"] = hl.p50_us;
+  state.counters["own_thread_p50_us"] = ol.p50_us;
+  state.counters["ratio"] = ol.p50_us > 0 ? hl.p50_us / ol.p50_us : 0;
+  g_host_runs.push_back({hl, ol});
+}
+
+void BM_host_driven_ping_rtt_unix(benchmark::State& state) { host_driven_ping(state); }
+
 // ---------------------------------------------------------------------------
 // Reference: blocking sockets, two threads, the same byte exchange.
 
@@ -346,8 +507,6 @@ void reference_ping(benchmark::State& state, bool unix_socket) {
 // runs is the one the summary judges. (Blocks rather than ping by ping: each
 // side keeps its steady state of thread wake-ups; alternating every ping
 // slows the reference's wake-ups and flatters the ratio.)
-constexpr std::int64_t paired_block = 500;
-
 asio::awaitable<int> paired_loop(benchmark::State& state, std::shared_ptr<kvlink::net::Connection> conn,
                                  ReferencePair& ref, std::vector<double>& kv, std::vector<double>& rf) {
   using asio::experimental::as_tuple;
@@ -412,6 +571,8 @@ BENCHMARK(BM_ping_rtt_paired_unix)->UseRealTime()->Unit(benchmark::kMicrosecond)
 BENCHMARK(BM_ping_rtt_paired_tcp)->UseRealTime()->Unit(benchmark::kMicrosecond)->Iterations(20000)->Repetitions(5);
 BENCHMARK(BM_kvlink_ping_pipelined_unix)->Arg(64)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
 BENCHMARK(BM_kvlink_ping_pipelined_tcp)->Arg(64)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
+BENCHMARK(BM_kvlink_fan_in_unix)->Arg(16)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
+BENCHMARK(BM_host_driven_ping_rtt_unix)->UseRealTime()->Unit(benchmark::kMicrosecond)->Iterations(20000)->Repetitions(5);
 
 void print_summary() {
   constexpr double target = 1.25;
@@ -438,6 +599,17 @@ void print_summary() {
   }
   for (const auto& [name, rate] : g_rate)
     std::printf("ping_pipelined %s: kvlink %.0f req/s\n", name.c_str(), rate);
+  for (const auto& [name, rate] : g_fan_in) std::printf("fan_in %s: kvlink %.0f req/s\n", name.c_str(), rate);
+  if (!g_host_runs.empty()) {
+    auto runs = g_host_runs;
+    std::sort(runs.begin(), runs.end(), [](const auto& a, const auto& b) { return a.ratio() < b.ratio(); });
+    const HostRun& m = runs[runs.size() / 2];
+    std::printf(
+        "host_driven ping_rtt unix: host-polled p50 %.1f us (p99 %.1f us), own-thread p50 %.1f us (p99 %.1f us), "
+        "ratio %.2f [paired, median of %zu runs; ratios %.2f..%.2f]\n",
+        m.host.p50_us, m.host.p99_us, m.own.p50_us, m.own.p99_us, m.ratio(), runs.size(), runs.front().ratio(),
+        runs.back().ratio());
+  }
   std::fflush(stdout);
 }
 

@@ -13,11 +13,14 @@
 #include "kvlink/health/monitor.hpp"
 #include "kvlink/log.hpp"
 #include "kvlink/net/connection.hpp"
+#include "event_json.hpp"
 
 namespace {
 
 using namespace std::chrono;
 using kvlink::net::Clock;
+using kvlink::tools::json_string;
+using kvlink::tools::unix_ms;
 
 struct PingOptions {
   std::string server = kvlink::net::default_endpoint();
@@ -107,8 +110,6 @@ struct StatsOptions {
   int timeout_ms = 2000;
 };
 
-std::string json_string(std::string_view s);
-
 asio::awaitable<int> run_stats(StatsOptions opt) {
   auto admin = co_await connect_admin(opt.server, opt.timeout_ms, "kvlink-cli stats");
   if (admin.exit_code != 0) co_return admin.exit_code;
@@ -161,45 +162,8 @@ struct WatchOptions {
   double duration_s = 0;  // 0: until SIGINT
 };
 
-// A JSON string literal, escaped.
-std::string json_string(std::string_view s) {
-  std::string out = "\"";
-  for (char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20)
-          out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
-        else
-          out += c;
-    }
-  }
-  return out + "\"";
-}
-
-long long unix_ms() {
-  return duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
-}
-
 void print_event(const kvlink::health::Event& e) {
-  using kvlink::health::Event;
-  if (e.kind == Event::Kind::transition) {
-    const auto& t = e.transition;
-    std::string line = fmt::format(R"({{"ts_ms":{},"event":"state","from":"{}","to":"{}","reason":{})", unix_ms(),
-                                   kvlink::health::state_name(t.from), kvlink::health::state_name(t.to),
-                                   json_string(t.reason));
-    if (t.from == kvlink::health::State::degraded && t.to == kvlink::health::State::healthy)
-      line += fmt::format(R"(,"outage_ms":{:.3f})", duration<double, std::milli>(t.outage).count());
-    fmt::print("{}}}\n", line);
-  } else {
-    fmt::print(R"({{"ts_ms":{},"event":"notice","message":{}}})"
-               "\n",
-               unix_ms(), json_string(e.notice));
-  }
+  fmt::print("{}\n", kvlink::tools::event_json(e));
   std::fflush(stdout);
 }
 

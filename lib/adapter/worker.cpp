@@ -2,6 +2,7 @@
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
+#include <asio/error.hpp>
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/post.hpp>
 #include <asio/steady_timer.hpp>
@@ -11,6 +12,16 @@
 #include "kvlink/log.hpp"
 
 namespace kvlink::adapter {
+
+namespace {
+// Whether a transfer's error came from the server, as opposed to ending on
+// the client's side while the server may still be copying: the deadline
+// passed or the connection went away. (A server's own timed_out comes only
+// after its fence, which the tracker then finds passed.)
+bool answered(std::error_code ec) {
+  return ec != errc::timed_out && ec != errc::connection_lost && ec != asio::error::operation_aborted;
+}
+}  // namespace
 
 namespace {
 constexpr auto as_tuple_awaitable = asio::experimental::as_tuple(asio::use_awaitable);
@@ -178,21 +189,23 @@ void WorkerAdapter::start_store(TransferSpec spec, detail::Callback<wire::StoreR
 
 void WorkerAdapter::do_store(TransferSpec spec, detail::Callback<wire::StoreResult> cb) {
   if (config_.gate_trigger == GateTrigger::first_transfer) monitor_->gate().open("first store");
-  const auto ticket = tracker_.store_started(spec.request_id);
   auto conn = usable_connection();
   std::error_code ec = shutting_down_ ? make_error_code(errc::shutting_down)
                        : !conn        ? make_error_code(errc::unhealthy)
                                       : prepare(spec);
   if (ec || spec.hashes.empty()) {
-    tracker_.store_done(ticket);  // not sent: counts as finished
+    tracker_.store_done(tracker_.store_started(spec.request_id));  // not sent: counts as finished
     return cb(ec, wire::StoreResult{});
   }
+  const auto sent = sent_now();
+  const auto ticket = tracker_.store_started(spec.request_id, sent);
   wire::StoreRequest req{ns_, config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids),
-                         std::move(spec.engine_event)};
+                         std::move(spec.engine_event), wire::fence_to_wire(wire_fence(sent))};
   conn->async_call(std::move(req), config_.transfer_timeout,
                    [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::StoreResult r) {
                      self->note_error(ec);
-                     self->tracker_.store_done(ticket);
+                     if (answered(ec)) self->tracker_.store_done(ticket);
+                     else self->tracker_.store_unanswered(ticket);
                      cb(ec, r);
                    });
 }
@@ -215,21 +228,20 @@ void WorkerAdapter::do_retrieve(TransferSpec spec, detail::Callback<wire::Retrie
     first = std::min<std::size_t>(spec.skip_first_n_tokens / registration_->request.layout.block_size,
                                   spec.block_ids.size());
   const std::span<const std::uint32_t> blocks(spec.block_ids.data() + first, spec.block_ids.size() - first);
-  const auto ticket = tracker_.retrieve_started(spec.request_id, blocks);
-  if (ec) {
-    tracker_.retrieve_done(ticket, false);  // not sent: its blocks failed to load
+  if (ec || spec.hashes.empty()) {
+    // Not sent: on error its blocks failed to load.
+    tracker_.retrieve_done(tracker_.retrieve_started(spec.request_id, blocks), !ec);
     return cb(ec, wire::RetrieveResult{});
   }
-  if (spec.hashes.empty()) {
-    tracker_.retrieve_done(ticket, true);
-    return cb({}, wire::RetrieveResult{});
-  }
-  wire::RetrieveRequest req{ns_, config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids),
-                            spec.skip_first_n_tokens, std::move(spec.engine_event)};
+  const auto sent = sent_now();
+  const auto ticket = tracker_.retrieve_started(spec.request_id, blocks, sent);
+  wire::RetrieveRequest req{ns_,         config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids),
+                            spec.skip_first_n_tokens, std::move(spec.engine_event), wire::fence_to_wire(wire_fence(sent))};
   conn->async_call(std::move(req), config_.transfer_timeout,
                    [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::RetrieveResult r) {
                      self->note_error(ec);
-                     self->tracker_.retrieve_done(ticket, !ec);
+                     if (answered(ec)) self->tracker_.retrieve_done(ticket, !ec);
+                     else self->tracker_.retrieve_unanswered(ticket);
                      cb(ec, r);
                    });
 }
@@ -272,7 +284,8 @@ void WorkerAdapter::start_get_finished(std::vector<std::string> finished, detail
   asio::post(ex_, [self = shared_from_this(), f = std::move(finished), cb = std::move(cb)]() mutable {
     const auto s = self->monitor_->state();
     const bool unhealthy = s == health::State::degraded || s == health::State::stopped;
-    auto r = self->tracker_.get_finished(f, unhealthy);
+    const std::uint64_t boot_id = s == health::State::healthy ? self->monitor_->boot_id() : 0;
+    auto r = self->tracker_.get_finished(f, unhealthy, {Clock::now(), boot_id});
     cb({}, FinishedSets{std::move(r.stores), std::move(r.retrieves)});
   });
 }

@@ -301,6 +301,7 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("stores_committed", st.stores_committed);
   add("stores_aborted", st.stores_aborted);
   add("transfer_failures", transfer_failures_);
+  add("transfers_fenced", transfers_fenced_);
   add("prefetch_jobs", jobs_.size());
   add("sessions", sessions_.size());
   add("registrations", registrations_.size());
@@ -526,6 +527,21 @@ struct ReplyTarget {
 };
 }  // namespace
 
+void RequestHandler::copy_failed(const wire::Header& header, std::error_code ec, ReplySink& sink,
+                                 std::string_view consequence) {
+  ++counters_.ops[header.opcode].errors;
+  const char* op = header.opcode == static_cast<std::uint8_t>(wire::Opcode::store) ? "STORE" : "RETRIEVE";
+  if (ec == errc::timed_out) {
+    ++transfers_fenced_;
+    return reply_error(sink, header, errc::timed_out,
+                       fmt::format("{} was not done before its fence (the worker's transfer deadline), so the server "
+                                   "left the engine's blocks alone; {}",
+                                   op, consequence));
+  }
+  ++transfer_failures_;
+  reply_error(sink, header, errc::server_error, fmt::format("{} copy failed: {}; {}", op, ec.message(), consequence));
+}
+
 void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
   wire::StoreRequest req;
   if (!parse(frame, sink, req)) return;
@@ -541,6 +557,8 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
   job.direction = transfer::Direction::store;
   job.registration = reg;
   job.engine_event = std::move(req.engine_event);
+  job.fence = wire::fence_from_wire(req.fence_ns);
+  if (now >= job.fence) return copy_failed(frame.header, errc::timed_out, sink, "nothing was stored");
   const std::uint32_t bpc = reg->blocks_per_chunk;
   std::uint32_t skipped = 0;
   for (std::size_t i = 0; i < req.hashes.size(); ++i) {
@@ -568,14 +586,7 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
       if (ec) store_.abort(r.key, r.generation);
       else store_.commit(r.key, r.generation, done);
     }
-    if (ec) {
-      ++transfer_failures_;
-      ++counters_.ops[header.opcode].errors;
-      target->with([&](ReplySink& s) {
-        reply_error(s, header, errc::server_error, fmt::format("STORE copy failed: {}; nothing was stored", ec.message()));
-      });
-      return;
-    }
+    if (ec) return target->with([&](ReplySink& s) { copy_failed(header, ec, s, "nothing was stored"); });
     target->with([&](ReplySink& s) {
       reply(s, header, wire::StoreResult{static_cast<std::uint32_t>(reserved.size()), skipped});
     });
@@ -599,6 +610,8 @@ void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame
   job.registration = reg;
   job.skip_first_n_tokens = req.skip_first_n_tokens;
   job.engine_event = std::move(req.engine_event);
+  job.fence = wire::fence_from_wire(req.fence_ns);
+  if (now >= job.fence) return copy_failed(frame.header, errc::timed_out, sink, "nothing was copied");
   const std::uint32_t bpc = reg->blocks_per_chunk;
   std::vector<ChunkKey> keys;
   keys.reserve(req.hashes.size());
@@ -627,14 +640,9 @@ void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame
       store_.release_one(k, store::transfer_holder);
       if (!ec) store_.release_one(k, instance);  // this rank's lookup lock, if one is held
     }
-    if (ec) {
-      ++transfer_failures_;
-      ++counters_.ops[header.opcode].errors;
-      target->with([&](ReplySink& s) {
-        reply_error(s, header, errc::server_error, fmt::format("RETRIEVE copy failed: {}", ec.message()));
-      });
-      return;
-    }
+    if (ec)
+      return target->with(
+          [&](ReplySink& s) { copy_failed(header, ec, s, "treat the request's blocks as not loaded"); });
     target->with(
         [&](ReplySink& s) { reply(s, header, wire::RetrieveResult{static_cast<std::uint32_t>(keys.size())}); });
   });

@@ -32,7 +32,7 @@ std::string map_memfd(UniqueFd fd, std::uint64_t region_bytes, std::shared_ptr<c
 }
 
 std::string copy_chunk(Direction direction, const Registration& reg, const Mapping& memory, const ChunkCopy& chunk,
-                       std::uint32_t skip_tokens) {
+                       std::uint32_t skip_tokens, TimePoint fence) {
   const wire::KvLayout& l = reg.layout;
   const std::uint64_t bb = l.block_bytes();
   const std::uint32_t bpc = reg.blocks_per_chunk;
@@ -63,6 +63,7 @@ std::string copy_chunk(Direction direction, const Registration& reg, const Mappi
     const std::uint64_t from = skip * token_bytes;
     const std::uint64_t n = bb - from;
     for (std::uint32_t layer = 0; layer < l.num_layers; ++layer) {
+      if (fence != TimePoint::max() && Clock::now() >= fence) return std::string(fence_passed);
       for (std::uint32_t plane = 0; plane < l.num_planes; ++plane) {
         std::byte* engine = base + engine_offset(l, layer, plane, chunk.block_ids[j]) + from;
         std::byte* slot = chunk.slot + slot_offset(l, bpc, layer, plane, j) + from;
@@ -87,8 +88,8 @@ std::string copy_chunks(const TransferJob& job, std::size_t first, std::size_t l
         skip = static_cast<std::uint32_t>(std::min<std::uint64_t>(job.skip_first_n_tokens - chunk_first, chunk_tokens));
     }
     if (skip == chunk_tokens) continue;
-    if (auto why = copy_chunk(job.direction, reg, *reg.memory, job.chunks[i], skip); !why.empty())
-      return fmt::format("chunk {}: {}", i, why);
+    if (auto why = copy_chunk(job.direction, reg, *reg.memory, job.chunks[i], skip, job.fence); !why.empty())
+      return why == fence_passed ? why : fmt::format("chunk {}: {}", i, why);
   }
   return {};
 }

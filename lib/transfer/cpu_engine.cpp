@@ -64,6 +64,7 @@ struct JobState {
   std::atomic<std::size_t> parts_left{0};
   std::mutex mutex;
   std::string error;  // the first part's failure
+  bool fenced = false;
 };
 }  // namespace
 
@@ -87,14 +88,19 @@ void CpuTransferEngine::submit(TransferJob job, TransferDone done) {
         std::string why = copy_chunks(state->job, first, last);
         if (!why.empty()) {
           std::lock_guard l(state->mutex);
-          if (state->error.empty()) state->error = std::move(why);
+          if (why == fence_passed) state->fenced = true;
+          else if (state->error.empty()) state->error = std::move(why);
         }
         if (state->parts_left.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+        const bool store = state->job.direction == Direction::store;
         std::error_code ec;
         if (!state->error.empty()) {
-          log::warn("kvlink-server: {} copy failed: {}",
-                    state->job.direction == Direction::store ? "STORE" : "RETRIEVE", state->error);
+          log::warn("kvlink-server: {} copy failed: {}", store ? "STORE" : "RETRIEVE", state->error);
           ec = errc::bad_request;
+        } else if (state->fenced || (store && Clock::now() >= state->job.fence)) {
+          // Every read of a store happened before this check: when it passes,
+          // the engine had not been told to reuse the blocks yet.
+          ec = errc::timed_out;
         }
         auto work = std::move(state->work);
         asio::post(work, [state, ec] { state->done(ec); });

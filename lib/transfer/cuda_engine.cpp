@@ -180,6 +180,7 @@ struct JobState {
   std::vector<std::size_t> sizes;
   std::string enqueue_error;  // queued work exists but something after it failed
   cudaError_t status = cudaSuccess;
+  TimePoint ended{};  // when the stream callback ran: the copy was done by then
 };
 
 const char* op_name(Direction d) { return d == Direction::store ? "STORE" : "RETRIEVE"; }
@@ -198,6 +199,15 @@ void finish(const std::shared_ptr<JobState>& js) {
     log::warn("kvlink-server: {} copy of {} chunk(s) failed: {}", op_name(js->job.direction), js->job.chunks.size(),
               why);
     ec = errc::server_error;
+  } else if (js->ended >= js->job.fence) {
+    // The engine may have reused its blocks by now: a store's bytes may be
+    // reused ones (discarded), a retrieve may have written late (its blocks
+    // count as not loaded). A queued GPU copy cannot be stopped; it can
+    // only be reported.
+    log::warn("kvlink-server: {} copy ended {} us after the request's fence; reported as timed out",
+              op_name(js->job.direction),
+              std::chrono::duration_cast<std::chrono::microseconds>(js->ended - js->job.fence).count());
+    ec = errc::timed_out;
   }
   js->done(ec);
 }
@@ -208,6 +218,7 @@ void finish(const std::shared_ptr<JobState>& js) {
 void CUDART_CB on_stream_done(cudaStream_t, cudaError_t status, void* p) {
   std::shared_ptr<JobState> js(static_cast<JobState*>(p));
   js->status = status;
+  js->ended = Clock::now();
   asio::any_io_executor ex = js->work;
   asio::post(ex, [js = std::move(js)] { finish(js); });
 }
@@ -428,6 +439,10 @@ void CudaTransferEngine::submit(TransferJob job, TransferDone done) {
     log::warn("kvlink-server: {} copy of {} chunk(s) not started: {}", op_name(job.direction), job.chunks.size(), why);
     asio::post(impl_->completions, [done = std::move(done)] { done(errc::server_error); });
   };
+  if (Clock::now() >= job.fence) {  // the engine may reuse the blocks already
+    asio::post(impl_->completions, [done = std::move(done)] { done(errc::timed_out); });
+    return;
+  }
   auto* state = job.registration ? dynamic_cast<CudaRegistration*>(job.registration->engine_state.get()) : nullptr;
   if (!state) return fail("the KV cache was not opened by the CUDA engine");
   if (!impl_->l1_base) return fail("L1 is not pinned");

@@ -2,8 +2,8 @@
 // stores, get_finished bookkeeping, degraded mode after SIGKILL/SIGSTOP,
 // automatic re-registration after a restart. The adapters run on a Runtime
 // (their own io thread); the test thread plays the engine and uses the
-// blocking calls, as a non-coroutine engine would. The server's transfer
-// engine copies nothing yet, so these check protocol and bookkeeping.
+// blocking calls, as a non-coroutine engine would. These check protocol
+// and bookkeeping; byte-exact data through the CPU engine is e2e_test's.
 #include <doctest/doctest.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -309,19 +309,25 @@ TEST_CASE("adapter: SIGKILL mid-workload -> calls return in time, retrieves fail
   CHECK(f.scheduler->end_session("warm").ec == errc::unhealthy);  // dropped
   CHECK(std::chrono::steady_clock::now() - t0 < 2s);
 
+  // What was never sent is finished at once. What was sent and never
+  // answered waits for its fence (transfer_timeout after sending): the
+  // adapter cannot tell a dead server from a stopped one that may still copy.
   auto fin = f.worker->get_finished({"s-late", "s-degraded", "r-late"});
   REQUIRE(!fin.ec);
-  std::sort(fin.value.retrieves.begin(), fin.value.retrieves.end());
-  CHECK(fin.value.retrieves == std::vector<std::string>{"r-degraded", "r-late"});
-  CHECK(fin.value.stores == std::vector<std::string>{"s-degraded", "s-late"});
-  auto errors = f.worker->take_load_errors().value;
-  auto expected = blocks(50, 6);
-  auto more = blocks(60, 6);
-  expected.insert(expected.end(), more.begin(), more.end());
-  std::string got;
-  for (auto b : errors) got += std::to_string(b) + " ";
-  CHECK_MESSAGE(errors == expected, "load errors: " << got);
-  CHECK(f.worker->get_finished({"s-late", "r-late"}).value.stores.empty());
+  CHECK(fin.value.retrieves == std::vector<std::string>{"r-degraded"});
+  CHECK(fin.value.stores == std::vector<std::string>{"s-degraded"});
+  CHECK(f.worker->take_load_errors().value == blocks(60, 6));
+  std::vector<std::string> late_retrieves, late_stores;
+  REQUIRE(eventually([&] {
+    auto more = f.worker->get_finished({}).value;
+    late_retrieves.insert(late_retrieves.end(), more.retrieves.begin(), more.retrieves.end());
+    late_stores.insert(late_stores.end(), more.stores.begin(), more.stores.end());
+    return !late_retrieves.empty() && !late_stores.empty();
+  }, 5s));
+  CHECK(late_retrieves == std::vector<std::string>{"r-late"});
+  CHECK(late_stores == std::vector<std::string>{"s-late"});
+  CHECK(f.worker->take_load_errors().value == blocks(50, 6));
+  CHECK(f.worker->get_finished({"s-late", "r-late"}).value.stores.empty());  // once only
 
   // Restart: the worker re-registers by itself, then lookups work again.
   f.server.start();
@@ -356,8 +362,15 @@ TEST_CASE("adapter: SIGSTOP -> blocking calls return within their deadline") {
     CHECK(std::chrono::steady_clock::now() - t1 < 1500ms);
   }
   REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::degraded; }, 5s));
-  auto fin = f.worker->get_finished({});
-  CHECK(fin.value.retrieves.size() == 3);  // drained
+  // Drained, each once, when their fence (transfer_timeout 1 s) has passed.
+  std::vector<std::string> drained;
+  CHECK(eventually([&] {
+    auto more = f.worker->get_finished({}).value.retrieves;
+    drained.insert(drained.end(), more.begin(), more.end());
+    return drained.size() >= 3;
+  }, 5s));
+  std::sort(drained.begin(), drained.end());
+  CHECK(drained == std::vector<std::string>{"r0", "r1", "r2"});
   f.server.resume();
   f.healthy();
   CHECK(f.stat("registrations") == 1);  // same server: registration kept

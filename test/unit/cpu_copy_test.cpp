@@ -239,3 +239,26 @@ TEST_CASE("CpuTransferEngine: a copy in flight is outstanding work, so io_contex
   io.run();  // returns once nothing is outstanding
   CHECK(done == 8);
 }
+
+TEST_CASE("a job past its fence copies nothing and says so") {
+  auto reg = make_reg(false);
+  fill(*reg);
+  std::vector<std::byte> slot(reg->slot_bytes, std::byte{0x5a});
+  TransferJob store;
+  store.direction = Direction::store;
+  store.registration = reg;
+  store.chunks = {{slot.data(), {0, 1}}};
+  store.fence = kvlink::Clock::now() - std::chrono::milliseconds(1);
+  CHECK(copy_chunks(store, 0, 1) == fence_passed);
+  CHECK(std::all_of(slot.begin(), slot.end(), [](std::byte b) { return b == std::byte{0x5a}; }));
+  TransferJob ret = store;
+  ret.direction = Direction::retrieve;
+  std::memset(reg->memory->base(), 0x11, reg->memory->size());
+  CHECK(copy_chunks(ret, 0, 1) == fence_passed);
+  const auto* m = reg->memory->base();
+  CHECK(std::all_of(m, m + reg->memory->size(), [](std::byte b) { return b == std::byte{0x11}; }));
+  // A fence in the future does not stop it.
+  ret.fence = kvlink::Clock::now() + std::chrono::seconds(60);
+  CHECK(copy_chunks(ret, 0, 1) == "");
+  CHECK(engine_byte(*reg, 0, 0, 0, 0) == std::byte{0x5a});
+}

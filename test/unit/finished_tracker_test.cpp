@@ -8,8 +8,13 @@ using Ids = std::vector<std::string>;
 using Blocks = std::vector<std::uint32_t>;
 
 namespace {
-GetFinishedTracker::Finished step(GetFinishedTracker& t, Ids engine = {}, bool unhealthy = false) {
-  return t.get_finished(engine, unhealthy);
+using namespace std::chrono_literals;
+using kvlink::TimePoint;
+const TimePoint t0 = TimePoint{} + 1000s;  // fake time
+
+GetFinishedTracker::Finished step(GetFinishedTracker& t, Ids engine = {}, bool unhealthy = false,
+                                  kvlink::adapter::LinkNow now = {t0, 0}) {
+  return t.get_finished(engine, unhealthy, now);
 }
 }  // namespace
 
@@ -122,4 +127,98 @@ TEST_CASE("tracker: forget drops an id's records") {
   t.store_done(s);
   CHECK(step(t, {"a"}).stores.empty());
   CHECK(t.pending_stores() == 0);
+}
+
+TEST_CASE("tracker: memory stays bounded; repeats within the remembered window are still blocked") {
+  GetFinishedTracker t(2);
+  auto finish = [&](const std::string& id) {
+    t.store_done(t.store_started(id));
+    return step(t, {id}).stores;
+  };
+  CHECK(finish("a") == Ids{"a"});
+  CHECK(t.live_requests() == 0);
+  CHECK(t.retired_ids() == 1);
+  CHECK(finish("a").empty());  // repeated while remembered: not reported again
+  CHECK(finish("b") == Ids{"b"});
+  CHECK(finish("c") == Ids{"c"});  // "a" falls out of the window
+  for (int i = 0; i < 100; ++i) finish("r" + std::to_string(i));
+  CHECK(t.retired_ids() == 2);
+  CHECK(t.live_requests() == 0);
+  CHECK(finish("a") == Ids{"a"});  // long forgotten: a new request
+  // A retrieve-only request retires too once the engine finished it.
+  t.retrieve_done(t.retrieve_started("x", Blocks{7}), true);
+  CHECK(step(t, {"x"}).retrieves == Ids{"x"});
+  CHECK(t.live_requests() == 0);
+  t.retrieve_done(t.retrieve_started("x", Blocks{7}), true);
+  CHECK(step(t, {"x"}).retrieves.empty());
+}
+
+TEST_CASE("tracker: an unanswered transfer is finished only after its fence") {
+  GetFinishedTracker t;
+  const kvlink::adapter::SentTransfer sent{t0 + 5s, 7};
+  auto s = t.store_started("s", sent);
+  auto r = t.retrieve_started("r", Blocks{3, 4}, sent);
+  t.store_unanswered(s);  // e.g. the connection was lost: the server may still copy
+  t.retrieve_unanswered(r);
+  auto f = step(t, {"s", "r"});
+  CHECK(f.stores.empty());
+  CHECK(f.retrieves.empty());
+  CHECK(t.take_load_errors().empty());  // the engine must not recompute into them yet
+  // A degraded link drains what is safe only: these are not.
+  f = step(t, {}, true, {t0 + 4s, 0});
+  CHECK(f.stores.empty());
+  CHECK(f.retrieves.empty());
+  // Once the fence passed, they end: the store finished, the retrieve failed.
+  f = step(t, {}, false, {t0 + 5s, 7});
+  CHECK(f.stores == Ids{"s"});
+  CHECK(f.retrieves == Ids{"r"});
+  CHECK(t.take_load_errors() == Blocks{3, 4});
+}
+
+TEST_CASE("tracker: a restarted server (new boot id) cannot touch old transfers") {
+  GetFinishedTracker t;
+  auto s = t.store_started("s", {t0 + 30s, 7});
+  auto r = t.retrieve_started("r", Blocks{9}, {t0 + 30s, 7});
+  t.store_unanswered(s);
+  t.retrieve_unanswered(r);
+  CHECK(step(t, {"s"}, false, {t0, 7}).stores.empty());  // same server: maybe stopped, not dead
+  CHECK(step(t, {}, false, {t0, 0}).stores.empty());     // no server known: still unsafe
+  auto f = step(t, {}, false, {t0, 8});                  // another process answers now
+  CHECK(f.stores == Ids{"s"});
+  CHECK(f.retrieves == Ids{"r"});
+  CHECK(t.take_load_errors() == Blocks{9});
+}
+
+TEST_CASE("tracker: a drain takes in-flight transfers whose fence passed, and keeps the others") {
+  GetFinishedTracker t;
+  t.store_started("early", {t0 - 1s, 7});
+  t.store_started("late", {t0 + 1s, 7});
+  auto f = step(t, {"early", "late"}, true);
+  CHECK(f.stores == Ids{"early"});
+  CHECK(t.pending_stores() == 1);
+  f = step(t, {}, true, {t0 + 1s, 0});
+  CHECK(f.stores == Ids{"late"});
+}
+
+TEST_CASE("tracker: an answered transfer is finished at once, fence or not") {
+  GetFinishedTracker t;
+  auto s = t.store_started("s", {t0 + 60s, 7});
+  auto r = t.retrieve_started("r", Blocks{1}, {t0 + 60s, 7});
+  t.store_done(s);          // the server replied (even with an error)
+  t.retrieve_done(r, false);
+  auto f = step(t, {"s"});
+  CHECK(f.stores == Ids{"s"});
+  CHECK(f.retrieves == Ids{"r"});
+  CHECK(t.take_load_errors() == Blocks{1});
+}
+
+TEST_CASE("tracker: a request's stores wait for its pending retrieves (the engine frees its blocks on the report)") {
+  GetFinishedTracker t;
+  auto r = t.retrieve_started("a", Blocks{1, 2}, {t0 + 5s, 7});
+  t.retrieve_unanswered(r);  // lost connection: the server may still write blocks 1 and 2
+  t.store_done(t.store_started("a"));  // degraded: not sent
+  CHECK(step(t, {"a"}).stores.empty());
+  auto f = step(t, {}, false, {t0 + 5s, 7});
+  CHECK(f.retrieves == Ids{"a"});
+  CHECK(f.stores == Ids{"a"});
 }

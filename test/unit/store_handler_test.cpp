@@ -457,3 +457,48 @@ TEST_CASE("received fds: each REGISTER takes the oldest, even when refused; the 
   CHECK(f.worker.received_fds.empty());
   CHECK(!is_open(c));
 }
+
+TEST_CASE("STORE and RETRIEVE that arrive after their fence are refused (timed_out) and touch nothing") {
+  Fixture f(true);
+  f.now = TimePoint{} + std::chrono::seconds(100);
+  f.register_worker();
+  const auto h = hashes(2);
+  StoreRequest s;
+  s.ns = ns;
+  s.hashes = h;
+  s.block_ids = blocks(2);
+  s.fence_ns = wire::fence_to_wire(f.now - std::chrono::milliseconds(1));
+  auto e = f.error(f.worker, s);
+  CHECK(e.code == code(errc::timed_out));
+  CHECK(e.message.find("fence") != std::string::npos);
+  CHECK(f.stat("write_locks_held") == 0);  // nothing reserved
+  CHECK(f.stat("transfers_fenced") == 1);
+
+  // In time: stored (the engine checks the fence again while it copies).
+  s.fence_ns = wire::fence_to_wire(f.now + std::chrono::seconds(1));
+  f.send(f.worker, s);
+  REQUIRE(f.deferred.jobs.size() == 1);
+  CHECK(f.deferred.jobs[0].first.fence == f.now + std::chrono::seconds(1));
+  f.deferred.complete_all();
+  f.sink->out.clear();
+  CHECK(f.sync_lookup(h) == 2);
+
+  RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = h;
+  rt.block_ids = blocks(2);
+  rt.fence_ns = wire::fence_to_wire(f.now);
+  CHECK(f.error(f.worker, rt).code == code(errc::timed_out));
+  CHECK(f.deferred.jobs.empty());  // no copy was started
+  CHECK(f.stat("transfers_fenced") == 2);
+  // The engine's own fence failure is reported the same way.
+  rt.fence_ns = 0;
+  f.send(f.worker, rt);
+  f.deferred.complete_all(make_error_code(errc::timed_out));
+  auto fr = f.sink->frames();
+  REQUIRE(fr.size() == 1);
+  ErrorReply late;
+  REQUIRE(decode(fr[0].second, late, "error") == "");
+  CHECK(late.code == code(errc::timed_out));
+  CHECK(f.stat("transfers_fenced") == 3);
+}

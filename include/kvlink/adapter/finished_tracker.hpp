@@ -4,7 +4,9 @@
 //
 // Rules (SPEC section 7):
 // - A request's stores are reported finished only when the server finished
-//   every store of it AND the engine reported the request finished.
+//   every store of it AND the engine reported the request finished AND no
+//   retrieve of it is still pending (the engine frees the request's blocks
+//   on that report).
 // - A request's retrieves are reported finished when the server finished
 //   (or failed) every retrieve of it; a failed retrieve's blocks go to the
 //   load-error set.
@@ -15,12 +17,26 @@
 //   load-error set; an id reported as a finished retrieve in that call is not
 //   also reported (then or later) as a finished store.
 // - Server completions of drained operations are ignored (tickets).
+// - Fences: a transfer that was sent may still be copied by the server until
+//   its fence (the server checks it, see wire::StoreRequest). A transfer that
+//   ended without the server's answer (deadline, lost connection) and
+//   pending transfers in a drain are finished only once that cannot happen
+//   any more: the fence passed, or the server answering now is a different
+//   process (boot id) from the one the transfer was sent to. Reporting them
+//   earlier would let the engine reuse blocks that a stopped server, once
+//   resumed, still reads (storing wrong KV under the request's keys) or
+//   writes.
 //
-// Memory: the "reported" sets grow with every request; forget(id) drops an
-// id the engine will never mention again.
+// Memory is bounded: once a request is over (the engine finished it and no
+// transfer of it is in flight) its id moves to a FIFO of the last
+// `remembered_ids` retired ids, which still blocks repeats; an id repeated
+// after that many newer requests retired is treated as a new request.
+// forget(id) drops every record of an id at once.
 #pragma once
 
 #include <cstdint>
+#include <deque>
+#include "kvlink/clock.hpp"
 #include <set>
 #include <span>
 #include <string>
@@ -30,26 +46,49 @@
 
 namespace kvlink::adapter {
 
+// Where a sent transfer went: until when the server may touch its blocks,
+// and the boot id of that server. The default: not sent.
+struct SentTransfer {
+  TimePoint fence = TimePoint::min();
+  std::uint64_t boot_id = 0;
+};
+
+// What get_finished knows of the present: the time, and the boot id of the
+// server the adapter is healthily connected to (0: none).
+struct LinkNow {
+  TimePoint now;
+  std::uint64_t boot_id = 0;
+};
+
 class GetFinishedTracker {
  public:
   using Ticket = std::uint64_t;
+  explicit GetFinishedTracker(std::size_t remembered_ids = 1u << 16) : remembered_ids_(remembered_ids) {}
   struct Finished {
     std::vector<std::string> stores;
     std::vector<std::string> retrieves;
   };
 
+  using Sent = SentTransfer;
+  using Present = LinkNow;
+
   // A store of `id` was started (sent, or decided without sending).
-  Ticket store_started(const std::string& id);
-  // The server finished it (success or error: either way it is over).
+  Ticket store_started(const std::string& id, Sent sent = {});
+  // The server answered it (success or error), or it was never sent.
   void store_done(Ticket t);
+  // It ended without the server's answer: finished once its fence is safe.
+  void store_unanswered(Ticket t);
 
   // A retrieve of `id` into `blocks` was started.
-  Ticket retrieve_started(const std::string& id, std::span<const std::uint32_t> blocks);
-  // The server finished it; on failure its blocks become load errors.
+  Ticket retrieve_started(const std::string& id, std::span<const std::uint32_t> blocks, Sent sent = {});
+  // The server answered it, or it was never sent; on failure its blocks
+  // become load errors.
   void retrieve_done(Ticket t, bool ok);
+  // It ended without the server's answer: failed, finished once safe.
+  void retrieve_unanswered(Ticket t);
 
   // The engine's finished request ids for this step; `unhealthy` drains.
-  Finished get_finished(std::span<const std::string> engine_finished, bool unhealthy);
+  Finished get_finished(std::span<const std::string> engine_finished, bool unhealthy, Present present);
 
   // Block ids whose load failed since the last call (sorted, unique).
   std::vector<std::uint32_t> take_load_errors();
@@ -58,14 +97,28 @@ class GetFinishedTracker {
 
   std::size_t pending_stores() const { return stores_.size(); }
   std::size_t pending_retrieves() const { return retrieves_.size(); }
+  // Ids of requests still tracked (not over yet) and of retired ones.
+  std::size_t live_requests() const { return requests_.size(); }
+  std::size_t retired_ids() const { return retired_order_.size(); }
   // Drops every record of `id` (it will never be reported).
   void forget(const std::string& id);
 
  private:
+  struct PendingStore {
+    std::string id;
+    Sent sent;
+    bool unanswered = false;
+  };
   struct PendingRetrieve {
     std::string id;
     std::vector<std::uint32_t> blocks;
+    Sent sent;
+    bool unanswered = false;
   };
+  // The server can no longer touch this transfer's blocks.
+  static bool safe(const Sent& s, const Present& p) {
+    return s.fence <= p.now || (s.boot_id != 0 && p.boot_id != 0 && s.boot_id != p.boot_id);
+  }
   struct Request {
     int stores_in_flight = 0;
     int retrieves_in_flight = 0;
@@ -73,16 +126,26 @@ class GetFinishedTracker {
     bool had_retrieve = false;
     bool engine_finished = false;
   };
-  void finish_retrieve(const std::string& id, Finished& out);
+  bool store_reported(const std::string& id) const {
+    return reported_stores_.contains(id) || retired_.contains(id);
+  }
+  bool retrieve_reported(const std::string& id) const {
+    return reported_retrieves_.contains(id) || retired_.contains(id);
+  }
+  // The request is over: keep its id only in the bounded FIFO.
+  void retire(const std::string& id);
 
   Ticket next_ = 1;
-  std::unordered_map<Ticket, std::string> stores_;
+  std::unordered_map<Ticket, PendingStore> stores_;
   std::unordered_map<Ticket, PendingRetrieve> retrieves_;
   std::unordered_map<std::string, Request> requests_;
   std::unordered_set<std::string> reported_stores_;
   std::unordered_set<std::string> reported_retrieves_;
   std::vector<std::string> retrieves_ready_;  // every retrieve of the id done, not yet reported
   std::set<std::uint32_t> load_errors_;
+  std::size_t remembered_ids_;
+  std::unordered_set<std::string> retired_;
+  std::deque<std::string> retired_order_;  // oldest first
 };
 
 }  // namespace kvlink::adapter

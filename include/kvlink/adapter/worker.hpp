@@ -49,7 +49,12 @@ struct WorkerConfig {
   // Deadline of register/unregister calls.
   Duration call_timeout = std::chrono::seconds(5);
   // Deadline of each STORE/RETRIEVE (they complete when the copy is done).
-  Duration transfer_timeout = std::chrono::seconds(30);
+  // It also fences the copy: the server touches none of the request's
+  // blocks after it (less a small margin), and a transfer that ended
+  // without the server's answer (lost connection, deadline) is reported by
+  // get_finished only once its deadline passed or the server restarted, so
+  // the engine never reuses blocks a stopped server may still copy.
+  Duration transfer_timeout = std::chrono::seconds(5);
   // Default deadline of the blocking calls.
   Duration blocking_deadline = std::chrono::seconds(10);
   health::Config health;
@@ -225,6 +230,16 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   std::shared_ptr<net::Connection> usable_connection() const;
   void note_error(std::error_code ec);
   Duration deadline_or_default(Duration d) const { return d == Duration{} ? config_.blocking_deadline : d; }
+  // A transfer sent now: the tracker's fence is the call's deadline; the
+  // server's (wire_fence) comes a margin earlier, so a copy step already
+  // under way at the server's fence ends before the engine may reuse blocks.
+  GetFinishedTracker::Sent sent_now() const {
+    return {Clock::now() + config_.transfer_timeout, monitor_->boot_id()};
+  }
+  TimePoint wire_fence(const GetFinishedTracker::Sent& s) const {
+    return s.fence - std::min<Duration>(config_.transfer_timeout / 10, std::chrono::milliseconds(250));
+  }
+
 
   asio::any_io_executor ex_;
   WorkerConfig config_;

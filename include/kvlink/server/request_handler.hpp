@@ -75,8 +75,8 @@ void reply(ReplySink& sink, const wire::Header& req, const Message& msg) {
 // Appends an error reply (code + message) to request `req`.
 void reply_error(ReplySink& sink, const wire::Header& req, std::error_code code, std::string_view message);
 
-// The in-process transfer engine used until the CPU engine (issue 5)
-// exists: completes at once and copies nothing (see NullTransferEngine).
+// The transfer engine of handlers built without one (unit tests, fuzzing):
+// completes at once and copies nothing (see NullTransferEngine).
 transfer::TransferEngine& default_transfer_engine();
 
 // Tensor-parallel sizes beyond this are refused as bad requests.
@@ -169,6 +169,9 @@ class RequestHandler {
   std::uint64_t engine_blocks_allocated_ = 0;
   std::uint64_t engine_blocks_total_ = 0;
   std::uint64_t transfer_failures_ = 0;
+  std::uint64_t transfers_fenced_ = 0;  // not done before their fence (timed_out)
+  // Counts a failed copy and replies with what the engine should know.
+  void copy_failed(const wire::Header& header, std::error_code ec, ReplySink& sink, std::string_view consequence);
 };
 
 }  // namespace kvlink::server

@@ -18,7 +18,8 @@ namespace kvlink::server {
 class Server {
  public:
   // `engine` copies STORE/RETRIEVE data; it must outlive the server. The
-  // default completes at once and copies nothing (until issue 5's CPU engine).
+  // default completes at once and copies nothing (in-process tests and
+  // benchmarks of the control plane; kvlink-server passes its CPU engine).
   Server(asio::io_context& io, ServerConfig config,
          transfer::TransferEngine& engine = default_transfer_engine());
   ~Server();

@@ -8,7 +8,9 @@
 // the io_context. Stores (device to host) and retrieves (host to device,
 // higher priority) have their own streams, several per direction, so jobs
 // overlap each other and the engine's compute. The io thread never waits
-// on the GPU.
+// on the GPU. The request's fence: a job is not queued after it, and one
+// whose copy completed after it fails with timed_out (a queued GPU copy
+// cannot be stopped, only reported).
 //
 // Built only with CUDA (KVLINK_HAVE_CUDA); no CUDA header here.
 #pragma once

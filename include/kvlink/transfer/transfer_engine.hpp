@@ -14,6 +14,7 @@
 #include <system_error>
 #include <vector>
 
+#include "kvlink/clock.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "kvlink/wire/messages.hpp"
 
@@ -76,6 +77,10 @@ struct TransferJob {
   std::vector<ChunkCopy> chunks;
   std::uint32_t skip_first_n_tokens = 0;  // retrieve: leave these engine tokens untouched
   wire::Bytes engine_event;  // CUDA: the engine's IPC event the copy waits on; empty on CPU
+  // The request's fence (wire::StoreRequest): engines touch no engine block
+  // at or after it; they fail the job with errc::timed_out instead, and a
+  // store whose copy ends past it fails too (its bytes may be reused ones).
+  TimePoint fence = TimePoint::max();
 };
 
 // Completion: an empty error_code on success. Engines must invoke it on the
@@ -107,7 +112,7 @@ class TransferEngine {
   virtual std::uint64_t capabilities() const { return 0; }
 };
 
-// FOR TESTS AND UNTIL ISSUE 5: completes every job at once, inside submit(),
+// For tests and control-plane benchmarks: completes every job at once, inside submit(),
 // and copies nothing. The server's bookkeeping (locks, slots, replies) runs
 // exactly as with a real engine; the data does not move.
 class NullTransferEngine final : public TransferEngine {

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "kvlink/clock.hpp"
 #include "kvlink/wire/codec.hpp"
 #include "kvlink/wire/frame.hpp"
 
@@ -326,6 +327,20 @@ struct StoreResult {
   }
 };
 
+// A transfer's fence: the steady-clock time (CLOCK_MONOTONIC nanoseconds,
+// one clock for every process on the host; memfds and CUDA IPC handles only
+// work on one host) after which the server must not touch the engine's
+// blocks: a copy not finished by then fails with timed_out and a STORE that
+// read its blocks past it is discarded, because the engine may already have
+// reused them. 0: no fence.
+inline TimePoint fence_from_wire(std::uint64_t fence_ns) {
+  return fence_ns ? TimePoint(std::chrono::nanoseconds(fence_ns)) : TimePoint::max();
+}
+inline std::uint64_t fence_to_wire(TimePoint fence) {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(fence.time_since_epoch()).count());
+}
+
 // Copies the engine blocks of the given chunks into the server. block_ids
 // lists, chunk after chunk, the engine blocks holding each chunk's tokens.
 struct StoreRequest {
@@ -336,12 +351,14 @@ struct StoreRequest {
   std::vector<ChunkHash> hashes;
   std::vector<std::uint32_t> block_ids;
   Bytes engine_event;  // CUDA IPC event handle; empty on CPU
+  std::uint64_t fence_ns = 0;
   template <class V> void visit(V& v) {
     v.num(ns, "namespace");
     v.num(kv_rank, "kv_rank");
     v.array(hashes, "hashes", max_chunks);
     v.array(block_ids, "block_ids", max_blocks);
     v.blob(engine_event, "engine_event", max_handle_bytes);
+    v.num(fence_ns, "fence_ns");
   }
 };
 
@@ -361,6 +378,7 @@ struct RetrieveRequest {
   std::vector<std::uint32_t> block_ids;
   std::uint32_t skip_first_n_tokens = 0;
   Bytes engine_event;
+  std::uint64_t fence_ns = 0;  // see StoreRequest
   template <class V> void visit(V& v) {
     v.num(ns, "namespace");
     v.num(kv_rank, "kv_rank");
@@ -368,6 +386,7 @@ struct RetrieveRequest {
     v.array(block_ids, "block_ids", max_blocks);
     v.num(skip_first_n_tokens, "skip_first_n_tokens");
     v.blob(engine_event, "engine_event", max_handle_bytes);
+    v.num(fence_ns, "fence_ns");
   }
 };
 

@@ -1,0 +1,565 @@
+// End to end: the real kvlink-server process, both adapters, a memfd KV
+// cache whose bytes are checked. Every block that comes back from the
+// server is verified against the per-token pattern (tools/sim/workload.hpp),
+// so a wrong block, offset, layer or plane fails. Faults (SIGKILL, SIGSTOP)
+// hit the server while an engine thread keeps serving requests with
+// blocking calls; no call may outlast its deadline.
+#include <doctest/doctest.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <asio/use_future.hpp>
+#include <atomic>
+#include <fstream>
+#include <future>
+#include <map>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "kvlink/adapter/scheduler.hpp"
+#include "kvlink/adapter/worker.hpp"
+#include "kvlink/runtime/runtime.hpp"
+#include "kvlink/unique_fd.hpp"
+#include "server_process.hpp"
+#include "sim/workload.hpp"
+#include "test_support.hpp"
+
+using namespace kvlink;
+using namespace kvlink::adapter;
+using namespace std::chrono_literals;
+using kvlink::test::ServerProcess;
+using kvlink::test::TempDir;
+
+namespace {
+
+constexpr std::uint32_t chunk = 32;  // server --chunk-size
+constexpr std::uint32_t block = 16;  // 2 blocks per chunk
+constexpr std::uint32_t num_blocks = 256;
+// Engine threads use blocks below this; tests' own probes use the rest.
+constexpr std::uint32_t engine_blocks = 192;
+// Deadlines: transfers give up (1 s) before the engine's blocking calls (2 s).
+constexpr auto transfer_timeout = 1s;
+constexpr auto deadline = 2s;
+
+// 2 layers, 2 heads x 16 x 2 bytes: 64 bytes per token, 1 KiB per block.
+wire::KvLayout layout() { return wire::paged_layout(2, num_blocks, block, 2, 16, 2); }
+
+template <class Pred>
+bool eventually(Pred done, std::chrono::milliseconds limit = 10s) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(2ms);
+  }
+  return true;
+}
+
+std::vector<std::uint32_t> range(std::uint32_t first, std::uint32_t n) {
+  std::vector<std::uint32_t> b(n);
+  for (std::uint32_t i = 0; i < n; ++i) b[i] = first + i;
+  return b;
+}
+
+// The engine's KV memory: a memfd of the layout's size, mapped here.
+struct KvMemory {
+  wire::KvLayout lay = layout();
+  UniqueFd fd{::memfd_create("e2e_test-kv", MFD_CLOEXEC)};
+  std::byte* base = nullptr;
+  KvMemory() {
+    REQUIRE(fd);
+    REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(lay.region_bytes)) == 0);
+    void* p = ::mmap(nullptr, lay.region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    REQUIRE(p != MAP_FAILED);
+    base = static_cast<std::byte*>(p);
+  }
+  ~KvMemory() { ::munmap(base, lay.region_bytes); }
+  sim::KvView view() const { return sim::KvView(base, lay); }
+};
+
+std::uint64_t mismatches(const sim::KvView& kv, const std::vector<store::Token>& tokens,
+                         const std::vector<std::uint32_t>& blocks, std::uint32_t first, std::uint32_t last) {
+  std::uint64_t n = 0;
+  sim::verify_tokens(kv, tokens, blocks, first, last, 0, &n);
+  return n;
+}
+
+struct Fixture {
+  TempDir dir;
+  KvMemory kv;
+  std::string endpoint = dir.socket();
+  ServerProcess server;
+  runtime::Runtime rt;
+  std::shared_ptr<WorkerAdapter> worker;
+  std::shared_ptr<SchedulerAdapter> scheduler;
+
+  explicit Fixture(std::string l1 = "64MiB")
+      : server({"--listen", endpoint, "--log-level", "warn", "--chunk-size", std::to_string(chunk), "--l1-size", l1,
+                "--no-huge-pages"}) {}
+  ~Fixture() {
+    if (worker) worker->shutdown(2s);
+    if (scheduler) scheduler->stop();
+    rt.stop();
+  }
+  void make(LookupMode mode = LookupMode::sync) {
+    health::Config h;
+    h.interval = 50ms;
+    h.ping_timeout = 100ms;
+    h.reconnect_initial = 5ms;
+    h.reconnect_max = 50ms;
+    h.connect_timeout = 200ms;
+    WorkerConfig w;
+    w.endpoint = endpoint;
+    w.model = "e2e-model";
+    w.health = h;
+    w.call_timeout = 1s;
+    w.transfer_timeout = transfer_timeout;
+    w.blocking_deadline = deadline;
+    worker = WorkerAdapter::create(rt.executor(), w);
+    SchedulerConfig s;
+    s.endpoint = endpoint;
+    s.model = "e2e-model";
+    s.lookup_mode = mode;
+    s.health = h;
+    s.call_timeout = 1s;
+    s.blocking_deadline = deadline;
+    scheduler = SchedulerAdapter::create(rt.executor(), s);
+    auto r = worker->register_kv_caches(kv.lay, kv.fd.get());
+    REQUIRE_MESSAGE(!r.ec, r.ec.message());
+  }
+  bool state_is(health::State s) {
+    return worker->monitor().state() == s && scheduler->monitor().state() == s;
+  }
+  std::uint32_t matched(const std::string& id, const std::vector<store::Token>& tokens) {
+    REQUIRE(!scheduler->submit_lookup(id, tokens).ec);
+    LookupStatus st;
+    REQUIRE(eventually([&] {
+      auto r = scheduler->check_lookup(id);
+      REQUIRE_MESSAGE(!r.ec, r.ec.message());
+      st = r.value;
+      return st.ready;
+    }));
+    return st.matched_tokens;
+  }
+  TransferSpec spec(std::string id, const std::vector<store::Token>& tokens, const std::vector<std::uint32_t>& blocks) {
+    TransferSpec s;
+    s.request_id = std::move(id);
+    s.tokens = tokens;
+    s.block_ids = blocks;
+    return s;
+  }
+  std::int64_t stat(const std::string& name) {
+    asio::io_context io;
+    wire::HelloRequest h;
+    h.role = wire::Role::admin;
+    h.instance_id = net::random_instance_id();
+    auto c = test::run(io, net::connect(io.get_executor(), test::parse(endpoint), h, 5s));
+    REQUIRE_MESSAGE(!c.ec, c.error);
+    auto f = c.connection->async_call(wire::StatsRequest{}, 5s, asio::use_future);
+    REQUIRE(test::run_until(io, [&] { return f.wait_for(0s) == std::future_status::ready; }));
+    auto reply = f.get();
+    c.connection->close();
+    test::run_until(io, [] { return false; }, 50ms);
+    for (auto& e : reply.entries)
+      if (e.name == name) return e.value;
+    FAIL("no stat " << name);
+    return -1;
+  }
+};
+
+bool stopped(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  std::getline(f, line);
+  const auto close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'T';
+}
+
+// An engine thread written like a non-coroutine engine: per request, a
+// lookup, a blocking retrieve of the hit (verified block by block; blocks
+// that failed to load are recomputed), compute, a blocking store, then
+// get_finished frees the blocks. It records, never asserts: the test
+// thread checks its counters.
+class Engine {
+ public:
+  Engine(Fixture& f, sim::WorkloadConfig w) : f_(f), kv_(f.kv.view()), gen_(w), alloc_(engine_blocks, w.seed) {}
+  ~Engine() { stop(); }
+
+  void start() {
+    stop_ = false;
+    thread_ = std::thread([this] {
+      while (!stop_) one_request();
+    });
+  }
+  void stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  // Runs `n` requests on the calling thread.
+  void run(int n) {
+    for (int i = 0; i < n; ++i) one_request();
+  }
+
+  std::atomic<std::uint64_t> requests{0}, hit_tokens{0}, load_error_blocks{0}, verify_failures{0};
+  std::atomic<std::int64_t> max_call_us{0};
+  std::string problems() {
+    std::lock_guard lock(m_);
+    return problems_;
+  }
+  double max_call_ms() const { return static_cast<double>(max_call_us.load()) / 1000.0; }
+
+ private:
+  // Ended on the client's side: the server may not have run it yet, and
+  // its load errors come once it no longer can (the adapter's fence).
+  static bool unanswered(std::error_code ec) { return ec == errc::timed_out || ec == errc::connection_lost; }
+
+  template <class F>
+  auto timed(F f) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = f();
+    const auto us =
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
+    if (us > max_call_us) max_call_us = us;
+    return r;
+  }
+  void problem(const std::string& what) {
+    std::lock_guard lock(m_);
+    if (problems_.size() < 2000) problems_ += what + "\n";
+  }
+
+  void one_request() {
+    auto req = gen_.next();
+    const auto n = static_cast<std::uint32_t>(req.tokens.size());
+    timed([&] { return f_.scheduler->submit_lookup(req.id, req.tokens, deadline); });
+    auto st = timed([&] { return f_.scheduler->check_lookup(req.id, deadline); });
+    const std::uint32_t matched = !st.ec && st.value.ready ? std::min(st.value.matched_tokens, n) : 0;
+    auto blocks = alloc_.allocate(sim::blocks_for(n, block));
+    if (!blocks) return problem("out of blocks");
+    std::vector<bool> loaded(blocks->size(), false);
+    if (matched > 0) {
+      const std::vector<std::uint32_t> hit(blocks->begin(), blocks->begin() + matched / block);
+      sim::poison_blocks(kv_, hit);
+      std::vector<store::Token> prefix(req.tokens.begin(), req.tokens.begin() + matched);
+      auto r = timed([&] { return f_.worker->submit_retrieve(f_.spec(req.id, prefix, hit), deadline); });
+      auto fin = timed([&] { return f_.worker->get_finished({}, deadline); });
+      auto errors = timed([&] { return f_.worker->take_load_errors(deadline); });
+      const std::set<std::uint32_t> failed(errors.value.begin(), errors.value.end());
+      load_error_blocks += failed.size();
+      for (std::uint32_t b = 0; b < hit.size(); ++b) {
+        if (failed.contains(hit[b]) || unanswered(r.ec)) continue;  // not loaded: computed below
+        if (r.ec) {
+          problem(req.id + ": retrieve failed (" + r.ec.message() + ") but block " + std::to_string(hit[b]) +
+                  " is not a load error");
+          continue;
+        }
+        if (mismatches(kv_, req.tokens, *blocks, b * block, (b + 1) * block) != 0) {
+          ++verify_failures;
+          problem(req.id + ": block " + std::to_string(hit[b]) + " came back wrong");
+          continue;
+        }
+        loaded[b] = true;
+        hit_tokens += block;
+      }
+    }
+    for (std::uint32_t b = 0; b < blocks->size(); ++b)
+      if (!loaded[b]) sim::fill_tokens(kv_, req.tokens, *blocks, b * block, std::min(n, (b + 1) * block));
+    auto stored = timed([&] { return f_.worker->submit_store(f_.spec(req.id, req.tokens, *blocks), deadline); });
+    // Like vLLM, reuse a request's blocks once get_finished reports its store.
+    held_.emplace(req.id, std::move(*blocks));
+    report_.push_back(req.id);
+    auto fin = timed([&] { return f_.worker->get_finished(report_, deadline); });
+    if (!fin.ec) {
+      report_.clear();
+      const auto& done = fin.value.stores;
+      if (!stored.ec && std::find(done.begin(), done.end(), req.id) == done.end())
+        problem(req.id + ": store answered but not reported finished");
+      for (const auto& id : done)
+        if (auto it = held_.find(id); it != held_.end()) {
+          alloc_.release(it->second);
+          held_.erase(it);
+        }
+    }
+    timed([&] { return f_.scheduler->end_session(req.id, deadline); });
+    ++requests;
+  }
+
+  Fixture& f_;
+  sim::KvView kv_;
+  sim::RequestGenerator gen_;
+  sim::BlockAllocator alloc_;
+  std::map<std::string, std::vector<std::uint32_t>> held_;  // blocks of stores not yet reported finished
+  std::vector<std::string> report_;                         // finished requests for the next get_finished
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+  std::mutex m_;
+  std::string problems_;
+};
+
+// 4 prefixes of 3 chunks, each prompt 3 chunks + 1 chunk + 8 tokens.
+sim::WorkloadConfig shared_prefixes(std::uint64_t seed = 1) {
+  sim::WorkloadConfig w;
+  w.seed = seed;
+  w.prefixes = 4;
+  w.prefix_tokens = 3 * chunk;
+  w.min_prompt_tokens = w.max_prompt_tokens = 4 * chunk + 8;
+  w.share_ratio = 1.0;
+  return w;
+}
+
+std::vector<store::Token> prompt(std::size_t n, store::Token first) {
+  std::vector<store::Token> t(n);
+  for (std::size_t i = 0; i < n; ++i) t[i] = first + static_cast<store::Token>(i * 13 % 1000);
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("e2e: store, lookup, retrieve returns identical bytes (sync and two-phase; skipped tokens untouched)") {
+  for (auto mode : {LookupMode::sync, LookupMode::two_phase}) {
+    CAPTURE(static_cast<int>(mode));
+    Fixture f;
+    f.server.start();
+    f.make(mode);
+    const auto kv = f.kv.view();
+    const auto tokens = prompt(4 * chunk + 5, 7);  // 4 full chunks and a tail
+    const auto src = range(10, 9);
+    sim::fill_tokens(kv, tokens, src, 0, static_cast<std::uint32_t>(tokens.size()));
+    auto st = f.worker->submit_store(f.spec("a", tokens, src));
+    REQUIRE_MESSAGE(!st.ec, st.ec.message());
+    CHECK(st.value.stored_chunks == 4);
+    CHECK(f.matched("lookup-a", tokens) == 4 * chunk);
+
+    const std::vector<std::uint32_t> dst{200, 31, 77, 5, 150, 64, 2, 99};  // scattered on purpose
+    sim::poison_blocks(kv, dst);
+    auto rt = f.worker->submit_retrieve(f.spec("b", std::vector<store::Token>(tokens.begin(), tokens.begin() + 4 * chunk), dst));
+    REQUIRE_MESSAGE(!rt.ec, rt.ec.message());
+    CHECK(rt.value.retrieved_chunks == 4);
+    CHECK(mismatches(kv, tokens, dst, 0, 4 * chunk) == 0);
+    for (std::uint32_t i = 0; i < 8; ++i)  // byte for byte the same as the source blocks
+      for (std::uint32_t layer = 0; layer < 2; ++layer)
+        for (std::uint32_t plane = 0; plane < 2; ++plane)
+          CHECK(std::memcmp(kv.token(layer, plane, src[i], 0), kv.token(layer, plane, dst[i], 0),
+                            f.kv.lay.block_bytes()) == 0);
+
+    // skip_first_n_tokens: the first chunk's blocks are the engine's own.
+    sim::poison_blocks(kv, dst);
+    auto spec = f.spec("c", std::vector<store::Token>(tokens.begin(), tokens.begin() + 4 * chunk), dst);
+    spec.skip_first_n_tokens = chunk + block;  // one chunk and one block
+    CHECK(f.matched("lookup-c", tokens) == 4 * chunk);
+    REQUIRE(!f.worker->submit_retrieve(spec).ec);
+    CHECK(mismatches(kv, tokens, dst, 0, chunk + block) == (chunk + block) * 2 * 2);  // still poisoned
+    CHECK(mismatches(kv, tokens, dst, chunk + block, 4 * chunk) == 0);
+  }
+}
+
+TEST_CASE("e2e: requests sharing a prefix hit it, and only it") {
+  Fixture f;
+  f.server.start();
+  f.make();
+  const auto kv = f.kv.view();
+  const auto prefix = prompt(3 * chunk, 1);
+  auto first = prefix, second = prefix;
+  for (auto t : prompt(chunk + 3, 500)) first.push_back(t);
+  for (auto t : prompt(chunk + 3, 600)) second.push_back(t);
+  const auto b1 = range(0, 9);
+  sim::fill_tokens(kv, first, b1, 0, static_cast<std::uint32_t>(first.size()));
+  REQUIRE(!f.worker->submit_store(f.spec("r1", first, b1)).ec);
+  CHECK(f.matched("r1-again", first) == 4 * chunk);
+  CHECK(f.matched("r2", second) == 3 * chunk);  // the shared prefix, not the other tail
+  const auto b2 = range(100, 9);
+  sim::poison_blocks(kv, b2);
+  const std::vector<std::uint32_t> hit(b2.begin(), b2.begin() + 6);
+  auto r = f.worker->submit_retrieve(f.spec("r2", prefix, hit));
+  REQUIRE_MESSAGE(!r.ec, r.ec.message());
+  CHECK(mismatches(kv, second, b2, 0, 3 * chunk) == 0);
+  CHECK(mismatches(kv, second, b2, 3 * chunk, 3 * chunk + block) == block * 2 * 2);  // not retrieved
+  // The engine computes its tail and stores: now the second tail hits too.
+  sim::fill_tokens(kv, second, b2, 3 * chunk, static_cast<std::uint32_t>(second.size()));
+  auto s = f.worker->submit_store(f.spec("r2", second, b2));
+  REQUIRE(!s.ec);
+  CHECK(s.value.stored_chunks == 1);  // the prefix was there already
+  CHECK(s.value.skipped_chunks == 3);
+  CHECK(f.matched("r2-again", second) == 4 * chunk);
+}
+
+TEST_CASE("e2e: a small L1 evicts: fewer hits, never a wrong byte") {
+  // 12 prefixes in a random order: a large L1 keeps them all, a small one
+  // (4 prompts' worth) only the most recent.
+  auto workload = [](Fixture& f) {
+    sim::WorkloadConfig w = shared_prefixes(3);
+    w.prefixes = 12;
+    Engine e(f, w);
+    e.run(120);
+    INFO(e.problems());
+    CHECK(e.problems().empty());
+    CHECK(e.verify_failures == 0);
+    CHECK(e.requests == 120);
+    return e.hit_tokens.load();
+  };
+  std::uint64_t large_hits = 0, small_hits = 0;
+  {
+    Fixture f("64MiB");
+    f.server.start();
+    f.make();
+    large_hits = workload(f);
+    CHECK(f.stat("evictions") == 0);
+  }
+  {
+    Fixture f("131072");  // 16 chunk slots of 8 KiB: 4 prompts
+    f.server.start();
+    f.make();
+    small_hits = workload(f);
+    CHECK(f.stat("l1_slots_total") == 16);
+    CHECK(f.stat("evictions") > 0);
+  }
+  MESSAGE("hit tokens: large L1 " << large_hits << ", small L1 " << small_hits);
+  CHECK(small_hits > 0);
+  CHECK(small_hits < large_hits);
+}
+
+TEST_CASE("e2e: server SIGKILL mid-workload -> the engine keeps running, retrieves become load errors, "
+          "no call outlives its deadline; after a restart hits resume") {
+  Fixture f;
+  f.server.start();
+  f.make();
+  const auto kv = f.kv.view();
+  // A probe the test retrieves itself once the server is gone.
+  const auto probe = prompt(2 * chunk, 900);
+  const auto probe_src = range(engine_blocks, 4);
+  sim::fill_tokens(kv, probe, probe_src, 0, 2 * chunk);
+  REQUIRE(!f.worker->submit_store(f.spec("probe", probe, probe_src)).ec);
+  CHECK(f.matched("probe-lookup", probe) == 2 * chunk);
+
+  Engine e(f, shared_prefixes());
+  e.start();
+  REQUIRE(eventually([&] { return e.hit_tokens > 0; }));
+  f.server.kill();
+  REQUIRE(eventually([&] { return f.state_is(health::State::degraded); }, 5s));
+  const auto before = e.requests.load();
+  REQUIRE(eventually([&] { return e.requests >= before + 10; }));  // served while the server is down
+  CHECK(f.state_is(health::State::degraded));
+  e.stop();
+
+  const auto probe_dst = range(engine_blocks + 10, 4);
+  sim::poison_blocks(kv, probe_dst);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = f.worker->submit_retrieve(f.spec("probe-late", probe, probe_dst));
+  CHECK(std::chrono::steady_clock::now() - t0 < deadline);
+  CHECK(r.ec == errc::unhealthy);
+  auto fin = f.worker->get_finished({});
+  REQUIRE(!fin.ec);
+  CHECK(fin.value.retrieves == std::vector<std::string>{"probe-late"});
+  CHECK(f.worker->take_load_errors().value == probe_dst);
+  CHECK(mismatches(kv, probe, probe_dst, 0, 2 * chunk) == 2 * chunk * 2 * 2);  // untouched
+
+  f.server.start();  // a new process on the same socket
+  REQUIRE(eventually([&] { return f.state_is(health::State::healthy); }));
+  CHECK(f.stat("registrations") == 1);  // re-registered by itself
+  const auto hits = e.hit_tokens.load();
+  e.start();
+  CHECK(eventually([&] { return e.hit_tokens > hits; }));
+  e.stop();
+  INFO(e.problems());
+  CHECK(e.problems().empty());
+  CHECK(e.verify_failures == 0);
+  CHECK(e.max_call_ms() < std::chrono::duration<double, std::milli>(deadline).count() + 100);
+  MESSAGE("requests " << e.requests.load() << ", hit tokens " << e.hit_tokens.load() << ", load-error blocks "
+                      << e.load_error_blocks.load() << ", longest call " << e.max_call_ms() << " ms");
+}
+
+TEST_CASE("e2e: server SIGSTOP -> degraded within the configured timeouts, calls bounded; SIGCONT -> recovers") {
+  Fixture f;
+  f.server.start();
+  f.make(LookupMode::two_phase);
+  Engine e(f, shared_prefixes(5));
+  e.start();
+  REQUIRE(eventually([&] { return e.hit_tokens > 0 && f.state_is(health::State::healthy); }));
+  f.server.stop();
+  REQUIRE(eventually([&] { return stopped(f.server.pid()); }, 5s));
+  const auto t0 = std::chrono::steady_clock::now();
+  // interval 50 ms, ping timeout 100 ms, 2 failures: well under a second.
+  REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::degraded; }, 5s));
+  CHECK(std::chrono::steady_clock::now() - t0 < 1s);
+  const auto before = e.requests.load();
+  REQUIRE(eventually([&] { return e.requests >= before + 10; }));  // the engine is not stuck on the server
+  f.server.resume();
+  REQUIRE(eventually([&] { return f.state_is(health::State::healthy); }));
+  const auto hits = e.hit_tokens.load();
+  CHECK(eventually([&] { return e.hit_tokens > hits; }));
+  e.stop();
+  INFO(e.problems());
+  CHECK(e.problems().empty());
+  CHECK(e.verify_failures == 0);
+  CHECK(e.max_call_ms() < std::chrono::duration<double, std::milli>(deadline).count() + 100);
+  CHECK(f.stat("registrations") == 1);
+  MESSAGE("requests " << e.requests.load() << ", hit tokens " << e.hit_tokens.load() << ", load-error blocks "
+                      << e.load_error_blocks.load() << ", longest call " << e.max_call_ms() << " ms");
+}
+
+TEST_CASE("e2e: kvlink-engine-sim runs against a server and reports a clean summary") {
+  TempDir dir;
+  const std::string ep = dir.socket();
+  ServerProcess server({"--listen", ep, "--log-level", "warn", "--l1-size", "64MiB", "--no-huge-pages"});
+  server.start();
+  const std::string sim = ServerProcess::binary("KVLINK_ENGINE_SIM");
+  std::string out;
+  const int rc = test::run_command(sim + " --server " + ep + " --warmup-ms 200 --duration-s 3 --rate 50 2>/dev/null",
+                                   out);
+  INFO(out);
+  CHECK(rc == 0);
+  std::string summary;
+  std::istringstream lines(out);
+  for (std::string line; std::getline(lines, line);)
+    if (line.find("\"event\":\"summary\"") != std::string::npos) summary = line;
+  REQUIRE(!summary.empty());
+  auto field = [&](const std::string& name) {
+    const auto at = summary.find("\"" + name + "\":");
+    REQUIRE_MESSAGE(at != std::string::npos, name);
+    return std::stod(summary.substr(at + name.size() + 3));
+  };
+  CHECK(field("verify_failures") == 0);
+  CHECK(field("requests") > 0);
+  CHECK(field("hit_tokens") > 0);
+  CHECK(field("retrieved_chunks") > 0);
+  CHECK(field("max_call_ms") < field("deadline_ms"));
+  CHECK(out.find("\"pings_during_warmup\":0") != std::string::npos);  // the gate held during warmup
+  CHECK(out.find(R"("link":"worker","event":"state","from":"warming","to":"healthy")") != std::string::npos);
+}
+
+// A STORE whose deadline passed while the server was stopped is reported
+// finished, so the engine reuses its blocks. After SIGCONT the server must
+// not copy them any more (its fence passed), or it would store the reused
+// blocks' bytes under the first request's keys.
+TEST_CASE("e2e: a STORE that timed out during SIGSTOP must not copy the engine's blocks after SIGCONT") {
+  Fixture f;
+  f.server.start();
+  f.make();
+  const auto kv = f.kv.view();
+  f.scheduler->ready();
+  REQUIRE(eventually([&] { return f.state_is(health::State::healthy); }));
+  f.server.stop();
+  REQUIRE(eventually([&] { return stopped(f.server.pid()); }, 5s));
+  const auto c = prompt(2 * chunk, 300);
+  const auto blocks = range(40, 4);
+  sim::fill_tokens(kv, c, blocks, 0, 2 * chunk);
+  auto s = f.worker->submit_store(f.spec("c", c, blocks));
+  REQUIRE(s.ec == errc::timed_out);  // the engine may reuse its blocks now
+  auto fin = f.worker->get_finished({"c"});
+  REQUIRE(fin.value.stores == std::vector<std::string>{"c"});
+  const auto d = prompt(2 * chunk, 700);
+  sim::fill_tokens(kv, d, blocks, 0, 2 * chunk);  // reused for another request
+  f.server.resume();
+  REQUIRE(eventually([&] { return f.state_is(health::State::healthy); }));
+  const auto m = f.matched("c-lookup", c);
+  CHECK(m == 0);  // dropped at its fence
+  CHECK(f.stat("transfers_fenced") == 1);
+  if (m > 0) {  // if it had been stored, what the server returns for c must still be c's bytes
+    const auto dst = range(100, m / block);
+    sim::poison_blocks(kv, dst);
+    auto r = f.worker->submit_retrieve(f.spec("c-read", std::vector<store::Token>(c.begin(), c.begin() + m), dst));
+    REQUIRE(!r.ec);
+    CHECK(mismatches(kv, c, dst, 0, m) == 0);
+  }
+}

@@ -1,0 +1,49 @@
+#include "event_json.hpp"
+
+#include <fmt/format.h>
+
+#include <chrono>
+
+namespace kvlink::tools {
+
+std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  for (char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20)
+          out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
+        else
+          out += c;
+    }
+  }
+  return out + "\"";
+}
+
+long long unix_ms() {
+  using namespace std::chrono;
+  return duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+std::string event_json(const health::Event& e, std::string_view link) {
+  using namespace std::chrono;
+  std::string line = fmt::format(R"({{"ts_ms":{})", unix_ms());
+  if (!link.empty()) line += fmt::format(R"(,"link":{})", json_string(link));
+  if (e.kind == health::Event::Kind::transition) {
+    const auto& t = e.transition;
+    line += fmt::format(R"(,"event":"state","from":"{}","to":"{}","reason":{})", health::state_name(t.from),
+                        health::state_name(t.to), json_string(t.reason));
+    if (t.from == health::State::degraded && t.to == health::State::healthy)
+      line += fmt::format(R"(,"outage_ms":{:.3f})", duration<double, std::milli>(t.outage).count());
+  } else {
+    line += fmt::format(R"(,"event":"notice","message":{})", json_string(e.notice));
+  }
+  return line + "}";
+}
+
+}  // namespace kvlink::tools
