@@ -12,7 +12,7 @@
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/server/server.hpp"
 #include "kvlink/store/l1_pool.hpp"
-#include "kvlink/transfer/cpu_engine.hpp"
+#include "kvlink/transfer/routing_engine.hpp"
 #include "kvlink/version.hpp"
 
 int main(int argc, char** argv) {
@@ -90,6 +90,22 @@ int main(int argc, char** argv) {
                  "Threads copying KV data between the workers' memfds and L1 (CPU transfer engine)")
       ->capture_default_str()
       ->check(CLI::Range(1u, 256u));
+  std::string engine_choice = "auto", cuda_copy = "batch";
+  kvlink::transfer::TransferEngineOptions engine_options;
+  app.add_option("--transfer-engine", engine_choice,
+                 "auto: the CPU engine, plus the CUDA engine for cuda_ipc KV caches when a CUDA device exists; "
+                 "cpu: CPU only; cuda: like auto, but fail to start without a CUDA device")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app.add_option("--cuda-copy", cuda_copy,
+                 "How the CUDA engine moves a job's blocks: batch (one cudaMemcpyBatchAsync) or kernel (one "
+                 "gather/scatter kernel launch)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"batch", "kernel"}));
+  app.add_option("--cuda-streams", engine_options.cuda.streams_per_direction,
+                 "CUDA streams per direction (store, retrieve) and device")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 64u));
   CLI11_PARSE(app, argc, argv);
 
   if (auto why = kvlink::store::parse_size(l1_size, cfg.l1_size); !why.empty()) {
@@ -146,8 +162,17 @@ int main(int argc, char** argv) {
 
   asio::io_context io(1);
   // Declared before the server, so it outlives it: the server's jobs run here.
-  kvlink::transfer::CpuTransferEngine engine(io.get_executor(), cfg.transfer_threads);
-  kvlink::server::Server server(io, cfg, engine);
+  kvlink::transfer::parse_engine_choice(engine_choice, engine_options.choice);
+  kvlink::transfer::parse_copy_method(cuda_copy, engine_options.cuda.method);
+  engine_options.cpu_threads = cfg.transfer_threads;
+  std::string engine_error, engine_summary;
+  auto engine = kvlink::transfer::make_transfer_engine(io.get_executor(), engine_options, engine_error, engine_summary);
+  if (!engine) {
+    fmt::print(stderr, "kvlink-server: {}\n", engine_error);
+    return 2;
+  }
+  kvlink::log::info("kvlink-server: transfer engine: {}", engine_summary);
+  kvlink::server::Server server(io, cfg, *engine);
   try {
     server.start();
   } catch (const std::exception& e) {

@@ -205,8 +205,8 @@ void WorkerAdapter::do_store(TransferSpec spec, detail::Callback<wire::StoreResu
   }
   const auto sent = sent_now();
   const auto ticket = tracker_.store_started(spec.request_id, sent);
-  wire::StoreRequest req{ns_, config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids), {},
-                         wire::fence_to_wire(wire_fence(sent))};
+  wire::StoreRequest req{ns_, config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids),
+                         std::move(spec.engine_event), wire::fence_to_wire(wire_fence(sent))};
   conn->async_call(std::move(req), config_.transfer_timeout,
                    [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::StoreResult r) {
                      self->note_error(ec);
@@ -242,7 +242,7 @@ void WorkerAdapter::do_retrieve(TransferSpec spec, detail::Callback<wire::Retrie
   const auto sent = sent_now();
   const auto ticket = tracker_.retrieve_started(spec.request_id, blocks, sent);
   wire::RetrieveRequest req{ns_,         config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids),
-                            spec.skip_first_n_tokens, {}, wire::fence_to_wire(wire_fence(sent))};
+                            spec.skip_first_n_tokens, std::move(spec.engine_event), wire::fence_to_wire(wire_fence(sent))};
   conn->async_call(std::move(req), config_.transfer_timeout,
                    [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::RetrieveResult r) {
                      self->note_error(ec);

@@ -295,7 +295,7 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   r.chunk_size = config_.chunk_size;
   r.max_payload = config_.max_payload;
   r.max_in_flight = config_.max_in_flight;
-  r.capabilities = 0;
+  r.capabilities = engine_.capabilities();
   r.server_version = version_string;
   reply(sink, frame.header, r);
   return true;
@@ -425,6 +425,8 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
     return fail(frame, sink, errc::bad_request, why);
   }
   if (auto why = pool_.configure(slot); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  if (auto why = engine_.use_l1(*reg, pool_.region(), pool_.region_bytes()); !why.empty())
+    return fail(frame, sink, errc::bad_request, why);
   log::info("kvlink-server: instance {:016x} registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
             session.instance_id, reg->model, reg->kv_rank, reg->world_size, reg->layout.num_layers, slot);
   registrations_[session.instance_id] = std::move(reg);
@@ -613,6 +615,7 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
   transfer::TransferJob job;
   job.direction = transfer::Direction::store;
   job.registration = reg;
+  job.engine_event = std::move(req.engine_event);
   job.fence = wire::fence_from_wire(req.fence_ns);
   if (now >= job.fence) return copy_failed(frame.header, errc::timed_out, sink, "nothing was stored");
   const std::uint32_t bpc = reg->blocks_per_chunk;
@@ -669,6 +672,7 @@ void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame
   job.direction = transfer::Direction::retrieve;
   job.registration = reg;
   job.skip_first_n_tokens = req.skip_first_n_tokens;
+  job.engine_event = std::move(req.engine_event);
   job.fence = wire::fence_from_wire(req.fence_ns);
   if (now >= job.fence) return copy_failed(frame.header, errc::timed_out, sink, "nothing was copied");
   const std::uint32_t bpc = reg->blocks_per_chunk;

@@ -75,6 +75,10 @@ struct TransferSpec {
   std::vector<store::Token> tokens;
   std::vector<std::uint32_t> block_ids;
   std::uint32_t skip_first_n_tokens = 0;  // retrieve only
+  // CUDA: the handle of the interprocess event the engine recorded on its
+  // stream right before this call (transfer::cuda::EngineEvent::handle());
+  // the server's copy waits on it. Empty on CPU.
+  wire::Bytes engine_event;
 };
 
 struct FinishedSets {
@@ -94,7 +98,8 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   std::uint64_t namespace_id() const { return ns_; }
   void ready() { monitor_->gate().open("engine ready"); }
 
-  // Registers the engine's KV memory. `memfd` (CPU backend; -1 for none) is
+  // Registers the engine's KV memory: a cpu_memfd layout with its memfd, or
+  // a cuda_ipc layout (transfer::cuda::export_kv_cache) with none. `memfd` is
   // duplicated at once: the adapter keeps its own copy (a server restart
   // needs it again), so the caller may close theirs when this returns. The
   // registration is kept and re-sent automatically after a server restart,
@@ -198,10 +203,12 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   };
   WorkerAdapter(asio::any_io_executor ex, WorkerConfig config);
 
-  // Sends REGISTER_KV_CACHE with the memfd attached (SCM_RIGHTS).
+  // Sends REGISTER_KV_CACHE with the memfd attached (SCM_RIGHTS), or
+  // without one (cuda_ipc: the handles are in the layout).
   template <class CompletionToken>
   static auto send_register(const std::shared_ptr<net::Connection>& conn, wire::RegisterKvCacheRequest req,
                             const UniqueFd& fd, Duration timeout, CompletionToken&& token) {
+    if (!fd) return conn->async_call(std::move(req), timeout, std::forward<CompletionToken>(token));
     return conn->async_call_with_fd(std::move(req), fd.get(), timeout, std::forward<CompletionToken>(token));
   }
   static asio::awaitable<std::error_code> reregister(std::weak_ptr<WorkerAdapter> weak,

@@ -32,6 +32,7 @@ class CpuTransferEngine final : public TransferEngine {
   // REGISTER without an fd.
   std::string attach(Registration& reg, UniqueFd fd) override;
   void submit(TransferJob job, TransferDone done) override;
+  std::uint64_t capabilities() const override { return wire::capability::cpu_transfer; }
 
   unsigned threads() const { return static_cast<unsigned>(threads_.size()); }
 

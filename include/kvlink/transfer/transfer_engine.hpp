@@ -1,8 +1,9 @@
 // The copy between engine KV blocks and L1 chunk slots, behind an
 // interface: the server's request handling decides what to copy, an engine
-// copies it. CpuTransferEngine (cpu_engine.hpp: memfd + thread pool) is what
-// kvlink-server runs; the CUDA one is issue 6; NullTransferEngine serves the
-// unit tests.
+// copies it. CpuTransferEngine (cpu_engine.hpp: memfd + thread pool) and
+// CudaTransferEngine (cuda_engine.hpp: CUDA IPC + stream pool) do it for
+// kvlink-server, behind RoutingTransferEngine (routing_engine.hpp);
+// NullTransferEngine serves the unit tests.
 #pragma once
 
 #include <cstddef>
@@ -40,6 +41,13 @@ class Mapping {
 // The fd is closed either way (the mapping keeps the memory).
 std::string map_memfd(UniqueFd fd, std::uint64_t region_bytes, std::shared_ptr<const Mapping>& out);
 
+// What an engine keeps per registration besides a memfd mapping (the CUDA
+// engine: the opened IPC memory handles and events). Released, like the
+// Mapping, when the last Registration / job holding it lets go.
+struct EngineState {
+  virtual ~EngineState() = default;
+};
+
 // A worker's registered KV cache: its namespace, rank and memory layout,
 // and the engine's memory once an engine attached it.
 struct Registration {
@@ -52,6 +60,7 @@ struct Registration {
   std::uint32_t blocks_per_chunk = 0;  // chunk_size / layout.block_size
   std::uint64_t slot_bytes = 0;        // bytes of one chunk of this rank
   std::shared_ptr<const Mapping> memory;  // CPU engine: the mapped memfd
+  std::shared_ptr<EngineState> engine_state;  // CUDA engine: see EngineState
 };
 
 enum class Direction : std::uint8_t { store, retrieve };
@@ -67,6 +76,7 @@ struct TransferJob {
   std::shared_ptr<const Registration> registration;  // outlives an UNREGISTER during the copy
   std::vector<ChunkCopy> chunks;
   std::uint32_t skip_first_n_tokens = 0;  // retrieve: leave these engine tokens untouched
+  wire::Bytes engine_event;  // CUDA: the engine's IPC event the copy waits on; empty on CPU
   // The request's fence (wire::StoreRequest): engines touch no engine block
   // at or after it; they fail the job with errc::timed_out instead, and a
   // store whose copy ends past it fails too (its bytes may be reused ones).
@@ -91,6 +101,15 @@ class TransferEngine {
     return {};
   }
   virtual void submit(TransferJob job, TransferDone done) = 0;
+  // Called after `reg` was attached and L1 [base, base + bytes) mapped for
+  // it, on every registration: the CUDA engine pins L1 here, once. Returns
+  // "" or why the registration is refused.
+  virtual std::string use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) {
+    (void)reg, (void)base, (void)bytes;
+    return {};
+  }
+  // wire::capability bits announced in HELLO.
+  virtual std::uint64_t capabilities() const { return 0; }
 };
 
 // For tests and control-plane benchmarks: completes every job at once, inside submit(),
