@@ -28,6 +28,7 @@ using namespace kvlink::adapter;
 using namespace std::chrono_literals;
 using kvlink::test::ServerProcess;
 using kvlink::test::TempDir;
+using kvlink::test::eventually;
 
 namespace {
 
@@ -49,15 +50,6 @@ std::vector<std::uint32_t> blocks(std::uint32_t first, std::uint32_t n) {
 }
 
 // Polls `done` (a cheap, thread-safe check) until it holds or `limit` passes.
-template <class Pred>
-bool eventually(Pred done, std::chrono::milliseconds limit = 10s) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > end) return false;
-    std::this_thread::sleep_for(2ms);
-  }
-  return true;
-}
 
 // The engine's KV memory for layout(): a memfd of the layout's size.
 UniqueFd kv_memfd() {
@@ -136,41 +128,16 @@ struct Fixture {
     }));
     return st.matched_tokens;
   }
-  std::int64_t stat(const std::string& name) {
-    asio::io_context io;
-    wire::HelloRequest h;
-    h.role = wire::Role::admin;
-    h.instance_id = net::random_instance_id();
-    auto c = test::run(io, net::connect(io.get_executor(), test::parse(endpoint), h, 5s));
-    REQUIRE_MESSAGE(!c.ec, c.error);
-    auto f = c.connection->async_call(wire::StatsRequest{}, 5s, asio::use_future);
-    REQUIRE(test::run_until(io, [&] { return f.wait_for(0s) == std::future_status::ready; }));
-    auto reply = f.get();
-    c.connection->close();
-    test::run_until(io, [] { return false; }, 50ms);
-    for (auto& e : reply.entries)
-      if (e.name == name) return e.value;
-    FAIL("no stat " << name);
-    return -1;
-  }
+  std::int64_t stat(const std::string& name) { return test::server_stat(endpoint, name); }
   void healthy() {
     REQUIRE(eventually([&] { return worker->monitor().state() == health::State::healthy; }));
     REQUIRE(eventually([&] { return scheduler->monitor().state() == health::State::healthy; }));
   }
 };
 
-// SIGSTOP is delivered asynchronously: wait until the process is stopped,
-// so that nothing sent afterwards can be served.
-bool stopped(pid_t pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  std::getline(f, line);
-  const auto close = line.rfind(')');
-  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'T';
-}
 void stop_server(ServerProcess& server) {
   server.stop();
-  REQUIRE(eventually([&] { return stopped(server.pid()); }, 5s));
+  REQUIRE(eventually([&] { return test::process_stopped(server.pid()); }, 5s));
 }
 
 // An engine written with coroutines: a free coroutine, state as parameters.

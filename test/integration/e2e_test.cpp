@@ -32,6 +32,7 @@ using namespace kvlink::adapter;
 using namespace std::chrono_literals;
 using kvlink::test::ServerProcess;
 using kvlink::test::TempDir;
+using kvlink::test::eventually;
 
 namespace {
 
@@ -47,15 +48,6 @@ constexpr auto deadline = 2s;
 // 2 layers, 2 heads x 16 x 2 bytes: 64 bytes per token, 1 KiB per block.
 wire::KvLayout layout() { return wire::paged_layout(2, num_blocks, block, 2, 16, 2); }
 
-template <class Pred>
-bool eventually(Pred done, std::chrono::milliseconds limit = 10s) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > end) return false;
-    std::this_thread::sleep_for(2ms);
-  }
-  return true;
-}
 
 std::vector<std::uint32_t> range(std::uint32_t first, std::uint32_t n) {
   std::vector<std::uint32_t> b(n);
@@ -150,32 +142,9 @@ struct Fixture {
     s.block_ids = blocks;
     return s;
   }
-  std::int64_t stat(const std::string& name) {
-    asio::io_context io;
-    wire::HelloRequest h;
-    h.role = wire::Role::admin;
-    h.instance_id = net::random_instance_id();
-    auto c = test::run(io, net::connect(io.get_executor(), test::parse(endpoint), h, 5s));
-    REQUIRE_MESSAGE(!c.ec, c.error);
-    auto f = c.connection->async_call(wire::StatsRequest{}, 5s, asio::use_future);
-    REQUIRE(test::run_until(io, [&] { return f.wait_for(0s) == std::future_status::ready; }));
-    auto reply = f.get();
-    c.connection->close();
-    test::run_until(io, [] { return false; }, 50ms);
-    for (auto& e : reply.entries)
-      if (e.name == name) return e.value;
-    FAIL("no stat " << name);
-    return -1;
-  }
+  std::int64_t stat(const std::string& name) { return test::server_stat(endpoint, name); }
 };
 
-bool stopped(pid_t pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  std::getline(f, line);
-  const auto close = line.rfind(')');
-  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'T';
-}
 
 // An engine thread written like a non-coroutine engine: per request, a
 // lookup, a blocking retrieve of the hit (verified block by block; blocks
@@ -477,7 +446,7 @@ TEST_CASE("e2e: server SIGSTOP -> degraded within the configured timeouts, calls
   e.start();
   REQUIRE(eventually([&] { return e.hit_tokens > 0 && f.state_is(health::State::healthy); }));
   f.server.stop();
-  REQUIRE(eventually([&] { return stopped(f.server.pid()); }, 5s));
+  REQUIRE(eventually([&] { return test::process_stopped(f.server.pid()); }, 5s));
   const auto t0 = std::chrono::steady_clock::now();
   // interval 50 ms, ping timeout 100 ms, 2 failures: well under a second.
   REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::degraded; }, 5s));
@@ -540,7 +509,7 @@ TEST_CASE("e2e: a STORE that timed out during SIGSTOP must not copy the engine's
   f.scheduler->ready();
   REQUIRE(eventually([&] { return f.state_is(health::State::healthy); }));
   f.server.stop();
-  REQUIRE(eventually([&] { return stopped(f.server.pid()); }, 5s));
+  REQUIRE(eventually([&] { return test::process_stopped(f.server.pid()); }, 5s));
   const auto c = prompt(2 * chunk, 300);
   const auto blocks = range(40, 4);
   sim::fill_tokens(kv, c, blocks, 0, 2 * chunk);

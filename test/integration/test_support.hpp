@@ -8,12 +8,17 @@
 
 #include <asio/co_spawn.hpp>
 #include <asio/io_context.hpp>
+#include <asio/use_future.hpp>
 #include <chrono>
 #include <cstdio>
 #include <exception>
+#include <fstream>
+#include <future>
 #include <optional>
 #include <string>
+#include <thread>
 
+#include "kvlink/net/connection.hpp"
 #include "kvlink/net/endpoint.hpp"
 
 namespace kvlink::test {
@@ -59,6 +64,49 @@ inline net::Endpoint parse(const std::string& text) {
   std::string error;
   REQUIRE_MESSAGE(net::parse_endpoint(text, ep, error), error);
   return ep;
+}
+
+// Polls `done` (a cheap, thread-safe check) from a test thread until it
+// holds or `limit` passes; returns done(). For state owned by another
+// thread (adapters on a Runtime); with an io_context of the test's own,
+// use run_until.
+template <class Pred>
+bool eventually(Pred done, std::chrono::milliseconds limit = 10s) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(2ms);
+  }
+  return true;
+}
+
+// Whether process `pid` is stopped (SIGSTOP is delivered asynchronously:
+// wait for this before relying on the server not serving anything).
+inline bool process_stopped(int pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  std::getline(f, line);
+  const auto close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'T';
+}
+
+// One counter of the server's STATS, read over an admin connection of its own.
+inline std::int64_t server_stat(const std::string& endpoint, const std::string& name) {
+  asio::io_context io;
+  wire::HelloRequest h;
+  h.role = wire::Role::admin;
+  h.instance_id = net::random_instance_id();
+  auto c = run(io, net::connect(io.get_executor(), parse(endpoint), h, 5s));
+  REQUIRE_MESSAGE(!c.ec, c.error);
+  auto f = c.connection->async_call(wire::StatsRequest{}, 5s, asio::use_future);
+  REQUIRE(run_until(io, [&] { return f.wait_for(0s) == std::future_status::ready; }));
+  auto reply = f.get();
+  c.connection->close();
+  run_until(io, [] { return false; }, 50ms);  // let the close go out
+  for (auto& e : reply.entries)
+    if (e.name == name) return e.value;
+  FAIL("no stat " << name);
+  return -1;
 }
 
 // Runs a shell command, capturing stdout and stderr into `out`; returns its
