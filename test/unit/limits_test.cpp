@@ -9,6 +9,7 @@
 
 #include "kvlink/net/auth_token.hpp"
 #include "kvlink/net/endpoint.hpp"
+#include "collect_sink.hpp"
 #include "kvlink/server/request_handler.hpp"
 #include "kvlink/server/server.hpp"
 #include "kvlink/store/keys.hpp"
@@ -18,21 +19,7 @@ using namespace kvlink::wire;
 
 namespace {
 
-struct Collect final : server::ReplySink, std::enable_shared_from_this<Collect> {
-  Bytes out;
-  Bytes& buffer() override { return out; }
-  void flush() override {}
-  std::weak_ptr<ReplySink> weak_self() override { return shared_from_this(); }
-  std::vector<std::pair<Header, Bytes>> frames() {
-    FrameParser p;
-    p.append(out);
-    out.clear();
-    std::vector<std::pair<Header, Bytes>> v;
-    while (auto f = p.next()) v.emplace_back(f->header, Bytes(f->payload.begin(), f->payload.end()));
-    REQUIRE_FALSE(p.failed());
-    return v;
-  }
-};
+using Collect = kvlink::test::CollectSink;
 
 // Completes jobs only when told.
 struct DeferredEngine final : transfer::TransferEngine {

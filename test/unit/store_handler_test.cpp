@@ -8,6 +8,7 @@
 
 #include <functional>
 
+#include "collect_sink.hpp"
 #include "kvlink/server/request_handler.hpp"
 #include "kvlink/store/keys.hpp"
 
@@ -17,20 +18,7 @@ using namespace std::chrono_literals;
 
 namespace {
 
-struct Collect final : server::ReplySink, std::enable_shared_from_this<Collect> {
-  Bytes out;
-  Bytes& buffer() override { return out; }
-  void flush() override {}
-  std::weak_ptr<ReplySink> weak_self() override { return shared_from_this(); }
-  std::vector<std::pair<Header, Bytes>> frames() {
-    FrameParser p;
-    p.append(out);
-    out.clear();
-    std::vector<std::pair<Header, Bytes>> v;
-    while (auto f = p.next()) v.emplace_back(f->header, Bytes(f->payload.begin(), f->payload.end()));
-    return v;
-  }
-};
+using Collect = kvlink::test::CollectSink;
 
 // Completes jobs only when told (a real engine is asynchronous).
 struct DeferredEngine final : transfer::TransferEngine {
