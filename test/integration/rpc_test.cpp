@@ -4,9 +4,12 @@
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/cancellation_signal.hpp>
 #include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
 #include <asio/io_context.hpp>
+#include <asio/local/connect_pair.hpp>
 #include <asio/local/stream_protocol.hpp>
 #include <asio/read.hpp>
+#include <asio/write.hpp>
 #include <asio/experimental/deferred.hpp>
 #include <asio/use_future.hpp>
 #include <filesystem>
@@ -171,6 +174,39 @@ TEST_CASE("server killed mid-request: pending calls fail fast with connection_lo
   CHECK_FALSE(c->is_open());
   // Calls on a closed connection fail at once.
   CHECK(run(io, ping(c, 10s)) == errc::connection_lost);
+}
+
+TEST_CASE("a peer that said why and closed: our failed write does not throw its last frames away") {
+  // The server refusing a connection (--max-connections) writes its reason
+  // and closes, often before the client's HELLO goes out. The HELLO's write
+  // then fails (EPIPE) with the reason already in our receive buffer: the
+  // reader must still hand it over, then end at the peer's close.
+  asio::io_context io;
+  asio::local::stream_protocol::socket ours(io), theirs(io);
+  asio::local::connect_pair(ours, theirs);
+  net::FrameStream stream{net::Socket(std::move(ours))};
+  std::deque<UniqueFd> fds;
+  stream.receive_fds_into(&fds);  // the reader waits for readability, then reads itself
+  std::vector<std::uint64_t> ids;
+  std::optional<net::StreamEnd> end;
+  asio::co_spawn(io, [&]() -> asio::awaitable<void> {
+    end = co_await stream.read_frames([&](const wire::Frame& f) {
+      ids.push_back(f.header.id);
+      return true;
+    });
+  }, asio::detached);
+  io.poll();  // the reader found nothing and waits
+  io.restart();
+  wire::Bytes bytes;
+  wire::FrameBuilder(bytes).add(static_cast<std::uint8_t>(wire::Opcode::hello), wire::flag::response | wire::flag::error,
+                                7, [](wire::Writer& w) { wire::encode(w, wire::ErrorReply{}); });
+  asio::write(theirs, asio::buffer(bytes));
+  theirs.close();
+  stream.send(static_cast<std::uint8_t>(wire::Opcode::ping), 0, 1, [](wire::Writer&) {}, nullptr);
+  CHECK(run_until(io, [&] { return end.has_value(); }, 5s));
+  CHECK(ids == std::vector<std::uint64_t>{7});
+  REQUIRE(end);
+  CHECK(end->reason == "peer closed the connection");
 }
 
 TEST_CASE("garbage bytes close only that connection; others keep working") {

@@ -59,7 +59,7 @@ class FrameStream {
   template <class EncodePayload>
   void send(std::uint8_t opcode, std::uint16_t flags, std::uint64_t id, EncodePayload&& encode,
             const std::shared_ptr<void>& owner) {
-    if (!socket_.is_open()) return;
+    if (!socket_.is_open() || send_failed_) return;
     wire::FrameBuilder(out_).add(opcode, flags, id, std::forward<EncodePayload>(encode));
     schedule_flush(owner);
   }
@@ -225,6 +225,7 @@ class FrameStream {
 
   void flush(const std::shared_ptr<void>& owner) {
     flush_scheduled_ = false;
+    if (send_failed_) out_.clear();
     if (writing_ || out_.empty() || !socket_.is_open()) return;
     // Try the kernel right away; only what does not fit waits for an async write.
     // Asio's non_blocking(true) is an ioctl(FIONBIO) every time; the flag
@@ -248,7 +249,7 @@ class FrameStream {
       n = socket_.write_some(asio::buffer(out_), ec);
     }
     if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
-      close();  // the reader sees the closed socket and reports the end
+      stop_sending();
       return;
     }
     if (n == out_.size()) {
@@ -263,7 +264,7 @@ class FrameStream {
       writing_ = false;
       writing_buf_.clear();
       if (wec) {
-        close();
+        stop_sending();
         return;
       }
       if (!out_.empty()) flush(owner);
@@ -345,6 +346,20 @@ class FrameStream {
     return static_cast<std::size_t>(r);
   }
 
+  // A write failed: the peer closed or reset. Stop sending but keep the
+  // read side, so what the peer sent before it went (a refused
+  // connection's reason, say) still reaches the frame handler; the reader
+  // then ends at the peer's EOF or reset. Closing here would throw those
+  // frames away unread.
+  void stop_sending() {
+    send_failed_ = true;
+    out_.clear();
+    fds_out_.clear();
+    std::error_code ignored;
+    socket_.shutdown(Socket::shutdown_send, ignored);
+    wake_reader();  // nothing is queued any more
+  }
+
   // Written bytes left the queue: a reader paused by the outbound limit checks again.
   void wake_reader() {
     if (drain_timer_) drain_timer_->cancel();
@@ -370,6 +385,7 @@ class FrameStream {
   wire::Bytes writing_buf_;  // frames the async write is sending
   bool writing_ = false;
   bool flush_scheduled_ = false;
+  bool send_failed_ = false;  // a write failed: queue nothing more
   static constexpr std::size_t max_fds_per_message = 8;
   std::vector<UniqueFd> fds_out_;               // to send with the next flush
   std::deque<UniqueFd>* fd_sink_ = nullptr;     // where received fds go (null: plain reads)
