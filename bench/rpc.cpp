@@ -7,7 +7,8 @@
 // The server runs on its own io_context thread; the client io_context runs
 // in the benchmark thread (a coroutine awaiting each call, as an engine's
 // coroutine would). After the benchmarks, a summary prints kvlink p50 over
-// reference p50 for unix and tcp against the target (<= 1.25), the
+// reference p50 for unix and tcp, with both sides' threads on one CPU and
+// on two (see "Thread placement"), against the target (<= 1.25), the
 // pipelined and fan-in rates (bench/run compares them with redis), and
 // PING round trips of a host-driven Runtime (the host waits in epoll on
 // host_fd() and calls poll()) against the own-thread mode (the host blocks
@@ -15,6 +16,8 @@
 #include <benchmark/benchmark.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -32,7 +35,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <future>
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -103,6 +108,39 @@ void report(benchmark::State& state, const std::string& name, std::vector<double
 }
 
 // ---------------------------------------------------------------------------
+// Thread placement. On a VM a wake-up across vCPUs can cost ~35 us more than
+// one on the same vCPU (the woken vCPU idles in the host), so with threads
+// placed by the scheduler the paired ratio was bimodal: ~1.25x or ~6x,
+// depending on whether kvlink's two threads shared a vCPU while the
+// reference's did. The paired runs pin both sides the same way and measure
+// each placement: one CPU (every round trip two context switches) and two
+// CPUs (client on one, server and echo thread on the other).
+
+std::vector<int> allowed_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int> cpus;
+  if (::sched_getaffinity(0, sizeof set, &set) == 0)
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &set)) cpus.push_back(c);
+  return cpus;
+}
+const std::vector<int> g_cpus = allowed_cpus();
+
+// Pins the calling thread to `cpu`, or back to every allowed CPU.
+void pin_this_thread(std::optional<int> cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (cpu) {
+    CPU_SET(*cpu, &set);
+  } else {
+    for (int c : g_cpus) CPU_SET(c, &set);
+  }
+  if (::pthread_setaffinity_np(::pthread_self(), sizeof set, &set) != 0)
+    throw std::runtime_error("pthread_setaffinity_np failed");
+}
+
+// ---------------------------------------------------------------------------
 // The in-process server: one io_context thread, a unix socket in a fresh
 // temporary directory and tcp:127.0.0.1:0.
 
@@ -133,6 +171,19 @@ class ServerThread {
     std::filesystem::remove_all(dir_, ignored);
   }
   const kvlink::net::Endpoint& endpoint(bool unix_socket) const { return unix_socket ? unix_ : tcp_; }
+  // Pins the server's io thread (see pin_this_thread).
+  void pin(std::optional<int> cpu) {
+    std::promise<void> done;
+    asio::post(io_, [&] {
+      try {
+        pin_this_thread(cpu);
+        done.set_value();
+      } catch (...) {
+        done.set_exception(std::current_exception());
+      }
+    });
+    done.get_future().get();
+  }
 
  private:
   asio::io_context io_{1};
@@ -459,13 +510,17 @@ std::pair<int, int> tcp_pair() {
 // A connected pair of blocking sockets with the echo thread on one end.
 class ReferencePair {
  public:
-  explicit ReferencePair(bool unix_socket) {
+  // echo_cpu: where the echo thread runs (unpinned if empty).
+  explicit ReferencePair(bool unix_socket, std::optional<int> echo_cpu = {}) {
     if (unix_socket) {
       if (::socketpair(AF_UNIX, SOCK_STREAM, 0, fds_) != 0) throw std::runtime_error("socketpair");
     } else {
       std::tie(fds_[0], fds_[1]) = tcp_pair();
     }
-    echo_ = std::thread(echo, fds_[1]);
+    echo_ = std::thread([fd = fds_[1], echo_cpu] {
+      if (echo_cpu) pin_this_thread(echo_cpu);
+      echo(fd);
+    });
   }
   ~ReferencePair() {
     ::shutdown(fds_[0], SHUT_RDWR);
@@ -536,22 +591,36 @@ asio::awaitable<int> paired_loop(benchmark::State& state, std::shared_ptr<kvlink
   co_return 0;
 }
 
+// state.range(0): the CPUs the round trip runs on (1 or 2).
 void paired_ping(benchmark::State& state, bool unix_socket) {
+  const auto cpus = static_cast<std::size_t>(state.range(0));
+  if (g_cpus.size() < cpus) {
+    state.SkipWithError("not enough CPUs for this placement");
+    for (auto _ : state) {
+    }
+    return;
+  }
+  const int client_cpu = g_cpus[0], server_cpu = g_cpus[cpus - 1];
+  pin_this_thread(client_cpu);
+  g_server->pin(server_cpu);
   asio::io_context io(1);
   auto conn = connect_client(io, unix_socket);
-  ReferencePair ref(unix_socket);
   std::vector<double> kv, rf;
   kv.reserve(1 << 20);
   rf.reserve(1 << 20);
-  run_until_done(io, paired_loop(state, conn, ref, kv, rf));
+  {
+    ReferencePair ref(unix_socket, server_cpu);
+    run_until_done(io, paired_loop(state, conn, ref, kv, rf));
+  }
   disconnect(io, conn);
+  pin_this_thread(std::nullopt);
+  g_server->pin(std::nullopt);
   const Latency k = summarize(kv), r = summarize(rf);
   state.counters["kvlink_p50_us"] = k.p50_us;
   state.counters["kvlink_p99_us"] = k.p99_us;
   state.counters["ref_p50_us"] = r.p50_us;
   state.counters["ratio"] = r.p50_us > 0 ? k.p50_us / r.p50_us : 0;
-  const std::string t = unix_socket ? "unix" : "tcp";
-  g_paired[t].push_back({k, r});
+  g_paired[fmt::format("{}, {} cpu{}", unix_socket ? "unix" : "tcp", cpus, cpus > 1 ? "s" : "")].push_back({k, r});
 }
 
 void BM_ping_rtt_paired_unix(benchmark::State& state) { paired_ping(state, true); }
@@ -565,10 +634,12 @@ BENCHMARK(BM_reference_ping_rtt_unix)->UseRealTime()->Unit(benchmark::kMicroseco
 BENCHMARK(BM_kvlink_ping_rtt_unix)->UseRealTime()->Unit(benchmark::kMicrosecond)->MinTime(0.5);
 BENCHMARK(BM_reference_ping_rtt_tcp)->UseRealTime()->Unit(benchmark::kMicrosecond)->MinTime(0.5);
 BENCHMARK(BM_kvlink_ping_rtt_tcp)->UseRealTime()->Unit(benchmark::kMicrosecond)->MinTime(0.5);
-// Fixed iterations (10,000 pings each side) and 5 repetitions: the summary
-// takes the median ratio.
-BENCHMARK(BM_ping_rtt_paired_unix)->UseRealTime()->Unit(benchmark::kMicrosecond)->Iterations(20000)->Repetitions(5);
-BENCHMARK(BM_ping_rtt_paired_tcp)->UseRealTime()->Unit(benchmark::kMicrosecond)->Iterations(20000)->Repetitions(5);
+// Fixed iterations (10,000 pings each side) and 5 repetitions per placement
+// (1 or 2 CPUs): the summary takes the median ratio of each.
+BENCHMARK(BM_ping_rtt_paired_unix)->ArgName("cpus")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMicrosecond)
+    ->Iterations(20000)->Repetitions(5);
+BENCHMARK(BM_ping_rtt_paired_tcp)->ArgName("cpus")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMicrosecond)
+    ->Iterations(20000)->Repetitions(5);
 BENCHMARK(BM_kvlink_ping_pipelined_unix)->Arg(64)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
 BENCHMARK(BM_kvlink_ping_pipelined_tcp)->Arg(64)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
 BENCHMARK(BM_kvlink_fan_in_unix)->Arg(16)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
@@ -578,16 +649,20 @@ void print_summary() {
   constexpr double target = 1.25;
   std::printf("\n");
   for (const char* transport : {"unix", "tcp"}) {
-    // Judged on the paired runs (alternating ping by ping): the run with the
-    // median ratio. The separate runs are shown for reference.
-    if (auto it = g_paired.find(transport); it != g_paired.end() && !it->second.empty()) {
+    // Judged on the paired runs (alternating blocks of pings, both sides
+    // pinned alike), each placement: the run with the median ratio. The
+    // separate, unpinned runs are shown for reference.
+    for (const char* cpus : {"1 cpu", "2 cpus"}) {
+      const std::string placement = fmt::format("{}, {}", transport, cpus);
+      auto it = g_paired.find(placement);
+      if (it == g_paired.end() || it->second.empty()) continue;
       auto runs = it->second;
       std::sort(runs.begin(), runs.end(), [](const auto& a, const auto& b) { return a.ratio() < b.ratio(); });
       const PairedRun& m = runs[runs.size() / 2];
       std::printf(
           "ping_rtt %s: kvlink p50 %.1f us (p99 %.1f us), reference p50 %.1f us, ratio %.2f (target <= %.2f) %s"
           " [paired, median of %zu runs; ratios %.2f..%.2f]\n",
-          transport, m.kvlink.p50_us, m.kvlink.p99_us, m.reference.p50_us, m.ratio(), target,
+          placement.c_str(), m.kvlink.p50_us, m.kvlink.p99_us, m.reference.p50_us, m.ratio(), target,
           m.ratio() <= target ? "PASS" : "FAIL", runs.size(), runs.front().ratio(), runs.back().ratio());
     }
     auto k = g_latency.find(fmt::format("kvlink_{}", transport));
