@@ -19,6 +19,7 @@
 #include <asio/async_result.hpp>
 #include <asio/awaitable.hpp>
 #include <asio/dispatch.hpp>
+#include <asio/experimental/as_tuple.hpp>  // calls are usually awaited as (error, reply)
 #include <asio/io_context.hpp>
 #include <asio/steady_timer.hpp>
 #include <chrono>

@@ -10,7 +10,7 @@
 
 #include <sys/socket.h>
 
-#include <asio/experimental/as_tuple.hpp>
+#include <asio/async_result.hpp>
 #include <asio/awaitable.hpp>
 #include <asio/post.hpp>
 #include <asio/steady_timer.hpp>
@@ -24,6 +24,8 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
+#include <exception>
 #include <system_error>
 #include <utility>
 #include <vector>
@@ -103,87 +105,21 @@ class FrameStream {
   }
 
   // Reads frames until the stream ends, handing each to on_frame (which
-  // returns false to stop). Returns why the stream ended.
+  // returns false to stop). Returns why the stream ended; an exception from
+  // on_frame is rethrown here. The loop itself runs as plain completion
+  // handlers (Reader) and the caller resumes once, at the end. A co_await
+  // per read cost 13-14 % more instructions per PING on each side
+  // (callgrind), enough to decide PERF.md's ping_rtt target.
   template <class OnFrame>
   asio::awaitable<StreamEnd> read_frames(OnFrame on_frame) {
-    for (;;) {
-      if (over_limit()) {
-        if (auto end = co_await wait_for_drain()) co_return std::move(*end);
-      }
-      // Frames a pause left in the parser are handled before reading more.
-      if (!frames_left_) {
-        // Start with small reads so an idle connection holds little memory
-        // (the buffer is zero-filled, so its size is resident); grow while
-        // reads come back full.
-        auto space = parser_.prepare(read_size_);
-        std::error_code ec;
-        std::size_t n = 0;
-        if (fd_sink_) {
-          // recvmsg ourselves (Asio's reads have no control buffer, and the
-          // kernel would close any fd that arrives). Like Asio's reactor: a
-          // speculative read only when the last read filled its buffer (more
-          // is likely waiting); after a short read, wait for readability first
-          // instead of paying for a recvmsg that finds nothing.
-          bool waited = false;
-          if (!maybe_more_) {
-            auto [wec] = co_await socket_.async_wait(Socket::wait_read, asio::experimental::as_tuple(asio::use_awaitable));
-            waited = true;
-            ec = wec;
-          }
-          while (!ec) {
-            n = receive_some(space.data(), space.size(), ec);
-            if (ec != std::errc::resource_unavailable_try_again && ec != std::errc::operation_would_block) break;
-            auto [wec] = co_await socket_.async_wait(Socket::wait_read, asio::experimental::as_tuple(asio::use_awaitable));
-            waited = true;
-            ec = wec;  // readable (clear) or why the wait ended
-          }
-          maybe_more_ = !ec && n == space.size();
-          // A read that found data at once lets other sessions run first, as
-          // Asio's completion would (one busy client cannot starve the rest).
-          if (!ec && !waited) co_await asio::post(socket_.get_executor(), asio::use_awaitable);
-        } else {
-          auto [rec, rn] = co_await socket_.async_read_some(asio::buffer(space.data(), space.size()),
-                                                            asio::experimental::as_tuple(asio::use_awaitable));
-          ec = rec;
-          n = rn;
-        }
-        if (ec) {
-          if (ec == asio::error::eof) co_return StreamEnd{errc::connection_lost, "peer closed the connection"};
-          if (ec == asio::error::operation_aborted) co_return StreamEnd{errc::connection_lost, "connection closed locally"};
-          co_return StreamEnd{errc::connection_lost, ec.message()};
-        }
-        parser_.commit(n);
-        if (n == space.size() && read_size_ < max_read_size) read_size_ *= 2;
-      }
-      frames_left_ = false;
-      // The frames of one read are one turn: what their handlers queue
-      // leaves together when the turn ends (end_read_turn), as it would
-      // after a posted flush.
-      in_read_turn_ = true;
-      bool stopped = false;
-      try {
-        while (auto frame = parser_.next()) {
-          if (!on_frame(*frame)) {
-            stopped = true;
-            break;
-          }
-          if (over_limit()) {
-            frames_left_ = true;
-            break;
-          }
-        }
-      } catch (...) {
-        end_read_turn();
-        throw;
-      }
-      end_read_turn();
-      if (stopped) co_return StreamEnd{errc::protocol_error, "stopped by the frame handler"};
-      if (parser_.failed()) {
-        co_return StreamEnd{parser_.version_mismatch() ? make_error_code(errc::version_mismatch)
-                                                       : make_error_code(errc::protocol_error),
-                            parser_.error()};
-      }
-    }
+    co_return co_await asio::async_initiate<const asio::use_awaitable_t<>&, void(std::exception_ptr, StreamEnd)>(
+        [this](auto handler, OnFrame on_frame) {
+          using R = Reader<OnFrame, decltype(handler)>;
+          auto reader = std::make_unique<R>(*this, std::move(on_frame), std::move(handler));
+          R* r = reader.get();
+          r->step(std::move(reader));
+        },
+        asio::use_awaitable, std::move(on_frame));
   }
 
   void close() {
@@ -197,31 +133,167 @@ class FrameStream {
  private:
   bool over_limit() const { return outbound_limit_ > 0 && queued_bytes() > outbound_limit_; }
 
-  // Paused reading: waits until the queued replies drain to the limit.
-  // Returns why the stream ends if they do not within the stall timeout.
-  asio::awaitable<std::optional<StreamEnd>> wait_for_drain() {
-    if (!drain_timer_) drain_timer_.emplace(socket_.get_executor());
-    if (on_pause_) on_pause_(true);
-    const TimePoint deadline = Clock::now() + stall_timeout_;
-    std::optional<StreamEnd> end;
-    while (over_limit()) {
-      if (!socket_.is_open()) {
-        end = StreamEnd{errc::connection_lost, "connection closed locally"};
-        break;
+  // The read loop of read_frames. Each pending operation's handler owns the
+  // Reader (`self`), so an io_context destroyed with a read pending frees it
+  // and, with it, the caller's suspended coroutine.
+  template <class OnFrame, class Handler>
+  class Reader {
+   public:
+    using Ptr = std::unique_ptr<Reader>;
+    Reader(FrameStream& s, OnFrame on_frame, Handler handler)
+        : s_(s), on_frame_(std::move(on_frame)), handler_(std::move(handler)) {}
+
+    // One pass: wait out a pause, hand over frames a pause left parsed, or read.
+    void step(Ptr self) {
+      if (s_.over_limit()) return start_pause(std::move(self));
+      if (s_.frames_left_) return handle_frames(std::move(self));
+      if (!s_.fd_sink_) {
+        auto space = prepare();
+        s_.socket_.async_read_some(asio::buffer(space.data(), space.size()),
+                                   [self = std::move(self)](std::error_code ec, std::size_t n) mutable {
+                                     Reader* r = self.get();
+                                     r->on_read(std::move(self), ec, n);
+                                   });
+        return;
       }
-      if (Clock::now() >= deadline) {
-        end = StreamEnd{errc::limit_exceeded,
-                        fmt::format("the peer did not read its replies: {} bytes stayed queued (limit {}) for {} ms",
-                                    queued_bytes(), outbound_limit_,
-                                    std::chrono::duration_cast<std::chrono::milliseconds>(stall_timeout_).count())};
-        break;
-      }
-      drain_timer_->expires_at(deadline);
-      co_await drain_timer_->async_wait(asio::experimental::as_tuple(asio::use_awaitable));  // cancelled by progress
+      // recvmsg ourselves (Asio's reads have no control buffer, and the
+      // kernel would close any fd that arrives). Like Asio's reactor: a
+      // speculative read only when the last read filled its buffer (more is
+      // likely waiting); after a short read, wait for readability first
+      // instead of paying for a recvmsg that finds nothing.
+      if (!s_.maybe_more_) return wait_readable(std::move(self));
+      receive(std::move(self), false);
     }
-    if (on_pause_) on_pause_(false);
-    co_return end;
-  }
+
+   private:
+    std::span<std::byte> prepare() {
+      auto space = s_.parser_.prepare(s_.read_size_);
+      space_size_ = space.size();
+      return space;
+    }
+
+    void wait_readable(Ptr self) {
+      s_.socket_.async_wait(Socket::wait_read, [self = std::move(self)](std::error_code ec) mutable {
+        Reader* r = self.get();
+        if (ec) return r->on_read(std::move(self), ec, 0);
+        r->receive(std::move(self), true);
+      });
+    }
+
+    void receive(Ptr self, bool waited) {
+      auto space = prepare();
+      std::error_code ec;
+      const std::size_t n = s_.receive_some(space.data(), space.size(), ec);
+      if (ec == std::errc::resource_unavailable_try_again || ec == std::errc::operation_would_block)
+        return wait_readable(std::move(self));
+      s_.maybe_more_ = !ec && n == space.size();
+      if (!ec && !waited) {
+        // A read that found data at once lets other sessions run first, as
+        // Asio's completion would (one busy client cannot starve the rest).
+        asio::post(s_.socket_.get_executor(), [self = std::move(self), n]() mutable {
+          Reader* r = self.get();
+          r->on_read(std::move(self), {}, n);
+        });
+        return;
+      }
+      on_read(std::move(self), ec, n);
+    }
+
+    void on_read(Ptr self, std::error_code ec, std::size_t n) {
+      if (ec) {
+        if (ec == asio::error::eof) return finish(std::move(self), {errc::connection_lost, "peer closed the connection"});
+        if (ec == asio::error::operation_aborted)
+          return finish(std::move(self), {errc::connection_lost, "connection closed locally"});
+        return finish(std::move(self), {errc::connection_lost, ec.message()});
+      }
+      s_.parser_.commit(n);
+      if (n == space_size_ && s_.read_size_ < max_read_size) s_.read_size_ *= 2;
+      handle_frames(std::move(self));
+    }
+
+    // The frames of one read are one turn: what their handlers queue leaves
+    // together when the turn ends (end_read_turn), as it would after a
+    // posted flush.
+    void handle_frames(Ptr self) {
+      s_.frames_left_ = false;
+      s_.in_read_turn_ = true;
+      bool stopped = false;
+      try {
+        while (auto frame = s_.parser_.next()) {
+          if (!on_frame_(*frame)) {
+            stopped = true;
+            break;
+          }
+          if (s_.over_limit()) {
+            s_.frames_left_ = true;
+            break;
+          }
+        }
+      } catch (...) {
+        s_.end_read_turn();
+        return finish(std::move(self), {}, std::current_exception());
+      }
+      s_.end_read_turn();
+      if (stopped) return finish(std::move(self), {errc::protocol_error, "stopped by the frame handler"});
+      if (s_.parser_.failed()) {
+        return finish(std::move(self), {s_.parser_.version_mismatch() ? make_error_code(errc::version_mismatch)
+                                                                       : make_error_code(errc::protocol_error),
+                                        s_.parser_.error()});
+      }
+      step(std::move(self));
+    }
+
+    // Paused reading: waits until the queued replies drain to the limit;
+    // ends the stream if they do not within the stall timeout.
+    void start_pause(Ptr self) {
+      if (!s_.drain_timer_) s_.drain_timer_.emplace(s_.socket_.get_executor());
+      if (s_.on_pause_) s_.on_pause_(true);
+      pause_deadline_ = Clock::now() + s_.stall_timeout_;
+      check_pause(std::move(self));
+    }
+
+    void check_pause(Ptr self) {
+      std::optional<StreamEnd> end;
+      if (s_.over_limit()) {
+        if (!s_.socket_.is_open()) {
+          end = StreamEnd{errc::connection_lost, "connection closed locally"};
+        } else if (Clock::now() >= pause_deadline_) {
+          end = StreamEnd{errc::limit_exceeded,
+                          fmt::format("the peer did not read its replies: {} bytes stayed queued (limit {}) for {} ms",
+                                      s_.queued_bytes(), s_.outbound_limit_,
+                                      std::chrono::duration_cast<std::chrono::milliseconds>(s_.stall_timeout_).count())};
+        } else {
+          s_.drain_timer_->expires_at(pause_deadline_);
+          // Cancelled by progress (wake_reader) or close: look again either way.
+          s_.drain_timer_->async_wait([self = std::move(self)](std::error_code) mutable {
+            Reader* r = self.get();
+            r->check_pause(std::move(self));
+          });
+          return;
+        }
+      }
+      if (s_.on_pause_) s_.on_pause_(false);
+      if (end) return finish(std::move(self), std::move(*end));
+      step(std::move(self));
+    }
+
+    // Completes read_frames. Posted, never called inline: this may run
+    // inside async_initiate, before the caller's coroutine has suspended.
+    void finish(Ptr self, StreamEnd end, std::exception_ptr failure = nullptr) {
+      auto ex = s_.socket_.get_executor();
+      Handler handler = std::move(handler_);
+      self.reset();
+      asio::post(ex, [handler = std::move(handler), failure, end = std::move(end)]() mutable {
+        std::move(handler)(failure, std::move(end));
+      });
+    }
+
+    FrameStream& s_;
+    OnFrame on_frame_;
+    Handler handler_;
+    std::size_t space_size_ = 0;  // of the last prepare(): a read that fills it grows the next
+    TimePoint pause_deadline_{};
+  };
 
   void flush(const std::shared_ptr<void>& owner) {
     flush_scheduled_ = false;
