@@ -20,12 +20,12 @@
 #include <cstring>
 #include <cerrno>
 #include <deque>
+#include <exception>
 #include <fmt/format.h>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <span>
-#include <exception>
 #include <system_error>
 #include <utility>
 #include <vector>
@@ -166,6 +166,9 @@ class FrameStream {
     }
 
    private:
+    // Start with small reads so an idle connection holds little memory (the
+    // buffer is zero-filled, so its size is resident); grow while reads come
+    // back full (on_read).
     std::span<std::byte> prepare() {
       auto space = s_.parser_.prepare(s_.read_size_);
       space_size_ = space.size();
