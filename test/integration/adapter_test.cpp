@@ -49,8 +49,6 @@ std::vector<std::uint32_t> blocks(std::uint32_t first, std::uint32_t n) {
   return b;
 }
 
-// Polls `done` (a cheap, thread-safe check) until it holds or `limit` passes.
-
 // The engine's KV memory for layout(): a memfd of the layout's size.
 UniqueFd kv_memfd() {
   UniqueFd fd(::memfd_create("adapter_test-kv", MFD_CLOEXEC));
@@ -76,21 +74,12 @@ struct Fixture {
     return a;
   }
 
-  static health::Config fast() {
-    health::Config c;
-    c.interval = 50ms;
-    c.ping_timeout = 100ms;
-    c.reconnect_initial = 5ms;
-    c.reconnect_max = 50ms;
-    c.connect_timeout = 200ms;
-    return c;
-  }
   void make(LookupMode mode = LookupMode::sync, GateTrigger trigger = GateTrigger::register_ack) {
     WorkerConfig w;
     w.gate_trigger = trigger;
     w.endpoint = endpoint;
     w.model = "adapter-model";
-    w.health = fast();
+    w.health = test::fast_health();
     w.call_timeout = 1s;
     w.transfer_timeout = 1s;
     w.blocking_deadline = 2s;
@@ -99,7 +88,7 @@ struct Fixture {
     s.endpoint = endpoint;
     s.model = "adapter-model";
     s.lookup_mode = mode;
-    s.health = fast();
+    s.health = test::fast_health();
     s.call_timeout = 1s;
     s.blocking_deadline = 2s;
     scheduler = SchedulerAdapter::create(rt.executor(), s);

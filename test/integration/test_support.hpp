@@ -18,6 +18,7 @@
 #include <string>
 #include <thread>
 
+#include "kvlink/health/policy.hpp"
 #include "kvlink/net/connection.hpp"
 #include "kvlink/net/endpoint.hpp"
 
@@ -57,6 +58,18 @@ inline void run_for(asio::io_context& io, std::chrono::steady_clock::duration d)
   const auto end = std::chrono::steady_clock::now() + d;
   run_until(io, [&] { return std::chrono::steady_clock::now() >= end; },
             std::chrono::duration_cast<std::chrono::milliseconds>(d) + 1s);
+}
+
+// Heartbeat settings for adapter tests: faults are noticed within a few
+// hundred milliseconds, reconnects retry every few milliseconds.
+inline health::Config fast_health() {
+  health::Config c;
+  c.interval = 50ms;
+  c.ping_timeout = 100ms;
+  c.reconnect_initial = 5ms;
+  c.reconnect_max = 50ms;
+  c.connect_timeout = 200ms;
+  return c;
 }
 
 inline net::Endpoint parse(const std::string& text) {
