@@ -9,7 +9,10 @@ GetFinishedTracker::Ticket GetFinishedTracker::store_started(const std::string& 
   stores_.emplace(t, PendingStore{id, sent});
   auto& r = requests_[id];
   ++r.stores_in_flight;
-  r.had_store = true;
+  r.store_round = true;
+  // An engine report seen before this store was about an earlier life of
+  // the id (or a repeat of it): this store needs a report of its own.
+  r.engine_finished = false;
   return t;
 }
 
@@ -34,27 +37,24 @@ GetFinishedTracker::Ticket GetFinishedTracker::retrieve_started(const std::strin
   retrieves_.emplace(t, PendingRetrieve{id, std::vector<std::uint32_t>(blocks.begin(), blocks.end()), sent});
   auto& r = requests_[id];
   ++r.retrieves_in_flight;
-  r.had_retrieve = true;
+  r.retrieve_round = true;
   return t;
 }
 
 void GetFinishedTracker::retrieve_done(Ticket t, bool ok) {
   auto it = retrieves_.find(t);
-  if (it == retrieves_.end()) return;
+  if (it == retrieves_.end()) return;  // drained earlier, or forgotten
   if (!ok) load_errors_.insert(it->second.blocks.begin(), it->second.blocks.end());
-  const std::string id = std::move(it->second.id);
+  if (auto r = requests_.find(it->second.id); r != requests_.end()) --r->second.retrieves_in_flight;
   retrieves_.erase(it);
-  auto r = requests_.find(id);
-  if (r == requests_.end()) return;
-  if (--r->second.retrieves_in_flight == 0 && !retrieve_reported(id) &&
-      std::find(retrieves_ready_.begin(), retrieves_ready_.end(), id) == retrieves_ready_.end())
-    retrieves_ready_.push_back(id);
 }
 
 GetFinishedTracker::Finished GetFinishedTracker::get_finished(std::span<const std::string> engine_finished,
                                                               bool unhealthy, Present present) {
+  // A report finishes the open store round only: with none open (a repeat,
+  // or an id with no stores) there is nothing for it to finish.
   for (const auto& id : engine_finished)
-    if (auto r = requests_.find(id); r != requests_.end()) r->second.engine_finished = true;
+    if (auto r = requests_.find(id); r != requests_.end() && r->second.store_round) r->second.engine_finished = true;
   // Unanswered transfers, and in a drain every pending one, end here once
   // the server can no longer touch their blocks.
   std::vector<Ticket> tickets;
@@ -65,21 +65,26 @@ GetFinishedTracker::Finished GetFinishedTracker::get_finished(std::span<const st
   for (const auto& [t, r] : retrieves_)
     if ((unhealthy || r.unanswered) && safe(r.sent, present)) tickets.push_back(t);
   for (Ticket t : tickets) retrieve_done(t, false);
+
   Finished out;
-  for (auto& id : retrieves_ready_)
-    if (!retired_.contains(id) && reported_retrieves_.insert(id).second) out.retrieves.push_back(std::move(id));
-  retrieves_ready_.clear();
-  std::vector<std::string> done;
-  for (auto& [id, r] : requests_) {
-    if (r.had_store && r.stores_in_flight == 0 && r.retrieves_in_flight == 0 && r.engine_finished && !store_reported(id)) {
-      reported_stores_.insert(id);
-      const bool as_retrieve = std::find(out.retrieves.begin(), out.retrieves.end(), id) != out.retrieves.end();
+  for (auto it = requests_.begin(); it != requests_.end();) {
+    auto& [id, r] = *it;
+    bool as_retrieve = false;
+    if (r.retrieve_round && r.retrieves_in_flight == 0) {
+      r.retrieve_round = false;
+      as_retrieve = true;
+      out.retrieves.push_back(id);
+    }
+    if (r.store_round && r.engine_finished && r.stores_in_flight == 0 && r.retrieves_in_flight == 0) {
+      r.store_round = false;
+      r.engine_finished = false;
       if (!(unhealthy && as_retrieve)) out.stores.push_back(id);
     }
-    if (r.engine_finished && r.stores_in_flight == 0 && r.retrieves_in_flight == 0) done.push_back(id);
+    // Every round reported: the next transfer of the id starts afresh.
+    it = r.idle() ? requests_.erase(it) : std::next(it);
   }
-  for (const auto& id : done) retire(id);  // over: later repeats of the id are ignored
   std::sort(out.stores.begin(), out.stores.end());
+  std::sort(out.retrieves.begin(), out.retrieves.end());
   return out;
 }
 
@@ -89,26 +94,10 @@ std::vector<std::uint32_t> GetFinishedTracker::take_load_errors() {
   return out;
 }
 
-void GetFinishedTracker::retire(const std::string& id) {
-  requests_.erase(id);
-  reported_stores_.erase(id);
-  reported_retrieves_.erase(id);
-  if (remembered_ids_ == 0 || !retired_.insert(id).second) return;
-  retired_order_.push_back(id);
-  if (retired_order_.size() > remembered_ids_) {
-    retired_.erase(retired_order_.front());
-    retired_order_.pop_front();
-  }
-}
-
 void GetFinishedTracker::forget(const std::string& id) {
   std::erase_if(stores_, [&](const auto& e) { return e.second.id == id; });
   std::erase_if(retrieves_, [&](const auto& e) { return e.second.id == id; });
   requests_.erase(id);
-  reported_stores_.erase(id);
-  reported_retrieves_.erase(id);
-  std::erase(retrieves_ready_, id);
-  if (retired_.erase(id)) std::erase(retired_order_, id);
 }
 
 }  // namespace kvlink::adapter

@@ -41,19 +41,21 @@ TEST_CASE("tracker: every store of a request must finish") {
   CHECK(step(t).stores == Ids{"a"});
 }
 
-TEST_CASE("tracker: each id is reported at most once, even when the engine repeats it") {
+TEST_CASE("tracker: a repeated engine report is reported once; a new transfer of the id is reported again") {
   GetFinishedTracker t;
   t.store_done(t.store_started("a"));
   CHECK(step(t, {"a", "a"}).stores == Ids{"a"});
-  CHECK(step(t, {"a"}).stores.empty());
-  // A later store under the same id is never reported again.
+  CHECK(step(t, {"a"}).stores.empty());  // the engine repeats it: no new transfer, no report
+  // A later store under the same id is a new round: reported again once the
+  // engine reports the id again.
   t.store_done(t.store_started("a"));
-  CHECK(step(t, {"a"}).stores.empty());
+  CHECK(step(t, {"a"}).stores == Ids{"a"});
   // Retrieves likewise.
   t.retrieve_done(t.retrieve_started("r", Blocks{1}), true);
   CHECK(step(t).retrieves == Ids{"r"});
-  t.retrieve_done(t.retrieve_started("r", Blocks{1}), true);
   CHECK(step(t, {"r"}).retrieves.empty());
+  t.retrieve_done(t.retrieve_started("r", Blocks{1}), true);
+  CHECK(step(t, {"r"}).retrieves == Ids{"r"});
   CHECK(t.take_load_errors().empty());
 }
 
@@ -129,28 +131,35 @@ TEST_CASE("tracker: forget drops an id's records") {
   CHECK(t.pending_stores() == 0);
 }
 
-TEST_CASE("tracker: memory stays bounded; repeats within the remembered window are still blocked") {
-  GetFinishedTracker t(2);
-  auto finish = [&](const std::string& id) {
+TEST_CASE("tracker: memory stays bounded over 100k ids and over 100k rounds of one id") {
+  GetFinishedTracker t;
+  for (int i = 0; i < 100'000; ++i) {
+    const std::string id = "req-" + std::to_string(i);
+    t.retrieve_done(t.retrieve_started(id, Blocks{1}), true);
     t.store_done(t.store_started(id));
-    return step(t, {id}).stores;
-  };
-  CHECK(finish("a") == Ids{"a"});
+    auto f = step(t, {id});
+    REQUIRE(f.retrieves == Ids{id});
+    REQUIRE(f.stores == Ids{id});
+    // A retrieve-only request holds nothing once reported, engine report or not.
+    t.retrieve_done(t.retrieve_started(id + "-load", Blocks{2}), true);
+    REQUIRE(step(t).retrieves == Ids{id + "-load"});
+  }
   CHECK(t.live_requests() == 0);
-  CHECK(t.retired_ids() == 1);
-  CHECK(finish("a").empty());  // repeated while remembered: not reported again
-  CHECK(finish("b") == Ids{"b"});
-  CHECK(finish("c") == Ids{"c"});  // "a" falls out of the window
-  for (int i = 0; i < 100; ++i) finish("r" + std::to_string(i));
-  CHECK(t.retired_ids() == 2);
+  CHECK(t.pending_stores() == 0);
+  CHECK(t.pending_retrieves() == 0);
+  for (int i = 0; i < 100'000; ++i) {
+    t.retrieve_done(t.retrieve_started("r", Blocks{3}), true);
+    REQUIRE(step(t).retrieves == Ids{"r"});
+    t.store_done(t.store_started("r"));
+    REQUIRE(step(t, {"r"}).stores == Ids{"r"});
+  }
   CHECK(t.live_requests() == 0);
-  CHECK(finish("a") == Ids{"a"});  // long forgotten: a new request
-  // A retrieve-only request retires too once the engine finished it.
-  t.retrieve_done(t.retrieve_started("x", Blocks{7}), true);
-  CHECK(step(t, {"x"}).retrieves == Ids{"x"});
+  // Only what is open stays: a store the engine has not finished.
+  t.store_done(t.store_started("open"));
+  CHECK(step(t).stores.empty());
+  CHECK(t.live_requests() == 1);
+  CHECK(step(t, {"open"}).stores == Ids{"open"});
   CHECK(t.live_requests() == 0);
-  t.retrieve_done(t.retrieve_started("x", Blocks{7}), true);
-  CHECK(step(t, {"x"}).retrieves.empty());
 }
 
 TEST_CASE("tracker: an unanswered transfer is finished only after its fence") {
@@ -221,4 +230,148 @@ TEST_CASE("tracker: a request's stores wait for its pending retrieves (the engin
   auto f = step(t, {}, false, {t0 + 5s, 7});
   CHECK(f.retrieves == Ids{"a"});
   CHECK(f.stores == Ids{"a"});
+}
+
+// vLLM reschedules a preempted request under its id and loads it again; the
+// engine waits for a finished retrieve of each load.
+TEST_CASE("tracker: vLLM preemption: a request loaded again under its id is reported again") {
+  GetFinishedTracker t;
+  auto r1 = t.retrieve_started("r", Blocks{1, 2});
+  CHECK(step(t).retrieves.empty());
+  t.retrieve_done(r1, true);
+  CHECK(step(t).retrieves == Ids{"r"});
+  CHECK(step(t).retrieves.empty());  // reported once
+  // Preempted (no engine report), then scheduled again: a second load.
+  auto r2 = t.retrieve_started("r", Blocks{5, 6});
+  CHECK(step(t).retrieves.empty());  // not before it is done
+  t.retrieve_done(r2, true);
+  CHECK(step(t).retrieves == Ids{"r"});
+  CHECK(step(t).retrieves.empty());
+  // A third load that fails: reported again, its blocks are load errors.
+  t.retrieve_done(t.retrieve_started("r", Blocks{8}), false);
+  CHECK(step(t).retrieves == Ids{"r"});
+  CHECK(t.take_load_errors() == Blocks{8});
+  // Every retrieve of a round must finish.
+  auto a = t.retrieve_started("r", Blocks{10});
+  auto b = t.retrieve_started("r", Blocks{11});
+  t.retrieve_done(a, true);
+  CHECK(step(t).retrieves.empty());
+  t.retrieve_done(b, true);
+  CHECK(step(t).retrieves == Ids{"r"});
+  // The request finishes, with stores from both lives.
+  t.store_done(t.store_started("r"));
+  CHECK(step(t, {"r"}).stores == Ids{"r"});
+  CHECK(t.live_requests() == 0);
+}
+
+TEST_CASE("tracker: a request that stores again under its id is reported again after the engine finishes it again") {
+  GetFinishedTracker t;
+  t.store_done(t.store_started("a"));
+  CHECK(step(t, {"a"}).stores == Ids{"a"});
+  // Resumed under the same id: stores again.
+  auto s = t.store_started("a");
+  CHECK(step(t).stores.empty());
+  t.store_done(s);
+  CHECK(step(t).stores.empty());  // the engine has not finished this round
+  CHECK(step(t, {"a"}).stores == Ids{"a"});
+  CHECK(step(t, {"a"}).stores.empty());
+  // The engine's report may come first; the store is reported when done.
+  s = t.store_started("a");
+  CHECK(step(t, {"a"}).stores.empty());
+  t.store_done(s);
+  CHECK(step(t).stores == Ids{"a"});
+}
+
+TEST_CASE("tracker: an engine repeating a finished id with no new transfer gets no second report") {
+  GetFinishedTracker t;
+  t.retrieve_done(t.retrieve_started("a", Blocks{1}), true);
+  t.store_done(t.store_started("a"));
+  auto f = step(t, {"a", "a"});
+  CHECK(f.stores == Ids{"a"});
+  CHECK(f.retrieves == Ids{"a"});
+  for (int i = 0; i < 3; ++i) {
+    f = step(t, {"a"});
+    CHECK(f.stores.empty());
+    CHECK(f.retrieves.empty());
+  }
+  // A repeat that comes while only a new load of the id is open finishes
+  // nothing: a store started after it waits for the engine's next report.
+  auto r = t.retrieve_started("a", Blocks{2});
+  CHECK(step(t, {"a"}).stores.empty());
+  auto s = t.store_started("a");
+  t.retrieve_done(r, true);
+  t.store_done(s);
+  f = step(t, {});
+  CHECK(f.retrieves == Ids{"a"});
+  CHECK(f.stores.empty());
+  CHECK(step(t, {"a"}).stores == Ids{"a"});
+  CHECK(t.take_load_errors().empty());
+}
+
+TEST_CASE("tracker: a store started after the engine's report waits for a new report") {
+  GetFinishedTracker t;
+  auto s1 = t.store_started("a");
+  CHECK(step(t, {"a"}).stores.empty());  // the report covers s1
+  auto s2 = t.store_started("a");        // the id's next life, before s1 was reported
+  t.store_done(s1);
+  t.store_done(s2);
+  CHECK(step(t).stores.empty());
+  CHECK(step(t, {"a"}).stores == Ids{"a"});  // once, for both
+  CHECK(step(t, {"a"}).stores.empty());
+}
+
+TEST_CASE("tracker: a drain during a second round") {
+  GetFinishedTracker t;
+  // Round one, healthy.
+  t.retrieve_done(t.retrieve_started("a", Blocks{1}), true);
+  t.store_done(t.store_started("a"));
+  auto f = step(t, {"a"});
+  CHECK(f.retrieves == Ids{"a"});
+  CHECK(f.stores == Ids{"a"});
+  // Round two in flight when the link degrades: the retrieve is reported
+  // (failed) and the store round ends with it, unreported.
+  t.retrieve_started("a", Blocks{4, 5});
+  t.store_started("a");
+  t.store_started("b");
+  t.store_done(t.store_started("b"));
+  f = step(t, {"a", "b"}, true);
+  CHECK(f.retrieves == Ids{"a"});
+  CHECK(f.stores == Ids{"b"});
+  CHECK(t.take_load_errors() == Blocks{4, 5});
+  CHECK(t.pending_stores() == 0);
+  CHECK(t.pending_retrieves() == 0);
+  f = step(t, {"a", "b"});
+  CHECK(f.stores.empty());
+  CHECK(f.retrieves.empty());
+  CHECK(t.live_requests() == 0);
+  // A drained store round of an id not reported as a retrieve waits for the
+  // engine, as in round one.
+  t.store_started("a");
+  CHECK(step(t, {}, true).stores.empty());
+  CHECK(step(t, {"a"}, true).stores == Ids{"a"});
+  // Round four, healthy again: reported as usual.
+  t.retrieve_done(t.retrieve_started("a", Blocks{7}), true);
+  t.store_done(t.store_started("a"));
+  f = step(t, {"a"});
+  CHECK(f.retrieves == Ids{"a"});
+  CHECK(f.stores == Ids{"a"});
+  CHECK(t.take_load_errors().empty());
+}
+
+TEST_CASE("tracker: forget during a second round drops only that round") {
+  GetFinishedTracker t;
+  t.store_done(t.store_started("a"));
+  CHECK(step(t, {"a"}).stores == Ids{"a"});
+  auto s = t.store_started("a");
+  auto r = t.retrieve_started("a", Blocks{3});
+  t.forget("a");
+  t.store_done(s);
+  t.retrieve_done(r, false);
+  auto f = step(t, {"a"});
+  CHECK(f.stores.empty());
+  CHECK(f.retrieves.empty());
+  CHECK(t.take_load_errors().empty());
+  CHECK(t.live_requests() == 0);
+  t.store_done(t.store_started("a"));  // a later life is tracked afresh
+  CHECK(step(t, {"a"}).stores == Ids{"a"});
 }

@@ -2,20 +2,25 @@
 // clock): which engine requests finished storing or retrieving, and which
 // engine blocks failed to load.
 //
-// Rules (SPEC section 7):
-// - A request's stores are reported finished only when the server finished
-//   every store of it AND the engine reported the request finished AND no
-//   retrieve of it is still pending (the engine frees the request's blocks
-//   on that report).
-// - A request's retrieves are reported finished when the server finished
-//   (or failed) every retrieve of it; a failed retrieve's blocks go to the
-//   load-error set.
-// - Each id is reported at most once ever per direction, even when the
-//   engine repeats it.
+// Rules (SPEC section 7). Reports are deduplicated, transfers are not: an
+// id's transfers in one direction form a round, from the first one started
+// after the id's previous report in that direction to the report that ends
+// it. A new store or retrieve of an id that was already reported (vLLM loads
+// a preempted request again under its id) opens a new round, reported again.
+// - A store round is reported when the server finished every store of it
+//   AND the engine reported the id finished after those stores started AND
+//   no retrieve of the id is pending (the engine frees the request's blocks
+//   on that report). A store started after the engine's report waits for a
+//   new report: the earlier one was about the request's previous life.
+// - A retrieve round is reported when the server finished (or failed) every
+//   retrieve of it; a failed retrieve's blocks go to the load-error set.
+// - The engine repeating a finished id with no new transfer since changes
+//   nothing: no round of the id is open.
 // - Unhealthy drain: every pending store counts as finished by the server;
 //   every pending retrieve is reported finished with its blocks in the
-//   load-error set; an id reported as a finished retrieve in that call is not
-//   also reported (then or later) as a finished store.
+//   load-error set; an id reported as a finished retrieve in that call has
+//   its store round ended there too, unreported (the engine must not see
+//   both for one id in one call).
 // - Server completions of drained operations are ignored (tickets).
 // - Fences: a transfer that was sent may still be copied by the server until
 //   its fence (the server checks it, see wire::StoreRequest). A transfer that
@@ -27,21 +32,19 @@
 //   resumed, still reads (storing wrong KV under the request's keys) or
 //   writes.
 //
-// Memory is bounded: once a request is over (the engine finished it and no
-// transfer of it is in flight) its id moves to a FIFO of the last
-// `remembered_ids` retired ids, which still blocks repeats; an id repeated
-// after that many newer requests retired is treated as a new request.
-// forget(id) drops every record of an id at once.
+// Memory is bounded by the ids with a transfer in flight or a round not yet
+// reported: an id's record is dropped as soon as neither holds, and nothing
+// is remembered after that (a repeated engine report finds no open round, so
+// no history is needed to ignore it). forget(id) drops every record of an id
+// at once.
 #pragma once
 
 #include <cstdint>
-#include <deque>
 #include "kvlink/clock.hpp"
 #include <set>
 #include <span>
 #include <string>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 namespace kvlink::adapter {
@@ -63,7 +66,6 @@ struct LinkNow {
 class GetFinishedTracker {
  public:
   using Ticket = std::uint64_t;
-  explicit GetFinishedTracker(std::size_t remembered_ids = 1u << 16) : remembered_ids_(remembered_ids) {}
   struct Finished {
     std::vector<std::string> stores;
     std::vector<std::string> retrieves;
@@ -97,9 +99,8 @@ class GetFinishedTracker {
 
   std::size_t pending_stores() const { return stores_.size(); }
   std::size_t pending_retrieves() const { return retrieves_.size(); }
-  // Ids of requests still tracked (not over yet) and of retired ones.
+  // Ids with a transfer in flight or a round not reported yet.
   std::size_t live_requests() const { return requests_.size(); }
-  std::size_t retired_ids() const { return retired_order_.size(); }
   // Drops every record of `id` (it will never be reported).
   void forget(const std::string& id);
 
@@ -122,30 +123,17 @@ class GetFinishedTracker {
   struct Request {
     int stores_in_flight = 0;
     int retrieves_in_flight = 0;
-    bool had_store = false;
-    bool had_retrieve = false;
-    bool engine_finished = false;
+    bool store_round = false;      // a store started since the id's last store report
+    bool engine_finished = false;  // the engine reported the id after the round's last store started
+    bool retrieve_round = false;   // a retrieve started since the id's last retrieve report
+    bool idle() const { return stores_in_flight == 0 && retrieves_in_flight == 0 && !store_round && !retrieve_round; }
   };
-  bool store_reported(const std::string& id) const {
-    return reported_stores_.contains(id) || retired_.contains(id);
-  }
-  bool retrieve_reported(const std::string& id) const {
-    return reported_retrieves_.contains(id) || retired_.contains(id);
-  }
-  // The request is over: keep its id only in the bounded FIFO.
-  void retire(const std::string& id);
 
   Ticket next_ = 1;
   std::unordered_map<Ticket, PendingStore> stores_;
   std::unordered_map<Ticket, PendingRetrieve> retrieves_;
-  std::unordered_map<std::string, Request> requests_;
-  std::unordered_set<std::string> reported_stores_;
-  std::unordered_set<std::string> reported_retrieves_;
-  std::vector<std::string> retrieves_ready_;  // every retrieve of the id done, not yet reported
+  std::unordered_map<std::string, Request> requests_;  // only non-idle ones
   std::set<std::uint32_t> load_errors_;
-  std::size_t remembered_ids_;
-  std::unordered_set<std::string> retired_;
-  std::deque<std::string> retired_order_;  // oldest first
 };
 
 }  // namespace kvlink::adapter
