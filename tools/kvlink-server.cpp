@@ -1,11 +1,13 @@
 // kvlink-server: the KV-cache server. Prints one line containing "ready" and
-// its endpoints once it accepts connections; SIGINT/SIGTERM drain and exit 0.
+// its endpoints once it accepts connections. SIGINT/SIGTERM drain (a planned
+// restart: see Server::drain) and exit 0; a second signal exits at once.
 #include <asio/io_context.hpp>
 #include <asio/signal_set.hpp>
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
 #include <fmt/format.h>
+#include <functional>
 
 #include "kvlink/log.hpp"
 #include "kvlink/net/auth_token.hpp"
@@ -55,11 +57,14 @@ int main(int argc, char** argv) {
                  "non-loopback tcp endpoints");
   app.add_option("--unix-group", cfg.unix_group,
                  "Give unix sockets to this group and make them group-accessible (mode 0660 unless --unix-mode)");
-  app.add_option("--reap-timeout-s", cfg.reap_timeout_s, "Forget (and release) instances silent this long")
+  app.add_option("--reap-timeout-s", cfg.reap_timeout_s,
+                 "Forget instances silent this long, releasing their locks, jobs and KV-cache registration; 0: no "
+                 "reaper (registrations then stay until UNREGISTER)")
       ->capture_default_str()
-      ->check(CLI::Range(1u, 1u << 30));
+      ->check(CLI::Range(0u, 1u << 30));
   app.add_option("--registration-grace-s", cfg.registration_grace_s,
-                 "Silence allowed to instances that registered KV caches but never pinged")
+                 "Silence allowed to instances that registered KV caches but never pinged; not below "
+                 "--reap-timeout-s")
       ->capture_default_str()
       ->check(CLI::Range(1u, 1u << 30));
   auto* unix_mode_opt =
@@ -80,6 +85,12 @@ int main(int argc, char** argv) {
   seconds("--session-ttl-s", cfg.session_ttl, "Seconds an idle request session is kept");
   seconds("--outbound-stall-timeout-s", cfg.outbound_stall_timeout,
           "Seconds a connection's replies may stay above --max-outbound-bytes before it is closed");
+  app.add_option_function<std::int64_t>(
+         "--drain-timeout-s", [&cfg](std::int64_t v) { cfg.drain_timeout = std::chrono::seconds(v); },
+         "On SIGTERM/SIGINT (planned restart): seconds to wait for STOREs and RETRIEVEs in flight before closing "
+         "the connections; 0: do not wait. A second signal exits at once")
+      ->default_str(std::to_string(cfg.drain_timeout.count()))
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{86400}));
   app.add_option("--high-watermark", cfg.high_watermark, "Fraction of L1 above which eviction starts")
       ->capture_default_str()
       ->check(CLI::Range(0.01, 1.0));
@@ -144,6 +155,11 @@ int main(int argc, char** argv) {
                cfg.high_watermark);
     return 2;
   }
+  std::string reaper_warning;
+  if (auto why = kvlink::server::check_reaper(cfg, reaper_warning); !why.empty()) {
+    fmt::print(stderr, "kvlink-server: {}\n", why);
+    return 2;
+  }
 
   kvlink::log::Level level;
   if (!kvlink::log::parse_level(log_level, level)) {
@@ -151,6 +167,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   kvlink::log::set_level(level);
+  if (!reaper_warning.empty()) kvlink::log::warn("kvlink-server: {}", reaper_warning);
+  if (cfg.reap_timeout_s == 0)
+    kvlink::log::info("kvlink-server: --reap-timeout-s 0: no reaper; silent instances and their registrations stay "
+                      "until they unregister");
   try {
     std::size_t used = 0;
     cfg.unix_socket_mode = static_cast<unsigned>(std::stoul(unix_mode, &used, 8));
@@ -179,12 +199,24 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "kvlink-server: {}\n", e.what());
     return 1;
   }
+  // First SIGTERM/SIGINT: a planned restart (drain, then exit 0). A second
+  // one while draining: the operator wants out now.
   asio::signal_set signals(io, SIGINT, SIGTERM);
-  signals.async_wait([&](std::error_code ec, int sig) {
+  std::function<void(std::error_code, int)> on_signal = [&](std::error_code ec, int sig) {
     if (ec) return;
-    kvlink::log::info("kvlink-server: signal {} received, shutting down", sig);
-    server.stop();
-  });
+    if (server.handler().draining()) {
+      kvlink::log::warn("kvlink-server: signal {} during the drain: exiting now, cutting {} transfers in flight", sig,
+                        server.handler().transfers_in_flight());
+      std::fflush(stdout);
+      std::fflush(stderr);
+      // Skips destructors: copies still running must not find L1 unmapped.
+      std::_Exit(0);
+    }
+    kvlink::log::info("kvlink-server: signal {} received", sig);
+    server.drain(cfg.drain_timeout, [&](const kvlink::server::Server::DrainReport&) { signals.cancel(); });
+    signals.async_wait(on_signal);
+  };
+  signals.async_wait(on_signal);
   fmt::print("kvlink-server ready boot_id={:016x} listening on {}\n", server.boot_id(), fmt::join(server.endpoints(), " "));
   std::fflush(stdout);
   io.run();

@@ -85,25 +85,89 @@ void RequestHandler::release_session(const SessionKey& key, const RequestSession
 
 void RequestHandler::on_session_end(SessionState& session, TimePoint) {
   session.received_fds.clear();  // closes fds no REGISTER took
+  if (session.admin()) {
+    // Its lookups' locks, unless an instance of that id is connected (ids
+    // are random: a clash is a client's bug, and locks are only hints).
+    if (!connections_.contains(session.instance_id)) release_scheduler_state(session.instance_id);
+    return;
+  }
   if (!session.counted) return;
   session.counted = false;
   const std::uint64_t instance = session.instance_id;
   auto c = connections_.find(instance);
   if (c == connections_.end() || --c->second > 0) return;  // another connection of this instance remains
   connections_.erase(c);
-  release_instance(instance);
+  // Locks and jobs belong to requests the engine can no longer finish over
+  // this link: release them now. The registration (the engine's memory
+  // layout) stays valid across a reconnect, so it waits for the instance
+  // to come back, UNREGISTER or be reaped.
+  release_scheduler_state(instance);
+  if (!liveness_.known(instance)) {
+    // Reaped while connected and never said HELLO again: a registration it
+    // made since is not in the registry, so no reaper would ever end it.
+    registrations_.erase(instance);
+    return;
+  }
+  if (liveness_.last_connection_closed(instance))
+    log::debug("kvlink-server: instance {:016x} left (no KV cache registered): forgotten", instance);
+  else
+    log::debug("kvlink-server: instance {:016x} disconnected; its KV-cache registration is kept until it "
+               "reconnects, unregisters or is reaped",
+               instance);
 }
 
-// The instance is gone (last connection closed, or reaped): release the
-// locks its lookups took, its jobs, its request sessions and its KV-cache
-// registration.
-void RequestHandler::release_instance(std::uint64_t instance) {
+void RequestHandler::release_scheduler_state(std::uint64_t instance) {
   auto first = sessions_.lower_bound({instance, 0});
   auto last = first;
   for (; last != sessions_.end() && last->first.first == instance; ++last) release_session(last->first, last->second);
   sessions_.erase(first, last);
   std::erase_if(jobs_, [&](const auto& j) { return j.second.instance_id == instance; });
+}
+
+// Reaped: the instance is gone for good (a later HELLO starts afresh).
+void RequestHandler::release_instance(std::uint64_t instance) {
+  release_scheduler_state(instance);
   registrations_.erase(instance);
+}
+
+// ---- planned restart -------------------------------------------------------------
+
+std::uint64_t RequestHandler::begin_drain(TimePoint now, Duration timeout) {
+  if (!draining_) {
+    draining_ = true;
+    drain_started_ = now;
+    drain_deadline_ = now + timeout;
+  }
+  return transfers_in_flight_;
+}
+
+void RequestHandler::send_drain_notice(ReplySink& sink) const {
+  const wire::ServerNotice notice{wire::NoticeKind::draining, std::string(drain_message)};
+  wire::FrameBuilder(sink.buffer()).add(static_cast<std::uint8_t>(wire::Opcode::server_notice), wire::flag::one_way,
+                                        0, [&](wire::Writer& w) { wire::encode(w, notice); });
+  sink.flush();
+}
+
+DrainStep RequestHandler::drain_step(TimePoint now, std::size_t replies_queued) const {
+  if (transfers_in_flight_ == 0 && replies_queued == 0) return DrainStep::drained;
+  return now >= drain_deadline_ ? DrainStep::timed_out : DrainStep::wait;
+}
+
+bool RequestHandler::refuse_admin(const SessionState& session, const wire::Frame& frame, ReplySink& sink) {
+  if (!session.admin()) return false;
+  fail(frame, sink, errc::bad_request,
+       fmt::format("{} from a connection that said HELLO as admin: admin connections (kvlink-cli ping, stats, "
+                   "watch) are not instances and cannot register, store or retrieve; say HELLO as worker",
+                   wire::opcode_name(frame.header.opcode)));
+  return true;
+}
+
+bool RequestHandler::refuse_transfer(const SessionState& session, const wire::Frame& frame, ReplySink& sink) {
+  if (refuse_admin(session, frame, sink)) return true;
+  if (!draining_) return false;
+  fail(frame, sink, errc::shutting_down,
+       fmt::format("{} refused: {}", wire::opcode_name(frame.header.opcode), drain_message));
+  return true;
 }
 
 void RequestHandler::tick(TimePoint now) {
@@ -155,7 +219,9 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
   if (op == wire::Opcode::hello) return on_hello(session, frame, sink, now);
   // A client that honours HELLO's max_in_flight never gets here: it counts
   // every request until its reply, the server only those still working.
-  if (*session.in_flight >= config_.max_in_flight) {
+  // PING is answered at once and has a slot of its own: a full data path
+  // must never make the heartbeat look like a dead server.
+  if (*session.in_flight >= config_.max_in_flight && op != wire::Opcode::ping) {
     ++counters_.in_flight_refused;
     fail(frame, sink, errc::limit_exceeded,
          fmt::format("{} refused: this connection already has {} requests in progress, the server's limit "
@@ -169,11 +235,11 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
     return true;
   }
   // Any traffic keeps an instance alive (one registry lookup per request).
+  // Admin connections are not instances: nothing to keep alive.
   using Traffic = LivenessRegistry::Traffic;
-  const Traffic traffic = op == wire::Opcode::ping                ? Traffic::ping
-                          : op == wire::Opcode::register_kv_cache ? Traffic::registration
-                                                                  : Traffic::other;
-  const bool known = liveness_.refresh(session.instance_id, now, traffic);
+  const bool known = session.admin() ||
+                     liveness_.refresh(session.instance_id, now,
+                                       op == wire::Opcode::ping ? Traffic::ping : Traffic::other);
   switch (op) {
     case wire::Opcode::ping: {
       wire::PingRequest req;
@@ -195,12 +261,14 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
       on_stats(frame, sink);
       return true;
     case wire::Opcode::register_kv_cache:
-      on_register(session, frame, sink, std::move(fd));
+      if (refuse_transfer(session, frame, sink)) return true;
+      on_register(session, frame, sink, std::move(fd), now);
       return true;
     case wire::Opcode::unregister_kv_cache: {
       wire::UnregisterKvCacheRequest req;
-      if (!parse(frame, sink, req)) return true;
+      if (!parse(frame, sink, req) || refuse_admin(session, frame, sink)) return true;
       registrations_.erase(session.instance_id);  // idempotent
+      liveness_.registered(session.instance_id, now, false);
       reply(sink, h, wire::Empty{});
       return true;
     }
@@ -235,10 +303,15 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
       return true;
     }
     case wire::Opcode::store:
+      if (refuse_transfer(session, frame, sink)) return true;
       on_store(session, frame, sink, now);
       return true;
     case wire::Opcode::retrieve:
+      if (refuse_transfer(session, frame, sink)) return true;
       on_retrieve(session, frame, sink, now);
+      return true;
+    case wire::Opcode::server_notice:
+      fail(frame, sink, errc::bad_request, "SERVER_NOTICE goes from servers to clients; a client never sends it");
       return true;
     default:
       fail(frame, sink, errc::unknown_opcode,
@@ -270,7 +343,16 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
          "HELLO with another instance id on an open connection; one connection speaks for one instance");
     return true;
   }
-  if (!liveness_.known(req.instance_id) && liveness_.size() >= config_.max_instances) {
+  if (session.hello_done && req.role != session.role) {
+    fail(frame, sink, errc::bad_request,
+         fmt::format("HELLO as {} on a connection that said HELLO as {}; one connection keeps its role",
+                     wire::role_name(req.role), wire::role_name(session.role)));
+    return true;
+  }
+  // Admin connections (kvlink-cli) are not instances: no liveness entry,
+  // no --max-instances slot, nothing left behind when they close.
+  const bool admin = req.role == wire::Role::admin;
+  if (!admin && !liveness_.known(req.instance_id) && liveness_.size() >= config_.max_instances) {
     ++counters_.instances_refused;
     fail(frame, sink, errc::limit_exceeded,
          fmt::format("HELLO refused: the server already knows {} instances, its limit (--max-instances); raise it, "
@@ -280,7 +362,7 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   }
   // A repeated HELLO of the same instance re-announces it after the server
   // forgot it (unknown_instance); the connection is counted once.
-  if (!session.counted) {
+  if (!admin && !session.counted) {
     session.counted = true;
     ++connections_[req.instance_id];
   }
@@ -288,7 +370,12 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   session.role = req.role;
   session.instance_id = req.instance_id;
   session.client_name = req.client_name;
-  liveness_.hello(req.instance_id, now);
+  if (!admin) {
+    liveness_.hello(req.instance_id, now);
+    // A registration made while the reaper had forgotten this (connected)
+    // instance: known again, it is kept and reaped like any other.
+    liveness_.registered(req.instance_id, now, registrations_.contains(req.instance_id));
+  }
   log::debug("kvlink-server: HELLO from {} {:016x} ({})", wire::role_name(req.role), req.instance_id, req.client_name);
   wire::HelloReply r;
   r.boot_id = boot_id_;
@@ -297,6 +384,9 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   r.max_in_flight = config_.max_in_flight;
   r.capabilities = engine_.capabilities();
   r.server_version = version_string;
+  // A reconnecting worker learns here whether it must REGISTER again.
+  r.registered = !admin && registrations_.contains(req.instance_id) ? 1 : 0;
+  r.draining = draining_ ? 1 : 0;
   reply(sink, frame.header, r);
   return true;
 }
@@ -331,6 +421,8 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("slow_reader_closes", counters_.slow_reader_closes);
   add("instances_live", liveness_.size());
   add("instances_reaped", liveness_.reaped());
+  add("draining", draining_ ? 1 : 0);
+  add("transfers_in_flight", transfers_in_flight_);
   for (std::uint8_t op = 1; op <= wire::max_opcode; ++op) {
     std::string name = wire::opcode_name(op);
     for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -391,7 +483,8 @@ std::string check_keys(std::size_t chunks, std::uint32_t ws) {
 }
 }  // namespace
 
-void RequestHandler::on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink, UniqueFd fd) {
+void RequestHandler::on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink, UniqueFd fd,
+                                 TimePoint now) {
   wire::RegisterKvCacheRequest req;
   if (!parse(frame, sink, req, errc::bad_request)) return;
   if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
@@ -430,6 +523,7 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
   log::info("kvlink-server: instance {:016x} registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
             session.instance_id, reg->model, reg->kv_rank, reg->world_size, reg->layout.num_layers, slot);
   registrations_[session.instance_id] = std::move(reg);
+  liveness_.registered(session.instance_id, now);
   reply(sink, frame.header, wire::Empty{});
 }
 
@@ -639,11 +733,13 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
   std::weak_ptr<bool> alive = alive_;
   std::shared_ptr<std::uint32_t> in_flight = session.in_flight;
   ++*in_flight;
+  ++transfers_in_flight_;
   engine_.submit(std::move(job), [this, alive, target, header, reserved = std::move(reserved), skipped,
                                   in_flight](std::error_code ec) {
     --*in_flight;
     auto live = alive.lock();
     if (!live || !*live) return;  // the handler is gone
+    --transfers_in_flight_;
     const TimePoint done = Clock::now();
     for (const auto& r : reserved) {
       if (ec) store_.abort(r.key, r.generation);
@@ -698,11 +794,13 @@ void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame
   std::weak_ptr<bool> alive = alive_;
   std::shared_ptr<std::uint32_t> in_flight = session.in_flight;
   ++*in_flight;
+  ++transfers_in_flight_;
   engine_.submit(std::move(job), [this, alive, target, header, keys = std::move(keys), instance,
                                   in_flight](std::error_code ec) {
     --*in_flight;
     auto live = alive.lock();
     if (!live || !*live) return;
+    --transfers_in_flight_;
     for (const auto& k : keys) {
       store_.release_one(k, store::transfer_holder);
       if (!ec) store_.release_one(k, instance);  // this rank's lookup lock, if one is held

@@ -12,6 +12,7 @@
 #include <asio/local/stream_protocol.hpp>
 #include <fmt/format.h>
 #include <cstring>
+#include <functional>
 #include <list>
 #include <optional>
 #include <random>
@@ -105,6 +106,22 @@ struct Server::Impl {
   asio::awaitable<void> accept_loop(net::Acceptor& acceptor, std::string name);
   asio::awaitable<void> serve(std::shared_ptr<Session> session);
   asio::awaitable<void> tick_loop();
+  asio::awaitable<void> drain_loop(std::function<void(const DrainReport&)> done);
+  void stop_accepting();
+  void stop();
+  // Reply bytes the sessions still have to write.
+  std::size_t replies_queued() const {
+    std::size_t n = 0;
+    for (const auto& w : sessions)
+      if (auto s = w.lock(); s && s->stream.is_open()) n += s->stream.queued_bytes();
+    return n;
+  }
+  std::size_t open_sessions() const {
+    std::size_t n = 0;
+    for (const auto& w : sessions)
+      if (auto s = w.lock(); s && s->stream.is_open()) ++n;
+    return n;
+  }
 };
 
 // Drives the handler's timed housekeeping (TTLs, reaping) on the io thread.
@@ -212,6 +229,8 @@ void Server::start() {
   auto& cfg = impl_->config;
   if (cfg.listen.empty()) cfg.listen.push_back(net::default_endpoint());
   if (auto why = check_access(cfg); !why.empty()) throw std::runtime_error(why);
+  std::string warning;  // kvlink-server prints it; embedders get the error only
+  if (auto why = check_reaper(cfg, warning); !why.empty()) throw std::runtime_error(why);
   const std::optional<gid_t> group = cfg.unix_group.empty() ? std::nullopt : std::optional(group_id(cfg.unix_group));
   for (const auto& text : cfg.listen) {
     net::Endpoint ep;
@@ -265,18 +284,66 @@ void Server::start() {
   asio::co_spawn(impl_->io, impl_->tick_loop(), asio::detached);
 }
 
-void Server::stop() {
-  if (impl_->stopped) return;
-  impl_->stopped = true;
-  for (auto& a : impl_->acceptors) {
+void Server::stop() { impl_->stop(); }
+
+void Server::Impl::stop_accepting() {
+  // Unlink first, then close: once the path is free a replacement may bind
+  // it, and nothing of ours may remove its file after that.
+  for (const auto& path : unix_paths) ::unlink(path.c_str());
+  unix_paths.clear();
+  for (auto& a : acceptors) {
     std::error_code ignored;
     a.close(ignored);
   }
-  for (auto& w : impl_->sessions) {
+}
+
+void Server::Impl::stop() {
+  if (stopped) return;
+  stopped = true;
+  stop_accepting();
+  for (auto& w : sessions) {
     if (auto s = w.lock()) s->stream.close();
   }
-  for (const auto& path : impl_->unix_paths) ::unlink(path.c_str());
-  impl_->unix_paths.clear();
+}
+
+void Server::drain(Duration timeout, std::function<void(const DrainReport&)> done) {
+  auto& i = *impl_;
+  if (i.stopped || i.handler.draining()) return;
+  i.stop_accepting();
+  const std::uint64_t in_flight = i.handler.begin_drain(Clock::now(), timeout);
+  log::info("kvlink-server: draining for a planned restart: {} transfers in flight", in_flight);
+  for (auto& w : i.sessions)
+    if (auto s = w.lock(); s && s->stream.is_open()) i.handler.send_drain_notice(*s);
+  asio::co_spawn(i.io, i.drain_loop(std::move(done)), asio::detached);
+}
+
+// Waits for the handler's drain to end, then closes every connection. The
+// first look comes after a turn, so the notices' flushes (posted) ran.
+asio::awaitable<void> Server::Impl::drain_loop(std::function<void(const DrainReport&)> done) {
+  asio::steady_timer timer(io);
+  DrainStep step = DrainStep::wait;
+  while (step == DrainStep::wait) {
+    // Polling: a completion may come from any session, and the queued
+    // replies drain in the streams; a few ms is cheap and bounds the delay.
+    timer.expires_after(std::chrono::milliseconds(5));
+    co_await timer.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
+    if (stopped) co_return;  // stop() came first
+    step = handler.drain_step(Clock::now(), replies_queued());
+  }
+  DrainReport report;
+  report.timed_out = step == DrainStep::timed_out;
+  report.elapsed = Clock::now() - handler.drain_started();
+  report.transfers_cut = handler.transfers_in_flight();
+  report.connections = open_sessions();
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(report.elapsed).count();
+  if (report.timed_out)
+    log::warn("kvlink-server: drain timeout (--drain-timeout-s) passed after {} ms with {} transfers still in "
+              "flight; closing {} connections",
+              ms, report.transfers_cut, report.connections);
+  else
+    log::info("kvlink-server: drained in {} ms; closing {} connections", ms, report.connections);
+  stop();
+  if (done) done(report);
 }
 
 std::uint64_t random_boot_id() {

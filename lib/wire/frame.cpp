@@ -9,7 +9,7 @@ std::string opcode_name(std::uint8_t op) {
   static constexpr std::array<std::string_view, max_opcode + 1> names = {
       "",      "HELLO",    "PING",  "REGISTER_KV_CACHE", "UNREGISTER_KV_CACHE", "LOOKUP", "QUERY_PREFETCH_STATUS",
       "SYNC_LOOKUP", "FREE_LOOKUP_LOCKS", "STORE", "RETRIEVE", "END_SESSION", "REPORT_BLOCK_ALLOCATION", "CLEAR",
-      "STATS"};
+      "STATS", "SERVER_NOTICE"};
   if (op >= 1 && op <= max_opcode) return std::string(names[op]);
   return "OP_" + std::to_string(op);
 }

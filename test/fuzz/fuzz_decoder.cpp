@@ -36,6 +36,7 @@ void decode_request(std::uint8_t op, std::span<const std::byte> p) {
     case Opcode::report_block_allocation: return roundtrip<ReportBlockAllocationRequest>(p);
     case Opcode::clear: return roundtrip<ClearRequest>(p);
     case Opcode::stats: return roundtrip<StatsRequest>(p);
+    case Opcode::server_notice: return roundtrip<ServerNotice>(p);
   }
 }
 

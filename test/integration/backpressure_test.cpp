@@ -26,9 +26,10 @@ using kvlink::test::run;
 
 namespace {
 
-wire::HelloRequest hello(std::uint64_t id = net::random_instance_id()) {
+wire::HelloRequest hello(wire::Role role = wire::Role::admin) {
   wire::HelloRequest h;
-  h.role = wire::Role::admin;
+  h.role = role;
+  const std::uint64_t id = net::random_instance_id();
   h.instance_id = id;
   h.client_name = "backpressure_test";
   return h;
@@ -37,8 +38,8 @@ wire::HelloRequest hello(std::uint64_t id = net::random_instance_id()) {
 struct Admin {
   asio::io_context& io;
   std::shared_ptr<net::Connection> conn;
-  Admin(asio::io_context& io, const std::string& ep) : io(io) {
-    auto r = run(io, net::connect(io.get_executor(), test::parse(ep), hello(), 5s));
+  Admin(asio::io_context& io, const std::string& ep, wire::Role role = wire::Role::admin) : io(io) {
+    auto r = run(io, net::connect(io.get_executor(), test::parse(ep), hello(role), 5s));
     REQUIRE_MESSAGE(!r.ec, r.error);
     conn = r.connection;
   }
@@ -174,12 +175,14 @@ TEST_CASE("limits: --max-instances refuses HELLO of one more instance, naming th
   ServerProcess server({"--listen", dir.socket(), "--max-instances", "2", "--log-level", "off"});
   server.start();
   asio::io_context io;
-  Admin a(io, server.endpoint());
-  Admin b(io, server.endpoint());
-  auto r = run(io, net::connect(io.get_executor(), test::parse(server.endpoint()), hello(), 5s));
+  // Schedulers count as instances; admin connections (the CLI) never do.
+  Admin a(io, server.endpoint(), wire::Role::scheduler);
+  Admin b(io, server.endpoint(), wire::Role::scheduler);
+  Admin admin(io, server.endpoint());
+  auto r = run(io, net::connect(io.get_executor(), test::parse(server.endpoint()), hello(wire::Role::scheduler), 5s));
   CHECK(r.ec == errc::limit_exceeded);
   CHECK(r.error.find("--max-instances") != std::string::npos);
-  CHECK(a.stat("instances_refused") == 1);
+  CHECK(admin.stat("instances_refused") == 1);
   CHECK_FALSE(b.ping());
 }
 

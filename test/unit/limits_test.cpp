@@ -193,7 +193,31 @@ TEST_CASE("limits: HELLO of an instance beyond --max-instances is refused; known
   fx.hello(d, 3);
 }
 
-TEST_CASE("limits: requests beyond --max-in-flight still working get limit_exceeded; replies resume after") {
+TEST_CASE("limits: an instance that leaves without a registration frees its --max-instances slot at once") {
+  Fixture fx;
+  fx.config.max_instances = 2;
+  fx.make();
+  server::SessionState a, b, c, d;
+  fx.hello(a, 1);
+  fx.register_cache(a);
+  fx.hello(b, 2);
+  // Admin connections never take a slot.
+  server::SessionState admin;
+  HelloRequest h = fx.hello_req(99);
+  h.role = Role::admin;
+  REQUIRE(fx.send(admin, h));
+  REQUIRE_FALSE(fx.only_reply());
+  fx.handler->on_session_end(b, fx.now);  // no registration: forgotten, no reaper needed
+  fx.hello(c, 3);
+  // 1 left with its registration: it keeps its slot.
+  fx.handler->on_session_end(a, fx.now);
+  CHECK_FALSE(fx.send(d, fx.hello_req(4)));
+  REQUIRE(fx.only_reply());
+  CHECK(fx.stat(admin, "instances_live") == 2);
+  CHECK(fx.stat(admin, "instances_refused") == 1);
+}
+
+TEST_CASE("limits: requests beyond --max-in-flight still working get limit_exceeded (PING never); replies resume after") {
   Fixture fx;
   fx.config.max_in_flight = 2;
   fx.make(true);
@@ -211,13 +235,13 @@ TEST_CASE("limits: requests beyond --max-in-flight still working get limit_excee
   CHECK(e->message.find("2 requests in progress") != std::string::npos);
   CHECK(e->message.find("--max-in-flight") != std::string::npos);
   REQUIRE(fx.send(w, PingRequest{}));
-  CHECK(fx.only_reply());  // any request counts against the limit
+  CHECK_FALSE(fx.only_reply());  // the heartbeat never waits behind the data path
   fx.deferred.complete_all();
   CHECK(fx.sink->frames().size() == 2);
   CHECK(*w.in_flight == 0);
   REQUIRE(fx.send(w, PingRequest{}));
   CHECK_FALSE(fx.only_reply());
-  CHECK(fx.stat(w, "in_flight_refused") == 2);
+  CHECK(fx.stat(w, "in_flight_refused") == 1);
   CHECK(fx.stat(w, "op_store_errors") == 1);
 }
 

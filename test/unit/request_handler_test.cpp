@@ -94,7 +94,7 @@ TEST_CASE("a HELLO of another protocol version is refused and closes") {
   Fixture fx;
   HelloRequest h;
   h.instance_id = 5;
-  h.protocol_version = 2;
+  h.protocol_version = wire::protocol_version + 1;
   CHECK_FALSE(fx.send(1, h));
   auto e = error_of(fx.sink.frames().at(0));
   CHECK(e.code == static_cast<std::uint16_t>(errc::version_mismatch));
@@ -175,4 +175,48 @@ TEST_CASE("a repeated HELLO must name the same instance") {
   CHECK(e.code == static_cast<std::uint16_t>(errc::bad_request));
   CHECK(e.message.find("another instance id") != std::string::npos);
   CHECK(fx.session.instance_id == 5);
+}
+
+TEST_CASE("HELLO says whether the server holds a registration and whether it drains") {
+  Fixture fx;
+  HelloRequest h;
+  h.instance_id = 5;
+  h.role = Role::worker;
+  CHECK(fx.send(1, h));
+  HelloReply r;
+  REQUIRE(decode(fx.sink.frames().at(0).second, r, "reply") == "");
+  CHECK(r.registered == 0);
+  CHECK(r.draining == 0);
+  fx.handler.begin_drain(fx.now, std::chrono::seconds(10));
+  CHECK(fx.send(2, h));
+  REQUIRE(decode(fx.sink.frames().at(0).second, r, "reply") == "");
+  CHECK(r.draining == 1);
+}
+
+TEST_CASE("a repeated HELLO must keep the connection's role") {
+  Fixture fx;
+  fx.hello();  // instance 5, scheduler
+  HelloRequest again;
+  again.instance_id = 5;
+  again.role = Role::admin;
+  CHECK(fx.send(2, again));
+  auto e = error_of(fx.sink.frames().at(0));
+  CHECK(e.code == static_cast<std::uint16_t>(errc::bad_request));
+  CHECK(e.message.find("HELLO as admin on a connection that said HELLO as scheduler") != std::string::npos);
+  CHECK(fx.session.role == Role::scheduler);
+}
+
+TEST_CASE("a SERVER_NOTICE from a client is refused; one-way, it gets no reply; the connection stays") {
+  Fixture fx;
+  fx.hello();
+  ServerNotice n;
+  n.message = "I am not a server";
+  CHECK(fx.send(6, n));
+  auto e = error_of(fx.sink.frames().at(0));
+  CHECK(e.code == static_cast<std::uint16_t>(errc::bad_request));
+  CHECK(e.message.find("from servers to clients") != std::string::npos);
+  CHECK(fx.send(0, n, flag::one_way));
+  CHECK(fx.sink.frames().empty());
+  CHECK(fx.send(7, PingRequest{}));
+  CHECK_FALSE(fx.sink.frames().at(0).first.is_error());
 }

@@ -80,6 +80,14 @@ struct Fixture {
     REQUIRE(f);
     REQUIRE(handler->handle(s, *f, *sink, now));
   }
+  // A new handler for a changed config, with fresh sessions said HELLO.
+  void rebuild() {
+    handler = std::make_unique<server::RequestHandler>(config, 77, null_engine);
+    worker = {};
+    scheduler = {};
+    hello(worker, Role::worker, 1);
+    hello(scheduler, Role::scheduler, 2);
+  }
   void hello(server::SessionState& s, Role role, std::uint64_t id) {
     HelloRequest h;
     h.role = role;
@@ -389,8 +397,10 @@ TEST_CASE("a scheduler's connection ending releases its locks and jobs") {
   f.handler->on_session_end(f.scheduler, f.now);
   CHECK(f.handler->store().read_locks() == 0);
   CHECK(f.handler->jobs() == 0);
+  // Issue 12: a worker's registration outlives its connection (until it
+  // unregisters or is reaped); before, it went with the last connection.
   f.handler->on_session_end(f.worker, f.now);
-  CHECK(f.handler->registrations() == 0);
+  CHECK(f.handler->registrations() == 1);
 }
 
 TEST_CASE("CLEAR, REPORT_BLOCK_ALLOCATION and lookups of a tensor-parallel world") {
@@ -489,4 +499,266 @@ TEST_CASE("STORE and RETRIEVE that arrive after their fence are refused (timed_o
   REQUIRE(decode(fr[0].second, late, "error") == "");
   CHECK(late.code == code(errc::timed_out));
   CHECK(f.stat("transfers_fenced") == 3);
+}
+
+// ---- issue 12: registrations across reconnects, admin connections, drain ----
+
+namespace {
+HelloReply hello_reply(Fixture& f, server::SessionState& s, Role role, std::uint64_t id) {
+  HelloRequest h;
+  h.role = role;
+  h.instance_id = id;
+  return f.call(s, h);
+}
+}  // namespace
+
+TEST_CASE("registration survives a closed connection: re-HELLO says registered, STORE works without REGISTER") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(2);
+  f.sync_lookup(h);  // the scheduler holds nothing yet: nothing stored
+  CHECK(f.store({h[0]}).stored_chunks == 1);
+  // A lookup lock and a job of the worker's own instance go with the connection.
+  LookupRequest l;
+  l.ns = ns;
+  l.hashes = {h[0]};
+  f.call(f.worker, l);
+  CHECK(f.handler->jobs() == 1);
+  CHECK(f.stat("read_locks_held") == 1);
+  f.handler->on_session_end(f.worker, f.now);
+  CHECK(f.handler->jobs() == 0);
+  CHECK(f.stat("read_locks_held") == 0);
+  CHECK(f.handler->registrations() == 1);
+  CHECK(f.handler->liveness().known(1));  // kept: it holds a registration
+  CHECK(f.stat("instances_live") == 2);
+
+  f.now += std::chrono::seconds(30);
+  server::SessionState again;
+  CHECK(hello_reply(f, again, Role::worker, 1).registered == 1);
+  StoreRequest s;
+  s.ns = ns;
+  s.hashes = {h[1]};
+  s.block_ids = blocks(1);
+  CHECK(f.call(again, s).stored_chunks == 1);
+  // Another instance never registered: its HELLO says so.
+  server::SessionState other;
+  CHECK(hello_reply(f, other, Role::worker, 9).registered == 0);
+}
+
+TEST_CASE("an instance without a registration is forgotten when its last connection closes") {
+  Fixture f;
+  server::SessionState second;
+  hello_reply(f, second, Role::scheduler, 2);  // a second connection of the scheduler
+  CHECK(f.stat("instances_live") == 2);
+  f.handler->on_session_end(f.scheduler, f.now);
+  CHECK(f.handler->liveness().known(2));  // one connection remains
+  f.handler->on_session_end(second, f.now);
+  CHECK_FALSE(f.handler->liveness().known(2));
+  CHECK(f.stat("instances_live") == 1);  // the worker, still connected
+  // UNREGISTER while connected drops the registration; closing then forgets.
+  f.register_worker();
+  f.call(f.worker, UnregisterKvCacheRequest{});
+  CHECK(f.handler->registrations() == 0);
+  CHECK(f.handler->liveness().known(1));
+  server::SessionState probe;
+  hello_reply(f, probe, Role::admin, 77);
+  f.handler->on_session_end(f.worker, f.now);
+  CHECK_FALSE(f.handler->liveness().known(1));
+  server::SessionState back;
+  CHECK(hello_reply(f, back, Role::worker, 1).registered == 0);
+}
+
+TEST_CASE("a disconnected registration ages from its last traffic; the reaper drops it") {
+  Fixture f;
+  f.config.reap_timeout_s = 10;
+  f.config.registration_grace_s = 60;
+  f.rebuild();
+  f.register_worker();
+  f.now += std::chrono::seconds(5);
+  f.handler->on_session_end(f.worker, f.now);
+  // Never pinged: the registration grace (60 s from the REGISTER) applies.
+  f.handler->tick(f.now + std::chrono::seconds(50));
+  CHECK(f.handler->registrations() == 1);
+  f.handler->tick(f.now + std::chrono::seconds(56));
+  CHECK(f.handler->registrations() == 0);
+  CHECK_FALSE(f.handler->liveness().known(1));
+  CHECK(f.handler->liveness().reaped() == 2);  // and the silent (connected) scheduler
+  // Back after the reaper: a fresh start.
+  f.now += std::chrono::seconds(60);
+  server::SessionState back;
+  CHECK(hello_reply(f, back, Role::worker, 1).registered == 0);
+  StoreRequest s;
+  s.ns = ns;
+  s.hashes = hashes(1);
+  s.block_ids = blocks(1);
+  CHECK(f.error(back, s).code == code(errc::not_registered));
+}
+
+TEST_CASE("reap timeout 0: no reaper; a disconnected registration stays") {
+  Fixture f;
+  f.config.reap_timeout_s = 0;
+  f.rebuild();
+  f.register_worker();
+  f.handler->on_session_end(f.worker, f.now);
+  f.handler->tick(f.now + std::chrono::hours(24 * 365));
+  CHECK(f.handler->registrations() == 1);
+  CHECK(f.handler->liveness().known(1));
+  CHECK(f.handler->liveness().known(2));
+  CHECK(f.handler->liveness().reaped() == 0);
+}
+
+TEST_CASE("admin connections are not instances: PING ok, no transfers, nothing left when they close") {
+  Fixture f;
+  f.config.max_instances = 2;  // the worker and the scheduler fill it
+  f.rebuild();
+  f.register_worker();
+  f.store(hashes(1));
+  std::vector<server::SessionState> admins(20);
+  for (std::size_t i = 0; i < admins.size(); ++i) {
+    auto r = hello_reply(f, admins[i], Role::admin, 1000 + i);  // beyond --max-instances: not counted
+    CHECK(r.registered == 0);
+    f.call(admins[i], PingRequest{});  // never unknown_instance
+  }
+  CHECK(f.stat("instances_live") == 2);
+  CHECK(f.stat("instances_refused") == 0);
+  // An admin saying HELLO with a worker's id does not see or use its registration.
+  server::SessionState spy;
+  CHECK(hello_reply(f, spy, Role::admin, 1).registered == 0);
+  RegisterKvCacheRequest reg;
+  reg.ns = ns;
+  reg.model = "test-model";
+  reg.layout = layout();
+  StoreRequest st;
+  st.ns = ns;
+  st.hashes = hashes(1, 5);
+  st.block_ids = blocks(1);
+  RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = hashes(1);
+  rt.block_ids = blocks(1);
+  for (auto e : {f.error(spy, reg), f.error(spy, st), f.error(spy, rt), f.error(spy, UnregisterKvCacheRequest{})}) {
+    CHECK(e.code == code(errc::bad_request));
+    CHECK(e.message.find("said HELLO as admin") != std::string::npos);
+  }
+  CHECK(f.stat("store_entries") == 1);
+  // An admin's lookup locks go when it closes; no liveness entry is touched.
+  SyncLookupRequest l;
+  l.ns = ns;
+  l.hashes = hashes(1);
+  CHECK(f.call(admins[0], l).matched_chunks == 1);
+  CHECK(f.stat("read_locks_held") == 1);
+  for (auto& a : admins) f.handler->on_session_end(a, f.now);
+  f.handler->on_session_end(spy, f.now);
+  CHECK(f.stat("read_locks_held") == 0);
+  CHECK(f.handler->liveness().known(1));
+  CHECK(f.handler->registrations() == 1);
+  CHECK(f.stat("instances_live") == 2);
+}
+
+TEST_CASE("drain: new transfers refused (shutting_down), in-flight ones finish, notice, then drained") {
+  Fixture f(true);
+  f.register_worker();
+  const auto h = hashes(3);
+  StoreRequest s;
+  s.ns = ns;
+  s.hashes = {h[0]};
+  s.block_ids = blocks(1);
+  f.send(f.worker, s);  // in flight
+  CHECK(f.stat("transfers_in_flight") == 1);
+  CHECK(f.stat("draining") == 0);
+
+  CHECK(f.handler->begin_drain(f.now, std::chrono::seconds(10)) == 1);
+  CHECK(f.handler->draining());
+  CHECK(f.handler->drain_step(f.now, 0) == server::DrainStep::wait);
+  f.handler->send_drain_notice(*f.sink);
+  auto fr = f.sink->frames();
+  REQUIRE(fr.size() == 1);
+  CHECK(fr[0].first.opcode == static_cast<std::uint8_t>(Opcode::server_notice));
+  CHECK(fr[0].first.is_one_way());
+  CHECK(fr[0].first.id == 0);
+  CHECK_FALSE(fr[0].first.is_response());
+  ServerNotice notice;
+  REQUIRE(decode(fr[0].second, notice, "notice") == "");
+  CHECK(notice.kind == NoticeKind::draining);
+  CHECK(notice.message.find("planned restart") != std::string::npos);
+
+  // New STORE, RETRIEVE and REGISTER: refused, saying why and what to do.
+  s.hashes = {h[1]};
+  auto e = f.error(f.worker, s);
+  CHECK(e.code == code(errc::shutting_down));
+  CHECK(e.message.find("STORE refused: the server is draining for a planned restart") == 0);
+  CHECK(e.message.find("reconnect to its replacement") != std::string::npos);
+  RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = {h[0]};
+  rt.block_ids = blocks(1);
+  CHECK(f.error(f.worker, rt).code == code(errc::shutting_down));
+  RegisterKvCacheRequest reg;
+  reg.ns = ns;
+  reg.model = "test-model";
+  reg.layout = layout();
+  CHECK(f.error(f.worker, reg).code == code(errc::shutting_down));
+  CHECK(f.deferred.jobs.size() == 1);  // nothing new started
+  // Everything else is still served.
+  f.call(f.worker, PingRequest{});
+  CHECK(f.sync_lookup({h[2]}) == 0);
+  CHECK(f.stat("draining") == 1);
+
+  // The in-flight STORE completes and is answered; its reply must leave first.
+  f.deferred.complete_all();
+  fr = f.sink->frames();
+  REQUIRE(fr.size() == 1);
+  CHECK_FALSE(fr[0].first.is_error());
+  CHECK(f.handler->transfers_in_flight() == 0);
+  CHECK(f.handler->drain_step(f.now, 100) == server::DrainStep::wait);
+  CHECK(f.handler->drain_step(f.now, 0) == server::DrainStep::drained);
+  CHECK(f.stat("transfers_in_flight") == 0);
+}
+
+TEST_CASE("drain: the timeout cuts a drain; timeout 0 does not wait; begin_drain is idempotent") {
+  Fixture f(true);
+  f.register_worker();
+  StoreRequest s;
+  s.ns = ns;
+  s.hashes = hashes(1);
+  s.block_ids = blocks(1);
+  f.send(f.worker, s);
+  SUBCASE("timeout") {
+    f.handler->begin_drain(f.now, std::chrono::seconds(10));
+    CHECK(f.handler->drain_step(f.now + std::chrono::seconds(9), 0) == server::DrainStep::wait);
+    // A second call (a repeated signal) moves nothing.
+    f.handler->begin_drain(f.now + std::chrono::seconds(9), std::chrono::seconds(10));
+    CHECK(f.handler->drain_started() == f.now);
+    CHECK(f.handler->drain_step(f.now + std::chrono::seconds(10), 0) == server::DrainStep::timed_out);
+  }
+  SUBCASE("zero") {
+    f.handler->begin_drain(f.now, std::chrono::seconds(0));
+    CHECK(f.handler->drain_step(f.now, 0) == server::DrainStep::timed_out);
+    f.deferred.complete_all();
+    CHECK(f.handler->drain_step(f.now, 0) == server::DrainStep::drained);
+  }
+}
+
+TEST_CASE("a registration made after the reaper forgot the connected instance is not left behind") {
+  Fixture f;
+  f.config.reap_timeout_s = 10;
+  f.config.registration_grace_s = 10;
+  f.rebuild();
+  f.now += std::chrono::seconds(11);
+  f.handler->tick(f.now);  // both silent: reaped, their connections stay open
+  CHECK_FALSE(f.handler->liveness().known(1));
+  f.register_worker();  // served, though the registry does not know the instance
+  CHECK(f.handler->registrations() == 1);
+  SUBCASE("it closes without HELLO: the registration goes with it") {
+    f.handler->on_session_end(f.worker, f.now);
+    CHECK(f.handler->registrations() == 0);
+  }
+  SUBCASE("it says HELLO again: kept across the close, reaped like any other") {
+    CHECK(hello_reply(f, f.worker, Role::worker, 1).registered == 1);
+    f.handler->on_session_end(f.worker, f.now);
+    CHECK(f.handler->registrations() == 1);
+    CHECK(f.handler->liveness().known(1));
+    f.handler->tick(f.now + std::chrono::seconds(11));
+    CHECK(f.handler->registrations() == 0);
+  }
 }

@@ -63,10 +63,42 @@ struct ServerConfig {
   double low_watermark = 0.85;
   // Copy threads of the CPU transfer engine (--transfer-threads).
   unsigned transfer_threads = 2;
-  // Instances silent this long are reaped (their resources released).
+  // Instances silent this long are reaped (their resources and KV-cache
+  // registration released). 0: no reaper; a registration then stays until
+  // UNREGISTER, even after its instance's connections closed.
   std::uint32_t reap_timeout_s = 120;
-  // Longer grace for instances that registered KV caches but never pinged.
+  // Silence allowed to instances that hold a KV-cache registration but never
+  // pinged (an engine still loading its model). Not below reap_timeout_s.
   std::uint32_t registration_grace_s = 3600;
+  // Planned restart (SIGTERM/SIGINT): how long the server waits for STOREs
+  // and RETRIEVEs in flight before closing the connections. 0: no wait.
+  std::chrono::seconds drain_timeout{10};
 };
+
+// The heartbeat interval clients use unless configured otherwise
+// (health::Config::interval); reap timeouts below three of them reap
+// healthy clients that miss two heartbeats.
+inline constexpr std::uint32_t default_client_heartbeat_s = 1;
+inline constexpr std::uint32_t min_safe_reap_timeout_s = 3 * default_client_heartbeat_s;
+
+// Checks the reaper flags. Returns why they cannot be served ("" if they
+// can); sets `warning` (else leaves it empty) for a reap timeout that risks
+// reaping live clients.
+inline std::string check_reaper(const ServerConfig& c, std::string& warning) {
+  warning.clear();
+  if (c.reap_timeout_s == 0) return {};  // no reaper: the grace is unused
+  if (c.registration_grace_s < c.reap_timeout_s)
+    return "--registration-grace-s " + std::to_string(c.registration_grace_s) + " is shorter than --reap-timeout-s " +
+           std::to_string(c.reap_timeout_s) +
+           ": the grace is the longer silence allowed to registered instances that never pinged; raise "
+           "--registration-grace-s or lower --reap-timeout-s";
+  if (c.reap_timeout_s < min_safe_reap_timeout_s)
+    warning = "--reap-timeout-s " + std::to_string(c.reap_timeout_s) + " is below " +
+              std::to_string(min_safe_reap_timeout_s) + " s (3 x the clients' default " +
+              std::to_string(default_client_heartbeat_s) +
+              " s heartbeat interval): live clients that miss a heartbeat or two will be reaped and must "
+              "register again";
+  return {};
+}
 
 }  // namespace kvlink::server

@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 
 #include "kvlink/clock.hpp"
@@ -42,7 +43,10 @@ struct SessionState {
   wire::Role role = wire::Role::scheduler;
   std::uint64_t instance_id = 0;
   std::string client_name;
-  bool counted = false;  // counted in the handler's per-instance connections
+  bool counted = false;  // counted in the handler's per-instance connections (admins never are)
+  // An admin connection (kvlink-cli): not an instance, never in the
+  // liveness registry, cannot register, store or retrieve.
+  bool admin() const { return hello_done && role == wire::Role::admin; }
   // File descriptors received on the connection (SCM_RIGHTS, unix sockets
   // only), oldest first. Each REGISTER_KV_CACHE takes the oldest (the
   // client sends the memfd with the frame's bytes, so it arrives no later
@@ -97,6 +101,18 @@ transfer::TransferEngine& default_transfer_engine();
 // Tensor-parallel sizes beyond this are refused as bad requests.
 inline constexpr std::uint32_t max_world_size = 1024;
 
+// Where a planned restart's drain stands (RequestHandler::drain_step).
+enum class DrainStep : std::uint8_t {
+  wait,       // transfers in flight or replies queued, and time left
+  drained,    // nothing in flight, every reply sent: close the connections
+  timed_out,  // the drain timeout passed first: close them anyway
+};
+
+// What draining clients are told (SERVER_NOTICE), and the refusals' reason.
+inline constexpr std::string_view drain_message =
+    "the server is draining for a planned restart: it takes no new STORE, RETRIEVE or REGISTER_KV_CACHE, "
+    "transfers in flight finish; reconnect to its replacement (the same endpoint) and register there";
+
 class RequestHandler {
  public:
   RequestHandler(const ServerConfig& config, std::uint64_t boot_id,
@@ -115,6 +131,23 @@ class RequestHandler {
   // Called periodically (every tick_interval) for timed housekeeping.
   void tick(TimePoint now);
   static constexpr std::chrono::milliseconds tick_interval{100};
+
+  // ---- planned restart ----
+  // The network layer stopped accepting: from now on STORE, RETRIEVE and
+  // REGISTER_KV_CACHE are refused (shutting_down), HELLO says draining.
+  // The drain ends when nothing is in flight or `timeout` passed.
+  // Returns the transfers in flight. Idempotent.
+  std::uint64_t begin_drain(TimePoint now, Duration timeout);
+  // Appends the one-way SERVER_NOTICE{draining} frame to `sink`.
+  void send_drain_notice(ReplySink& sink) const;
+  // Whether to keep waiting: `replies_queued` is what the network layer
+  // still has to write (a finished transfer's reply must leave before its
+  // connection closes).
+  DrainStep drain_step(TimePoint now, std::size_t replies_queued) const;
+  bool draining() const { return draining_; }
+  TimePoint drain_started() const { return drain_started_; }
+  // STOREs and RETRIEVEs submitted to the engine and not yet completed.
+  std::uint64_t transfers_in_flight() const { return transfers_in_flight_; }
 
   std::uint64_t boot_id() const { return boot_id_; }
   ServerCounters& counters() { return counters_; }
@@ -147,9 +180,18 @@ class RequestHandler {
   using SessionKey = std::pair<std::uint64_t, std::uint64_t>;  // (instance, session id)
 
   bool on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
+  // Lookup sessions (and their locks) and prefetch jobs of `instance`.
+  void release_scheduler_state(std::uint64_t instance);
+  // The instance was reaped: its scheduler state and its registration.
   void release_instance(std::uint64_t instance);
+  // Refuse (reply with the error, return true) what this connection may not
+  // do: an admin connection registers, unregisters, stores and retrieves
+  // nothing (it is no instance); a draining server takes no new
+  // REGISTER_KV_CACHE, STORE or RETRIEVE.
+  bool refuse_admin(const SessionState& session, const wire::Frame& frame, ReplySink& sink);
+  bool refuse_transfer(const SessionState& session, const wire::Frame& frame, ReplySink& sink);
   void on_stats(const wire::Frame& frame, ReplySink& sink);
-  void on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink, UniqueFd fd);
+  void on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink, UniqueFd fd, TimePoint now);
   void on_lookup(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now, bool sync);
   void on_query(const wire::Frame& frame, ReplySink& sink);
   void on_free_locks(SessionState& session, const wire::Frame& frame, ReplySink& sink);
@@ -188,6 +230,10 @@ class RequestHandler {
   std::uint64_t engine_blocks_total_ = 0;
   std::uint64_t transfer_failures_ = 0;
   std::uint64_t transfers_fenced_ = 0;  // not done before their fence (timed_out)
+  std::uint64_t transfers_in_flight_ = 0;
+  bool draining_ = false;
+  TimePoint drain_started_{};
+  TimePoint drain_deadline_{};
   // Counts a failed copy and replies with what the engine should know.
   void copy_failed(const wire::Header& header, std::error_code ec, ReplySink& sink, std::string_view consequence);
 };

@@ -6,10 +6,12 @@
 
 #include <asio/io_context.hpp>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "kvlink/clock.hpp"
 #include "kvlink/server/config.hpp"
 #include "kvlink/server/request_handler.hpp"
 
@@ -33,6 +35,21 @@ class Server {
   // Stops accepting, closes every session and removes unix socket files.
   // Idempotent; call on the io thread.
   void stop();
+
+  // Planned restart (SIGTERM): stops accepting at once (removes the unix
+  // socket files, then closes the listeners, so a replacement can bind the
+  // same paths now), refuses new transfers (shutting_down), sends every
+  // connection a SERVER_NOTICE{draining}, waits until no STORE/RETRIEVE is
+  // in flight and their replies left, or `timeout` passed (0: no wait),
+  // then stop()s and calls `done`. Logs a line at each end. Once only; call
+  // on the io thread.
+  struct DrainReport {
+    bool timed_out = false;          // the timeout cut it
+    Duration elapsed{};              // from the start of the drain
+    std::uint64_t transfers_cut = 0; // still in flight when the connections closed
+    std::size_t connections = 0;     // open when it ended (then closed)
+  };
+  void drain(Duration timeout, std::function<void(const DrainReport&)> done = {});
 
   // The endpoints actually bound (tcp port 0 resolved to the real port).
   const std::vector<std::string>& endpoints() const { return bound_; }

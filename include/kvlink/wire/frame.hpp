@@ -19,7 +19,7 @@
 namespace kvlink::wire {
 
 inline constexpr std::uint32_t frame_magic = 0x4B4C564B;  // bytes "KVLK"
-inline constexpr std::uint8_t protocol_version = 1;
+inline constexpr std::uint8_t protocol_version = 2;
 inline constexpr std::size_t header_size = 24;
 // Largest payload either side accepts before HELLO negotiates one.
 inline constexpr std::uint32_t default_max_payload = 16u << 20;
@@ -41,8 +41,9 @@ enum class Opcode : std::uint8_t {
   report_block_allocation = 12,
   clear = 13,
   stats = 14,
+  server_notice = 15,  // server -> client, one-way (e.g. draining before a planned restart)
 };
-inline constexpr std::uint8_t max_opcode = 14;
+inline constexpr std::uint8_t max_opcode = 15;
 
 // Name for logs and errors ("PING"); "OP_<n>" for values outside the table.
 std::string opcode_name(std::uint8_t op);

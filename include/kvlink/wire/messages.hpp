@@ -96,6 +96,12 @@ struct HelloReply {
   std::uint32_t max_in_flight = 0; // requests one connection may have outstanding
   std::uint64_t capabilities = 0;  // capability bits below
   std::string server_version;
+  // 1 if the server holds a KV-cache registration of this instance (kept
+  // across reconnects until UNREGISTER or the reaper); 0 otherwise.
+  std::uint8_t registered = 0;
+  // 1 if the server is draining for a planned restart: it takes no new
+  // transfers; reconnect to its replacement.
+  std::uint8_t draining = 0;
   template <class V> void visit(V& v) {
     v.num(boot_id, "boot_id");
     v.num(chunk_size, "chunk_size");
@@ -103,6 +109,8 @@ struct HelloReply {
     v.num(max_in_flight, "max_in_flight");
     v.num(capabilities, "capabilities");
     v.str(server_version, "server_version", max_string);
+    v.num(registered, "registered");
+    v.num(draining, "draining");
   }
 };
 namespace capability {
@@ -136,6 +144,22 @@ struct PingRequest {
   static constexpr Opcode opcode = Opcode::ping;
   using reply_type = Empty;
   template <class V> void visit(V&) {}
+};
+
+// What a server tells its clients unasked (opcode server_notice, one-way,
+// request id 0).
+enum class NoticeKind : std::uint8_t {
+  draining = 1,  // planned restart: no new transfers; in-flight ones finish; reconnect to the replacement
+};
+struct ServerNotice {
+  static constexpr Opcode opcode = Opcode::server_notice;
+  using reply_type = void;
+  NoticeKind kind = NoticeKind::draining;
+  std::string message;
+  template <class V> void visit(V& v) {
+    v.num(kind, "kind");
+    v.str(message, "message", max_string);
+  }
 };
 
 struct ErrorReply {
