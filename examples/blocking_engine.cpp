@@ -72,7 +72,8 @@ int main(int argc, char** argv) {
   check(kv.holds(example::block_range(0), 2), "request 2's bytes came back into blocks 0-31");
 
   // get_finished: stores finish once the engine says the request finished;
-  // retrieves as soon as they are done. Each id is reported once.
+  // retrieves as soon as they are done. A repeated report of one request is
+  // reported once; a request loaded again under its id is reported again.
   auto fin = worker->get_finished({"req-1", "req-2"});
   check(!fin.ec, "get_finished: " + fin.ec.message());
   check(fin.value.stores.size() == 2 && fin.value.retrieves.size() == 2, "2 stores and 2 retrieves finished");

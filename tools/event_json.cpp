@@ -40,6 +40,11 @@ std::string event_json(const health::Event& e, std::string_view link) {
                         health::state_name(t.to), json_string(t.reason));
     if (t.from == health::State::degraded && t.to == health::State::healthy)
       line += fmt::format(R"(,"outage_ms":{:.3f})", duration<double, std::milli>(t.outage).count());
+  } else if (e.kind == health::Event::Kind::connected) {
+    line += fmt::format(R"(,"event":"connected","boot_id":"{:016x}","registered":{},"draining":{})", e.hello.boot_id,
+                        e.hello.registered != 0, e.hello.draining != 0);
+  } else if (e.kind == health::Event::Kind::disconnected) {
+    line += fmt::format(R"(,"event":"disconnected","message":{})", json_string(e.notice));
   } else {
     line += fmt::format(R"(,"event":"notice","message":{})", json_string(e.notice));
   }

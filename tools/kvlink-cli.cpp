@@ -167,7 +167,10 @@ struct WatchOptions {
   double duration_s = 0;  // 0: until SIGINT
 };
 
+// Transitions and notices; connections coming and going show in them.
 void print_event(const kvlink::health::Event& e) {
+  using Kind = kvlink::health::Event::Kind;
+  if (e.kind == Kind::connected || e.kind == Kind::disconnected) return;
   fmt::print("{}\n", kvlink::tools::event_json(e));
   std::fflush(stdout);
 }
@@ -216,10 +219,10 @@ int run_watch(const WatchOptions& opt) {
   io.run();
   const auto c = monitor->counters();
   fmt::print(R"({{"ts_ms":{},"event":"summary","pings_sent":{},"pings_ok":{},"pings_failed":{},"last_rtt_us":{:.1f},)"
-             R"("transitions":{},"connects_ok":{},"reregistrations":{}}})"
+             R"("transitions":{},"connects_ok":{},"hellos_repeated":{}}})"
              "\n",
              unix_ms(), c.pings_sent, c.pings_ok, c.pings_failed, duration<double, std::micro>(c.last_rtt).count(),
-             c.transitions, c.connects_ok, c.reregistrations);
+             c.transitions, c.connects_ok, c.hellos_repeated);
   std::fflush(stdout);
   return 0;
 }

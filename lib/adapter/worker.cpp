@@ -28,8 +28,27 @@ namespace {
 constexpr auto as_tuple_awaitable = asio::experimental::as_tuple(asio::use_awaitable);
 }  // namespace
 
+namespace {
+health::RegistrationLifecycle::Backoff registration_backoff(const health::Config& h) {
+  // The reconnect backoff, capped like it at the heartbeat interval.
+  return {h.reconnect_initial, h.reconnect_multiplier, std::min(h.reconnect_max, h.interval)};
+}
+
+// Whether a failed REGISTER says nothing about the registration itself, so
+// that it is worth sending again.
+bool transient(std::error_code ec) {
+  return ec == errc::timed_out || ec == errc::connection_lost || ec == errc::not_connected ||
+         ec == errc::shutting_down || ec == errc::limit_exceeded || ec == errc::unhealthy ||
+         ec == asio::error::operation_aborted;
+}
+}  // namespace
+
 WorkerAdapter::WorkerAdapter(asio::any_io_executor ex, WorkerConfig config)
-    : ex_(std::move(ex)), config_(std::move(config)) {}
+    : ex_(std::move(ex)),
+      config_(std::move(config)),
+      lifecycle_(registration_backoff(config_.health)),
+      registration_timer_(ex_),
+      register_deadline_(ex_) {}
 
 std::shared_ptr<WorkerAdapter> WorkerAdapter::create(asio::any_io_executor ex, WorkerConfig config) {
   store::NamespaceSpec spec{config.model, config.world_size, config.cache_salt};
@@ -45,16 +64,10 @@ std::shared_ptr<WorkerAdapter> WorkerAdapter::create(asio::any_io_executor ex, W
     throw std::invalid_argument(why);
   o.hello.client_name = self->config_.name;
   o.name = self->config_.name;
-  o.reregister = [weak = std::weak_ptr<WorkerAdapter>(self)](std::shared_ptr<net::Connection> conn) {
-    return reregister(weak, std::move(conn));
-  };
   self->monitor_ = health::Monitor::create(ex, std::move(o));
   // Set before start(): nothing runs on the monitor yet.
   self->monitor_->on_event([weak = std::weak_ptr<WorkerAdapter>(self)](const health::Event& e) {
-    if (e.kind != health::Event::Kind::transition || e.transition.to != health::State::healthy) return;
-    auto s = weak.lock();
-    if (s && s->registration_ && !s->registration_acked_ && !s->registration_in_flight_ && !s->shutting_down_)
-      asio::co_spawn(s->ex_, resend_registration(s), asio::detached);
+    if (auto s = weak.lock()) s->on_monitor_event(e);
   });
   self->monitor_->start();
   return self;
@@ -65,10 +78,14 @@ WorkerAdapter::~WorkerAdapter() {
   if (monitor_) monitor_->stop();
 }
 
-std::shared_ptr<net::Connection> WorkerAdapter::usable_connection() const {
+std::shared_ptr<net::Connection> WorkerAdapter::usable_connection(std::error_code& why) const {
   const health::State s = monitor_->state();
-  if (s == health::State::degraded || s == health::State::stopped) return nullptr;
-  return monitor_->connection();
+  std::shared_ptr<net::Connection> conn;
+  if (shutting_down_) why = errc::shutting_down;
+  else if (s == health::State::degraded || s == health::State::stopped) why = errc::unhealthy;
+  else if (monitor_->draining()) why = errc::shutting_down;  // the server takes no new transfers
+  else if (!(conn = monitor_->connection())) why = errc::not_connected;
+  return conn;
 }
 
 void WorkerAdapter::note_error(std::error_code ec) {
@@ -77,38 +94,108 @@ void WorkerAdapter::note_error(std::error_code ec) {
 
 // ---- registration -------------------------------------------------------------------
 
-asio::awaitable<std::error_code> WorkerAdapter::reregister(std::weak_ptr<WorkerAdapter> weak,
-                                                           std::shared_ptr<net::Connection> conn) {
-  auto self = weak.lock();
-  if (!self || self->shutting_down_ || !self->registration_) co_return std::error_code{};
-  auto [ec, reply] = co_await send_register(conn, self->registration_->request, self->registration_->memfd,
-                                            self->config_.call_timeout, as_tuple_awaitable);
-  if (!ec) {
-    ++self->reregistrations_;
-    self->registration_acked_ = true;
-  }
-  co_return ec;
+void WorkerAdapter::on_monitor_event(const health::Event& e) {
+  const auto now = Clock::now();
+  if (e.kind == health::Event::Kind::connected)
+    act(lifecycle_.connection_up(now, e.hello.registered != 0, e.hello.draining != 0));
+  else if (e.kind == health::Event::Kind::disconnected)
+    act(lifecycle_.connection_lost(now));
 }
 
-// A registration the server never acknowledged, sent again now that the
-// link is healthy (the monitor's hook covers only registrations it lost).
-asio::awaitable<void> WorkerAdapter::resend_registration(std::shared_ptr<WorkerAdapter> self) {
-  auto conn = self->usable_connection();
-  if (!conn || !self->registration_) co_return;
-  self->registration_in_flight_ = true;
-  auto [ec, reply] = co_await send_register(conn, self->registration_->request, self->registration_->memfd,
-                                            self->config_.call_timeout, as_tuple_awaitable);
-  self->registration_in_flight_ = false;
-  self->note_error(ec);
-  if (!self->registration_) co_return;  // unregistered meanwhile
-  if (!ec) {
-    self->registration_acked_ = true;
-    log::info("{}: KV cache registered after the link became healthy", self->config_.name);
-    if (self->config_.gate_trigger == GateTrigger::register_ack) self->monitor_->gate().open("register acknowledged");
-  } else if (ec != errc::timed_out && ec != errc::connection_lost) {
-    log::warn("{}: REGISTER_KV_CACHE refused: {}", self->config_.name, conn->last_error_message());
-    self->registration_.reset();
+void WorkerAdapter::act(health::RegistrationLifecycle::Action a, detail::Callback<Done> unregister_cb) {
+  using Kind = health::RegistrationLifecycle::Action::Kind;
+  switch (a.kind) {
+    case Kind::none:
+      break;
+    case Kind::send_register:
+      send_registration(a.attempt);
+      break;
+    case Kind::send_unregister:
+      send_unregister(std::move(unregister_cb));
+      unregister_cb = nullptr;
+      break;
+    case Kind::acknowledged:
+      if (acked_since_request_) {
+        ++reregistrations_;
+        log::info("{}: KV cache registered again with the server", config_.name);
+      }
+      acked_since_request_ = true;
+      if (config_.gate_trigger == GateTrigger::register_ack) monitor_->gate().open("register acknowledged");
+      complete_register_waiters({});
+      break;
+    case Kind::refused:
+      log::error("{}: REGISTER_KV_CACHE refused, registration dropped (register again to retry): {}", config_.name,
+                 a.reason);
+      monitor_->notice("registration refused by the server: " + a.reason);
+      registration_.reset();
+      complete_register_waiters(errc::bad_request);
+      break;
   }
+  if (unregister_cb) unregister_cb(make_error_code(errc::not_connected), Done{});
+  monitor_->set_registration_pending(lifecycle_.pending());
+  arm_registration_timer();
+}
+
+void WorkerAdapter::arm_registration_timer() {
+  const TimePoint at = lifecycle_.next_wakeup();
+  if (at == TimePoint::max()) {
+    registration_timer_.cancel();
+    return;
+  }
+  registration_timer_.expires_at(at);  // cancels the previous wait
+  registration_timer_.async_wait([weak = weak_from_this()](std::error_code ec) {
+    if (ec) return;
+    if (auto self = weak.lock()) self->act(self->lifecycle_.tick(Clock::now()));
+  });
+}
+
+void WorkerAdapter::complete_register_waiters(std::error_code ec) {
+  register_deadline_.cancel();
+  auto waiters = std::move(register_waiters_);
+  register_waiters_.clear();
+  for (auto& cb : waiters) cb(ec, Done{});
+}
+
+void WorkerAdapter::send_registration(std::uint64_t attempt) {
+  using Outcome = health::RegistrationLifecycle::Outcome;
+  auto conn = monitor_->connection();
+  if (!conn || !registration_) {
+    last_register_error_ = errc::not_connected;
+    return act(lifecycle_.answered(Clock::now(), attempt, Outcome::transient, "not connected"));
+  }
+  // The request is copied now: an unregister or shutdown while it is in
+  // flight cannot pull it from under the send.
+  send_register(conn, registration_->request, registration_->memfd, config_.call_timeout,
+                [weak = weak_from_this(), conn, attempt](std::error_code ec, wire::Empty) {
+                  auto self = weak.lock();
+                  if (!self) return;
+                  self->note_error(ec);
+                  if (!self->lifecycle_.awaiting(attempt)) return;  // superseded
+                  const Outcome outcome = !ec             ? Outcome::acknowledged
+                                          : transient(ec) ? Outcome::transient
+                                                          : Outcome::refused;
+                  const std::string reason =
+                      conn->last_error_message().empty() ? ec.message() : conn->last_error_message();
+                  if (outcome == Outcome::transient) {
+                    log::info("{}: REGISTER_KV_CACHE not acknowledged ({}); retrying", self->config_.name, reason);
+                    self->last_register_error_ = ec;
+                  }
+                  self->act(self->lifecycle_.answered(Clock::now(), attempt, outcome, reason));
+                });
+}
+
+void WorkerAdapter::send_unregister(detail::Callback<Done> cb) {
+  auto conn = monitor_->connection();
+  if (!conn) {
+    if (cb) cb(make_error_code(errc::not_connected), Done{});
+    return;
+  }
+  conn->async_call(wire::UnregisterKvCacheRequest{}, config_.call_timeout,
+                   [self = shared_from_this(), cb = std::move(cb)](std::error_code ec, wire::Empty) {
+                     self->note_error(ec);
+                     if (ec) log::warn("{}: UNREGISTER_KV_CACHE failed: {}", self->config_.name, ec.message());
+                     if (cb) cb(ec, Done{});
+                   });
 }
 
 void WorkerAdapter::start_register(wire::KvLayout layout, UniqueFd memfd, detail::Callback<Done> cb) {
@@ -121,61 +208,40 @@ void WorkerAdapter::start_register(wire::KvLayout layout, UniqueFd memfd, detail
     r.request.kv_rank = self->config_.kv_rank;
     r.request.layout = std::move(l);
     r.memfd = std::move(memfd);
-    // Kept before sending: a server restart from now on re-sends it.
     self->registration_ = std::move(r);
-    self->registration_acked_ = false;
-    asio::co_spawn(self->ex_, do_register(self, std::move(cb)), asio::detached);
-  });
-}
-
-asio::awaitable<void> WorkerAdapter::do_register(std::shared_ptr<WorkerAdapter> self, detail::Callback<Done> cb) {
-  // The monitor connects at once; wait for it (bounded) if it has not yet.
-  const auto until = Clock::now() + self->config_.call_timeout;
-  std::shared_ptr<net::Connection> conn;
-  asio::steady_timer timer(self->ex_);
-  while (!(conn = self->usable_connection()) && Clock::now() < until) {
+    self->acked_since_request_ = false;
+    self->complete_register_waiters(errc::shutting_down);  // superseded by this one
+    self->register_waiters_.push_back(std::move(cb));
+    self->last_register_error_ = errc::not_connected;
+    self->act(self->lifecycle_.register_requested(Clock::now()));
     const auto s = self->monitor_->state();
-    if (s == health::State::degraded || s == health::State::stopped) break;
-    timer.expires_after(std::chrono::milliseconds(5));
-    co_await timer.async_wait(as_tuple_awaitable);
-  }
-  if (!conn) {
-    const bool degraded = self->monitor_->state() == health::State::degraded;
-    cb(make_error_code(degraded ? errc::unhealthy : errc::not_connected), Done{});
-    co_return;
-  }
-  self->registration_in_flight_ = true;
-  auto [ec, reply] = co_await send_register(conn, self->registration_->request, self->registration_->memfd,
-                                            self->config_.call_timeout, as_tuple_awaitable);
-  self->registration_in_flight_ = false;
-  self->note_error(ec);
-  if (!ec) self->registration_acked_ = true;
-  if (ec && ec != errc::timed_out && ec != errc::connection_lost) {
-    log::warn("{}: REGISTER_KV_CACHE refused: {}", self->config_.name, conn->last_error_message());
-    self->registration_.reset();  // refused: nothing to re-send
-  }
-  if (!ec && self->config_.gate_trigger == GateTrigger::register_ack)
-    self->monitor_->gate().open("register acknowledged");
-  cb(ec, Done{});
+    if (!self->lifecycle_.held() && (s == health::State::degraded || s == health::State::stopped)) {
+      // A link known to be down: say so at once instead of at the deadline.
+      self->complete_register_waiters(errc::unhealthy);
+      return;
+    }
+    // The caller hears the acknowledgement, a refusal, or at call_timeout
+    // the latest reason it is not acknowledged yet; the lifecycle goes on.
+    self->register_deadline_.expires_after(self->config_.call_timeout);
+    self->register_deadline_.async_wait([weak = self->weak_from_this()](std::error_code ec) {
+      if (ec) return;
+      if (auto me = weak.lock()) me->complete_register_waiters(me->last_register_error_);
+    });
+  });
 }
 
 void WorkerAdapter::start_unregister(detail::Callback<Done> cb) {
   asio::post(ex_, [self = shared_from_this(), cb = std::move(cb)]() mutable {
     self->registration_.reset();
-    auto conn = self->usable_connection();
-    if (!conn) return cb(make_error_code(errc::unhealthy), Done{});
-    conn->async_call(wire::UnregisterKvCacheRequest{}, self->config_.call_timeout,
-                     [self, cb = std::move(cb)](std::error_code ec, wire::Empty) {
-                       self->note_error(ec);
-                       cb(ec, Done{});
-                     });
+    self->complete_register_waiters(errc::shutting_down);
+    self->act(self->lifecycle_.unregister_requested(Clock::now()), std::move(cb));
   });
 }
 
 // ---- transfers --------------------------------------------------------------------------
 
 std::error_code WorkerAdapter::prepare(TransferSpec& spec) const {
-  if (!registration_) return errc::not_registered;
+  if (!registration_ || !lifecycle_.held()) return errc::not_registered;
   const std::uint32_t chunk = config_.chunk_size ? config_.chunk_size : monitor_->server_chunk_size();
   const std::uint32_t block = registration_->request.layout.block_size;
   if (chunk == 0) return errc::not_connected;
@@ -195,10 +261,9 @@ void WorkerAdapter::start_store(TransferSpec spec, detail::Callback<wire::StoreR
 
 void WorkerAdapter::do_store(TransferSpec spec, detail::Callback<wire::StoreResult> cb) {
   if (config_.gate_trigger == GateTrigger::first_transfer) monitor_->gate().open("first store");
-  auto conn = usable_connection();
-  std::error_code ec = shutting_down_ ? make_error_code(errc::shutting_down)
-                       : !conn        ? make_error_code(errc::unhealthy)
-                                      : prepare(spec);
+  std::error_code ec;
+  auto conn = usable_connection(ec);
+  if (conn) ec = prepare(spec);
   if (ec || spec.hashes.empty()) {
     tracker_.store_done(tracker_.store_started(spec.request_id));  // not sent: counts as finished
     return cb(ec, wire::StoreResult{});
@@ -210,6 +275,7 @@ void WorkerAdapter::do_store(TransferSpec spec, detail::Callback<wire::StoreResu
   conn->async_call(std::move(req), config_.transfer_timeout,
                    [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::StoreResult r) {
                      self->note_error(ec);
+                     if (ec == errc::not_registered) self->act(self->lifecycle_.not_registered(Clock::now()));
                      if (answered(ec)) self->tracker_.store_done(ticket);
                      else self->tracker_.store_unanswered(ticket);
                      cb(ec, r);
@@ -224,10 +290,9 @@ void WorkerAdapter::start_retrieve(TransferSpec spec, detail::Callback<wire::Ret
 
 void WorkerAdapter::do_retrieve(TransferSpec spec, detail::Callback<wire::RetrieveResult> cb) {
   if (config_.gate_trigger == GateTrigger::first_transfer) monitor_->gate().open("first retrieve");
-  auto conn = usable_connection();
-  std::error_code ec = shutting_down_ ? make_error_code(errc::shutting_down)
-                       : !conn        ? make_error_code(errc::unhealthy)
-                                      : prepare(spec);
+  std::error_code ec;
+  auto conn = usable_connection(ec);
+  if (conn) ec = prepare(spec);
   // The blocks this retrieve fills: those after the skipped tokens.
   std::size_t first = 0;
   if (registration_ && registration_->request.layout.block_size)
@@ -246,6 +311,7 @@ void WorkerAdapter::do_retrieve(TransferSpec spec, detail::Callback<wire::Retrie
   conn->async_call(std::move(req), config_.transfer_timeout,
                    [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::RetrieveResult r) {
                      self->note_error(ec);
+                     if (ec == errc::not_registered) self->act(self->lifecycle_.not_registered(Clock::now()));
                      if (answered(ec)) self->tracker_.retrieve_done(ticket, !ec);
                      else self->tracker_.retrieve_unanswered(ticket);
                      cb(ec, r);
@@ -307,19 +373,26 @@ void WorkerAdapter::start_shutdown(detail::Callback<Done> cb) {
 }
 
 asio::awaitable<void> WorkerAdapter::do_shutdown(std::shared_ptr<WorkerAdapter> self, detail::Callback<Done> cb) {
-  // No re-registration and no new transfers from here on. The monitor's stop
-  // closes the connection, so UNREGISTER goes first on the live one.
+  if (self->shutting_down_) co_return cb({}, Done{});
+  // No re-registration and no new transfers from here on, and the heartbeat
+  // stops first: nothing judges the link while it is taken down.
   self->shutting_down_ = true;
+  const auto action = self->lifecycle_.shutdown_requested(Clock::now());
+  self->registration_.reset();
+  self->registration_timer_.cancel();
+  self->complete_register_waiters(errc::shutting_down);  // also stops their deadline
+  auto conn = self->monitor_->take_connection_and_stop();
   std::error_code ec;
-  if (self->registration_) {
-    self->registration_.reset();
-    if (auto conn = self->usable_connection()) {
-      auto [uec, reply] =
-          co_await conn->async_call(wire::UnregisterKvCacheRequest{}, self->config_.call_timeout, as_tuple_awaitable);
-      ec = uec;
-    }
+  if (conn && action.kind == health::RegistrationLifecycle::Action::Kind::send_unregister) {
+    auto [uec, reply] =
+        co_await conn->async_call(wire::UnregisterKvCacheRequest{}, self->config_.call_timeout, as_tuple_awaitable);
+    ec = uec;
+    if (ec)
+      log::warn("{}: UNREGISTER_KV_CACHE at shutdown failed ({}); the server frees the KV cache when it reaps "
+                "this instance",
+                self->config_.name, conn->last_error_message().empty() ? ec.message() : conn->last_error_message());
   }
-  self->monitor_->stop();
+  if (conn) conn->close();
   cb(ec, Done{});
 }
 

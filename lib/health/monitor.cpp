@@ -57,18 +57,34 @@ void Monitor::start() {
 
 void Monitor::stop() {
   asio::post(ex_, [self = shared_from_this()] {
-    if (self->stopped_) return;
-    self->apply(self->policy_.stop(Clock::now()));
-    self->stopped_ = true;
-    std::shared_ptr<net::Connection> c;
-    {
-      std::lock_guard lock(self->conn_mutex_);
-      c = std::move(self->conn_);
-    }
-    ++self->gen_;
-    if (c) c->close();
-    self->wake_.cancel();
+    if (auto c = self->take_connection_and_stop()) c->close();
   });
+}
+
+std::shared_ptr<net::Connection> Monitor::take_connection_and_stop() {
+  if (stopped_) return nullptr;
+  apply(policy_.stop(Clock::now()));
+  stopped_ = true;
+  std::shared_ptr<net::Connection> c;
+  {
+    std::lock_guard lock(conn_mutex_);
+    c = std::move(conn_);
+  }
+  ++gen_;  // its close is no longer a lost connection of this monitor
+  wake_.cancel();
+  return c;
+}
+
+void Monitor::set_registration_pending(bool pending) {
+  if (!stopped_) apply(policy_.registration_pending(Clock::now(), pending));
+}
+
+void Monitor::notice(std::string text) {
+  Event e;
+  e.kind = Event::Kind::notice;
+  e.notice = std::move(text);
+  e.at = Clock::now();
+  publish(std::move(e));
 }
 
 std::shared_ptr<net::Connection> Monitor::connection() const {
@@ -115,6 +131,7 @@ void Monitor::wake() {
 }
 
 void Monitor::apply(Actions a) {
+  draining_.store(policy_.draining(), std::memory_order_release);
   if (a.transition) {
     const Transition& t = *a.transition;
     state_.store(t.to, std::memory_order_release);
@@ -135,21 +152,12 @@ void Monitor::apply(Actions a) {
   }
   if (!a.notice.empty()) {
     log::info("{}: {}", options_.name, a.notice);
-    Event e;
-    e.kind = Event::Kind::notice;
-    e.notice = a.notice;
-    e.at = Clock::now();
-    publish(std::move(e));
+    notice(std::move(a.notice));
   }
   if (stopped_) return;
   if (a.open_gate) gate_->open("max warmup elapsed");
   if (a.connect) do_connect();
-  if (a.reregister) {
-    auto c = connection();
-    if (c)
-      asio::co_spawn(ex_, reregister(shared_from_this(), c, a.hello_first, gen_, ++reregister_attempt_),
-                     asio::detached);
-  }
+  if (a.send_hello) do_hello();
   if (a.send_ping) do_ping();
   wake();  // the coroutine re-reads the next wakeup
 }
@@ -193,9 +201,26 @@ void Monitor::on_connected(net::ConnectResult r) {
   r.connection->on_close([weak = weak_from_this(), gen](const net::StreamEnd& end) {
     if (auto self = weak.lock()) self->on_lost(gen, end.reason);
   });
+  r.connection->on_notice([weak = weak_from_this(), gen](const wire::ServerNotice& n) {
+    auto self = weak.lock();
+    if (!self || gen != self->gen_ || self->stopped_) return;
+    if (n.kind == wire::NoticeKind::draining) self->apply(self->policy_.server_draining(Clock::now(), n.message));
+  });
   server_chunk_size_.store(r.hello.chunk_size, std::memory_order_release);
-  apply(policy_.connected(now, r.hello.boot_id));
+  apply(policy_.connected(now, r.hello.boot_id, r.hello.draining != 0));
+  publish_connected(r.hello, "connected");
   if (!r.connection->is_open()) on_lost(gen, "closed right after connecting");
+}
+
+void Monitor::publish_connected(const wire::HelloReply& hello, std::string what) {
+  Event e;
+  e.kind = Event::Kind::connected;
+  e.hello = hello;
+  e.notice = fmt::format("{} to {} (server boot id {:016x}{}{})", what, options_.endpoint.to_string(), hello.boot_id,
+                         hello.registered ? ", it holds this instance's registration" : "",
+                         hello.draining ? ", draining" : "");
+  e.at = Clock::now();
+  publish(std::move(e));
 }
 
 void Monitor::on_lost(std::uint64_t gen, std::string why) {
@@ -206,13 +231,32 @@ void Monitor::on_lost(std::uint64_t gen, std::string why) {
     conn_.reset();
   }
   apply(policy_.connection_lost(Clock::now(), why));
+  Event e;
+  e.kind = Event::Kind::disconnected;
+  e.notice = fmt::format("disconnected: {}", why);
+  e.at = Clock::now();
+  publish(std::move(e));
+}
+
+void Monitor::do_hello() {
+  auto c = connection();
+  if (!c) return;
+  c->async_call(options_.hello, policy_.config().connect_timeout,
+                [self = shared_from_this(), gen = gen_](std::error_code ec, wire::HelloReply reply) {
+                  if (gen != self->gen_ || self->stopped_) return;
+                  const auto now = Clock::now();
+                  if (ec == errc::connection_lost) return self->on_lost(gen, "connection lost during HELLO");
+                  if (ec) return self->apply(self->policy_.hello_failed(now, ec.message()));
+                  self->apply(self->policy_.hello_answered(now, reply.boot_id));
+                  self->publish_connected(reply, "HELLO answered again");
+                });
 }
 
 void Monitor::do_ping() {
   auto c = connection();
   if (!c) return;
   const auto t0 = Clock::now();
-  c->async_call(wire::PingRequest{}, policy_.config().ping_timeout,
+  c->async_call(wire::PingRequest{}, policy_.probe_timeout(),
                 [self = shared_from_this(), t0, gen = gen_](std::error_code ec, wire::Empty) {
                   if (gen != self->gen_ || self->stopped_) return;
                   const auto now = Clock::now();
@@ -223,29 +267,6 @@ void Monitor::do_ping() {
                                                                     : PingFailure::error;
                   self->apply(self->policy_.ping_failed(now, kind, ec.message()));
                 });
-}
-
-asio::awaitable<void> Monitor::reregister(std::shared_ptr<Monitor> self, std::shared_ptr<net::Connection> conn,
-                                          bool hello_first, std::uint64_t gen, std::uint64_t attempt) {
-  std::error_code ec;
-  std::string why;
-  if (hello_first) {
-    auto [hec, reply] = co_await conn->async_call(self->options_.hello, self->policy_.config().connect_timeout,
-                                                  asio::experimental::as_tuple(asio::use_awaitable));
-    ec = hec;
-    if (ec) why = "HELLO: " + ec.message();
-  }
-  if (!ec && self->options_.reregister) {
-    try {
-      ec = co_await self->options_.reregister(conn);
-      if (ec) why = ec.message();
-    } catch (const std::exception& e) {
-      ec = errc::server_error;
-      why = e.what();
-    }
-  }
-  if (gen != self->gen_ || attempt != self->reregister_attempt_ || self->stopped_) co_return;
-  self->apply(self->policy_.reregistered(Clock::now(), !ec, why));
 }
 
 asio::awaitable<Transition> Monitor::changed() { co_return co_await async_changed(asio::use_awaitable); }

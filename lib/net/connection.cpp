@@ -6,7 +6,10 @@
 #include <asio/experimental/parallel_group.hpp>
 #include <asio/ip/tcp.hpp>
 #include <algorithm>
-#include <random>
+#include <sys/random.h>
+
+#include <cerrno>
+#include <system_error>
 
 namespace kvlink::net {
 
@@ -48,6 +51,15 @@ asio::awaitable<void> Connection::read_loop() {
 
 bool Connection::on_frame(const wire::Frame& frame) {
   const wire::Header& h = frame.header;
+  if (!h.is_response() && h.opcode == static_cast<std::uint8_t>(wire::Opcode::server_notice) && h.is_one_way()) {
+    wire::ServerNotice notice;
+    if (std::string why = wire::decode(frame.payload, notice, "server notice"); !why.empty()) {
+      log::warn("kvlink: malformed SERVER_NOTICE ignored: {}", why);
+      return true;
+    }
+    if (on_notice_) on_notice_(notice);
+    return true;
+  }
   if (!h.is_response()) {
     log::warn("kvlink: server sent a request ({}) on a client connection; closing it", wire::opcode_name(h.opcode));
     return false;
@@ -201,10 +213,16 @@ asio::awaitable<ConnectResult> connect(asio::any_io_executor ex, Endpoint endpoi
   co_return result;
 }
 
+// Straight from the kernel at every draw: no generator state that a fork()
+// would copy into the child, so parent and children never share an id.
 std::uint64_t random_instance_id() {
-  static thread_local std::mt19937_64 rng{std::random_device{}()};
   std::uint64_t id = 0;
-  while (id == 0) id = rng() >> 1;
+  while (id == 0) {
+    std::uint64_t raw = 0;
+    if (::getrandom(&raw, sizeof raw, 0) != static_cast<ssize_t>(sizeof raw))
+      throw std::system_error(errno, std::generic_category(), "getrandom for an instance id");
+    id = raw >> 1;
+  }
   return id;
 }
 

@@ -33,8 +33,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       case 7: a = p.ping_failed(now, PingFailure::error, "x"); break;
       case 8: a = p.connection_lost(now, "x"); break;
       case 9: a = p.deadline_missed(now); break;
-      case 10: a = p.reregistered(now, true, ""); break;
-      case 11: a = p.reregistered(now, false, "x"); break;
+      case 10: a = p.registration_pending(now, (b >> 7) != 0); break;
+      case 11:
+        a = (b >> 7) ? p.server_draining(now, "x") : (b >> 6) & 1 ? p.hello_answered(now, 1) : p.hello_failed(now, "x");
+        break;
       case 12: a = p.stop(now); break;
       default: a = p.tick(std::max(now, std::min(p.next_wakeup(), now + std::chrono::seconds(60)))); break;
     }
@@ -46,7 +48,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           counters.pings_ok - ok_at_degraded < static_cast<std::uint64_t>(c.success_threshold))
         std::abort();
     }
-    if (p.state() == State::healthy && !p.connected()) std::abort();
+    // Healthy without a connection only while a planned restart runs.
+    if (p.state() == State::healthy && !p.connected() && !p.draining()) std::abort();
   }
   return 0;
 }

@@ -6,14 +6,18 @@
 // and bookkeeping; byte-exact data through the CPU engine is e2e_test's.
 #include <doctest/doctest.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <asio/co_spawn.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/use_future.hpp>
+#include <asio/post.hpp>
 #include <fstream>
 #include <future>
+#include <mutex>
 #include <numeric>
+#include <set>
 #include <thread>
 
 #include "kvlink/adapter/scheduler.hpp"
@@ -119,14 +123,52 @@ struct Fixture {
   }
   std::int64_t stat(const std::string& name) { return test::server_stat(endpoint, name); }
   void healthy() {
-    REQUIRE(eventually([&] { return worker->monitor().state() == health::State::healthy; }));
+    worker_healthy();
     REQUIRE(eventually([&] { return scheduler->monitor().state() == health::State::healthy; }));
   }
+  void worker_healthy() { REQUIRE(eventually([&] { return worker->monitor().state() == health::State::healthy; })); }
 };
 
 void stop_server(ServerProcess& server) {
   server.stop();
   REQUIRE(eventually([&] { return test::process_stopped(server.pid()); }, 5s));
+}
+
+// Every health event of both adapters, recorded on their executor.
+struct Events {
+  std::mutex m;
+  std::vector<std::pair<std::string, health::Event>> all;  // (adapter, event)
+  int count(const std::string& who, const std::string& to) {
+    std::lock_guard lock(m);
+    return static_cast<int>(std::count_if(all.begin(), all.end(), [&](const auto& e) {
+      return e.first == who && e.second.kind == health::Event::Kind::transition &&
+             health::state_name(e.second.transition.to) == to;
+    }));
+  }
+  int notices(const std::string& who, const std::string& text) {
+    std::lock_guard lock(m);
+    return static_cast<int>(std::count_if(all.begin(), all.end(), [&](const auto& e) {
+      return e.first == who && e.second.kind == health::Event::Kind::notice &&
+             e.second.notice.find(text) != std::string::npos;
+    }));
+  }
+};
+std::shared_ptr<Events> record_events(Fixture& f) {
+  auto ev = std::make_shared<Events>();
+  auto attach = [&](health::Monitor& m, std::string who) {
+    std::promise<void> done;
+    asio::post(f.rt.executor(), [&, who] {
+      m.on_event([ev, who](const health::Event& e) {
+        std::lock_guard lock(ev->m);
+        ev->all.emplace_back(who, e);
+      });
+      done.set_value();
+    });
+    done.get_future().wait();
+  };
+  attach(f.worker->monitor(), "worker");
+  attach(f.scheduler->monitor(), "scheduler");
+  return ev;
 }
 
 // An engine written with coroutines: a free coroutine, state as parameters.
@@ -159,7 +201,7 @@ TEST_CASE("adapter: store, then sync and two-phase lookups; get_finished bookkee
     CHECK(fin.value.stores.empty());  // the engine has not finished req-1
     fin = f.worker->get_finished({"req-1", "req-1"});
     CHECK(fin.value.stores == std::vector<std::string>{"req-1"});
-    CHECK(f.worker->get_finished({"req-1"}).value.stores.empty());  // once, ever
+    CHECK(f.worker->get_finished({"req-1"}).value.stores.empty());  // a repeated report: once
 
     CHECK(!f.scheduler->monitor().gate().is_open());
     REQUIRE(!f.scheduler->submit_lookup("a", tokens).ec);
@@ -391,19 +433,23 @@ TEST_CASE("adapter: worker gate triggers; unregister") {
   }
 }
 
-TEST_CASE("adapter: reaped by the server (unknown_instance) -> the worker re-registers by itself") {
+TEST_CASE("adapter: reaped by the server (unknown_instance) -> HELLO again, re-registered, no degraded episode") {
   Fixture f({"--reap-timeout-s", "1", "--registration-grace-s", "1"});
   f.server.start();
   f.make(LookupMode::sync, GateTrigger::explicit_ready);
+  auto events = record_events(f);
   REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
   CHECK(f.stat("registrations") == 1);
   // Gate closed, no pings: the server reaps the silent instance.
   REQUIRE(eventually([&] { return f.stat("registrations") == 0; }, 10s));
   f.worker->ready();
-  // The first ping answers unknown_instance; healthy only after re-registering.
+  // The first ping answers unknown_instance: HELLO again (the reply says the
+  // server holds nothing), REGISTER again, then healthy.
   REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::healthy; }, 10s));
-  CHECK(f.stat("registrations") == 1);
+  REQUIRE(eventually([&] { return f.stat("registrations") == 1; }, 5s));
   REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
+  CHECK(events->count("worker", "degraded") == 0);
+  CHECK(events->notices("worker", "saying HELLO again") == 1);
 }
 
 TEST_CASE("adapter: a scheduler can share the worker's monitor (one connection, one heartbeat)") {
@@ -426,4 +472,233 @@ TEST_CASE("adapter: a scheduler can share the worker's monitor (one connection, 
   shared.reset();
   CHECK(f.worker->monitor().state() != health::State::stopped);
   CHECK(!f.worker->submit_store(f.spec("s2", prompt(chunk, 4))).ec);
+}
+
+// ---- self-healing in the orders reality produces -------------------------------------
+
+namespace {
+// Stores `tokens` under a fresh id and looks them up under another: the
+// matched tokens (0 while the link cannot serve them yet).
+std::uint32_t store_then_lookup(Fixture& f, const std::vector<store::Token>& tokens, int round) {
+  (void)f.worker->submit_store(f.spec("store-" + std::to_string(round), tokens));
+  const std::string id = "lookup-" + std::to_string(round);
+  if (f.scheduler->submit_lookup(id, tokens).ec) return 0;
+  auto st = f.scheduler->check_lookup(id);
+  return st.ec || !st.value.ready ? 0 : st.value.matched_tokens;
+}
+
+// Runs store_then_lookup until it hits; the time it took (or `limit`).
+Duration until_hit(Fixture& f, const std::vector<store::Token>& tokens, Duration limit = 10s) {
+  const auto t0 = Clock::now();
+  for (int round = 0; Clock::now() - t0 < limit; ++round) {
+    if (store_then_lookup(f, tokens, round) > 0) return Clock::now() - t0;
+    std::this_thread::sleep_for(5ms);
+  }
+  return limit;
+}
+
+double ms(Duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+}  // namespace
+
+TEST_CASE("self-heal: engine before server: hits within 2 s of the server listening, default gate, no ready()") {
+  Fixture f;
+  f.make();  // default gate trigger (register_ack); nobody calls ready()
+  // No server yet: the call says so at its deadline; the registration stays.
+  const auto r = f.worker->register_kv_caches(layout(), f.kv.get());
+  CHECK(r.ec == errc::not_connected);
+  CHECK(f.worker->submit_store(f.spec("early", prompt(chunk))).ec);  // nothing to serve it yet
+  std::this_thread::sleep_for(300ms);
+  f.server.start();  // returns once it listens
+  const Duration took = until_hit(f, prompt(2 * chunk, 7));
+  MESSAGE("server listening -> first hit: " << ms(took) << " ms");
+  CHECK(took < 2s);
+  CHECK(f.worker->monitor().gate().reason() == "register acknowledged");
+  CHECK(f.stat("registrations") == 1);
+  f.healthy();  // the lookups opened the scheduler's gate
+}
+
+TEST_CASE("self-heal: a connection dropped with the server alive: healthy again, no not_registered, hits resume") {
+  Fixture f;
+  f.server.start();
+  f.make();
+  auto events = record_events(f);
+  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  const auto tokens = prompt(2 * chunk, 8);
+  REQUIRE(until_hit(f, tokens) < 2s);  // the lookup opens the scheduler's gate
+  f.healthy();
+  const auto not_registered_before = f.stat("op_store_errors");
+  // A client-side close (after a protocol error, say): the server keeps the
+  // registration, and its HELLO reply says so.
+  for (health::Monitor* m : {&f.worker->monitor(), &f.scheduler->monitor()})
+    asio::post(f.rt.executor(), [m] {
+      if (auto c = m->connection()) c->close();
+    });
+  REQUIRE(eventually([&] { return events->count("worker", "degraded") == 1; }, 5s));
+  REQUIRE(eventually([&] { return events->count("scheduler", "degraded") == 1; }, 5s));
+  f.healthy();
+  const Duration took = until_hit(f, prompt(2 * chunk, 9));
+  MESSAGE("healthy again -> hits resume: " << ms(took) << " ms");
+  CHECK(took < 2s);
+  CHECK(f.stat("op_store_errors") == not_registered_before);  // no store was refused
+  CHECK(f.stat("registrations") == 1);
+  CHECK(f.stat("op_register_kv_cache_requests") == 1);  // the surviving server kept it: not sent again
+}
+
+TEST_CASE("self-heal: an idle scheduler past the reap timeout: its first lookup is served, no degraded episode") {
+  Fixture f({"--reap-timeout-s", "1", "--registration-grace-s", "1"});
+  f.server.start();
+  f.make();
+  auto events = record_events(f);
+  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);  // the worker's gate opens: it pings
+  const auto tokens = prompt(2 * chunk, 10);
+  REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
+  // The scheduler's gate stays closed (no lookup yet): silent, it is reaped.
+  REQUIRE(eventually([&] { return f.stat("instances_reaped") >= 1; }, 10s));
+  REQUIRE(!f.scheduler->submit_lookup("first", tokens).ec);
+  CHECK(f.matched("first") == 2 * chunk);
+  REQUIRE(eventually([&] { return f.scheduler->monitor().state() == health::State::healthy; }, 5s));
+  CHECK(events->count("scheduler", "degraded") == 0);
+  CHECK(events->count("worker", "degraded") == 0);
+}
+
+TEST_CASE("self-heal: a preempted request loaded again under its id is reported finished twice") {
+  Fixture f;
+  f.server.start();
+  f.make();
+  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  const auto tokens = prompt(2 * chunk, 11);
+  REQUIRE(!f.worker->submit_store(f.spec("writer", tokens)).ec);
+  // vLLM: load, report finished, preempt, load again under the same id.
+  for (int load = 1; load <= 2; ++load) {
+    CAPTURE(load);
+    auto r = f.worker->submit_retrieve(f.spec("req-p", tokens, 8));
+    REQUIRE_MESSAGE(!r.ec, r.ec.message());
+    auto fin = f.worker->get_finished({});
+    CHECK(fin.value.retrieves == std::vector<std::string>{"req-p"});
+    CHECK(f.worker->get_finished({}).value.retrieves.empty());  // a round is reported once
+  }
+}
+
+TEST_CASE("self-heal: a refused re-registration is dropped with one error, not retried") {
+  auto lines = std::make_shared<std::vector<std::string>>();
+  auto mu = std::make_shared<std::mutex>();
+  log::set_sink([lines, mu](log::Level level, std::string_view line) {
+    if (level < log::Level::warn) return;
+    std::lock_guard lock(*mu);
+    lines->emplace_back(line);
+  });
+  struct Restore {
+    ~Restore() { log::set_sink(nullptr); }
+  } restore;
+  Fixture f;
+  f.server.start();
+  f.make();
+  auto events = record_events(f);
+  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  f.worker_healthy();
+  // The replacement cannot take this layout: 24-token chunks are not whole
+  // 16-token blocks, so it refuses the registration.
+  f.server.kill();
+  ServerProcess other({"--listen", f.endpoint, "--log-level", "warn", "--chunk-size", "24", "--l1-size", "64MiB",
+                       "--no-huge-pages"});
+  other.start();
+  REQUIRE(eventually([&] { return events->notices("worker", "registration refused") == 1; }, 5s));
+  std::this_thread::sleep_for(1s);  // 20 heartbeat intervals: nothing retried meanwhile
+  CHECK(test::server_stat(f.endpoint, "op_register_kv_cache_requests") == 1);
+  CHECK(events->notices("worker", "registration refused") == 1);
+  std::lock_guard lock(*mu);
+  CHECK(std::count_if(lines->begin(), lines->end(), [](const std::string& l) {
+          return l.find("REGISTER_KV_CACHE refused") != std::string::npos;
+        }) == 1);
+  // The link itself is fine, and the worker says what it lacks.
+  REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::healthy; }, 5s));
+  CHECK(f.worker->submit_store(f.spec("s", prompt(chunk))).ec == errc::not_registered);
+  other.kill();
+}
+
+TEST_CASE("self-heal: shutdown stops the heartbeat, then unregisters; bounded when the server hangs") {
+  SUBCASE("server alive") {
+    Fixture f;
+    f.server.start();
+    f.make();
+    REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+    f.worker_healthy();
+    REQUIRE(f.stat("registrations") == 1);
+    const auto r = f.worker->shutdown(3s);
+    CHECK_MESSAGE(!r.ec, r.ec.message());
+    CHECK(f.worker->monitor().state() == health::State::stopped);
+    CHECK(f.stat("registrations") == 0);
+    CHECK(f.worker->submit_store(f.spec("late", prompt(chunk))).ec == errc::shutting_down);
+  }
+  SUBCASE("server hung") {
+    auto warnings = std::make_shared<std::atomic<int>>(0);
+    log::set_sink([warnings](log::Level level, std::string_view line) {
+      if (level == log::Level::warn && line.find("UNREGISTER_KV_CACHE at shutdown failed") != std::string::npos)
+        ++*warnings;
+    });
+    struct Restore {
+      ~Restore() { log::set_sink(nullptr); }
+    } restore;
+    Fixture f;
+    f.server.start();
+    f.make();
+    REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+    f.worker_healthy();
+    stop_server(f.server);
+    const auto t0 = Clock::now();
+    const auto r = f.worker->shutdown(5s);
+    const auto took = Clock::now() - t0;
+    CHECK(r.ec == errc::timed_out);
+    CHECK(took < 1500ms);  // call_timeout (1 s) and a margin, well before the 5 s deadline
+    CHECK(warnings->load() == 1);
+    CHECK(f.worker->monitor().state() == health::State::stopped);  // no degraded verdict on the way out
+    f.server.resume();
+  }
+}
+
+TEST_CASE("self-heal: engines forked from one parent draw distinct instance ids and both register") {
+  TempDir dir;
+  const std::string ep = dir.socket();
+  ServerProcess server(Fixture::args(ep, {}));
+  server.start();
+  const std::uint64_t parent_id = net::random_instance_id();  // the parent drew before forking
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  std::vector<pid_t> children;
+  for (int i = 0; i < 2; ++i) {
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      // The child: an engine of its own on a fresh runtime.
+      int rc = 1;
+      {
+        UniqueFd kv = kv_memfd();
+        runtime::Runtime rt;
+        WorkerConfig w;
+        w.endpoint = ep;
+        w.model = "adapter-model";
+        w.health = test::fast_health();
+        w.call_timeout = 2s;
+        auto worker = WorkerAdapter::create(rt.executor(), w);
+        const std::uint64_t id = worker->monitor().instance_id();
+        if (::write(fds[1], &id, sizeof id) == sizeof id && !worker->register_kv_caches(layout(), kv.get(), 3s).ec)
+          rc = 0;
+        rt.stop();  // no shutdown: the server keeps the registration until reaped
+      }
+      ::_exit(rc);
+    }
+    children.push_back(pid);
+  }
+  ::close(fds[1]);
+  std::set<std::uint64_t> ids{parent_id};
+  std::uint64_t id = 0;
+  while (::read(fds[0], &id, sizeof id) == sizeof id) ids.insert(id);
+  ::close(fds[0]);
+  for (pid_t pid : children) {
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+  }
+  CHECK(ids.size() == 3);
+  CHECK(test::server_stat(ep, "registrations") == 2);
 }

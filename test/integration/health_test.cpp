@@ -28,14 +28,6 @@ using kvlink::test::run_until;
 
 namespace {
 
-// Counts re-registrations; a coroutine taking its state as parameters.
-asio::awaitable<std::error_code> count_reregistration(std::shared_ptr<int> count, std::shared_ptr<net::Connection> c) {
-  // Prove the connection works: the hook may issue calls on it.
-  auto [ec, reply] = co_await c->async_call(wire::PingRequest{}, 1s, asio::experimental::as_tuple(asio::use_awaitable));
-  if (!ec) ++*count;
-  co_return ec;
-}
-
 struct Fixture {
   TempDir dir;
   std::string endpoint = dir.socket();
@@ -43,7 +35,6 @@ struct Fixture {
   asio::io_context io;
   std::shared_ptr<Monitor> monitor;
   std::vector<Event> events;
-  std::shared_ptr<int> reregistrations = std::make_shared<int>(0);
 
   explicit Fixture(std::vector<std::string> extra = {}) : server(args(endpoint, std::move(extra))) {}
   static std::vector<std::string> args(const std::string& ep, std::vector<std::string> extra) {
@@ -68,17 +59,17 @@ struct Fixture {
     o.hello.role = wire::Role::worker;
     o.hello.client_name = "health_test";
     o.name = "health_test";
-    o.reregister = [count = reregistrations](std::shared_ptr<net::Connection> conn) {
-      return count_reregistration(count, std::move(conn));
-    };
     monitor = Monitor::create(io.get_executor(), o);
     monitor->on_event([this](const Event& e) { events.push_back(e); });
     monitor->start();
   }
-  int transitions() const {
-    return static_cast<int>(std::count_if(events.begin(), events.end(),
-                                          [](const Event& e) { return e.kind == Event::Kind::transition; }));
+  int count(Event::Kind kind) const {
+    return static_cast<int>(
+        std::count_if(events.begin(), events.end(), [kind](const Event& e) { return e.kind == kind; }));
   }
+  int transitions() const { return count(Event::Kind::transition); }
+  // HELLOs answered: each connection, and each HELLO said again.
+  int hellos() const { return count(Event::Kind::connected); }
   const Transition& last() const {
     for (auto it = events.rbegin(); it != events.rend(); ++it)
       if (it->kind == Event::Kind::transition) return it->transition;
@@ -136,7 +127,7 @@ TEST_CASE("health: SIGSTOP -> degraded by ping timeouts; SIGCONT -> healthy agai
   CHECK(f.last().from == State::degraded);
   CHECK(f.last().outage > 0ms);
   CHECK(f.monitor->counters().pings_ok >= before.pings_ok + 2);  // success_threshold
-  CHECK(*f.reregistrations == 0);  // same server: nothing lost
+  CHECK(f.hellos() == 1);  // the same connection throughout
 }
 
 TEST_CASE("health: server restarted on the same endpoint -> re-registered, then healthy") {
@@ -156,15 +147,14 @@ TEST_CASE("health: server restarted on the same endpoint -> re-registered, then 
   f.server.start();
   REQUIRE(f.wait(State::healthy, 10s));
   CHECK(f.monitor->boot_id() != boot1);
-  CHECK(*f.reregistrations == 1);
-  CHECK(f.monitor->counters().reregistrations == 1);
+  CHECK(f.hellos() == 2);
   auto count = [&](std::string_view needle) {
     return std::count_if(lines->begin(), lines->end(),
                          [&](const std::string& l) { return l.find(needle) != std::string::npos; });
   };
   CHECK(count("degraded (healthy -> degraded): connection lost") == 1);
   CHECK(count("healthy again after an outage of") == 1);
-  CHECK(count("re-registered") == 1);
+  CHECK(count("server restarted") == 1);
 }
 
 TEST_CASE("health: server absent at start -> a clear degraded state; recovers when it appears") {
@@ -177,7 +167,7 @@ TEST_CASE("health: server absent at start -> a clear degraded state; recovers wh
   CHECK(f.monitor->connection() == nullptr);
   f.server.start();
   REQUIRE(f.wait(State::healthy, 10s));
-  CHECK(*f.reregistrations == 0);  // first server seen: nothing to re-register
+  CHECK(f.hellos() == 1);
   CHECK(f.transitions() == 2);
 }
 
@@ -195,9 +185,10 @@ TEST_CASE("health: a closed gate means no transition, even with the server stopp
   // A lost connection during warmup is reported, not judged.
   f.server.resume();
   f.server.kill();
-  REQUIRE(run_until(f.io, [&] { return !f.events.empty(); }, 5s));
-  CHECK(f.events.back().kind == Event::Kind::notice);
-  CHECK(f.events.back().notice.find("during warmup") != std::string::npos);
+  REQUIRE(run_until(f.io, [&] { return f.count(Event::Kind::disconnected) == 1; }, 5s));
+  CHECK(std::any_of(f.events.begin(), f.events.end(), [](const Event& e) {
+    return e.kind == Event::Kind::notice && e.notice.find("during warmup") != std::string::npos;
+  }));
   CHECK(f.monitor->state() == State::warming);
   // The gate opens: now the absence counts.
   f.monitor->gate().open("ready");
@@ -216,17 +207,20 @@ TEST_CASE("health: max_warmup opens the gate by itself") {
   CHECK(f.monitor->gate().reason() == "max warmup elapsed");
 }
 
-TEST_CASE("health: a reaped instance gets unknown_instance, says HELLO again, re-registers") {
-  Fixture f({"--reap-timeout-s", "1"});
+TEST_CASE("health: a reaped instance gets unknown_instance and says HELLO again, with no degraded episode") {
+  Fixture f({"--reap-timeout-s", "1", "--registration-grace-s", "1"});
   f.server.start();
   f.make(f.fast());
   REQUIRE(f.connected());
   run_for(f.io, 1300ms);  // gate closed, no pings: the server reaps after 1 s of silence
   f.monitor->gate().open("ready");
-  REQUIRE(f.wait(State::degraded, 5s));
-  CHECK(f.last().reason.find("does not know this instance") != std::string::npos);
   REQUIRE(f.wait(State::healthy, 5s));
-  CHECK(*f.reregistrations == 1);
+  CHECK(f.transitions() == 1);  // warming -> healthy, nothing else
+  CHECK(f.hellos() == 2);       // the connection's, and the one said again
+  CHECK(std::any_of(f.events.begin(), f.events.end(), [](const Event& e) {
+    return e.kind == Event::Kind::notice && e.notice.find("saying HELLO again") != std::string::npos;
+  }));
+  CHECK(f.monitor->counters().hellos_repeated == 1);
 }
 
 TEST_CASE("health: changed() and wait_for() observe transitions; report_deadline_missed counts") {

@@ -59,7 +59,7 @@ struct Driver {
   }
   void ping_timeout() {
     REQUIRE(advance().send_ping);
-    now += p.config().ping_timeout;
+    now += p.probe_timeout();
     take(p.ping_failed(now, PingFailure::timeout, "timed out"));
   }
   void healthy() {
@@ -173,70 +173,185 @@ TEST_CASE("policy: lost connection -> degraded at once, reconnect with backoff, 
   }
   CHECK(delays == std::vector<Duration>{10ms, 20ms, 40ms, 80ms, 80ms, 80ms});
   CHECK(d.p.state() == State::degraded);
-  d.connect(7);  // same boot id: no re-registration
-  CHECK_FALSE(d.a.reregister);
+  d.connect(7);
   d.ping_ok();
   CHECK(d.p.state() == State::degraded);
   d.ping_ok();
   CHECK(d.p.state() == State::healthy);
 }
 
-TEST_CASE("policy: boot id change -> re-register before healthy") {
+TEST_CASE("policy: a pending registration holds the link out of healthy; pings go on meanwhile") {
   Driver d;
   d.healthy();
   d.take(d.p.connection_lost(d.now, "eof"));
   d.connect(8);
   CHECK(d.a.notice.find("server restarted") != std::string::npos);
-  auto& a = d.advance();
-  REQUIRE(a.reregister);
-  CHECK_FALSE(a.hello_first);
-  CHECK_FALSE(a.send_ping);  // no pings count until re-registered
-  CHECK(d.p.next_wakeup() == d.now + d.p.config().reregister_timeout);  // only the hook's deadline
-  d.take(d.p.reregistered(d.now, false, "no memory"));
+  d.take(d.p.registration_pending(d.now, true));  // the adapter re-registers on the new server
+  d.ping_ok();
+  d.ping_ok();
+  d.ping_ok();
   CHECK(d.p.state() == State::degraded);
-  REQUIRE(d.advance().reregister);
-  d.take(d.p.reregistered(d.now, true, ""));
-  d.ping_ok();
-  d.ping_ok();
-  CHECK(d.p.state() == State::healthy);
-  CHECK(d.p.counters(d.now).reregistrations == 1);
-}
-
-TEST_CASE("policy: a re-registration that never completes times out and is retried") {
-  Config c = fast_config();
-  c.reregister_timeout = 500ms;
-  Driver d(c);
-  d.healthy();
-  d.take(d.p.connection_lost(d.now, "eof"));
-  d.connect(8);
-  REQUIRE(d.advance().reregister);
-  const TimePoint started = d.now;
-  auto& a = d.advance();  // the hook hangs: the next thing due is its deadline
-  CHECK(d.now - started == 500ms);
-  CHECK(a.notice == "re-registration timed out");
-  CHECK_FALSE(a.reregister);
-  d.take(d.p.reregistered(d.now, true, ""));  // the late answer of the timed-out attempt
-  CHECK(d.p.counters(d.now).reregistrations == 0);
-  REQUIRE(d.advance().reregister);  // retried after about an interval
-  d.take(d.p.reregistered(d.now, true, ""));
-  d.ping_ok();
-  d.ping_ok();
+  d.take(d.p.registration_pending(d.now, false));
+  REQUIRE(d.a.transition);
   CHECK(d.p.state() == State::healthy);
 }
 
-TEST_CASE("policy: unknown_instance -> degraded, HELLO + re-register, then recover") {
+TEST_CASE("policy: unknown_instance -> HELLO again on the same connection: a notice, no transition") {
   Driver d;
   d.healthy();
   REQUIRE(d.advance().send_ping);
   d.take(d.p.ping_failed(d.now, PingFailure::unknown_instance, "unknown instance"));
-  CHECK(d.p.state() == State::degraded);
+  CHECK_FALSE(d.a.transition);
+  CHECK(d.a.notice.find("HELLO again") != std::string::npos);
   auto& a = d.advance();
-  REQUIRE(a.reregister);
-  CHECK(a.hello_first);
-  d.take(d.p.reregistered(d.now, true, ""));
-  d.ping_ok();
+  REQUIRE(a.send_hello);
+  CHECK_FALSE(a.send_ping);  // no pings until the server knows the instance again
+  CHECK_FALSE(d.p.tick(d.now).send_hello);  // one HELLO at a time
+  d.take(d.p.hello_answered(d.now, 7));
   d.ping_ok();
   CHECK(d.p.state() == State::healthy);
+  CHECK(d.transitions == 1);  // warming -> healthy only
+  CHECK(d.p.counters(d.now).hellos_repeated == 1);
+}
+
+TEST_CASE("policy: an idle warming scheduler that was reaped says HELLO again without a transition") {
+  Driver d;
+  d.take(d.p.start(d.now));
+  d.take(d.p.connected(d.now, 7));
+  d.take(d.p.gate_opened(d.now, "first lookup"));
+  REQUIRE(d.advance().send_ping);
+  d.take(d.p.ping_failed(d.now, PingFailure::unknown_instance, "reaped"));
+  CHECK(d.p.state() == State::warming);
+  REQUIRE(d.advance().send_hello);
+  d.take(d.p.hello_answered(d.now, 7));
+  d.ping_ok();
+  CHECK(d.p.state() == State::healthy);
+  CHECK(d.last->from == State::warming);
+}
+
+TEST_CASE("policy: a failed repeated HELLO counts as a failure and is tried again") {
+  Driver d;
+  d.healthy();
+  REQUIRE(d.advance().send_ping);
+  d.take(d.p.ping_failed(d.now, PingFailure::unknown_instance, "x"));
+  REQUIRE(d.advance().send_hello);
+  d.take(d.p.hello_failed(d.now, "timed out"));
+  CHECK(d.p.state() == State::healthy);
+  REQUIRE(d.advance().send_hello);
+  d.take(d.p.hello_failed(d.now, "timed out"));
+  CHECK(d.p.state() == State::degraded);
+}
+
+TEST_CASE("policy: a failed ping is confirmed by a probe at once; the verdict takes ping_timeout, not more") {
+  Driver d;
+  d.healthy();
+  CHECK(d.p.probe_timeout() == d.p.config().ping_timeout / 2);  // two probes share it
+  REQUIRE(d.advance().send_ping);
+  const TimePoint first = d.now;
+  d.now += d.p.probe_timeout();
+  d.take(d.p.ping_failed(d.now, PingFailure::timeout, "timed out"));
+  CHECK(d.p.state() == State::healthy);
+  CHECK(d.p.next_wakeup() == d.now);
+  REQUIRE(d.advance().send_ping);
+  d.now += d.p.probe_timeout();
+  d.take(d.p.ping_failed(d.now, PingFailure::timeout, "timed out"));
+  CHECK(d.p.state() == State::degraded);
+  CHECK(d.now - first == d.p.config().ping_timeout);
+  // Degraded, no verdict to hurry: a probe waits the whole ping_timeout.
+  CHECK(d.p.probe_timeout() == d.p.config().ping_timeout);
+}
+
+TEST_CASE("policy: a slow server's probes wait longer, up to ping_timeout") {
+  Driver d;
+  d.healthy();
+  for (int i = 0; i < 40; ++i) {  // round trips of 30 ms: 4 x 30 > 100 / 2
+    REQUIRE(d.advance().send_ping);
+    d.now += 30ms;
+    d.take(d.p.ping_ok(d.now, 30ms));
+  }
+  CHECK(d.p.probe_timeout() == d.p.config().ping_timeout);
+  CHECK(d.p.state() == State::healthy);
+}
+
+TEST_CASE("policy: recovering, the confirming pings go back to back") {
+  Driver d;
+  d.healthy();
+  d.take(d.p.connection_lost(d.now, "eof"));
+  d.connect(8);
+  const TimePoint up = d.now;
+  d.ping_ok();  // 1 ms each
+  d.ping_ok();
+  CHECK(d.p.state() == State::healthy);
+  CHECK(d.now - up == 2ms);
+}
+
+TEST_CASE("policy: the default cold start forgives one lost ping") {
+  Config c = fast_config();
+  c.cold_start_failure_threshold = Config{}.cold_start_failure_threshold;
+  CHECK(c.cold_start_failure_threshold == 2);
+  Driver d(c);
+  d.take(d.p.start(d.now));
+  d.take(d.p.connected(d.now, 7));
+  d.take(d.p.gate_opened(d.now, "ready"));
+  d.ping_timeout();
+  CHECK(d.p.state() == State::warming);
+  d.ping_ok();
+  CHECK(d.p.state() == State::healthy);
+}
+
+TEST_CASE("policy: reconnect backoff never waits longer than the interval") {
+  Config c = fast_config();
+  c.reconnect_max = 10s;  // capped by interval (100 ms)
+  Driver d(c);
+  REQUIRE(d.take(d.p.start(d.now)).connect);
+  Duration longest{};
+  for (int i = 0; i < 12; ++i) {
+    if (i > 0) REQUIRE(d.advance().connect);
+    d.take(d.p.connect_failed(d.now, "refused"));
+    REQUIRE(d.a.reconnect_after);
+    longest = std::max(longest, *d.a.reconnect_after);
+  }
+  CHECK(longest == 100ms);
+}
+
+TEST_CASE("policy: planned restart: draining, the server closes, the replacement answers: no degraded") {
+  Driver d;
+  d.healthy();
+  d.take(d.p.server_draining(d.now, "SIGTERM"));
+  CHECK(d.p.draining());
+  CHECK(d.a.notice.find("planned restart") != std::string::npos);
+  CHECK_FALSE(d.advance(1s).send_ping);  // nothing judged on a draining server
+  d.take(d.p.connection_lost(d.now, "eof"));
+  CHECK_FALSE(d.a.transition);
+  for (int i = 0; i < 5; ++i) {  // the replacement is not listening yet
+    REQUIRE(d.advance().connect);
+    d.take(d.p.connect_failed(d.now, "refused"));
+    CHECK_FALSE(d.a.transition);
+  }
+  d.connect(8);
+  CHECK_FALSE(d.p.draining());
+  CHECK(d.a.notice.find("planned restart complete") != std::string::npos);
+  d.ping_ok();
+  CHECK(d.p.state() == State::healthy);
+  CHECK(d.transitions == 1);  // only warming -> healthy at the start
+  CHECK(d.p.counters(d.now).planned_restarts == 1);
+}
+
+TEST_CASE("policy: a planned restart whose replacement never comes -> degraded after the grace") {
+  Config c = fast_config();
+  c.planned_restart_grace = 2s;
+  Driver d(c);
+  d.healthy();
+  d.take(d.p.server_draining(d.now, "SIGTERM"));
+  d.take(d.p.connection_lost(d.now, "eof"));
+  const TimePoint lost = d.now;
+  while (d.p.state() == State::healthy) {
+    if (d.advance().connect) d.take(d.p.connect_failed(d.now, "refused"));
+  }
+  CHECK(d.p.state() == State::degraded);
+  CHECK(d.now - lost >= 2s);
+  CHECK(d.now - lost <= 2s + 100ms);
+  CHECK(d.last->reason.find("did not come back") != std::string::npos);
 }
 
 TEST_CASE("policy: server absent at start -> degraded when the gate opens, recovers when it appears") {
@@ -248,7 +363,6 @@ TEST_CASE("policy: server absent at start -> degraded when the gate opens, recov
   CHECK(d.p.state() == State::degraded);
   CHECK(d.last->reason.find("cannot connect") != std::string::npos);
   d.connect(9);
-  CHECK_FALSE(d.a.reregister);  // first boot id seen: nothing to re-register
   d.ping_ok();
   d.ping_ok();
   CHECK(d.p.state() == State::healthy);
@@ -342,7 +456,14 @@ TEST_CASE("policy: random inputs never break invariants") {
         case 4: d.take(d.p.ping_failed(d.now, static_cast<PingFailure>(rng() % 3), "x")); break;
         case 5: d.take(d.p.connection_lost(d.now, "x")); break;
         case 6: d.take(d.p.deadline_missed(d.now)); break;
-        case 7: d.take(d.p.reregistered(d.now, rng() % 2, "x")); break;
+        case 7:
+          switch (rng() % 4) {
+            case 0: d.take(d.p.registration_pending(d.now, rng() % 2)); break;
+            case 1: d.take(d.p.server_draining(d.now, "x")); break;
+            case 2: d.take(d.p.hello_answered(d.now, 1 + rng() % 2)); break;
+            default: d.take(d.p.hello_failed(d.now, "x")); break;
+          }
+          break;
         default: d.take(d.p.tick(d.now)); break;
       }
       const auto c = d.p.counters(d.now);
@@ -354,7 +475,8 @@ TEST_CASE("policy: random inputs never break invariants") {
         if (d.a.transition->from == State::degraded) CHECK(c.pings_ok - pings_ok_at_degraded >= 2);
       }
       if (d.a.send_ping) CHECK((gate_was_open || d.p.gate_open()));
-      if (d.p.state() == State::healthy) CHECK(d.p.connected());
+      // Healthy without a connection only while a planned restart runs.
+      if (d.p.state() == State::healthy) CHECK((d.p.connected() || d.p.draining()));
     }
   }
 }

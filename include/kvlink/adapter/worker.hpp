@@ -9,12 +9,16 @@
 // Degraded mode: stores are not sent (they count as finished by the server);
 // retrieves are not sent and their blocks become load errors; the next
 // get_finished drains every pending transfer (GetFinishedTracker).
-// After a server restart or an unknown_instance answer the monitor's
-// re-registration hook re-sends the stored registration.
+// Registration follows health::RegistrationLifecycle: the adapter keeps what
+// the engine registered and sends it to every server the link reaches that
+// does not hold it (after a restart, a reap, a not_registered answer, or
+// when the engine started before the server), retrying with backoff; the
+// link is not called healthy before the server holds it.
 #pragma once
 
 #include <asio/any_io_executor.hpp>
 #include <asio/awaitable.hpp>
+#include <asio/steady_timer.hpp>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -26,6 +30,7 @@
 #include "kvlink/unique_fd.hpp"
 #include "kvlink/adapter/finished_tracker.hpp"
 #include "kvlink/health/monitor.hpp"
+#include "kvlink/health/registration.hpp"
 #include "kvlink/store/keys.hpp"
 
 namespace kvlink::adapter {
@@ -101,11 +106,15 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   // Registers the engine's KV memory: a cpu_memfd layout with its memfd, or
   // a cuda_ipc layout (transfer::cuda::export_kv_cache) with none. `memfd` is
   // duplicated at once: the adapter keeps its own copy (a server restart
-  // needs it again), so the caller may close theirs when this returns. The
-  // registration is kept and re-sent automatically after a server restart,
-  // and, when it could not be sent or acknowledged (no server, lost
-  // connection, timeout), again each time the link becomes healthy until the
-  // server acknowledges it. A refused registration (bad layout) is dropped.
+  // needs it again), so the caller may close theirs when this returns.
+  // Completes when a server acknowledged it, or with an error: refused (the
+  // registration is dropped), unhealthy at once on a link known to be down,
+  // or at call_timeout the latest reason it is not acknowledged yet
+  // (not_connected, timed_out). Unless refused, the registration is kept and
+  // sent (retried with backoff) until a server acknowledges it, then again to
+  // any server that loses it. Only a refusal (bad layout; the error names
+  // it) drops it, with one error log line and a notice event; registering
+  // again tries anew.
   template <class CompletionToken>
   auto async_register_kv_caches(wire::KvLayout layout, int memfd, CompletionToken&& token) {
     return detail::initiate<Done>(ex_, token, [self = shared_from_this(), l = std::move(layout),
@@ -183,8 +192,9 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   }
   Result<std::vector<std::uint32_t>> take_load_errors(Duration deadline = {});
 
-  // Stops re-registration and new transfers, unregisters (bounded by
-  // call_timeout), then stops the heartbeat and closes the connection.
+  // Stops the heartbeat, re-registration and new transfers, then sends
+  // UNREGISTER (bounded by call_timeout; a failure is logged as a warning)
+  // and closes the connection. Completes within call_timeout.
   template <class CompletionToken>
   auto async_shutdown(CompletionToken&& token) {
     return detail::initiate<Done>(ex_, token, [self = shared_from_this()](detail::Callback<Done> cb) mutable {
@@ -193,8 +203,11 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   }
   Result<Done> shutdown(Duration deadline = {});
 
-  // On the executor: re-registrations sent by the monitor's hook.
+  // On the executor: acknowledged registrations sent again without the
+  // engine asking (to a server that had lost it).
   std::uint64_t reregistrations() const { return reregistrations_; }
+  // On the executor: where the registration stands.
+  health::RegistrationLifecycle::Phase registration_phase() const { return lifecycle_.phase(); }
 
  private:
   struct Registration {
@@ -211,11 +224,16 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
     if (!fd) return conn->async_call(std::move(req), timeout, std::forward<CompletionToken>(token));
     return conn->async_call_with_fd(std::move(req), fd.get(), timeout, std::forward<CompletionToken>(token));
   }
-  static asio::awaitable<std::error_code> reregister(std::weak_ptr<WorkerAdapter> weak,
-                                                     std::shared_ptr<net::Connection> conn);
-  static asio::awaitable<void> resend_registration(std::shared_ptr<WorkerAdapter> self);
-  static asio::awaitable<void> do_register(std::shared_ptr<WorkerAdapter> self, detail::Callback<Done> cb);
   static asio::awaitable<void> do_shutdown(std::shared_ptr<WorkerAdapter> self, detail::Callback<Done> cb);
+
+  // Carries out what the registration lifecycle decided; `unregister_cb`
+  // gets the answer of an UNREGISTER the engine asked for.
+  void act(health::RegistrationLifecycle::Action a, detail::Callback<Done> unregister_cb = {});
+  void on_monitor_event(const health::Event& e);
+  void send_registration(std::uint64_t attempt);
+  void send_unregister(detail::Callback<Done> cb);
+  void complete_register_waiters(std::error_code ec);
+  void arm_registration_timer();
 
   void start_register(wire::KvLayout layout, UniqueFd memfd, detail::Callback<Done> cb);
   void start_unregister(detail::Callback<Done> cb);
@@ -230,7 +248,8 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   void do_retrieve(TransferSpec spec, detail::Callback<wire::RetrieveResult> cb);
   // Fills spec.hashes from tokens and trims block ids; "" or what is wrong.
   std::error_code prepare(TransferSpec& spec) const;
-  std::shared_ptr<net::Connection> usable_connection() const;
+  // The connection transfers may use now, or null with why not.
+  std::shared_ptr<net::Connection> usable_connection(std::error_code& why) const;
   void note_error(std::error_code ec);
   Duration deadline_or_default(Duration d) const { return d == Duration{} ? config_.blocking_deadline : d; }
   // A transfer sent now: the tracker's fence is the call's deadline; the
@@ -248,10 +267,14 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   WorkerConfig config_;
   std::uint64_t ns_ = 0;
   std::shared_ptr<health::Monitor> monitor_;
-  std::optional<Registration> registration_;
+  std::optional<Registration> registration_;  // what the engine registered, to send to any server
+  health::RegistrationLifecycle lifecycle_;
+  asio::steady_timer registration_timer_;    // the lifecycle's next retry
+  std::vector<detail::Callback<Done>> register_waiters_;  // register calls not answered yet
+  asio::steady_timer register_deadline_;                  // ...answered by call_timeout at the latest
+  std::error_code last_register_error_;
+  bool acked_since_request_ = false;
   bool shutting_down_ = false;
-  bool registration_acked_ = false;      // the server acknowledged registration_
-  bool registration_in_flight_ = false;  // a REGISTER is being sent
   std::uint64_t reregistrations_ = 0;
   GetFinishedTracker tracker_;
 };

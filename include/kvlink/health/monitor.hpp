@@ -2,13 +2,20 @@
 // drives the sans-io Policy (health/policy.hpp). It connects (HELLO), pings
 // with its own deadline at a jittered interval, marks the link degraded at
 // once when the connection ends (EOF/reset), reconnects with backoff and a
-// connect timeout, and runs the re-registration hook before declaring the
-// link healthy again after a server restart or an unknown_instance answer.
+// connect timeout, says HELLO again when the server forgot the instance,
+// and follows a draining server through its planned restart.
+//
+// What the adapter must restore on a server (its KV-cache registration) is
+// not the monitor's business: the adapter sees every connection come up
+// (Event::Kind::connected, with the HELLO reply) and holds the link out of
+// `healthy` with set_registration_pending() until it is restored.
 //
 // Any number of monitors share one io_context; none owns a thread.
-// Thread-safety: start(), stop(), state(), report_deadline_missed(),
-// connection() and gate() may be called from any thread; on_event(),
-// counters(), changed() and wait_for() belong to the monitor's executor.
+// Thread-safety: start(), stop(), state(), draining(),
+// report_deadline_missed(), connection() and gate() may be called from any
+// thread; on_event(), counters(), changed(), wait_for(),
+// set_registration_pending(), notice() and take_connection_and_stop()
+// belong to the monitor's executor.
 #pragma once
 
 #include <asio/any_io_executor.hpp>
@@ -28,9 +35,6 @@
 
 namespace kvlink::health {
 
-// Re-registers what the server lost (KV caches) on the given connection.
-using ReregisterHook = std::function<asio::awaitable<std::error_code>(std::shared_ptr<net::Connection>)>;
-
 struct MonitorOptions {
   Config health;
   net::Endpoint endpoint;
@@ -38,9 +42,6 @@ struct MonitorOptions {
   wire::HelloRequest hello;
   // Shared with the adapters that open it; null creates one.
   std::shared_ptr<WarmupGate> gate;
-  // Called after a server restart or unknown_instance; null means nothing
-  // to re-register (counts as success).
-  ReregisterHook reregister;
   // Seeds the jitter; 0 picks a random seed.
   std::uint64_t seed = 0;
   // Names the link in log lines.
@@ -51,12 +52,15 @@ struct MonitorOptions {
   Duration timer_slack = std::chrono::milliseconds(2);
 };
 
-// What callbacks receive: a state transition or a notice (an observable
-// event that changes no state, e.g. a connection lost during warmup).
+// What callbacks receive: a state transition, a notice (an observable event
+// that changes no state, e.g. a connection lost during warmup), or a
+// connection that came up (HELLO answered) or went away. `notice` describes
+// every kind but transitions in words.
 struct Event {
-  enum class Kind : std::uint8_t { transition, notice } kind = Kind::transition;
+  enum class Kind : std::uint8_t { transition, notice, connected, disconnected } kind = Kind::transition;
   Transition transition;  // kind == transition
-  std::string notice;     // kind == notice
+  std::string notice;
+  wire::HelloReply hello;  // kind == connected
   TimePoint at{};
 };
 
@@ -74,6 +78,8 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   WarmupGate& gate() { return *gate_; }
   std::shared_ptr<WarmupGate> shared_gate() { return gate_; }
   State state() const { return state_.load(std::memory_order_acquire); }
+  // The server announced a planned restart: it takes no new transfers.
+  bool draining() const { return draining_.load(std::memory_order_acquire); }
   std::uint64_t instance_id() const { return options_.hello.instance_id; }
   // The current connection for issuing calls (null while disconnected).
   std::shared_ptr<net::Connection> connection() const;
@@ -82,6 +88,15 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
 
   // Callback for every event, on the monitor's executor.
   void on_event(std::function<void(const Event&)> callback);
+  // The adapter has something the server must hold before the link may be
+  // called healthy (a registration on its way), or no longer.
+  void set_registration_pending(bool pending);
+  // Publishes a notice event from the adapter (it logs it itself).
+  void notice(std::string text);
+  // Stops like stop() but hands the open connection (or null) to the caller
+  // instead of closing it: shutdown stops the heartbeat first, then sends
+  // UNREGISTER on it.
+  std::shared_ptr<net::Connection> take_connection_and_stop();
   Counters counters() const;
   std::uint64_t boot_id() const { return policy_.boot_id(); }
   // The server's chunk size from the latest HELLO (0 before the first).
@@ -107,14 +122,14 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   Monitor(asio::any_io_executor ex, MonitorOptions options);
 
   static asio::awaitable<void> run(std::shared_ptr<Monitor> self);
-  static asio::awaitable<void> reregister(std::shared_ptr<Monitor> self, std::shared_ptr<net::Connection> conn,
-                                          bool hello_first, std::uint64_t gen, std::uint64_t attempt);
   void apply(Actions a);
   void wake();
   TimePoint quantize(TimePoint t) const;
   void do_connect();
   void do_ping();
+  void do_hello();
   void on_connected(net::ConnectResult r);
+  void publish_connected(const wire::HelloReply& hello, std::string what);
   void on_lost(std::uint64_t gen, std::string why);
   void publish(Event e);
 
@@ -149,12 +164,12 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   bool waiting_ = false;
   std::atomic<State> state_{State::warming};
   std::atomic<bool> started_{false};
+  std::atomic<bool> draining_{false};
   std::atomic<std::uint32_t> server_chunk_size_{0};
   bool stopped_ = false;
   mutable std::mutex conn_mutex_;
   std::shared_ptr<net::Connection> conn_;
-  std::uint64_t gen_ = 0;
-  std::uint64_t reregister_attempt_ = 0;  // results of older attempts are ignored  // bumps per connection; stale completions are dropped
+  std::uint64_t gen_ = 0;  // bumps per connection; stale completions are dropped
   std::vector<std::function<void(const Event&)>> callbacks_;
   std::unordered_map<std::uint64_t, Waiter> waiters_;
   std::uint64_t next_waiter_ = 1;

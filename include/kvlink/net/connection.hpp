@@ -166,6 +166,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Called once, on the connection's executor, when the connection ends
   // (with the reason). Set it before anything can close the connection.
   void on_close(std::function<void(const StreamEnd&)> handler) { on_close_ = std::move(handler); }
+  // Called on the connection's executor for each SERVER_NOTICE the server
+  // sends unasked (e.g. draining before a planned restart).
+  void on_notice(std::function<void(const wire::ServerNotice&)> handler) { on_notice_ = std::move(handler); }
 
   // The following are for the connection's executor only.
   bool is_open() const { return !closed_; }
@@ -197,7 +200,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
       last_error_message_ = "the file descriptor to pass is not open (dup failed)";
       return call->complete(errc::bad_request, {});
     }
-    if (pending_.size() >= max_in_flight_) {
+    // The heartbeat has a slot of its own beyond the data path's budget: a
+    // full pipeline of transfers never makes a PING look like a failure.
+    const bool ping = Request::opcode == wire::Opcode::ping;
+    if (pending_.size() >= max_in_flight_ + (ping ? 1u : 0u)) {
       log::warn("kvlink: {} not sent: {} requests already in flight on this connection", wire::opcode_name(Request::opcode),
                 pending_.size());
       return call->complete(errc::limit_exceeded, {});
@@ -242,6 +248,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::string last_error_message_;
   bool is_unix_ = false;  // fds can be passed
   std::function<void(const StreamEnd&)> on_close_;
+  std::function<void(const wire::ServerNotice&)> on_notice_;
 };
 
 // Result of connect(): a connection that has completed HELLO, or why not.
