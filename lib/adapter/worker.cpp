@@ -126,6 +126,7 @@ void WorkerAdapter::act(health::RegistrationLifecycle::Action a, detail::Callbac
     case Kind::refused:
       log::error("{}: REGISTER_KV_CACHE refused, registration dropped (register again to retry): {}", config_.name,
                  a.reason);
+      refusal_ = a.reason;
       monitor_->notice("registration refused by the server: " + a.reason);
       registration_.reset();
       complete_register_waiters(errc::bad_request);
@@ -210,6 +211,7 @@ void WorkerAdapter::start_register(wire::KvLayout layout, UniqueFd memfd, detail
     r.memfd = std::move(memfd);
     self->registration_ = std::move(r);
     self->acked_since_request_ = false;
+    self->refusal_.clear();
     self->complete_register_waiters(errc::shutting_down);  // superseded by this one
     self->register_waiters_.push_back(std::move(cb));
     self->last_register_error_ = errc::not_connected;

@@ -206,8 +206,10 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   // On the executor: acknowledged registrations sent again without the
   // engine asking (to a server that had lost it).
   std::uint64_t reregistrations() const { return reregistrations_; }
-  // On the executor: where the registration stands.
+  // On the executor: where the registration stands, and the server's reason
+  // for the latest refusal ("" if none since the last register call).
   health::RegistrationLifecycle::Phase registration_phase() const { return lifecycle_.phase(); }
+  const std::string& registration_refusal() const { return refusal_; }
 
  private:
   struct Registration {
@@ -274,6 +276,7 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   asio::steady_timer register_deadline_;                  // ...answered by call_timeout at the latest
   std::error_code last_register_error_;
   bool acked_since_request_ = false;
+  std::string refusal_;
   bool shutting_down_ = false;
   std::uint64_t reregistrations_ = 0;
   GetFinishedTracker tracker_;
