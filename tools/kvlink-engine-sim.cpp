@@ -2,17 +2,21 @@
 // KV connector does, for demos, end-to-end tests and soak runs.
 //
 // Warmup (the gate stays closed: no heartbeat), then it registers a memfd
-// KV cache and runs requests with shared prefixes, one engine step after
-// another: scheduler lookup -> allocate blocks -> worker retrieve of the hit
-// -> "compute" the rest (a deterministic pattern per token, sim/workload.hpp)
-// -> store -> get_finished frees the blocks. Every retrieved block is
-// verified byte for byte; a block that failed to load is recomputed, as an
-// engine does. The engine thread only makes blocking calls with deadlines
-// and asynchronous transfers; it records the longest call.
+// KV cache, once, and runs requests with shared prefixes whether or not a
+// server answers yet (the adapter sends the registration to the server as
+// soon as one does; until then lookups miss and nothing is stored), one
+// engine step after another: scheduler lookup -> allocate blocks -> worker
+// retrieve of the hit -> "compute" the rest (a deterministic pattern per
+// token, sim/workload.hpp) -> store -> get_finished frees the blocks.
+// Every retrieved block is verified byte for byte; a block that failed to
+// load is recomputed, as an engine does. The engine thread only makes
+// blocking calls with deadlines and asynchronous transfers; it records the
+// longest call.
 //
 // Output: JSON lines on stdout (health events in kvlink-cli watch's form
 // with a "link" field, progress lines, a final summary); warnings on stderr.
-// Exit 0; 1 when a retrieved block did not verify; 2 when it could not start.
+// Exit 0; 1 when a retrieved block did not verify; 2 when it could not start
+// or the server refused its KV cache (registration or chunk size).
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -60,7 +64,6 @@ struct Options {
   int call_timeout_ms = 1000;
   int transfer_timeout_ms = 5000;
   int deadline_ms = 2000;
-  int start_timeout_ms = 10000;
   int health_interval_ms = 1000;
   int health_timeout_ms = 1000;
   int failure_threshold = 2;
@@ -151,8 +154,9 @@ class Engine {
         alloc_(kv.layout().num_blocks, o.workload.seed),
         deadline_(milliseconds(o.deadline_ms)) {}
 
-  // Runs the workload for the configured time, then drains.
-  void run() {
+  // Runs the workload for the configured time, then drains. Returns why it
+  // stopped early ("" when it did not): the server refused the KV cache.
+  std::string run() {
     const auto start = steady_clock::now();
     const auto end = start + duration_cast<steady_clock::duration>(duration<double>(o_.duration_s));
     auto next_admit = start;
@@ -166,6 +170,10 @@ class Engine {
       if (!admitting && !drain_until)
         drain_until = now + milliseconds(o_.transfer_timeout_ms + 2 * o_.deadline_ms + 1000);
       if (!admitting && (active_.empty() || now >= *drain_until)) break;
+      if (auto why = refused(); !why.empty()) {
+        abandoned_ = active_.size();
+        return why;
+      }
       while (admitting && active_.size() < o_.concurrency && now >= next_admit &&
              (o_.max_requests == 0 || admitted_ < o_.max_requests)) {
         admit();
@@ -176,6 +184,10 @@ class Engine {
       if (steady_clock::now() >= next_progress) {
         progress(start);
         next_progress += milliseconds(o_.progress_ms);
+        if (next_progress <= steady_clock::now())  // after a stall: no burst of lines
+          next_progress = steady_clock::now() + milliseconds(o_.progress_ms);
+        // The library drops a registration only when the server refuses it.
+        refusal_ = on_io(rt_, [w = worker_] { return w->registration_refusal(); });
       }
       // Sleep until something is due; a completed transfer wakes us.
       auto wake_at = std::min(next_progress, steady_clock::now() + (lookups_pending() ? milliseconds(2) : milliseconds(20)));
@@ -184,6 +196,7 @@ class Engine {
     }
     progress(start);
     abandoned_ = active_.size();
+    return {};
   }
 
   const Totals& totals() const { return t_; }
@@ -199,6 +212,17 @@ class Engine {
     auto r = f();
     t_.max_call_ms = std::max(t_.max_call_ms, duration<double, std::milli>(steady_clock::now() - t0).count());
     return r;
+  }
+
+  // Why the engine cannot use the server at all, or "": the server's chunk
+  // size (known once it answered HELLO) does not fit the engine's blocks, or
+  // it refused the registration (sent by the adapter when the server came).
+  std::string refused() const {
+    const auto chunk = worker_->monitor().server_chunk_size();
+    if (chunk != 0 && chunk % o_.block_size != 0)
+      return fmt::format("the server's chunk size {} is not a multiple of --block-size {}", chunk, o_.block_size);
+    if (!refusal_.empty()) return "stopping: registration refused by the server: " + refusal_;
+    return {};
   }
 
   bool lookups_pending() const {
@@ -361,6 +385,7 @@ class Engine {
   std::set<std::uint32_t> load_errors_;   // reported, not yet matched to a finished retrieve
   std::uint64_t admitted_ = 0;
   std::size_t abandoned_ = 0;
+  std::string refusal_;  // the server's reason, once it refused the registration
   Totals t_;
 };
 
@@ -462,32 +487,27 @@ int run(const Options& o) {
   emit(fmt::format(R"({{"ts_ms":{},"event":"warmup_done","warmup_ms":{},"pings_during_warmup":{},"worker":"{}"}})",
                    unix_ms(), o.warmup_ms, pings, state_of(*worker)));
 
-  // Register the KV cache (the worker's gate opens on the acknowledgement).
-  const auto give_up = steady_clock::now() + milliseconds(o.start_timeout_ms);
-  for (;;) {
-    auto r = worker->register_kv_caches(lay, memfd.get(), milliseconds(o.deadline_ms));
-    if (!r.ec) break;
-    const bool retry = r.ec == errc::not_connected || r.ec == errc::unhealthy || r.ec == errc::timed_out ||
-                       r.ec == errc::connection_lost;
-    if (!retry || steady_clock::now() >= give_up) {
-      worker->shutdown(milliseconds(o.deadline_ms));
-      scheduler->stop();
-      return fail_start(fmt::format("could not register the KV cache with {}: {}{}", o.server, r.ec.message(),
-                                    retry ? " (is kvlink-server running there? start it, or pass --server)" : ""));
-    }
-    std::this_thread::sleep_for(milliseconds(100));
-  }
-  emit(fmt::format(R"({{"ts_ms":{},"event":"registered","kv_bytes":{},"chunk_size":{}}})", unix_ms(),
-                   lay.region_bytes, worker->monitor().server_chunk_size()));
-  if (const auto chunk = worker->monitor().server_chunk_size(); chunk % o.block_size != 0) {
+  // Register the KV cache, once, as an engine does after loading its model.
+  // The adapter keeps the registration and sends it to the server as soon as
+  // one answers (also when the engine starts before the server); the
+  // worker's gate opens on its acknowledgement. Only a refusal is final.
+  auto r = worker->register_kv_caches(lay, memfd.get(), milliseconds(o.deadline_ms));
+  if (r.ec == errc::bad_request) {
     worker->shutdown(milliseconds(o.deadline_ms));
     scheduler->stop();
-    return fail_start(fmt::format("the server's chunk size {} is not a multiple of --block-size {}", chunk,
-                                  o.block_size));
+    const auto why = on_io(rt, [&] { return worker->registration_refusal(); });
+    return fail_start(fmt::format("could not register the KV cache ({}): registration refused by the server: {}",
+                                  r.ec.message(), why));
   }
+  if (r.ec)
+    emit(fmt::format(R"({{"ts_ms":{},"event":"register_pending","error":{},"call_timeout_ms":{}}})", unix_ms(),
+                     json_string(r.ec.message()), o.call_timeout_ms));
+  else
+    emit(fmt::format(R"({{"ts_ms":{},"event":"registered","kv_bytes":{},"chunk_size":{}}})", unix_ms(),
+                     lay.region_bytes, worker->monitor().server_chunk_size()));
 
   Engine engine(o, rt, worker, scheduler, sim::KvView(static_cast<std::byte*>(base), lay));
-  engine.run();
+  const std::string fatal = engine.run();
   const auto rereg = on_io(rt, [&] { return worker->reregistrations(); });
   worker->shutdown(milliseconds(o.deadline_ms));
   scheduler->stop();
@@ -501,6 +521,7 @@ int run(const Options& o) {
                    o.deadline_ms, engine.shared().max_transfer_us.load() / 1000.0, o.transfer_timeout_ms,
                    t.lookup_tokens, t.recomputed_blocks, rereg, engine.abandoned()));
   rt.stop();
+  if (!fatal.empty()) return fail_start(fatal);
   return t.verify_failures > 0 ? 1 : 0;
 }
 
@@ -560,9 +581,6 @@ int main(int argc, char** argv) {
   app.add_option("--deadline-ms", o.deadline_ms, "Deadline of every blocking call the engine makes")
       ->capture_default_str()
       ->check(CLI::Range(1, 3600000));
-  app.add_option("--start-timeout-ms", o.start_timeout_ms, "How long to retry the first registration")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 3600000));
   app.add_option("--health-interval-ms", o.health_interval_ms, "Time between pings")
       ->capture_default_str()
       ->check(CLI::Range(1, 3600000));

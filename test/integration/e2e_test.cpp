@@ -3,16 +3,26 @@
 // server is verified against the per-token pattern (tools/sim/workload.hpp),
 // so a wrong block, offset, layer or plane fails. Faults (SIGKILL, SIGSTOP)
 // hit the server while an engine thread keeps serving requests with
-// blocking calls; no call may outlast its deadline.
+// blocking calls; no call may outlast its deadline. The last tests run
+// kvlink-engine-sim itself as a process, in the orders reality produces
+// (engine before server, a planned restart).
 #include <doctest/doctest.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <asio/use_future.hpp>
 #include <atomic>
+#include <concepts>
+#include <condition_variable>
+#include <filesystem>
 #include <fstream>
+#include <optional>
 #include <future>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <set>
@@ -283,6 +293,166 @@ sim::WorkloadConfig shared_prefixes(std::uint64_t seed = 1) {
   return w;
 }
 
+// A child process (the engine simulator, or a server the test drains) whose
+// stdout and stderr lines are collected as they come, each with the time it
+// arrived, so a test can wait for a line and time what happened.
+class Child {
+ public:
+  using Clock = std::chrono::steady_clock;
+  struct Line {
+    Clock::time_point at;
+    std::string text;
+  };
+
+  explicit Child(std::vector<std::string> argv) {
+    int fds[2];
+    REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
+    std::vector<char*> args;
+    for (auto& a : argv) args.push_back(a.data());
+    args.push_back(nullptr);
+    pid_ = ::fork();
+    REQUIRE(pid_ >= 0);
+    if (pid_ == 0) {
+      ::dup2(fds[1], STDOUT_FILENO);
+      ::dup2(fds[1], STDERR_FILENO);
+      ::execv(args[0], args.data());
+      ::_exit(127);
+    }
+    ::close(fds[1]);
+    reader_ = std::thread([this, fd = fds[0]] { read_lines(fd); });
+  }
+  ~Child() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGCONT);
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    if (reader_.joinable()) reader_.join();
+  }
+
+  pid_t pid() const { return pid_; }
+  void signal(int sig) {
+    if (pid_ > 0) ::kill(pid_, sig);
+  }
+
+  // The first line from index `from` on that `match` accepts, waiting up to
+  // `timeout` for it; nothing when none came (or the process ended first).
+  template <class Pred>
+    requires std::predicate<Pred&, const std::string&>
+  std::optional<Line> wait_for(Pred match, std::chrono::milliseconds timeout, std::size_t from = 0) {
+    std::unique_lock lock(m_);
+    std::optional<Line> found;
+    cv_.wait_for(lock, timeout, [&] {
+      for (std::size_t i = from; i < lines_.size(); ++i)
+        if (match(lines_[i].text)) {
+          found = lines_[i];
+          return true;
+        }
+      from = lines_.size();
+      return eof_;
+    });
+    return found;
+  }
+  std::optional<Line> wait_for(const std::string& needle, std::chrono::milliseconds timeout, std::size_t from = 0) {
+    return wait_for([&](const std::string& l) { return l.find(needle) != std::string::npos; }, timeout, from);
+  }
+  std::size_t line_count() {
+    std::lock_guard lock(m_);
+    return lines_.size();
+  }
+  std::string output() {
+    std::lock_guard lock(m_);
+    std::string all;
+    for (const auto& l : lines_) all += l.text + "\n";
+    return all;
+  }
+
+  // Waits up to `timeout` for the process to exit; its exit status, or -1
+  // (killed by a signal, or still running at the timeout: then killed).
+  int wait_exit(std::chrono::milliseconds timeout) {
+    if (pid_ <= 0) return -1;
+    int status = 0;
+    const auto end = Clock::now() + timeout;
+    while (::waitpid(pid_, &status, WNOHANG) == 0) {
+      if (Clock::now() > end) {
+        ::kill(pid_, SIGKILL);
+        ::waitpid(pid_, &status, 0);
+        status = -1;
+        break;
+      }
+      std::this_thread::sleep_for(2ms);  // polling a child's exit; waitpid has no timeout
+    }
+    pid_ = -1;
+    if (reader_.joinable()) reader_.join();
+    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+ private:
+  void read_lines(int fd) {
+    std::string partial;
+    char buf[4096];
+    for (;;) {
+      const ssize_t n = ::read(fd, buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      partial.append(buf, static_cast<std::size_t>(n));
+      const auto now = Clock::now();
+      std::lock_guard lock(m_);
+      for (auto nl = partial.find('\n'); nl != std::string::npos; nl = partial.find('\n')) {
+        lines_.push_back({now, partial.substr(0, nl)});
+        partial.erase(0, nl + 1);
+      }
+      cv_.notify_all();
+    }
+    ::close(fd);
+    std::lock_guard lock(m_);
+    if (!partial.empty()) lines_.push_back({Clock::now(), partial});
+    eof_ = true;
+    cv_.notify_all();
+  }
+
+  pid_t pid_ = -1;
+  std::thread reader_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::vector<Line> lines_;
+  bool eof_ = false;
+};
+
+// A number field of one of the simulator's JSON lines (NaN when absent).
+double json_number(const std::string& line, const std::string& name) {
+  const auto at = line.find("\"" + name + "\":");
+  if (at == std::string::npos) return std::numeric_limits<double>::quiet_NaN();
+  return std::stod(line.substr(at + name.size() + 3));
+}
+
+bool is_event(const std::string& line, const std::string& event) {
+  return line.find("\"event\":\"" + event + "\"") != std::string::npos;
+}
+
+// A progress line reporting loaded-and-verified hit tokens above `above`.
+auto hits_above(double above) {
+  return [above](const std::string& l) { return is_event(l, "progress") && json_number(l, "hit_tokens") > above; };
+}
+
+// Hit tokens of the simulator's latest progress line (0 before the first).
+double latest_hits(Child& sim) {
+  double hits = 0;
+  sim.wait_for(
+      [&](const std::string& l) {
+        if (is_event(l, "progress")) hits = json_number(l, "hit_tokens");
+        return false;
+      },
+      0ms);
+  return hits;
+}
+
+// The simulator's summary line ("" when it printed none).
+std::string summary_of(Child& sim) {
+  auto s = sim.wait_for([](const std::string& l) { return is_event(l, "summary"); }, 0ms);
+  return s ? s->text : std::string();
+}
+
 std::vector<store::Token> prompt(std::size_t n, store::Token first) {
   std::vector<store::Token> t(n);
   for (std::size_t i = 0; i < n; ++i) t[i] = first + static_cast<store::Token>(i * 13 % 1000);
@@ -526,5 +696,126 @@ TEST_CASE("e2e: a STORE that timed out during SIGSTOP must not copy the engine's
     auto r = f.worker->submit_retrieve(f.spec("c-read", std::vector<store::Token>(c.begin(), c.begin() + m), dst));
     REQUIRE(!r.ec);
     CHECK(mismatches(kv, c, dst, 0, m) == 0);
+  }
+}
+
+// The order reality often produces: the engine starts (and registers its KV
+// cache) before the server exists. The simulator registers once, does not
+// call ready(), and must get hits soon after the server listens: the
+// adapter sends the registration when the server appears and its
+// acknowledgement opens the worker's gate.
+TEST_CASE("e2e: engine before server -> registered as soon as the server listens, hits without ready()") {
+  TempDir dir;
+  const std::string ep = dir.socket();
+  ServerProcess server({"--listen", ep, "--log-level", "warn", "--l1-size", "64MiB", "--no-huge-pages"});
+  Child sim({ServerProcess::binary("KVLINK_ENGINE_SIM"), "--server", ep, "--warmup-ms", "100", "--duration-s", "4",
+             "--rate", "100", "--prefixes", "2", "--share-ratio", "1", "--progress-ms", "50",
+             "--health-interval-ms", "100", "--health-timeout-ms", "200", "--log-level", "error"});
+  // Its register_kv_caches came back (no server: call_timeout, 1 s) and the
+  // engine carries on; only then does the server start.
+  auto pending = sim.wait_for([](const std::string& l) { return is_event(l, "register_pending"); }, 10s);
+  REQUIRE_MESSAGE(pending, sim.output());
+  CHECK(pending->text.find("not connected") != std::string::npos);
+  CHECK(!sim.wait_for(hits_above(0), 0ms));
+  server.start();
+  const auto listening = std::chrono::steady_clock::now();
+  auto hit = sim.wait_for(hits_above(0), 10s);
+  REQUIRE_MESSAGE(hit, sim.output());
+  const auto after = std::chrono::duration_cast<std::chrono::milliseconds>(hit->at - listening);
+  MESSAGE("first verified hit " << after.count() << " ms after the server listened");
+  CHECK(after < 2s);
+  CHECK(test::server_stat(ep, "registrations") == 1);  // the one the engine asked for, while it runs
+
+  const int rc = sim.wait_exit(30s);
+  const std::string out = sim.output();
+  INFO(out);
+  CHECK(rc == 0);
+  const std::string summary = summary_of(sim);
+  REQUIRE(!summary.empty());
+  CHECK(json_number(summary, "verify_failures") == 0);
+  CHECK(json_number(summary, "hit_tokens") > 0);
+  CHECK(json_number(summary, "reregistrations") == 0);  // the first acknowledgement is no re-registration
+  // The server did not hold the registration when the worker connected; the
+  // adapter sent it, and its acknowledgement (not a ready() call) opened the gate.
+  CHECK(out.find(R"("link":"worker","event":"connected")") != std::string::npos);
+  CHECK(out.find(R"("registered":false)") != std::string::npos);
+  CHECK(out.find(R"("link":"worker","event":"gate","reason":"register acknowledged")") != std::string::npos);
+  CHECK(out.find("engine ready") == std::string::npos);
+}
+
+// SIGTERM is a planned restart: the server stops listening at once (its
+// socket path is free for a replacement), tells its clients it is draining,
+// finishes what is in flight and exits 0. The engine moves to the
+// replacement without ever calling the link degraded or loading a wrong byte.
+TEST_CASE("e2e: SIGTERM planned restart mid-workload -> no degraded state, no wrong byte, hits resume") {
+  TempDir dir;
+  const std::string ep = dir.socket();
+  const std::string path = ep.substr(std::string("unix:").size());
+  const std::vector<std::string> args{"--listen", ep, "--log-level", "warn", "--l1-size", "64MiB",
+                                      "--no-huge-pages"};
+  std::vector<std::string> first{ServerProcess::binary("KVLINK_SERVER")};
+  first.insert(first.end(), args.begin(), args.end());
+  Child old_server(first);
+  REQUIRE_MESSAGE(old_server.wait_for("kvlink-server ready", 10s), old_server.output());
+  Child sim({ServerProcess::binary("KVLINK_ENGINE_SIM"), "--server", ep, "--warmup-ms", "100", "--duration-s", "5",
+             "--rate", "100", "--prefixes", "2", "--share-ratio", "1", "--progress-ms", "50",
+             "--health-interval-ms", "100", "--health-timeout-ms", "200", "--log-level", "error"});
+  auto hit = sim.wait_for(hits_above(0), 10s);
+  REQUIRE_MESSAGE(hit, sim.output());
+
+  old_server.signal(SIGTERM);
+  REQUIRE(eventually([&] { return !std::filesystem::exists(path); }, 5s));  // listening stopped
+  ServerProcess replacement(args);
+  replacement.start();  // right away, while the old one may still drain
+  const std::size_t from = sim.line_count();
+  const double hits_then = latest_hits(sim);
+  CHECK(old_server.wait_exit(15s) == 0);
+  CHECK(sim.wait_for(hits_above(hits_then), 10s, from));  // hits from the replacement
+
+  const int rc = sim.wait_exit(30s);
+  const std::string out = sim.output();
+  INFO(out);
+  INFO(old_server.output());
+  CHECK(rc == 0);
+  const std::string summary = summary_of(sim);
+  REQUIRE(!summary.empty());
+  CHECK(json_number(summary, "verify_failures") == 0);
+  CHECK(out.find(R"("to":"degraded")") == std::string::npos);
+  CHECK(out.find("draining") != std::string::npos);  // the notice reached the engine
+  CHECK(json_number(summary, "reregistrations") >= 1);  // the replacement holds the KV cache too
+}
+
+// Only a refusal ends a registration: the simulator then stops with the
+// server's reason, whether the refusal answered its register call (server
+// first) or came later, when the adapter sent it to a server that appeared
+// after the engine.
+TEST_CASE("e2e: kvlink-engine-sim exits 2 with the server's reason when its KV cache registration is refused") {
+  TempDir dir;
+  const std::string ep = dir.socket();
+  // 4 layers x 2 planes x 2 heads x 64 x 2 bytes x 256 tokens: a 512 KiB slot does not fit a 64 KiB L1.
+  ServerProcess server({"--listen", ep, "--log-level", "warn", "--l1-size", "65536", "--no-huge-pages"});
+  const std::string sim = ServerProcess::binary("KVLINK_ENGINE_SIM");
+  SUBCASE("server first: the register call is refused") {
+    server.start();
+    std::string out;
+    const int rc = test::run_command(sim + " --server " + ep + " --warmup-ms 0 --duration-s 3 --log-level off", out);
+    INFO(out);
+    CHECK(rc == 2);
+    CHECK(out.find("could not register the KV cache") != std::string::npos);
+    CHECK(out.find("cannot hold one chunk slot") != std::string::npos);  // the server's reason
+    CHECK(out.find(R"("event":"summary")") == std::string::npos);       // it did not run
+  }
+  SUBCASE("engine first: refused when the adapter sends it to the server that came") {
+    Child c({sim, "--server", ep, "--warmup-ms", "0", "--duration-s", "30", "--health-interval-ms", "100",
+             "--log-level", "off"});
+    REQUIRE_MESSAGE(c.wait_for([](const std::string& l) { return is_event(l, "register_pending"); }, 10s),
+                    c.output());
+    server.start();
+    const int rc = c.wait_exit(10s);  // well before --duration-s
+    const std::string out = c.output();
+    INFO(out);
+    CHECK(rc == 2);
+    CHECK(out.find("stopping: registration refused by the server") != std::string::npos);
+    CHECK(out.find("cannot hold one chunk slot") != std::string::npos);
   }
 }
