@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <asio/co_spawn.hpp>
+#include <asio/io_context.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/use_future.hpp>
 #include <asio/post.hpp>
@@ -669,21 +670,25 @@ TEST_CASE("self-heal: engines forked from one parent draw distinct instance ids 
     const pid_t pid = ::fork();
     REQUIRE(pid >= 0);
     if (pid == 0) {
-      // The child: an engine of its own on a fresh runtime.
+      // The child: an engine of its own, its io_context run by its only
+      // thread (no thread is started after the fork).
       int rc = 1;
       {
         UniqueFd kv = kv_memfd();
-        runtime::Runtime rt;
+        asio::io_context io;
         WorkerConfig w;
         w.endpoint = ep;
         w.model = "adapter-model";
         w.health = test::fast_health();
         w.call_timeout = 2s;
-        auto worker = WorkerAdapter::create(rt.executor(), w);
+        auto worker = WorkerAdapter::create(io.get_executor(), w);
         const std::uint64_t id = worker->monitor().instance_id();
-        if (::write(fds[1], &id, sizeof id) == sizeof id && !worker->register_kv_caches(layout(), kv.get(), 3s).ec)
-          rc = 0;
-        rt.stop();  // no shutdown: the server keeps the registration until reaped
+        if (::write(fds[1], &id, sizeof id) == sizeof id)
+          worker->async_register_kv_caches(layout(), kv.get(), [&](std::error_code ec, Done) {
+            rc = ec ? 1 : 0;
+            io.stop();  // no shutdown: the server keeps the registration until reaped
+          });
+        io.run_for(5s);
       }
       ::_exit(rc);
     }
