@@ -12,6 +12,7 @@
 #include "kvlink/log.hpp"
 #include "kvlink/net/auth_token.hpp"
 #include "kvlink/net/endpoint.hpp"
+#include "kvlink/server/inbound_budget.hpp"
 #include "kvlink/server/server.hpp"
 #include "kvlink/store/l1_pool.hpp"
 #include "kvlink/transfer/routing_engine.hpp"
@@ -48,6 +49,11 @@ int main(int argc, char** argv) {
   app.add_option("--max-outbound-bytes", max_outbound,
                  "Replies a connection may have queued before the server stops reading its requests (8MiB, ...)")
       ->capture_default_str();
+  std::string max_inbound;
+  app.add_option("--max-inbound-bytes", max_inbound,
+                 "Payload bytes of frames still arriving, over all connections, the server buffers (256MiB, ...); a "
+                 "frame that would pass it is refused and its connection closed")
+      ->default_str("4 x --max-payload");
   std::string quota;
   app.add_option("--instance-l1-quota", quota,
                  "L1 one instance's STOREs may hold: bytes (4GiB, ...) or a fraction of L1 (0.25); default: no quota");
@@ -125,6 +131,20 @@ int main(int argc, char** argv) {
   }
   if (auto why = kvlink::store::parse_size(max_outbound, cfg.max_outbound_bytes); !why.empty() || cfg.max_outbound_bytes < 65536) {
     fmt::print(stderr, "kvlink-server: --max-outbound-bytes: {}\n", why.empty() ? "must be at least 64KiB" : why);
+    return 2;
+  }
+  if (!max_inbound.empty()) {
+    if (auto why = kvlink::store::parse_size(max_inbound, cfg.max_inbound_bytes); !why.empty()) {
+      fmt::print(stderr, "kvlink-server: --max-inbound-bytes: {}\n", why);
+      return 2;
+    }
+    if (cfg.max_inbound_bytes == 0) {
+      fmt::print(stderr, "kvlink-server: --max-inbound-bytes: must not be 0\n");
+      return 2;
+    }
+  }
+  if (auto why = kvlink::server::check_inbound(cfg); !why.empty()) {
+    fmt::print(stderr, "kvlink-server: {}\n", why);
     return 2;
   }
   if (!quota.empty()) {

@@ -5,6 +5,7 @@
 #include <span>
 
 #include "kvlink/log.hpp"
+#include "kvlink/server/inbound_budget.hpp"
 #include "kvlink/store/keys.hpp"
 #include "kvlink/version.hpp"
 
@@ -69,12 +70,30 @@ bool RequestHandler::parse(const wire::Frame& frame, ReplySink& sink, M& msg, st
 void RequestHandler::fail(const wire::Frame& frame, ReplySink& sink, std::error_code code, std::string_view message) {
   if (frame.header.opcode <= wire::max_opcode) ++counters_.ops[frame.header.opcode].errors;
   if (code == errc::protocol_error) ++counters_.protocol_errors;
-  // One-way requests get no reply, not even an error: log it instead.
+  // One-way requests get no reply, not even an error: log it instead
+  // (within the connection's share of the log; the counters count all).
   if (frame.header.is_one_way()) {
-    log::warn("kvlink-server: dropped one-way {}: {}", wire::opcode_name(frame.header.opcode), message);
+    if (log::level() > log::Level::warn) return;
+    const std::string line =
+        fmt::format("kvlink-server: dropped one-way {} from {:016x}: {}", wire::opcode_name(frame.header.opcode),
+                    turn_session_ ? turn_session_->instance_id : 0, message);
+    if (turn_session_) warn(*turn_session_, turn_now_, line);
+    else log::warn("{}", line);
     return;
   }
   reply_error(sink, frame.header, code, message);
+}
+
+void RequestHandler::warn(SessionState& session, TimePoint now, std::string_view line) {
+  report_held_back(session, now, false);
+  if (session.log_limiter.allow(now)) log::warn("{}", line);
+}
+
+void RequestHandler::report_held_back(SessionState& session, TimePoint now, bool final) {
+  if (const std::uint64_t n = session.log_limiter.take_held_back(now, final); n > 0)
+    log::warn("kvlink-server: ... and {} more like this from {:016x} not logged (at most {} a second per "
+              "connection; the STATS counters count every one)",
+              n, session.instance_id, session.log_limiter.config().lines);
 }
 
 void RequestHandler::release_session(const SessionKey& key, const RequestSession& s) {
@@ -83,8 +102,9 @@ void RequestHandler::release_session(const SessionKey& key, const RequestSession
       for (std::uint32_t r = 0; r < s.world_size; ++r) store_.release_all(ChunkKey{ns, h, r}, key.first);
 }
 
-void RequestHandler::on_session_end(SessionState& session, TimePoint) {
+void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
   session.received_fds.clear();  // closes fds no REGISTER took
+  report_held_back(session, now, true);
   if (session.admin()) {
     // Its lookups' locks, unless an instance of that id is connected (ids
     // are random: a clash is a client's bug, and locks are only hints).
@@ -194,6 +214,12 @@ void RequestHandler::tick(TimePoint now) {
 
 bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
   const wire::Header& h = frame.header;
+  struct Turn {
+    RequestHandler& self;
+    ~Turn() { self.turn_session_ = nullptr; }
+  } turn{*this};
+  turn_session_ = &session;
+  turn_now_ = now;
   // A REGISTER takes the oldest received fd whatever happens next, so a
   // failed registration's memfd is closed here, not handed to a later one.
   UniqueFd fd;
@@ -330,8 +356,10 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   }
   if (!config_.auth_token.empty() && !constant_time_equal(req.auth_token, config_.auth_token)) {
     ++counters_.auth_failures;
-    log::warn("kvlink-server: HELLO from {:016x} ({}) refused: {} auth token", req.instance_id, req.client_name,
-              req.auth_token.empty() ? "no" : "wrong");
+    if (log::level() <= log::Level::warn)
+      warn(session, now,
+           fmt::format("kvlink-server: HELLO from {:016x} ({}) refused: {} auth token", req.instance_id,
+                       req.client_name, req.auth_token.empty() ? "no" : "wrong"));
     fail(frame, sink, errc::unauthorized,
          fmt::format("{} auth token in HELLO: this server requires the shared secret of its --auth-token-file "
                      "(clients read it from KVLINK_AUTH_TOKEN or their token-file option); closing the connection",
@@ -419,6 +447,9 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("reads_paused", counters_.reads_paused);
   add("connections_paused", counters_.connections_paused);
   add("slow_reader_closes", counters_.slow_reader_closes);
+  add("inbound_buffered_bytes", counters_.inbound_buffered_bytes);
+  add("inbound_limit_bytes", inbound_limit(config_));
+  add("inbound_refused", counters_.inbound_refused);
   add("instances_live", liveness_.size());
   add("instances_reaped", liveness_.reaped());
   add("draining", draining_ ? 1 : 0);

@@ -22,6 +22,7 @@
 #include "kvlink/log.hpp"
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/net/frame_stream.hpp"
+#include "kvlink/server/inbound_budget.hpp"
 
 namespace kvlink::server {
 
@@ -39,6 +40,8 @@ struct Session final : ReplySink, std::enable_shared_from_this<Session> {
   bool unix_socket = false;
   bool fd_reads = false;
   bool handler_closed = false;  // the handler asked to close (its error reply is queued)
+  InboundBudget::Claim inbound;  // of the server's --max-inbound-bytes
+  bool inbound_refused = false;  // a frame was refused for it (the stream ended)
 
   // Workers pass their KV cache's memfd with REGISTER_KV_CACHE, so once a
   // worker's HELLO is handled its reads collect fds (recvmsg). Schedulers
@@ -93,11 +96,12 @@ std::string check_access(const ServerConfig& config) {
 
 struct Server::Impl {
   Impl(asio::io_context& io, ServerConfig cfg, transfer::TransferEngine& engine)
-      : io(io), config(std::move(cfg)), handler(config, random_boot_id(), engine) {}
+      : io(io), config(std::move(cfg)), handler(config, random_boot_id(), engine), inbound(inbound_limit(config)) {}
 
   asio::io_context& io;
   ServerConfig config;
   RequestHandler handler;
+  InboundBudget inbound;
   std::list<net::Acceptor> acceptors;
   std::vector<std::string> unix_paths;
   std::list<std::weak_ptr<Session>> sessions;
@@ -105,6 +109,11 @@ struct Server::Impl {
 
   asio::awaitable<void> accept_loop(net::Acceptor& acceptor, std::string name);
   asio::awaitable<void> serve(std::shared_ptr<Session> session);
+  std::string admit_inbound(Session& session, std::uint32_t pending_payload);
+  void release_inbound(Session& session) {
+    inbound.release(session.inbound);
+    handler.counters().inbound_buffered_bytes = inbound.held();
+  }
   asio::awaitable<void> tick_loop();
   asio::awaitable<void> drain_loop(std::function<void(const DrainReport&)> done);
   void stop_accepting();
@@ -154,6 +163,9 @@ asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::st
         --c.connections_paused;
       }
     });
+    // The stream (and this callback) belongs to the session: the raw pointer cannot outlive it.
+    session->stream.limit_inbound(
+        [this, s = session.get()](std::uint32_t pending) { return admit_inbound(*s, pending); });
     if (handler.counters().connections_open >= config.max_connections) {
       ++handler.counters().connections_refused;
       wire::Header h{};
@@ -178,6 +190,22 @@ asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::st
   }
 }
 
+// A frame still arriving on `session` will make its buffer hold
+// `pending_payload` bytes. Refused, the connection is closed (serve): not
+// paused until room frees up, because the room is held by other clients
+// that may never finish their frames, and a paused half-sent frame would
+// hang its sender with no reason given; refused, it gets one at once and
+// can send again later.
+std::string Server::Impl::admit_inbound(Session& session, std::uint32_t pending_payload) {
+  std::string why = inbound.hold(session.inbound, pending_payload);
+  handler.counters().inbound_buffered_bytes = inbound.held();
+  if (!why.empty()) {
+    ++handler.counters().inbound_refused;
+    session.inbound_refused = true;
+  }
+  return why;
+}
+
 asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   net::StreamEnd end = co_await session->stream.read_frames(
       [&](const wire::Frame& frame) {
@@ -186,8 +214,17 @@ asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
         session->handler_closed = !go_on;
         return go_on;
       });
+  release_inbound(*session);
   if (session->handler_closed) {
     // The handler's error reply is queued: let it leave, then close.
+    asio::post(io, [session] { session->stream.close(); });
+  } else if (session->inbound_refused) {
+    // Answer the refused request (its header is in; a one-way one as the
+    // connection's error, id 0), then close.
+    log::warn("kvlink-server: closing connection of {:016x}: {}", session->state.instance_id, end.reason);
+    wire::Header h = session->stream.parser().peek().value_or(wire::Header{});
+    if (h.is_one_way()) h = wire::Header{};
+    reply_error(*session, h, errc::limit_exceeded, end.reason);
     asio::post(io, [session] { session->stream.close(); });
   } else if (end.ec == errc::limit_exceeded) {
     // A slow reader: its queue is full, so no error reply could reach it.
@@ -231,6 +268,7 @@ void Server::start() {
   if (auto why = check_access(cfg); !why.empty()) throw std::runtime_error(why);
   std::string warning;  // kvlink-server prints it; embedders get the error only
   if (auto why = check_reaper(cfg, warning); !why.empty()) throw std::runtime_error(why);
+  if (auto why = check_inbound(cfg); !why.empty()) throw std::runtime_error(why);
   const std::optional<gid_t> group = cfg.unix_group.empty() ? std::nullopt : std::optional(group_id(cfg.unix_group));
   for (const auto& text : cfg.listen) {
     net::Endpoint ep;

@@ -26,6 +26,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <system_error>
 #include <utility>
 #include <vector>
@@ -87,6 +88,16 @@ class FrameStream {
     outbound_limit_ = bytes;
     stall_timeout_ = stall_timeout;
     on_pause_ = std::move(on_pause);
+  }
+
+  // Bound on what a frame still arriving may make the parser's buffer hold
+  // (the server's --max-inbound-bytes across connections). After the
+  // frames of each read are handled, `admit` is told the payload length of
+  // the frame still incomplete at the front (0: none), before the buffer
+  // grows to hold it. A non-empty reason ends read_frames with
+  // errc::limit_exceeded and that reason. Unset (the default): no bound.
+  void limit_inbound(std::function<std::string(std::uint32_t pending_payload)> admit) {
+    admit_inbound_ = std::move(admit);
   }
 
   // Lower level: append whole frames to out_buffer(), then schedule_flush().
@@ -242,6 +253,14 @@ class FrameStream {
         return finish(std::move(self), {s_.parser_.version_mismatch() ? make_error_code(errc::version_mismatch)
                                                                        : make_error_code(errc::protocol_error),
                                         s_.parser_.error()});
+      }
+      // The frames handled are gone: a large one's memory goes back now,
+      // not at the next read (which may be long in coming).
+      s_.parser_.shrink();
+      if (s_.admit_inbound_ && !s_.frames_left_) {
+        const auto pending = s_.parser_.peek();
+        if (auto why = s_.admit_inbound_(pending ? pending->length : 0); !why.empty())
+          return finish(std::move(self), {errc::limit_exceeded, std::move(why)});
       }
       step(std::move(self));
     }
@@ -470,6 +489,7 @@ class FrameStream {
   std::function<void(bool)> on_pause_;
   std::optional<asio::steady_timer> drain_timer_;  // a paused reader waits on it; progress cancels it
   bool frames_left_ = false;                    // a pause stopped a turn with frames still parsed
+  std::function<std::string(std::uint32_t)> admit_inbound_;  // limit_inbound (empty: no bound)
 };
 
 }  // namespace kvlink::net

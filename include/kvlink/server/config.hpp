@@ -31,6 +31,11 @@ struct ServerConfig {
   // queue may stay above that without draining before the connection is closed.
   std::uint64_t max_outbound_bytes = 8u << 20;
   std::chrono::seconds outbound_stall_timeout{30};
+  // Payload bytes of frames still arriving, summed over all connections
+  // (a client trickling a large frame makes the server hold it). A frame
+  // that would pass it is refused with an error and its connection closed;
+  // payloads up to 64 KiB are always admitted. 0: 4 x max_payload.
+  std::uint64_t max_inbound_bytes = 0;
   // Permission bits of unix sockets; with unix_group set, the sockets are
   // chowned to that group (and the default mode becomes 0660).
   unsigned unix_socket_mode = 0600;

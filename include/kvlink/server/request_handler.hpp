@@ -14,6 +14,7 @@
 
 #include "kvlink/clock.hpp"
 #include "kvlink/error.hpp"
+#include "kvlink/log_limiter.hpp"
 #include "kvlink/server/config.hpp"
 #include "kvlink/store/kv_store.hpp"
 #include "kvlink/store/l1_pool.hpp"
@@ -55,6 +56,9 @@ struct SessionState {
   // Requests of this connection still being worked on (their copies run):
   // shared with the completions, which may outlive the session.
   std::shared_ptr<std::uint32_t> in_flight = std::make_shared<std::uint32_t>(0);
+  // Bounds the warnings this connection can cause (malformed one-way
+  // requests, refused HELLOs): a client cannot flood the log.
+  LogLimiter log_limiter;
 };
 
 struct OpCounters {
@@ -78,6 +82,9 @@ struct ServerCounters {
   std::uint64_t reads_paused = 0;         // times a connection's reads stopped for its queued replies
   std::uint64_t connections_paused = 0;   // connections whose reads are stopped now
   std::uint64_t slow_reader_closes = 0;   // connections closed for not reading their replies
+  // Frames still arriving (kept by the network layer, --max-inbound-bytes).
+  std::uint64_t inbound_buffered_bytes = 0;  // their payloads, over all connections, now
+  std::uint64_t inbound_refused = 0;         // frames refused for passing the limit (connection closed)
 };
 
 // True if `a` equals `b`; the time taken depends only on their lengths.
@@ -209,6 +216,14 @@ class RequestHandler {
                        std::uint64_t session_id, const std::vector<wire::ChunkHash>& hashes, TimePoint now);
   void release_session(const SessionKey& key, const RequestSession& s);
   void fail(const wire::Frame& frame, ReplySink& sink, std::error_code code, std::string_view message);
+  // A warning caused by the session's client, through its log limiter:
+  // held back past its share, summarised once its window ended (and at
+  // the session's end).
+  void warn(SessionState& session, TimePoint now, std::string_view line);
+  void report_held_back(SessionState& session, TimePoint now, bool final);
+  // The session and time of the frame handle() works on (fail() logs with them).
+  SessionState* turn_session_ = nullptr;
+  TimePoint turn_now_{};
 
   const ServerConfig& config_;
   std::uint64_t boot_id_;

@@ -106,19 +106,43 @@ struct Frame {
 // write into `prepare` + `commit` to avoid a copy), then call `next` until it
 // returns nothing. A framing error (bad magic, reserved bits, oversized
 // length) is final for the stream: the connection must be closed.
+//
+// Memory: once a frame's header is in, the buffer grows to hold that frame
+// at once (not by doubling past it, so a frame at the maximum costs its size
+// plus one read, not twice it); once a frame larger than working_size has
+// been consumed, `prepare` (and `shrink`) give its memory back.
 class FrameParser {
  public:
+  // The buffer a stream of ordinary frames settles in; more than this is
+  // released once the frame that needed it has been consumed.
+  static constexpr std::size_t working_size = 256 * 1024;
+
   explicit FrameParser(std::uint32_t max_payload = default_max_payload) : max_payload_(max_payload) {}
 
   void set_max_payload(std::uint32_t max_payload) { max_payload_ = max_payload; }
   std::uint32_t max_payload() const { return max_payload_; }
 
+  // Room for at least `at_least` more bytes (invalidates the frames returned so far).
   std::span<std::byte> prepare(std::size_t at_least);
   void commit(std::size_t n) { end_ += n; }
   void append(std::span<const std::byte> data);
 
   // The next whole frame, or nothing if more bytes are needed or on error.
   std::optional<Frame> next();
+
+  // The header of the first frame not yet returned by `next`, once its
+  // bytes are in and valid (nothing otherwise, or after a failure). When
+  // `next` returned nothing without failing, this is the frame still
+  // arriving: its length says how much the buffer is about to hold.
+  std::optional<Header> peek() const;
+
+  // Gives the buffer's memory back if it is above working_size and the
+  // bytes still needed (the unconsumed ones, or the frame still arriving)
+  // fit in working_size. Invalidates the frames returned so far; `prepare`
+  // does it too.
+  void shrink();
+  // Bytes of memory the buffer holds (its capacity).
+  std::size_t capacity() const { return buf_.capacity(); }
 
   bool failed() const { return !error_.empty(); }
   const std::string& error() const { return error_; }
@@ -138,6 +162,10 @@ class FrameParser {
   bool version_mismatch_ = false;
   bool too_large_ = false;
   std::uint8_t peer_version_ = protocol_version;
+
+  enum class HeaderCheck : std::uint8_t { ok, bad_magic, bad_version, bad_flags, too_large };
+  // Decodes the header at begin_ (end_ - begin_ >= header_size) and checks it.
+  HeaderCheck read_header(Header& h) const;
 };
 
 }  // namespace kvlink::wire

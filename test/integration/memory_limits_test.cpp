@@ -1,0 +1,259 @@
+// Inbound memory against the real kvlink-server: a client that trickles a
+// frame announced at --max-payload makes the server hold that frame, and
+// no more, while it arrives; the memory comes back when the frame completes
+// or its client goes away; and --max-inbound-bytes bounds what all such
+// frames together hold: the one that would pass it is refused with an error
+// naming the flag, and nobody else notices.
+#include <doctest/doctest.h>
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <asio/io_context.hpp>
+#include <fstream>
+
+#include "kvlink/net/connection.hpp"
+#include "server_process.hpp"
+#include "test_support.hpp"
+
+using namespace kvlink;
+using namespace std::chrono_literals;
+using kvlink::test::ServerProcess;
+using kvlink::test::TempDir;
+
+namespace {
+
+constexpr std::uint32_t MiB = 1u << 20;
+
+// Resident set of a process, in bytes.
+std::uint64_t rss(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6)) * 1024;
+  FAIL("no VmRSS for " << pid);
+  return 0;
+}
+
+// An admin connection that reads STATS and pings.
+struct Admin {
+  asio::io_context io;
+  std::shared_ptr<net::Connection> conn;
+  explicit Admin(const std::string& ep) {
+    wire::HelloRequest h;
+    h.role = wire::Role::admin;
+    h.instance_id = net::random_instance_id();
+    h.client_name = "memory_limits_test";
+    auto r = test::run(io, net::connect(io.get_executor(), test::parse(ep), h, 5s));
+    REQUIRE_MESSAGE(!r.ec, r.error);
+    conn = r.connection;
+  }
+  ~Admin() { conn->close(); }
+  static asio::awaitable<std::int64_t> stat_co(std::shared_ptr<net::Connection> c, std::string name) {
+    auto [ec, r] = co_await c->async_call(wire::StatsRequest{}, 5s, asio::experimental::as_tuple(asio::use_awaitable));
+    if (ec) co_return -1;
+    for (auto& e : r.entries)
+      if (e.name == name) co_return e.value;
+    co_return -2;
+  }
+  std::int64_t stat(const std::string& name) { return test::run(io, stat_co(conn, name)); }
+  bool stat_becomes(const std::string& name, std::int64_t value) {
+    const auto end = std::chrono::steady_clock::now() + 10s;
+    while (std::chrono::steady_clock::now() < end)
+      if (stat(name) == value) return true;
+    return stat(name) == value;
+  }
+  static asio::awaitable<std::error_code> ping_co(std::shared_ptr<net::Connection> c) {
+    auto [ec, r] = co_await c->async_call(wire::PingRequest{}, 5s, asio::experimental::as_tuple(asio::use_awaitable));
+    co_return ec;
+  }
+  std::error_code ping() { return test::run(io, ping_co(conn)); }
+};
+
+// A raw unix-socket client that sends a frame's bytes as it is told.
+struct Trickler {
+  int fd = -1;
+  wire::Bytes frame;  // header + payload
+  std::size_t sent = 0;
+  // A request of an opcode the server does not know (it answers with an
+  // error and keeps the connection) with a payload of `payload` bytes.
+  Trickler(const std::string& endpoint, std::uint32_t payload, std::uint64_t id) {
+    fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    const std::string path = endpoint.substr(5);
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    wire::FrameBuilder(frame).add(200, 0, id, [&](wire::Writer& w) {
+      wire::Bytes zeros(payload);
+      w.raw(zeros.data(), zeros.size());
+    });
+  }
+  ~Trickler() { go_away(); }
+  void send(std::size_t n) {
+    n = std::min(n, frame.size() - sent);
+    while (n > 0) {
+      const ssize_t k = ::send(fd, frame.data() + sent, n, MSG_NOSIGNAL);
+      REQUIRE(k > 0);
+      sent += static_cast<std::size_t>(k);
+      n -= static_cast<std::size_t>(k);
+    }
+  }
+  void send_rest() { send(frame.size()); }
+  void go_away() {
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+  }
+  // The next frame from the server, within `limit`; nullopt at EOF or timeout.
+  std::optional<std::pair<wire::Header, wire::ErrorReply>> read_reply(std::chrono::milliseconds limit = 10s) {
+    const auto end = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < end) {
+      if (auto f = parser.next()) {
+        wire::ErrorReply e;
+        if (f->header.is_error()) REQUIRE(wire::decode(f->payload, e, "error") == "");
+        return std::pair{f->header, e};
+      }
+      REQUIRE_FALSE(parser.failed());
+      if (!wait_readable(end)) return std::nullopt;
+      auto space = parser.prepare(4096);
+      const ssize_t k = ::recv(fd, space.data(), space.size(), 0);
+      if (k <= 0) return std::nullopt;
+      parser.commit(static_cast<std::size_t>(k));
+    }
+    return std::nullopt;
+  }
+  // Whether the server closed the connection within `limit`.
+  bool closed_by_server(std::chrono::milliseconds limit = 10s) {
+    const auto end = std::chrono::steady_clock::now() + limit;
+    char buf[4096];
+    while (wait_readable(end)) {
+      const ssize_t k = ::recv(fd, buf, sizeof buf, 0);
+      if (k == 0 || (k < 0 && errno == ECONNRESET)) return true;
+    }
+    return false;
+  }
+
+ private:
+  wire::FrameParser parser;
+  bool wait_readable(std::chrono::steady_clock::time_point end) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
+    if (left <= 0ms) return false;
+    pollfd p{fd, POLLIN, 0};
+    return ::poll(&p, 1, static_cast<int>(left.count())) > 0;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("memory limits: a frame trickled at --max-payload is held while it arrives, then given back") {
+  TempDir dir;
+  // The default --max-payload: 64 MiB.
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "off"});
+  server.start();
+  Admin admin(server.endpoint());
+  const std::uint32_t max_payload = 64 * MiB;
+  CHECK(admin.stat("inbound_buffered_bytes") == 0);
+  CHECK(admin.stat("inbound_limit_bytes") == 4 * std::int64_t{max_payload});
+  const std::uint64_t rss_before = rss(server.pid());
+
+  SUBCASE("the client completes the frame") {
+    Trickler t(server.endpoint(), max_payload, 7);
+    t.send(wire::header_size + 1000);
+    REQUIRE(admin.stat_becomes("inbound_buffered_bytes", max_payload));
+    const std::uint64_t rss_held = rss(server.pid());
+    MESSAGE("server RSS " << rss_before / 1024 << " KiB -> " << rss_held / 1024 << " KiB with the frame arriving");
+    // It holds the frame (that is what the gauge counts), not twice it.
+    CHECK(rss_held < rss_before + max_payload + 24 * MiB);
+    for (int i = 0; i < 100; ++i) t.send(1000);  // a trickle
+    CHECK(admin.stat("inbound_buffered_bytes") == max_payload);
+    CHECK_FALSE(admin.ping());
+    t.send_rest();
+    auto reply = t.read_reply();
+    REQUIRE(reply);
+    CHECK(reply->first.id == 7);
+    CHECK(reply->second.code == static_cast<std::uint16_t>(errc::unknown_opcode));
+    CHECK(admin.stat_becomes("inbound_buffered_bytes", 0));
+    // The connection stays, and its buffer went back to the allocator and the system.
+    CHECK(test::eventually([&] { return rss(server.pid()) < rss_before + 16 * MiB; }));
+    Trickler again(server.endpoint(), 100, 8);
+    again.send_rest();
+    CHECK(again.read_reply());
+  }
+  SUBCASE("the client goes away") {
+    Trickler t(server.endpoint(), max_payload, 7);
+    t.send(wire::header_size + 1000);
+    REQUIRE(admin.stat_becomes("inbound_buffered_bytes", max_payload));
+    CHECK(admin.stat("connections_open") == 2);
+    t.go_away();
+    CHECK(admin.stat_becomes("connections_open", 1));
+    CHECK(admin.stat("inbound_buffered_bytes") == 0);
+    CHECK(test::eventually([&] { return rss(server.pid()) < rss_before + 16 * MiB; }));
+  }
+  CHECK(admin.stat("inbound_refused") == 0);
+  CHECK_FALSE(admin.ping());
+}
+
+TEST_CASE("memory limits: past --max-inbound-bytes a large frame is refused naming the flag; others go on") {
+  TempDir dir;
+  const std::uint32_t max_payload = 8 * MiB;
+  ServerProcess server({"--listen", dir.socket(), "--max-payload", std::to_string(max_payload),
+                        "--max-inbound-bytes", "12MiB", "--l1-size", "16MiB", "--log-level", "off"});
+  server.start();
+  Admin admin(server.endpoint());
+  CHECK_FALSE(admin.ping());
+  CHECK(admin.stat("inbound_limit_bytes") == 12 * MiB);
+
+  Trickler a(server.endpoint(), max_payload, 1);
+  a.send(wire::header_size + 1000);
+  REQUIRE(admin.stat_becomes("inbound_buffered_bytes", max_payload));
+  CHECK_FALSE(admin.ping());
+
+  // Another 8 MiB would make 16 MiB: refused at its header, with a reply to
+  // its request naming the flag, and the connection closed.
+  Trickler b(server.endpoint(), max_payload, 2);
+  b.send(wire::header_size + 1000);
+  auto reply = b.read_reply();
+  REQUIRE(reply);
+  CHECK(reply->first.id == 2);
+  CHECK(reply->first.is_error());
+  CHECK(reply->second.code == static_cast<std::uint16_t>(errc::limit_exceeded));
+  CHECK(reply->second.message.find("--max-inbound-bytes") != std::string::npos);
+  MESSAGE(reply->second.message);
+  CHECK(b.closed_by_server());
+  CHECK(admin.stat("inbound_refused") == 1);
+  CHECK(admin.stat("inbound_buffered_bytes") == max_payload);
+  CHECK_FALSE(admin.ping());
+
+  // The first frame is unharmed: it completes and is answered.
+  for (int i = 0; i < 10; ++i) a.send(1000);
+  a.send_rest();
+  reply = a.read_reply();
+  REQUIRE(reply);
+  CHECK(reply->first.id == 1);
+  CHECK(reply->second.code == static_cast<std::uint16_t>(errc::unknown_opcode));
+  CHECK(admin.stat_becomes("inbound_buffered_bytes", 0));
+
+  // Room came back: a large frame is admitted again.
+  Trickler c(server.endpoint(), max_payload, 3);
+  c.send(wire::header_size + 1000);
+  CHECK(admin.stat_becomes("inbound_buffered_bytes", max_payload));
+  c.send_rest();
+  reply = c.read_reply();
+  REQUIRE(reply);
+  CHECK(reply->first.id == 3);
+  CHECK(admin.stat("inbound_refused") == 1);
+  CHECK_FALSE(admin.ping());
+}
+
+TEST_CASE("memory limits: --max-inbound-bytes below --max-payload does not start") {
+  std::string out;
+  const int rc = test::run_command(ServerProcess::binary("KVLINK_SERVER") +
+                                       " --listen unix:/nonexistent/x.sock --max-payload 8388608 --max-inbound-bytes 4MiB",
+                                   out);
+  CHECK(rc == 2);
+  CHECK(out.find("--max-inbound-bytes") != std::string::npos);
+  CHECK(out.find("--max-payload") != std::string::npos);
+}
