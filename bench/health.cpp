@@ -56,7 +56,7 @@
 #include "kvlink/error.hpp"
 #include "kvlink/health/monitor.hpp"
 #include "kvlink/runtime/runtime.hpp"
-#include "kvlink/unique_fd.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 
 using namespace kvlink;
 using namespace kvlink::health;
@@ -492,10 +492,10 @@ health::Config engine_health() {
 // at or after mark() and stored successfully.
 class Engine {
  public:
-  explicit Engine(const std::string& endpoint) : kv_(::memfd_create("bench-health-kv", MFD_CLOEXEC)) {
+  explicit Engine(const std::string& endpoint)
+      : kv_(transfer::create_kv_memfd(engine_layout(), {.name = "bench-health-kv", .map = false})) {
     const auto layout = engine_layout();
-    if (!kv_ || ::ftruncate(kv_.get(), static_cast<off_t>(layout.region_bytes)) != 0)
-      throw std::runtime_error("cannot create the KV cache memfd");
+    if (!kv_) throw std::runtime_error("cannot create the KV cache memfd: " + kv_.detail);
     adapter::WorkerConfig wc;
     wc.endpoint = endpoint;
     wc.model = "bench-health";
@@ -517,7 +517,7 @@ class Engine {
     });
     attached.get_future().wait();
     // Kept and retried by the adapter until a server holds it.
-    worker_->async_register_kv_caches(layout, kv_.get(), [](std::error_code, adapter::Done) {});
+    worker_->async_register_kv_caches(layout, kv_.fd.get(), [](std::error_code, adapter::Done) {});
     loop_ = std::thread([this] { run(); });
   }
   ~Engine() {
@@ -598,7 +598,7 @@ class Engine {
   }
 
   runtime::Runtime rt_;
-  UniqueFd kv_;
+  transfer::KvMemfd kv_;
   std::shared_ptr<adapter::WorkerAdapter> worker_;
   std::shared_ptr<adapter::SchedulerAdapter> scheduler_;
   std::atomic<bool> stop_{false};

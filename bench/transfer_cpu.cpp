@@ -48,6 +48,7 @@
 #include "kvlink/server/server.hpp"
 #include "kvlink/store/keys.hpp"
 #include "kvlink/transfer/cpu_engine.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 
 using kvlink::bench::run_until_done;
 
@@ -202,18 +203,15 @@ asio::awaitable<typename M::reply_type> call(std::shared_ptr<kvlink::net::Connec
 struct Worker {
   asio::io_context io{1};
   std::shared_ptr<kvlink::net::Connection> conn;
-  int fd = -1;
-  std::byte* base = nullptr;
   wire::KvLayout layout = make_layout();
+  kvlink::transfer::KvMemfd kv;
   std::uint64_t ns = kvlink::store::namespace_id({"bench-model", 1, ""});
   std::vector<wire::ChunkHash> hashes;
 
   Worker() {
-    fd = ::memfd_create("bench-kv-cache", MFD_CLOEXEC);
-    if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(layout.region_bytes)) != 0) throw std::runtime_error("memfd");
-    void* p = ::mmap(nullptr, layout.region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) throw std::runtime_error("mmap");
-    base = static_cast<std::byte*>(p);
+    kv = kvlink::transfer::create_kv_memfd(layout, {.name = "bench-kv-cache"});
+    if (!kv) throw std::runtime_error(kv.detail);
+    std::byte* base = kv.memory.get();
     for (std::uint64_t i = 0; i < layout.region_bytes; i += 64) base[i] = static_cast<std::byte>(i / 64);
     wire::HelloRequest hello;
     hello.role = wire::Role::worker;
@@ -226,7 +224,7 @@ struct Worker {
     reg.ns = ns;
     reg.model = "bench-model";
     reg.layout = layout;
-    run_until_done(io, call(conn, reg, fd));
+    run_until_done(io, call(conn, reg, kv.fd.get()));
     std::vector<kvlink::store::Token> tokens(chunk_tokens * chunks_per_request);
     for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<kvlink::store::Token>(i);
     hashes = kvlink::store::chunk_hashes(tokens, chunk_tokens);
@@ -240,8 +238,6 @@ struct Worker {
     while (!closed) io.run_one();
     conn.reset();
     io.poll();
-    ::munmap(base, layout.region_bytes);
-    ::close(fd);
   }
   std::vector<std::uint32_t> blocks(std::uint32_t first, std::uint32_t chunks) const {
     std::vector<std::uint32_t> v(chunks * blocks_per_chunk);
@@ -333,18 +329,14 @@ void BM_cpu_one_chunk_latency(benchmark::State& state) {
 struct AdapterEngine {
   kvlink::runtime::Runtime rt;
   wire::KvLayout layout = make_layout();
-  int fd = -1;
-  std::byte* base = nullptr;
+  kvlink::transfer::KvMemfd kv;
   std::shared_ptr<kvlink::adapter::WorkerAdapter> worker;
   std::shared_ptr<kvlink::adapter::SchedulerAdapter> scheduler;
 
   AdapterEngine() {
-    fd = ::memfd_create("bench-adapter-kv", MFD_CLOEXEC);
-    if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(layout.region_bytes)) != 0) throw std::runtime_error("memfd");
-    void* p = ::mmap(nullptr, layout.region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) throw std::runtime_error("mmap");
-    base = static_cast<std::byte*>(p);
-    std::memset(base, 7, layout.region_bytes);  // faulted in, like a live KV cache
+    kv = kvlink::transfer::create_kv_memfd(layout, {.name = "bench-adapter-kv"});
+    if (!kv) throw std::runtime_error(kv.detail);
+    std::memset(kv.memory.get(), 7, layout.region_bytes);  // faulted in, like a live KV cache
     kvlink::adapter::WorkerConfig w;
     w.endpoint = g_server->endpoint().to_string();
     w.model = "bench-adapter-model";
@@ -357,14 +349,12 @@ struct AdapterEngine {
     s.lookup_mode = kvlink::adapter::LookupMode::sync;
     s.blocking_deadline = call_timeout;
     scheduler = kvlink::adapter::SchedulerAdapter::create(rt.executor(), s);
-    check(worker->register_kv_caches(layout, fd).ec, "REGISTER_KV_CACHE");
+    check(worker->register_kv_caches(layout, kv.fd.get()).ec, "REGISTER_KV_CACHE");
   }
   ~AdapterEngine() {
     worker->shutdown(seconds(5));
     scheduler->stop();
     rt.stop();
-    ::munmap(base, layout.region_bytes);
-    ::close(fd);
   }
   static void check(std::error_code ec, const char* what) {
     if (ec) throw std::runtime_error(fmt::format("{} through the adapter failed: {}", what, ec.message()));

@@ -1,10 +1,8 @@
 // What the three examples share: an engine's KV cache in a memfd (what the
 // worker registers), a prompt, and a check that retrieved blocks hold the
-// bytes that were stored. Nothing kvlink-specific beyond wire::KvLayout.
+// bytes that were stored. Nothing kvlink-specific beyond wire::KvLayout and
+// transfer::create_kv_memfd (the sealed memfd the server requires).
 #pragma once
-
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -16,7 +14,7 @@
 #include <vector>
 
 #include "kvlink/adapter/worker.hpp"
-#include "kvlink/unique_fd.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 #include "kvlink/wire/messages.hpp"
 
 namespace example {
@@ -40,21 +38,16 @@ inline std::vector<std::uint32_t> block_range(std::uint32_t first, std::uint32_t
   return b;
 }
 
-// The engine's KV memory: a memfd the server maps too.
+// The engine's KV memory: a sealed memfd (its size is fixed) the server maps too.
 class KvCache {
  public:
-  KvCache() : layout_(layout()), fd_(::memfd_create("example-kv", MFD_CLOEXEC)) {
-    if (!fd_ || ::ftruncate(fd_.get(), static_cast<off_t>(layout_.region_bytes)) != 0)
-      throw std::runtime_error("cannot create the KV cache memfd");
-    void* p = ::mmap(nullptr, layout_.region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0);
-    if (p == MAP_FAILED) throw std::runtime_error("cannot map the KV cache memfd");
-    base_ = static_cast<std::byte*>(p);
+  KvCache() : layout_(layout()), kv_(kvlink::transfer::create_kv_memfd(layout_, {.name = "example-kv"})) {
+    if (!kv_) throw std::runtime_error("cannot create the KV cache memfd: " + kv_.detail);
   }
-  ~KvCache() { ::munmap(base_, layout_.region_bytes); }
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
 
-  int fd() const { return fd_.get(); }
+  int fd() const { return kv_.fd.get(); }
   const kvlink::wire::KvLayout& kv_layout() const { return layout_; }
 
   // "Prefill": writes a pattern derived from `seed` into `blocks`.
@@ -68,7 +61,7 @@ class KvCache {
     for (std::uint32_t layer = 0; layer < l.num_layers; ++layer)
       for (std::uint32_t plane = 0; plane < l.num_planes; ++plane)
         for (std::uint32_t j = 0; j < blocks.size(); ++j) {
-          std::byte* b = base_ + l.layers[layer].offset + plane * l.plane_stride + blocks[j] * l.block_stride;
+          std::byte* b = kv_.memory.get() + l.layers[layer].offset + plane * l.plane_stride + blocks[j] * l.block_stride;
           for (std::size_t i = 0; i < l.block_bytes(); ++i) {
             const auto want = static_cast<std::byte>((seed * 31 + layer * 7 + plane * 3 + j * 5 + i) % 251);
             if (write) b[i] = want;
@@ -79,8 +72,7 @@ class KvCache {
   }
 
   kvlink::wire::KvLayout layout_;
-  kvlink::UniqueFd fd_;
-  std::byte* base_ = nullptr;
+  kvlink::transfer::KvMemfd kv_;
 };
 
 inline kvlink::adapter::TransferSpec spec(std::string request_id, std::uint32_t seed, std::uint32_t first_block) {

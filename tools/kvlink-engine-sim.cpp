@@ -17,7 +17,6 @@
 // with a "link" field, progress lines, a final summary); warnings on stderr.
 // Exit 0; 1 when a retrieved block did not verify; 2 when it could not start
 // or the server refused its KV cache (registration or chunk size).
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -40,7 +39,7 @@
 #include "kvlink/log.hpp"
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/runtime/runtime.hpp"
-#include "kvlink/unique_fd.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 #include "sim/workload.hpp"
 
 namespace {
@@ -427,17 +426,8 @@ int run(const Options& o) {
   const auto lay = wire::paged_layout(o.layers, num_blocks, o.block_size, o.kv_heads, o.head_size, o.dtype_bytes);
   if (auto why = lay.check(); !why.empty()) return fail_start("KV layout: " + why);
 
-  UniqueFd memfd(::memfd_create("kvlink-engine-sim-kv", MFD_CLOEXEC));
-  if (!memfd || ::ftruncate(memfd.get(), static_cast<off_t>(lay.region_bytes)) != 0)
-    return fail_start(fmt::format("cannot create a {} byte memfd for the KV cache: {}", lay.region_bytes,
-                                  std::strerror(errno)));
-  void* base = ::mmap(nullptr, lay.region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd.get(), 0);
-  if (base == MAP_FAILED) return fail_start(fmt::format("cannot map the KV memfd: {}", std::strerror(errno)));
-  struct Unmap {
-    void* p;
-    std::size_t n;
-    ~Unmap() { ::munmap(p, n); }
-  } unmap{base, lay.region_bytes};
+  auto kv = transfer::create_kv_memfd(lay, {.name = "kvlink-engine-sim-kv"});
+  if (!kv) return fail_start(fmt::format("cannot create the {} byte KV cache: {}", lay.region_bytes, kv.detail));
 
   runtime::Runtime rt;
   adapter::WorkerConfig wc;
@@ -491,7 +481,7 @@ int run(const Options& o) {
   // The adapter keeps the registration and sends it to the server as soon as
   // one answers (also when the engine starts before the server); the
   // worker's gate opens on its acknowledgement. Only a refusal is final.
-  auto r = worker->register_kv_caches(lay, memfd.get(), milliseconds(o.deadline_ms));
+  auto r = worker->register_kv_caches(lay, kv.fd.get(), milliseconds(o.deadline_ms));
   if (r.ec == errc::bad_request) {
     worker->shutdown(milliseconds(o.deadline_ms));
     scheduler->stop();
@@ -506,7 +496,7 @@ int run(const Options& o) {
     emit(fmt::format(R"({{"ts_ms":{},"event":"registered","kv_bytes":{},"chunk_size":{}}})", unix_ms(),
                      lay.region_bytes, worker->monitor().server_chunk_size()));
 
-  Engine engine(o, rt, worker, scheduler, sim::KvView(static_cast<std::byte*>(base), lay));
+  Engine engine(o, rt, worker, scheduler, sim::KvView(kv.memory.get(), lay));
   const std::string fatal = engine.run();
   const auto rereg = on_io(rt, [&] { return worker->reregistrations(); });
   worker->shutdown(milliseconds(o.deadline_ms));

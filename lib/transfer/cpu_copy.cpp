@@ -1,5 +1,6 @@
 #include "kvlink/transfer/cpu_copy.hpp"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
@@ -9,19 +10,44 @@
 #include <limits>
 #include <fmt/format.h>
 
+#include "kvlink/transfer/kv_memfd.hpp"
+
 namespace kvlink::transfer {
 
 Mapping::~Mapping() {
   if (base_ && size_ > 0) ::munmap(base_, size_);
 }
 
+std::string check_memfd_seals(int fd) {
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  if (seals < 0)
+    return fmt::format("the fd received with REGISTER_KV_CACHE cannot be sealed (F_GET_SEALS: {}): a regular file or "
+                       "another non-memfd can be shrunk under the server's mapping; pass a memfd created with "
+                       "MFD_ALLOW_SEALING and sealed with F_SEAL_SHRINK|F_SEAL_GROW, e.g. with "
+                       "kvlink::transfer::create_kv_memfd",
+                       std::strerror(errno));
+  const bool shrink_sealed = (seals & F_SEAL_SHRINK) != 0, grow_sealed = (seals & F_SEAL_GROW) != 0;
+  if (!shrink_sealed || !grow_sealed)
+    return fmt::format("the KV memfd is not sealed against resizing (it lacks {}): an engine that shrank it would "
+                       "crash the server's copies; seal the memfd with F_SEAL_SHRINK|F_SEAL_GROW, e.g. with "
+                       "kvlink::transfer::create_kv_memfd (a memfd takes seals only if created with MFD_ALLOW_SEALING)",
+                       !shrink_sealed && !grow_sealed ? "F_SEAL_SHRINK and F_SEAL_GROW"
+                       : !shrink_sealed               ? "F_SEAL_SHRINK"
+                                                      : "F_SEAL_GROW");
+  return {};
+}
+
 std::string map_memfd(UniqueFd fd, std::uint64_t region_bytes, std::shared_ptr<const Mapping>& out) {
   if (!fd) return "no memfd received with REGISTER_KV_CACHE";
+  if (region_bytes == 0) return "the layout's region_bytes is 0; it must be the memfd's size";
+  // Seals first: once the size is sealed, the fstat below stays true for as
+  // long as the mapping lives (seals cannot be removed).
+  if (auto why = check_memfd_seals(fd.get()); !why.empty()) return why;
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return fmt::format("fstat of the received memfd failed: {}", std::strerror(errno));
-  if (region_bytes == 0) return "the layout's region_bytes is 0; it must be the memfd's size";
   if (static_cast<std::uint64_t>(st.st_size) < region_bytes)
-    return fmt::format("memfd is {} bytes, layout needs {} (region_bytes); size it with ftruncate before registering",
+    return fmt::format("memfd is {} bytes, layout needs {} (region_bytes); a sealed memfd cannot grow: create it at "
+                       "region_bytes, e.g. with kvlink::transfer::create_kv_memfd(layout)",
                        st.st_size, region_bytes);
   if (region_bytes > std::numeric_limits<std::size_t>::max() / 2)
     return fmt::format("region_bytes {} is too large to map", region_bytes);

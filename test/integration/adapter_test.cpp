@@ -24,6 +24,7 @@
 #include "kvlink/adapter/scheduler.hpp"
 #include "kvlink/adapter/worker.hpp"
 #include "kvlink/runtime/runtime.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
@@ -54,12 +55,11 @@ std::vector<std::uint32_t> blocks(std::uint32_t first, std::uint32_t n) {
   return b;
 }
 
-// The engine's KV memory for layout(): a memfd of the layout's size.
+// The engine's KV memory for layout(): a sealed memfd of the layout's size.
 UniqueFd kv_memfd() {
-  UniqueFd fd(::memfd_create("adapter_test-kv", MFD_CLOEXEC));
-  REQUIRE(fd);
-  REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(layout().region_bytes)) == 0);
-  return fd;
+  auto kv = transfer::create_kv_memfd(layout(), {.name = "adapter_test-kv", .map = false});
+  REQUIRE_MESSAGE(kv, kv.detail);
+  return std::move(kv.fd);
 }
 
 struct Fixture {

@@ -1,22 +1,27 @@
 // Bad input against the real kvlink-server: malformed frames on raw
 // sockets, and well-formed requests with bad arguments. Each gets a clear
 // error, the server keeps serving other clients, and a KV cache stored
-// before stays byte-exact. (Wrong magic, unknown opcodes, unregistered
-// STOREs, mismatched namespaces and block counts, and a memfd smaller than
-// its layout are covered in rpc_test.cpp and store_test.cpp.)
+// before stays byte-exact. A KV memfd must be sealed against resizing, and
+// one that is not is refused. (Wrong magic, unknown opcodes, unregistered
+// STOREs, mismatched namespaces and block counts are covered in rpc_test.cpp
+// and store_test.cpp.)
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <asio/io_context.hpp>
+#include <cerrno>
 #include <cstring>
 #include <fmt/format.h>
 
 #include "kvlink/net/connection.hpp"
 #include "kvlink/store/keys.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 
@@ -137,19 +142,19 @@ const std::uint64_t ns = store::namespace_id({"bad-input-model", 1, ""});
 // 4 layers, 64 blocks of 16 tokens, 4 KiB per block; a chunk is 16 blocks.
 wire::KvLayout kv_layout() { return wire::paged_layout(4, 64, 16, 2, 64, 2); }
 
+// An engine's KV cache: a sealed memfd of the layout's size, mapped here.
 struct Memory {
   UniqueFd fd;
+  std::unique_ptr<std::byte, transfer::Unmap> mapping;
   std::byte* base = nullptr;
   std::size_t size = 0;
-  explicit Memory(std::size_t bytes) : size(bytes) {
-    fd = UniqueFd(::memfd_create("kv", MFD_CLOEXEC));
-    REQUIRE(fd);
-    REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(bytes)) == 0);
-    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
-    REQUIRE(p != MAP_FAILED);
-    base = static_cast<std::byte*>(p);
+  explicit Memory(const wire::KvLayout& l = kv_layout()) : size(l.region_bytes) {
+    auto kv = transfer::create_kv_memfd(l, {.name = "bad_input_test-kv"});
+    REQUIRE_MESSAGE(kv, kv.detail);
+    fd = std::move(kv.fd);
+    mapping = std::move(kv.memory);
+    base = mapping.get();
   }
-  ~Memory() { ::munmap(base, size); }
 };
 
 std::vector<wire::ChunkHash> prompt(std::size_t chunks, std::uint32_t salt) {
@@ -176,7 +181,7 @@ wire::RegisterKvCacheRequest registration(const wire::KvLayout& l = kv_layout())
 // that they still come back byte-exact (into blocks 32..63).
 struct Victim {
   Client worker;
-  Memory mem{kv_layout().region_bytes};
+  Memory mem;
   std::vector<wire::ChunkHash> hashes = prompt(2, 12345);
   std::vector<std::byte> expected;
   Victim(asio::io_context& io, const std::string& endpoint) : worker(io, endpoint, wire::Role::worker) {
@@ -340,7 +345,7 @@ TEST_CASE("bad store arguments: clear errors, the connection stays, stored data 
   asio::io_context io;
   Victim victim(io, server.endpoint());
   Client worker(io, server.endpoint(), wire::Role::worker);
-  Memory mem(kv_layout().region_bytes);
+  Memory mem;
 
   // Layouts that do not fit their memory.
   auto reg = registration();
@@ -411,4 +416,144 @@ TEST_CASE("bad store arguments: clear errors, the connection stays, stored data 
   st.block_ids = ids(0, 16);
   CHECK(worker.ok(st).stored_chunks == 1);
   CHECK(victim.intact());
+}
+
+// ---- the KV memfd must be sealed: its size cannot change under the server ----------
+
+namespace {
+
+// STOREs blocks 0..31 of `mem` (known bytes) as 2 chunks, wipes them,
+// RETRIEVEs into blocks 32..63; true if the bytes came back.
+bool round_trip(Client& worker, Memory& mem, std::uint32_t salt) {
+  const auto l = kv_layout();
+  for (std::size_t i = 0; i < mem.size; ++i) mem.base[i] = static_cast<std::byte>((i * 7 + salt) % 253);
+  std::vector<std::byte> expected;
+  for (std::uint32_t layer = 0; layer < 4; ++layer)
+    for (std::uint32_t plane = 0; plane < 2; ++plane) {
+      const std::byte* p = mem.base + l.layers[layer].offset + plane * l.plane_stride;
+      expected.insert(expected.end(), p, p + 32 * l.block_stride);
+    }
+  wire::StoreRequest st;
+  st.ns = ns;
+  st.hashes = prompt(2, salt);
+  st.block_ids = ids(0, 32);
+  if (worker.ok(st).stored_chunks != 2) return false;
+  std::memset(mem.base, 0, mem.size);
+  wire::RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = st.hashes;
+  rt.block_ids = ids(32, 32);
+  if (worker.ok(rt).retrieved_chunks != 2) return false;
+  std::vector<std::byte> got;
+  for (std::uint32_t layer = 0; layer < 4; ++layer)
+    for (std::uint32_t plane = 0; plane < 2; ++plane) {
+      const std::byte* p = mem.base + l.layers[layer].offset + plane * l.plane_stride + 32 * l.block_stride;
+      got.insert(got.end(), p, p + 32 * l.block_stride);
+    }
+  return got == expected;
+}
+
+}  // namespace
+
+TEST_CASE("a registered KV memfd is sealed: the engine cannot shrink it, STORE and RETRIEVE go on, the server lives") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "error"});
+  server.start();
+  asio::io_context io;
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  Memory mem;  // create_kv_memfd
+  worker.ok(registration(), mem.fd.get());
+
+  // Shrinking the memfd under the server's mapping (which made the next copy
+  // kill the server with SIGBUS) is refused by the kernel; so is growing it.
+  // (errno read at once: doctest's output may change it before a CHECK.)
+  auto resize_error = [&](std::size_t bytes) {
+    return ::ftruncate(mem.fd.get(), static_cast<off_t>(bytes)) == 0 ? 0 : errno;
+  };
+  CHECK(resize_error(0) == EPERM);
+  CHECK(resize_error(mem.size / 2) == EPERM);
+  CHECK(resize_error(mem.size * 2) == EPERM);
+  struct stat st {};
+  REQUIRE(::fstat(mem.fd.get(), &st) == 0);
+  CHECK(static_cast<std::size_t>(st.st_size) == mem.size);
+
+  CHECK(round_trip(worker, mem, 1));
+  CHECK_FALSE(worker.call(wire::PingRequest{}).ec);
+  CHECK(server.terminate() == 0);  // exited by SIGTERM, not killed by a signal
+}
+
+TEST_CASE("an unsealed KV memfd (or a regular file) is refused naming the seals; the server and other engines go on") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "error"});
+  server.start();
+  asio::io_context io;
+  Victim victim(io, server.endpoint());  // another engine, registered and storing
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  const auto l = kv_layout();
+
+  // Made by hand on purpose: a memfd of the right size that can still be
+  // resized, as engines made them before the seals were required.
+  UniqueFd unsealed(::memfd_create("bad_input_test-unsealed", MFD_CLOEXEC));
+  REQUIRE(unsealed);
+  REQUIRE(::ftruncate(unsealed.get(), static_cast<off_t>(l.region_bytes)) == 0);
+  auto r = worker.call(registration(), unsealed.get());
+  CHECK(r.ec == errc::bad_request);
+  CHECK_MESSAGE(r.message.find("not sealed against resizing (it lacks F_SEAL_SHRINK and F_SEAL_GROW)") !=
+                    std::string::npos,
+                r.message);
+  CHECK(r.message.find("seal the memfd with F_SEAL_SHRINK|F_SEAL_GROW, e.g. with kvlink::transfer::create_kv_memfd") !=
+        std::string::npos);
+  // The refused registration mapped nothing: shrinking the memfd now and
+  // sending a STORE cannot reach it (the worker is not registered).
+  REQUIRE(::ftruncate(unsealed.get(), 0) == 0);
+  wire::StoreRequest st;
+  st.ns = ns;
+  st.hashes = prompt(1, 77);
+  st.block_ids = ids(0, 16);
+  CHECK(worker.call(st).ec == errc::not_registered);
+
+  // A regular file cannot be sealed at all: refused, and the message says so.
+  const std::string path = dir.path() + "/kv-file";
+  UniqueFd file(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  REQUIRE(file);
+  REQUIRE(::ftruncate(file.get(), static_cast<off_t>(l.region_bytes)) == 0);
+  r = worker.call(registration(), file.get());
+  CHECK(r.ec == errc::bad_request);
+  // (A file on tmpfs reports F_SEAL_SEAL, elsewhere F_GET_SEALS fails: refused either way.)
+  CHECK_MESSAGE((r.message.find("cannot be sealed") != std::string::npos ||
+                 r.message.find("not sealed against resizing") != std::string::npos),
+                r.message);
+  CHECK(r.message.find("F_SEAL_SHRINK|F_SEAL_GROW") != std::string::npos);
+
+  // The server is up, the other engine's data is intact and it keeps
+  // storing, and the refused worker registers fine with a sealed memfd.
+  CHECK_FALSE(worker.call(wire::PingRequest{}).ec);
+  CHECK(victim.intact());
+  Memory mem;
+  worker.ok(registration(), mem.fd.get());
+  CHECK(round_trip(worker, mem, 2));
+  CHECK(victim.intact());
+  CHECK(server.terminate() == 0);
+}
+
+TEST_CASE("a sealed KV memfd smaller than its layout is refused naming both sizes") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "error"});
+  server.start();
+  asio::io_context io;
+  Victim victim(io, server.endpoint());
+  Client worker(io, server.endpoint(), wire::Role::worker);
+  const auto l = kv_layout();
+  auto smaller = l;
+  smaller.region_bytes = l.region_bytes - 4096;
+  Memory small(smaller);  // sealed at region_bytes - 4 KiB: it can never grow to fit
+  auto r = worker.call(registration(), small.fd.get());
+  CHECK(r.ec == errc::bad_request);
+  CHECK_MESSAGE(r.message.find(fmt::format("memfd is {} bytes, layout needs {} (region_bytes)", smaller.region_bytes,
+                                           l.region_bytes)) == 0,
+                r.message);
+  CHECK(r.message.find("create_kv_memfd") != std::string::npos);
+  CHECK_FALSE(worker.call(wire::PingRequest{}).ec);
+  CHECK(victim.intact());
+  CHECK(server.terminate() == 0);
 }

@@ -32,6 +32,7 @@
 #include "kvlink/adapter/scheduler.hpp"
 #include "kvlink/adapter/worker.hpp"
 #include "kvlink/runtime/runtime.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "server_process.hpp"
 #include "sim/workload.hpp"
@@ -65,20 +66,12 @@ std::vector<std::uint32_t> range(std::uint32_t first, std::uint32_t n) {
   return b;
 }
 
-// The engine's KV memory: a memfd of the layout's size, mapped here.
+// The engine's KV memory: a sealed memfd of the layout's size, mapped here.
 struct KvMemory {
   wire::KvLayout lay = layout();
-  UniqueFd fd{::memfd_create("e2e_test-kv", MFD_CLOEXEC)};
-  std::byte* base = nullptr;
-  KvMemory() {
-    REQUIRE(fd);
-    REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(lay.region_bytes)) == 0);
-    void* p = ::mmap(nullptr, lay.region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
-    REQUIRE(p != MAP_FAILED);
-    base = static_cast<std::byte*>(p);
-  }
-  ~KvMemory() { ::munmap(base, lay.region_bytes); }
-  sim::KvView view() const { return sim::KvView(base, lay); }
+  transfer::KvMemfd memfd = transfer::create_kv_memfd(lay, {.name = "e2e_test-kv"});
+  KvMemory() { REQUIRE_MESSAGE(memfd, memfd.detail); }
+  sim::KvView view() const { return sim::KvView(memfd.memory.get(), lay); }
 };
 
 std::uint64_t mismatches(const sim::KvView& kv, const std::vector<store::Token>& tokens,
@@ -123,7 +116,7 @@ struct Fixture {
     s.call_timeout = 1s;
     s.blocking_deadline = deadline;
     scheduler = SchedulerAdapter::create(rt.executor(), s);
-    auto r = worker->register_kv_caches(kv.lay, kv.fd.get());
+    auto r = worker->register_kv_caches(kv.lay, kv.memfd.fd.get());
     REQUIRE_MESSAGE(!r.ec, r.ec.message());
   }
   bool state_is(health::State s) {

@@ -16,6 +16,7 @@
 
 #include "kvlink/adapter/worker.hpp"
 #include "kvlink/runtime/runtime.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 
@@ -30,10 +31,9 @@ namespace {
 wire::KvLayout small_layout() { return wire::paged_layout(2, 64, 16, 2, 16, 2); }
 
 UniqueFd memfd_for(const wire::KvLayout& l) {
-  UniqueFd fd(::memfd_create("embed_test-kv", MFD_CLOEXEC));
-  REQUIRE(fd);
-  REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(l.region_bytes)) == 0);
-  return fd;
+  auto kv = transfer::create_kv_memfd(l, {.name = "embed_test-kv", .map = false});
+  REQUIRE_MESSAGE(kv, kv.detail);
+  return std::move(kv.fd);
 }
 
 WorkerConfig fast_worker(const std::string& endpoint) {

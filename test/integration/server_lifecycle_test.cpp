@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "kvlink/store/keys.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "kvlink/wire/messages.hpp"
 #include "server_process.hpp"
@@ -259,18 +260,15 @@ const std::uint64_t ns = store::namespace_id({"lifecycle-model", 1, ""});
 // (256 tokens, 16 blocks) is 4 MiB.
 wire::KvLayout big_layout(std::uint32_t blocks) { return wire::paged_layout(4, blocks, 16, 8, 128, 2); }
 
-// An engine's KV cache: a memfd filled with a pattern (so copies move real pages).
+// An engine's KV cache: a sealed memfd filled with a pattern (so copies
+// move real pages).
 struct KvMemory {
   UniqueFd fd;
-  std::size_t size = 0;
-  explicit KvMemory(std::size_t bytes) : size(bytes) {
-    fd = UniqueFd(::memfd_create("kvlink-lifecycle", MFD_CLOEXEC));
-    REQUIRE(fd);
-    REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(bytes)) == 0);
-    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
-    REQUIRE(p != MAP_FAILED);
-    std::memset(p, 0x5a, bytes);
-    ::munmap(p, bytes);
+  explicit KvMemory(const wire::KvLayout& l) {
+    auto kv = transfer::create_kv_memfd(l, {.name = "kvlink-lifecycle"});
+    REQUIRE_MESSAGE(kv, kv.detail);
+    std::memset(kv.memory.get(), 0x5a, l.region_bytes);
+    fd = std::move(kv.fd);  // kv unmaps; the pages stay in the memfd
   }
 };
 
@@ -353,7 +351,7 @@ TEST_CASE("lifecycle: a registration survives its connection; the re-HELLO says 
   ServerProcess server({"--listen", dir.socket(), "--l1-size", "64MiB", "--log-level", "warn"});
   server.start();
   const auto layout = big_layout(64);  // 16 MiB
-  KvMemory kv(layout.region_bytes);
+  KvMemory kv(layout);
   RawClient admin(server.endpoint());
   admin.hello(wire::Role::admin, 1);
   const std::uint64_t id = 0x1234567;
@@ -423,7 +421,7 @@ TEST_CASE("lifecycle: SIGTERM drains: notice, refusals, the in-flight STORE comp
                             "--drain-timeout-s", "30"});
   const std::string ep = dir.socket();
   const auto layout = big_layout(1024);  // 256 MiB, 64 chunks of 4 MiB
-  KvMemory kv(layout.region_bytes);
+  KvMemory kv(layout);
   RawClient admin(ep);
   admin.hello(wire::Role::admin, 1);
   RawClient worker(ep);

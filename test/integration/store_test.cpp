@@ -17,6 +17,7 @@
 
 #include "kvlink/net/connection.hpp"
 #include "kvlink/store/keys.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 
@@ -64,19 +65,22 @@ struct Client {
         co_await c->async_call_with_fd(std::move(m), fd, 5s, asio::experimental::as_tuple(asio::use_awaitable));
     co_return Result<typename M::reply_type>{ec, std::move(r), ec ? c->last_error_message() : std::string()};
   }
-  // REGISTER_KV_CACHE passes the KV cache's memfd (created here, sized to
-  // the layout, unless the test passes its own); everything else is a call.
+  // REGISTER_KV_CACHE passes the KV cache's memfd (sealed, created here
+  // for the first layout, again for a larger one: a sealed memfd cannot
+  // grow); everything else is a call.
   template <class M>
   Result<typename M::reply_type> call(M m) {
     if constexpr (std::is_same_v<M, wire::RegisterKvCacheRequest>) {
-      if (!memfd) {
-        memfd = UniqueFd(::memfd_create("store_test-kv", MFD_CLOEXEC));
-        REQUIRE(memfd);
+      if (memfd) {
+        struct stat st {};
+        REQUIRE(::fstat(memfd.get(), &st) == 0);
+        if (static_cast<std::uint64_t>(st.st_size) < m.layout.region_bytes) memfd.reset();
       }
-      struct stat st {};
-      REQUIRE(::fstat(memfd.get(), &st) == 0);
-      if (static_cast<std::uint64_t>(st.st_size) < m.layout.region_bytes)
-        REQUIRE(::ftruncate(memfd.get(), static_cast<off_t>(m.layout.region_bytes)) == 0);
+      if (!memfd) {
+        auto kv = transfer::create_kv_memfd(m.layout, {.name = "store_test-kv", .map = false});
+        REQUIRE_MESSAGE(kv, kv.detail);
+        memfd = std::move(kv.fd);
+      }
       return call_with_fd(std::move(m), memfd.get());
     }
     return run(io, call_co(conn, std::move(m)));
@@ -379,20 +383,19 @@ wire::KvLayout data_layout(bool block_first) {
   return wire::paged_layout(4, 64, 16, 2, 64, 2, block_first ? wire::PagedOrder::blocks_first : wire::PagedOrder::planes_first);
 }
 
-// The engine's view of its memfd KV cache.
+// The engine's view of its memfd KV cache: sealed, region_bytes of `l`.
 struct EngineMemory {
   UniqueFd fd;
+  std::unique_ptr<std::byte, transfer::Unmap> mapping;
   std::byte* base = nullptr;
   std::size_t size = 0;
-  explicit EngineMemory(std::size_t bytes, std::size_t truncate_to = 0) : size(bytes) {
-    fd = UniqueFd(::memfd_create("kv-cache", MFD_CLOEXEC));
-    REQUIRE(fd);
-    REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(truncate_to ? truncate_to : bytes)) == 0);
-    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
-    REQUIRE(p != MAP_FAILED);
-    base = static_cast<std::byte*>(p);
+  explicit EngineMemory(const wire::KvLayout& l) : size(l.region_bytes) {
+    auto kv = transfer::create_kv_memfd(l, {.name = "kv-cache"});
+    REQUIRE_MESSAGE(kv, kv.detail);
+    fd = std::move(kv.fd);
+    mapping = std::move(kv.memory);
+    base = mapping.get();
   }
-  ~EngineMemory() { ::munmap(base, size); }
   std::byte* block(const wire::KvLayout& l, std::uint32_t layer, std::uint32_t plane, std::uint32_t id) const {
     return base + l.layers[layer].offset + plane * l.plane_stride + id * l.block_stride;
   }
@@ -458,7 +461,7 @@ TEST_CASE("CPU data path: STORE from a memfd, wipe, SYNC_LOOKUP, RETRIEVE into o
   for (bool block_first : {false, true}) {
     CAPTURE(block_first);
     const auto l = data_layout(block_first);
-    EngineMemory mem(l.region_bytes);
+    EngineMemory mem(l);
     auto reg = registration();
     reg.layout = l;
     auto r = worker.call_with_fd(reg, mem.fd.get());
@@ -504,7 +507,7 @@ TEST_CASE("KV cache registration over TCP is refused with a clear error") {
   server.start();
   asio::io_context io;
   Client worker(io, server.endpoint(1), wire::Role::worker);
-  EngineMemory mem(data_layout(false).region_bytes);
+  EngineMemory mem(data_layout(false));
   auto reg = registration();
   reg.layout = data_layout(false);
   auto r = worker.call_with_fd(reg, mem.fd.get());
@@ -528,8 +531,10 @@ TEST_CASE("failed registrations leak no fds in the server, which keeps serving")
   reg.layout = l;
   const std::size_t before = open_fds(server.pid());
 
-  // memfd smaller than the layout's region.
-  EngineMemory small(l.region_bytes, l.region_bytes / 2);
+  // memfd smaller than the layout's region (sealed at that size).
+  auto half = l;
+  half.region_bytes /= 2;
+  EngineMemory small(half);
   auto r = worker.call_with_fd(reg, small.fd.get());
   CHECK(r.ec == errc::bad_request);
   CHECK(r.message.find(fmt::format("memfd is {} bytes, layout needs {}", l.region_bytes / 2, l.region_bytes)) == 0);
@@ -537,7 +542,7 @@ TEST_CASE("failed registrations leak no fds in the server, which keeps serving")
   auto none = run(io, Client::call_co(worker.conn, reg));
   CHECK(none.message.find("no memfd received") == 0);
   // An fd with a request the handler refuses before looking at it.
-  EngineMemory mem(l.region_bytes);
+  EngineMemory mem(l);
   auto bad = reg;
   bad.model = "";
   CHECK(worker.call_with_fd(bad, mem.fd.get()).ec == errc::bad_request);

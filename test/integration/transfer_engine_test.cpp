@@ -12,6 +12,7 @@
 
 #include "kvlink/net/connection.hpp"
 #include "kvlink/store/keys.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 
@@ -67,10 +68,9 @@ wire::KvLayout fake_cuda_layout() {
 
 std::string register_memfd(Worker& w) {
   wire::KvLayout l = wire::paged_layout(2, 64, 16, 2, 64, 2);
-  UniqueFd fd(::memfd_create("transfer_engine_test", MFD_CLOEXEC));
-  REQUIRE(fd);
-  REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(l.region_bytes)) == 0);
-  return w.register_kv(l, fd.get());
+  auto kv = transfer::create_kv_memfd(l, {.name = "transfer_engine_test", .map = false});
+  REQUIRE_MESSAGE(kv, kv.detail);
+  return w.register_kv(l, kv.fd.get());
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "kvlink/error.hpp"
 #include "kvlink/transfer/cpu_copy.hpp"
 #include "kvlink/transfer/cpu_engine.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 
 using namespace kvlink;
 using namespace kvlink::transfer;
@@ -150,18 +151,28 @@ TEST_CASE("out-of-range block ids and missing memory fail before anything is wri
   CHECK(copy_chunks(job, 0, 1).find("no mapped memory") != std::string::npos);
 }
 
-TEST_CASE("map_memfd: maps a large-enough memfd shared, refuses a small one or none, closes the fd") {
+namespace {
+// A memfd of `bytes` sealed by create_kv_memfd, as an engine registers it.
+UniqueFd sealed_memfd(std::uint64_t bytes) {
+  wire::KvLayout l;
+  l.region_bytes = bytes;
+  auto kv = create_kv_memfd(l, {.name = "kvlink-test", .map = false});
+  REQUIRE_MESSAGE(kv, kv.detail);
+  return std::move(kv.fd);
+}
+}  // namespace
+
+TEST_CASE("map_memfd: maps a sealed, large-enough memfd shared, refuses a small one or none, closes the fd") {
   std::shared_ptr<const Mapping> m;
   CHECK(map_memfd(UniqueFd{}, 4096, m) == "no memfd received with REGISTER_KV_CACHE");
-  UniqueFd fd(::memfd_create("kvlink-test", MFD_CLOEXEC));
+  UniqueFd fd = sealed_memfd(4096);
   REQUIRE(fd);
-  REQUIRE(::ftruncate(fd.get(), 4096) == 0);
   const int raw = fd.get();
-  UniqueFd dup(::dup(raw));
-  CHECK(map_memfd(std::move(dup), 8192, m) ==
-        "memfd is 4096 bytes, layout needs 8192 (region_bytes); size it with ftruncate before registering");
+  CHECK(map_memfd(duplicate_fd(raw), 8192, m) ==
+        "memfd is 4096 bytes, layout needs 8192 (region_bytes); a sealed memfd cannot grow: create it at "
+        "region_bytes, e.g. with kvlink::transfer::create_kv_memfd(layout)");
   CHECK(m == nullptr);
-  UniqueFd dup2(::dup(raw));
+  UniqueFd dup2 = duplicate_fd(raw);
   const int dup2_raw = dup2.get();
   REQUIRE(map_memfd(std::move(dup2), 4096, m) == "");
   CHECK(::fcntl(dup2_raw, F_GETFD) == -1);  // closed; the mapping keeps the memory
@@ -170,6 +181,42 @@ TEST_CASE("map_memfd: maps a large-enough memfd shared, refuses a small one or n
   std::byte b{};
   REQUIRE(::pread(raw, &b, 1, 100) == 1);
   CHECK(b == std::byte{42});  // MAP_SHARED: the engine sees the server's writes
+}
+
+TEST_CASE("map_memfd: refuses an fd whose size is not sealed, naming the missing seals and the fix") {
+  // These memfds are made by hand on purpose: unsealed, half sealed, and
+  // not sealable at all.
+  std::shared_ptr<const Mapping> m;
+  UniqueFd unsealed(::memfd_create("kvlink-test-unsealed", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  REQUIRE(unsealed);
+  REQUIRE(::ftruncate(unsealed.get(), 8192) == 0);
+  std::string why = map_memfd(duplicate_fd(unsealed.get()), 4096, m);
+  CHECK_MESSAGE(why.find("not sealed against resizing (it lacks F_SEAL_SHRINK and F_SEAL_GROW)") != std::string::npos,
+                why);
+  CHECK(why.find("seal the memfd with F_SEAL_SHRINK|F_SEAL_GROW, e.g. with kvlink::transfer::create_kv_memfd") !=
+        std::string::npos);
+  REQUIRE(::fcntl(unsealed.get(), F_ADD_SEALS, F_SEAL_SHRINK) == 0);
+  why = map_memfd(duplicate_fd(unsealed.get()), 4096, m);
+  CHECK_MESSAGE(why.find("(it lacks F_SEAL_GROW)") != std::string::npos, why);
+  REQUIRE(::fcntl(unsealed.get(), F_ADD_SEALS, F_SEAL_GROW) == 0);
+  CHECK(check_memfd_seals(unsealed.get()) == "");  // both: accepted, F_SEAL_SEAL or not
+
+  // Created without MFD_ALLOW_SEALING: it can never take the seals.
+  UniqueFd unsealable(::memfd_create("kvlink-test-unsealable", MFD_CLOEXEC));
+  REQUIRE(unsealable);
+  REQUIRE(::ftruncate(unsealable.get(), 4096) == 0);
+  why = map_memfd(duplicate_fd(unsealable.get()), 4096, m);
+  CHECK(why.find("lacks F_SEAL_SHRINK and F_SEAL_GROW") != std::string::npos);
+  CHECK(why.find("MFD_ALLOW_SEALING") != std::string::npos);
+
+  // Not a memfd (a regular file, a device): F_GET_SEALS fails.
+  UniqueFd device(::open("/dev/null", O_RDWR | O_CLOEXEC));
+  REQUIRE(device);
+  why = map_memfd(duplicate_fd(device.get()), 4096, m);
+  CHECK_MESSAGE(why.find("cannot be sealed") != std::string::npos, why);
+  CHECK(why.find("a regular file") != std::string::npos);
+  CHECK(why.find("create_kv_memfd") != std::string::npos);
+  CHECK(m == nullptr);
 }
 
 TEST_CASE("CpuTransferEngine: refuses a REGISTER without memfd, splits jobs, completes on the io thread") {

@@ -11,6 +11,7 @@
 #include "collect_sink.hpp"
 #include "kvlink/server/request_handler.hpp"
 #include "kvlink/store/keys.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 
 using namespace kvlink;
 using namespace kvlink::wire;
@@ -432,7 +433,11 @@ TEST_CASE("CLEAR, REPORT_BLOCK_ALLOCATION and lookups of a tensor-parallel world
 
 TEST_CASE("received fds: each REGISTER takes the oldest, even when refused; the rest close with the session") {
   Fixture f;
-  auto open_fd = [] { return UniqueFd(::memfd_create("kvlink-handler-test", MFD_CLOEXEC)); };
+  auto open_fd = [] {
+    auto kv = transfer::create_kv_memfd(layout(), {.name = "kvlink-handler-test", .map = false});
+    REQUIRE_MESSAGE(kv, kv.detail);
+    return std::move(kv.fd);
+  };
   auto is_open = [](int fd) { return ::fcntl(fd, F_GETFD) != -1; };
   const int a = (f.worker.received_fds.push_back(open_fd()), f.worker.received_fds.back().get());
   const int b = (f.worker.received_fds.push_back(open_fd()), f.worker.received_fds.back().get());

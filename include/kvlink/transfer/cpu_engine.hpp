@@ -28,8 +28,9 @@ class CpuTransferEngine final : public TransferEngine {
   CpuTransferEngine(const CpuTransferEngine&) = delete;
   CpuTransferEngine& operator=(const CpuTransferEngine&) = delete;
 
-  // Maps the memfd of a cpu_memfd layout; refuses other backends and a
-  // REGISTER without an fd.
+  // Maps the memfd of a cpu_memfd layout (map_memfd); refuses other
+  // backends, a REGISTER without an fd, and an fd not sealed against
+  // resizing (create_kv_memfd makes one that is).
   std::string attach(Registration& reg, UniqueFd fd) override;
   void submit(TransferJob job, TransferDone done) override;
   std::uint64_t capabilities() const override { return wire::capability::cpu_transfer; }

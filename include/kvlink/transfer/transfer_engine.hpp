@@ -36,9 +36,15 @@ class Mapping {
   std::size_t size_;
 };
 
-// Maps `fd` (a memfd of at least region_bytes) read-write and shared.
-// Returns "" and sets `out`, or why not ("memfd is N bytes, layout needs M").
-// The fd is closed either way (the mapping keeps the memory).
+// Returns "" if `fd` is sealed against shrinking and growing
+// (kv_memfd_required_seals, kv_memfd.hpp), or why not and how to fix it.
+std::string check_memfd_seals(int fd);
+
+// Maps `fd` (a memfd of at least region_bytes, sealed per
+// check_memfd_seals, so that it can never shrink under the mapping and
+// fault the server's copies with SIGBUS) read-write and shared. Returns ""
+// and sets `out`, or why not ("memfd is N bytes, layout needs M", "... not
+// sealed ..."). The fd is closed either way (the mapping keeps the memory).
 std::string map_memfd(UniqueFd fd, std::uint64_t region_bytes, std::shared_ptr<const Mapping>& out);
 
 // What an engine keeps per registration besides a memfd mapping (the CUDA
