@@ -59,16 +59,6 @@ struct Admin {
   std::error_code ping() { return run(io, ping_co(conn)); }
 };
 
-// Resident set of a process, in bytes.
-std::uint64_t rss(pid_t pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6)) * 1024;
-  FAIL("no VmRSS for " << pid);
-  return 0;
-}
-
 // A unix socket client that sends HELLO, then STATS requests as fast as
 // the kernel takes them, and never reads.
 struct NonReader {
@@ -127,7 +117,7 @@ TEST_CASE("limits: a client that never reads its replies stops being read; the s
   asio::io_context io;
   Admin admin(io, server.endpoint());
   CHECK(admin.stat("connections_paused") == 0);
-  const std::uint64_t rss_before = rss(server.pid());
+  const std::uint64_t rss_before = test::process_rss(server.pid());
 
   NonReader bad(server.endpoint());
   // Each 24-byte STATS request asks for a ~3 KiB reply: unbounded, the
@@ -139,7 +129,7 @@ TEST_CASE("limits: a client that never reads its replies stops being read; the s
   REQUIRE(bad.pump(2s));
   const std::uint64_t sent_more = bad.sent - sent_when_paused;
   CHECK(sent_more < 1u << 20);
-  const std::uint64_t rss_after = rss(server.pid());
+  const std::uint64_t rss_after = test::process_rss(server.pid());
   MESSAGE("client sent " << bad.sent << " bytes; server RSS " << rss_before / 1024 << " KiB -> " << rss_after / 1024
                          << " KiB");
   // The queue bound (1 MiB) plus one read turn's replies, well below what

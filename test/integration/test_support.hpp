@@ -103,6 +103,16 @@ inline bool process_stopped(int pid) {
   return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'T';
 }
 
+// Resident set of process `pid`, in bytes.
+inline std::uint64_t process_rss(int pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6)) * 1024;
+  FAIL("no VmRSS for " << pid);
+  return 0;
+}
+
 // One counter of the server's STATS, read over an admin connection of its own.
 inline std::int64_t server_stat(const std::string& endpoint, const std::string& name) {
   asio::io_context io;
