@@ -16,6 +16,7 @@
 
 #include "kvlink/net/connection.hpp"
 #include "server_process.hpp"
+#include "stats_client.hpp"
 #include "test_support.hpp"
 
 using namespace kvlink;
@@ -35,29 +36,7 @@ wire::HelloRequest hello(wire::Role role = wire::Role::admin) {
   return h;
 }
 
-struct Admin {
-  asio::io_context& io;
-  std::shared_ptr<net::Connection> conn;
-  Admin(asio::io_context& io, const std::string& ep, wire::Role role = wire::Role::admin) : io(io) {
-    auto r = run(io, net::connect(io.get_executor(), test::parse(ep), hello(role), 5s));
-    REQUIRE_MESSAGE(!r.ec, r.error);
-    conn = r.connection;
-  }
-  ~Admin() { conn->close(); }
-  static asio::awaitable<std::int64_t> stat_co(std::shared_ptr<net::Connection> c, std::string name) {
-    auto [ec, r] = co_await c->async_call(wire::StatsRequest{}, 5s, asio::experimental::as_tuple(asio::use_awaitable));
-    if (ec) co_return -1;
-    for (auto& e : r.entries)
-      if (e.name == name) co_return e.value;
-    co_return -2;
-  }
-  std::int64_t stat(const std::string& name) { return run(io, stat_co(conn, name)); }
-  static asio::awaitable<std::error_code> ping_co(std::shared_ptr<net::Connection> c) {
-    auto [ec, r] = co_await c->async_call(wire::PingRequest{}, 5s, asio::experimental::as_tuple(asio::use_awaitable));
-    co_return ec;
-  }
-  std::error_code ping() { return run(io, ping_co(conn)); }
-};
+using Admin = test::StatsClient;
 
 // A unix socket client that sends HELLO, then STATS requests as fast as
 // the kernel takes them, and never reads.

@@ -16,6 +16,7 @@
 
 #include "kvlink/net/connection.hpp"
 #include "server_process.hpp"
+#include "stats_client.hpp"
 #include "test_support.hpp"
 
 using namespace kvlink;
@@ -36,40 +37,6 @@ constexpr bool rss_tells = false;
 constexpr bool rss_tells = true;
 #endif
 
-// An admin connection that reads STATS and pings.
-struct Admin {
-  asio::io_context io;
-  std::shared_ptr<net::Connection> conn;
-  explicit Admin(const std::string& ep) {
-    wire::HelloRequest h;
-    h.role = wire::Role::admin;
-    h.instance_id = net::random_instance_id();
-    h.client_name = "memory_limits_test";
-    auto r = test::run(io, net::connect(io.get_executor(), test::parse(ep), h, 5s));
-    REQUIRE_MESSAGE(!r.ec, r.error);
-    conn = r.connection;
-  }
-  ~Admin() { conn->close(); }
-  static asio::awaitable<std::int64_t> stat_co(std::shared_ptr<net::Connection> c, std::string name) {
-    auto [ec, r] = co_await c->async_call(wire::StatsRequest{}, 5s, asio::experimental::as_tuple(asio::use_awaitable));
-    if (ec) co_return -1;
-    for (auto& e : r.entries)
-      if (e.name == name) co_return e.value;
-    co_return -2;
-  }
-  std::int64_t stat(const std::string& name) { return test::run(io, stat_co(conn, name)); }
-  bool stat_becomes(const std::string& name, std::int64_t value) {
-    const auto end = std::chrono::steady_clock::now() + 10s;
-    while (std::chrono::steady_clock::now() < end)
-      if (stat(name) == value) return true;
-    return stat(name) == value;
-  }
-  static asio::awaitable<std::error_code> ping_co(std::shared_ptr<net::Connection> c) {
-    auto [ec, r] = co_await c->async_call(wire::PingRequest{}, 5s, asio::experimental::as_tuple(asio::use_awaitable));
-    co_return ec;
-  }
-  std::error_code ping() { return test::run(io, ping_co(conn)); }
-};
 
 // A raw unix-socket client that sends a frame's bytes as it is told.
 struct Trickler {
@@ -152,7 +119,8 @@ TEST_CASE("memory limits: a frame trickled at --max-payload is held while it arr
   // The default --max-payload: 64 MiB.
   ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "off"});
   server.start();
-  Admin admin(server.endpoint());
+  asio::io_context io;
+  test::StatsClient admin(io, server.endpoint());
   const std::uint32_t max_payload = 64 * MiB;
   CHECK(admin.stat("inbound_buffered_bytes") == 0);
   CHECK(admin.stat("inbound_limit_bytes") == 4 * std::int64_t{max_payload});
@@ -201,7 +169,8 @@ TEST_CASE("memory limits: past --max-inbound-bytes a large frame is refused nami
   ServerProcess server({"--listen", dir.socket(), "--max-payload", std::to_string(max_payload),
                         "--max-inbound-bytes", "12MiB", "--l1-size", "16MiB", "--log-level", "off"});
   server.start();
-  Admin admin(server.endpoint());
+  asio::io_context io;
+  test::StatsClient admin(io, server.endpoint());
   CHECK_FALSE(admin.ping());
   CHECK(admin.stat("inbound_limit_bytes") == 12 * MiB);
 
