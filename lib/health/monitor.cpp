@@ -68,7 +68,8 @@ std::shared_ptr<net::Connection> Monitor::take_connection_and_stop() {
   std::shared_ptr<net::Connection> c;
   {
     std::lock_guard lock(conn_mutex_);
-    c = std::move(conn_);
+    c = conn_.lock();
+    conn_.reset();
   }
   ++gen_;  // its close is no longer a lost connection of this monitor
   wake_.cancel();
@@ -89,7 +90,7 @@ void Monitor::notice(std::string text) {
 
 std::shared_ptr<net::Connection> Monitor::connection() const {
   std::lock_guard lock(conn_mutex_);
-  return conn_;
+  return conn_.lock();
 }
 
 void Monitor::report_deadline_missed() {

@@ -707,3 +707,56 @@ TEST_CASE("self-heal: engines forked from one parent draw distinct instance ids 
   CHECK(ids.size() == 3);
   CHECK(test::server_stat(ep, "registrations") == 2);
 }
+
+TEST_CASE("adapter: adapters never stopped are freed with their io_context, calls still pending") {
+  // An engine that tears down its io_context without stopping the adapters
+  // (an exception unwinding, a test ending early) must not leak them: the
+  // calls waiting on a hung server own the adapters, and nothing may own
+  // those calls but the io_context.
+  TempDir dir;
+  const std::string ep = dir.socket();
+  ServerProcess server(Fixture::args(ep, {}));
+  server.start();
+  UniqueFd kv = kv_memfd();
+  std::weak_ptr<WorkerAdapter> weak_worker;
+  std::weak_ptr<SchedulerAdapter> weak_scheduler;
+  std::weak_ptr<health::Monitor> weak_monitors[2];
+  {
+    asio::io_context io;
+    WorkerConfig w;
+    w.endpoint = ep;
+    w.model = "adapter-model";
+    w.health = test::fast_health();
+    w.call_timeout = 10s;
+    auto worker = WorkerAdapter::create(io.get_executor(), w);
+    SchedulerConfig s;
+    s.endpoint = ep;
+    s.model = "adapter-model";
+    s.health = test::fast_health();
+    s.call_timeout = 10s;
+    auto scheduler = SchedulerAdapter::create(io.get_executor(), s);
+    bool registered = false;
+    worker->async_register_kv_caches(layout(), kv.get(), [&](std::error_code ec, Done) { registered = !ec; });
+    for (int i = 0; i < 100 && !registered; ++i) io.run_for(20ms);
+    REQUIRE(registered);
+    server.stop();  // SIGSTOP: every call from now on waits for its deadline
+    int answered = 0;
+    TransferSpec store;
+    store.request_id = "pending";
+    store.tokens = prompt(chunk);
+    store.block_ids = blocks(0, chunk / block);
+    worker->async_submit_store(std::move(store), [&](std::error_code, auto) { ++answered; });
+    scheduler->async_submit_lookup("pending", prompt(chunk), [&](std::error_code, auto) { ++answered; });
+    io.run_for(200ms);  // heartbeat pings pile up too
+    CHECK(answered == 0);
+    weak_worker = worker;
+    weak_scheduler = scheduler;
+    weak_monitors[0] = worker->shared_monitor();
+    weak_monitors[1] = scheduler->shared_monitor();
+  }
+  CHECK(weak_worker.expired());
+  CHECK(weak_scheduler.expired());
+  CHECK(weak_monitors[0].expired());
+  CHECK(weak_monitors[1].expired());
+  server.resume();
+}

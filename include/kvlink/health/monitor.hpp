@@ -168,7 +168,11 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   std::atomic<std::uint32_t> server_chunk_size_{0};
   bool stopped_ = false;
   mutable std::mutex conn_mutex_;
-  std::shared_ptr<net::Connection> conn_;
+  // Weak: a connection is owned by its read loop, which lives in the
+  // io_context. Its pending calls hold this monitor (and the adapters), so a
+  // strong pointer here would be a cycle that outlives a destroyed
+  // io_context.
+  std::weak_ptr<net::Connection> conn_;
   std::uint64_t gen_ = 0;  // bumps per connection; stale completions are dropped
   std::vector<std::function<void(const Event&)>> callbacks_;
   std::unordered_map<std::uint64_t, Waiter> waiters_;
