@@ -80,6 +80,9 @@ int main(int argc, char** argv) {
   app.add_option("--l1-size", l1_size, "L1 memory for KV chunks: 512MiB, 8GiB, or plain bytes")->capture_default_str();
   bool no_huge_pages = false;
   app.add_flag("--no-huge-pages", no_huge_pages, "Do not try huge pages for L1");
+  app.add_flag("--l1-lock", cfg.l1_lock,
+               "Pin L1 in RAM at startup (mlock): it is never paged out; needs a locked-memory limit (ulimit -l, "
+               "systemd LimitMEMLOCK=) of at least --l1-size");
   auto seconds = [&](const char* name, std::chrono::seconds& field, const char* what) {
     app.add_option_function<std::int64_t>(name, [&field](std::int64_t v) { field = std::chrono::seconds(v); }, what)
         ->default_str(std::to_string(field.count()))

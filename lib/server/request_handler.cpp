@@ -518,17 +518,25 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
                                  TimePoint now) {
   wire::RegisterKvCacheRequest req;
   if (!parse(frame, sink, req, errc::bad_request)) return;
-  if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  // Every refusal is in the server's log too, with who asked: the engine's
+  // log is not the only place an operator looks.
+  auto refuse = [&](std::string why) {
+    warn(session, now,
+         fmt::format("kvlink-server: refused a KV-cache registration from {} ({}): {}", session.peer.text,
+                     session.client_name, why));
+    fail(frame, sink, errc::bad_request, why);
+  };
+  if (auto why = check_world_size(req.world_size); !why.empty()) return refuse(why);
   if (req.ns == 0)
-    return fail(frame, sink, errc::bad_request,
-                "namespace 0 is not a namespace id; compute it with store::namespace_id(model, world size, salt)");
+    return refuse(
+        "namespace 0 is not a namespace id; compute it with store::namespace_id(model, world size, salt)");
   if (auto why = store::check_chunk_size(config_.chunk_size, req.layout.block_size); !why.empty())
-    return fail(frame, sink, errc::bad_request, why);
+    return refuse(why);
   const std::uint32_t blocks_per_chunk = config_.chunk_size / req.layout.block_size;
   std::uint64_t slot = 0;
   if (__builtin_mul_overflow(std::uint64_t{req.layout.num_layers} * req.layout.num_planes * blocks_per_chunk,
                              req.layout.block_bytes(), &slot))
-    return fail(frame, sink, errc::bad_request, "the layout's chunk size in bytes overflows 64 bits");
+    return refuse("the layout's chunk size in bytes overflows 64 bits");
   auto reg = std::make_shared<transfer::Registration>();
   reg->instance_id = session.instance_id;
   reg->ns = req.ns;
@@ -546,13 +554,15 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
     if (!had_fd && session.role != wire::Role::worker)
       why += fmt::format("; fds are received on worker connections only, and this one said HELLO as {}",
                          wire::role_name(session.role));
-    return fail(frame, sink, errc::bad_request, why);
+    return refuse(why);
   }
-  if (auto why = pool_.configure(slot); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  if (auto why = pool_.configure(slot); !why.empty()) return refuse(why);
   if (auto why = engine_.use_l1(*reg, pool_.region(), pool_.region_bytes()); !why.empty())
-    return fail(frame, sink, errc::bad_request, why);
-  log::info("kvlink-server: instance {:016x} registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
-            session.instance_id, reg->model, reg->kv_rank, reg->world_size, reg->layout.num_layers, slot);
+    return refuse(why);
+  log::info("kvlink-server: {} ({}) registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
+            session.peer.text, session.client_name, reg->model, reg->kv_rank, reg->world_size,
+            reg->layout.num_layers, slot);
+  log::debug("kvlink-server: registration of {} is instance {:016x}", session.peer.text, session.instance_id);
   registrations_[session.instance_id] = std::move(reg);
   liveness_.registered(session.instance_id, now);
   reply(sink, frame.header, wire::Empty{});

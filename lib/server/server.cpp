@@ -183,6 +183,7 @@ asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::st
     } else {
       session->unix_socket = true;
     }
+    session->state.peer = peer_of(session->stream.socket().native_handle());
     ++handler.counters().connections_accepted;
     ++handler.counters().connections_open;
     sessions.push_back(session);
@@ -269,6 +270,7 @@ void Server::start() {
   std::string warning;  // kvlink-server prints it; embedders get the error only
   if (auto why = check_reaper(cfg, warning); !why.empty()) throw std::runtime_error(why);
   if (auto why = check_inbound(cfg); !why.empty()) throw std::runtime_error(why);
+  if (auto why = impl_->handler.map_l1(); !why.empty()) throw std::runtime_error(why);
   const std::optional<gid_t> group = cfg.unix_group.empty() ? std::nullopt : std::optional(group_id(cfg.unix_group));
   for (const auto& text : cfg.listen) {
     net::Endpoint ep;

@@ -1,6 +1,7 @@
 #include "kvlink/store/l1_pool.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cctype>
 #include <cerrno>
@@ -49,6 +50,52 @@ L1Pool::~L1Pool() {
   if (base_) ::munmap(base_, mapped_);
 }
 
+std::string L1Pool::map(bool lock) {
+  if (base_) return {};
+  if (capacity_ == 0) return "--l1-size is 0: L1 needs room for at least one KV chunk; give e.g. --l1-size 8GiB";
+  const long pages = ::sysconf(_SC_PHYS_PAGES);
+  const long page_size = ::sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page_size > 0) {
+    const auto ram = static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page_size);
+    if (capacity_ > ram)
+      return fmt::format("--l1-size of {:.1f} GiB is more than this machine's memory ({:.1f} GiB); lower --l1-size",
+                         static_cast<double>(capacity_) / 0x1p30, static_cast<double>(ram) / 0x1p30);
+  }
+  std::uint64_t len = capacity_;
+  void* p = MAP_FAILED;
+  constexpr std::uint64_t huge_page = 2u << 20;
+  if (try_huge_ && len >= huge_page) {
+    const std::uint64_t huge_len = (len + huge_page - 1) / huge_page * huge_page;
+    // The kernel reserves the huge pages now, so a shortage fails here
+    // instead of as SIGBUS on first touch.
+    p = ::mmap(nullptr, huge_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+    if (p != MAP_FAILED) {
+      len = huge_len;
+      huge_ = true;
+    }
+  }
+  if (p == MAP_FAILED) {
+    // No reserved huge pages: ordinary pages, transparent huge pages if
+    // enabled. Accounted (no MAP_NORESERVE): a host that does not overcommit
+    // refuses the size now, not with an OOM kill under load.
+    p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+      return fmt::format("cannot map the L1 region of {} bytes: {}; lower --l1-size", len, std::strerror(errno));
+    if (try_huge_) ::madvise(p, len, MADV_HUGEPAGE);
+  }
+  if (lock && ::mlock(p, len) != 0) {
+    const int err = errno;
+    ::munmap(p, len);
+    huge_ = false;
+    return fmt::format("cannot lock the L1 region of {} bytes in RAM: {}; raise the locked-memory limit (ulimit -l, "
+                       "systemd LimitMEMLOCK=), lower --l1-size, or drop --l1-lock",
+                       len, std::strerror(err));
+  }
+  base_ = static_cast<std::byte*>(p);
+  mapped_ = len;
+  return {};
+}
+
 std::string L1Pool::configure(std::uint64_t slot_bytes) {
   if (slot_bytes == 0) return "slot size is 0 bytes";
   if (slot_bytes_ != 0) {
@@ -64,29 +111,7 @@ std::string L1Pool::configure(std::uint64_t slot_bytes) {
     return fmt::format("--l1-size of {} bytes cannot hold one chunk slot of {} bytes; raise --l1-size", capacity_,
                        slot_bytes);
   if (slots > UINT32_MAX) return fmt::format("{} slots exceed the limit of 2^32-1; raise the chunk size", slots);
-  std::uint64_t len = slots * slot_bytes;
-  void* p = MAP_FAILED;
-  constexpr std::uint64_t huge_page = 2u << 20;
-  if (try_huge_ && len >= huge_page) {
-    const std::uint64_t huge_len = (len + huge_page - 1) / huge_page * huge_page;
-    // Without MAP_NORESERVE the kernel reserves the huge pages now, so a
-    // shortage fails here instead of as SIGBUS on first touch.
-    p = ::mmap(nullptr, huge_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB,
-               -1, 0);
-    if (p != MAP_FAILED) {
-      len = huge_len;
-      huge_ = true;
-    }
-  }
-  if (p == MAP_FAILED) {
-    // No reserved huge pages: ordinary pages, transparent huge pages if enabled.
-    p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED)
-      return fmt::format("cannot map the L1 region of {} bytes: {}; lower --l1-size", len, std::strerror(errno));
-    if (try_huge_) ::madvise(p, len, MADV_HUGEPAGE);
-  }
-  base_ = static_cast<std::byte*>(p);
-  mapped_ = len;
+  if (auto why = map(); !why.empty()) return why;
   slot_bytes_ = slot_bytes;
   num_slots_ = static_cast<std::uint32_t>(slots);
   free_.resize(num_slots_);

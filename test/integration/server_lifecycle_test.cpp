@@ -527,3 +527,37 @@ TEST_CASE("lifecycle: a drain ends at --drain-timeout-s, at once with 0, or at a
     CHECK(server.log().find("drained in") == std::string::npos);
   }
 }
+
+TEST_CASE("lifecycle: an L1 it cannot serve is a startup error naming --l1-size, before any ready line") {
+  TempDir dir;
+  for (const char* size : {"0", "100TiB"}) {
+    CAPTURE(size);
+    std::string out;
+    CHECK(test::run_command(server_bin() + " --listen " + dir.socket("l1.sock") + " --l1-size " + size, out) == 1);
+    CHECK(out.find("--l1-size") != std::string::npos);
+    CHECK(out.find("ready") == std::string::npos);
+  }
+  std::string out;
+  CHECK(test::run_command(server_bin() + " --listen " + dir.socket("l1.sock") + " --l1-size 100TiB", out) == 1);
+  CHECK(out.find("more than this machine's memory") != std::string::npos);
+}
+
+TEST_CASE("lifecycle: every refused registration is in the server's log with the reason and the peer") {
+  TempDir dir;
+  LoggedServer server(dir, {"--listen", dir.socket(), "--l1-size", "2MiB", "--log-level", "warn"});
+  const auto layout = big_layout(64);  // 4 MiB a chunk: larger than L1
+  KvMemory kv(layout);
+  RawClient worker(dir.socket());
+  worker.hello(wire::Role::worker, 0x77);
+  auto bad = registration(layout);
+  bad.ns = 0;
+  CHECK(error_of(worker.call(bad, kv.fd.get())).message.find("namespace 0") != std::string::npos);
+  CHECK(error_of(worker.call(registration(layout), kv.fd.get())).message.find("raise --l1-size") !=
+        std::string::npos);
+  const std::string who = fmt::format("refused a KV-cache registration from pid {} uid {}", ::getpid(), ::getuid());
+  REQUIRE(test::eventually([&] { return server.log().find("raise --l1-size") != std::string::npos; }));
+  const std::string log = server.log();
+  CHECK(log.find(who + " (") != std::string::npos);
+  CHECK(log.find("namespace 0 is not a namespace id") != std::string::npos);
+  CHECK(log.find("0000000000000077") == std::string::npos);  // instance ids only at debug level
+}

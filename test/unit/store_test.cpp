@@ -118,6 +118,20 @@ TEST_CASE("L1 pool: fixed slots, O(1) allocate and free, one slot size") {
   CHECK(tiny.configure(4096).find("raise --l1-size") != std::string::npos);
 }
 
+TEST_CASE("L1 pool: mapped up front; a size it cannot serve is refused naming --l1-size") {
+  L1Pool pool(4 * 4096, false);
+  REQUIRE(pool.map() == "");
+  CHECK(pool.mapped());
+  CHECK_FALSE(pool.configured());
+  REQUIRE(pool.configure(4096) == "");
+  CHECK(pool.num_slots() == 4);
+  L1Pool none(0, false);
+  CHECK(none.map().find("--l1-size is 0") != std::string::npos);
+  L1Pool too_big(std::uint64_t{1} << 50, false);  // 1 PiB
+  CHECK(too_big.map().find("lower --l1-size") != std::string::npos);
+  CHECK_FALSE(too_big.mapped());
+}
+
 TEST_CASE("L1 pool: huge pages are tried and fall back") {
   L1Pool pool(8u << 20, true);
   REQUIRE(pool.configure(1u << 20) == "");

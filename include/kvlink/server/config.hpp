@@ -51,8 +51,10 @@ struct ServerConfig {
 
   // ---- store (flags: --l1-size, --no-huge-pages, --read-lock-ttl-s, ...) ----
   // Bytes of L1 memory for chunk slots (--l1-size accepts 512MiB, 8GiB, ...).
-  // Mapped once, lazily, when the first KV cache registers.
+  // Mapped when the server starts: a size it cannot serve fails start().
   std::uint64_t l1_size = std::uint64_t{1} << 30;
+  // Pin L1 in RAM at startup (mlock; needs the locked-memory limit).
+  bool l1_lock = false;
   // Try huge pages (MAP_HUGETLB) for L1, falling back to ordinary pages.
   bool huge_pages = true;
   // Read locks taken by lookups expire after this unless released first.

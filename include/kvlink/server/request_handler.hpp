@@ -17,6 +17,7 @@
 #include "kvlink/log_limiter.hpp"
 #include "kvlink/server/config.hpp"
 #include "kvlink/store/kv_store.hpp"
+#include "kvlink/server/peer.hpp"
 #include "kvlink/store/l1_pool.hpp"
 #include "kvlink/transfer/transfer_engine.hpp"
 #include "kvlink/unique_fd.hpp"
@@ -44,6 +45,7 @@ struct SessionState {
   wire::Role role = wire::Role::scheduler;
   std::uint64_t instance_id = 0;
   std::string client_name;
+  Peer peer;  // set by the network layer when the connection is accepted
   bool counted = false;  // counted in the handler's per-instance connections (admins never are)
   // An admin connection (kvlink-cli): not an instance, never in the
   // liveness registry, cannot register, store or retrieve.
@@ -127,6 +129,10 @@ class RequestHandler {
   ~RequestHandler();
   RequestHandler(const RequestHandler&) = delete;
   RequestHandler& operator=(const RequestHandler&) = delete;
+
+  // Maps (and with l1_lock pins) L1 before the server says ready. Returns
+  // "" or why the configured --l1-size cannot be served.
+  std::string map_l1() { return pool_.map(config_.l1_lock); }
 
   // Handles one frame of a session at time `now`. Returns false when the
   // connection must be closed (after the replies already in the sink are sent).

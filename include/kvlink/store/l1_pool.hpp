@@ -2,8 +2,10 @@
 // holds one chunk of one KV rank. Allocation and release are O(1) (a free
 // list of slot indices); there is no fragmentation.
 //
-// The region is mapped lazily, once the slot size is known (from the first
-// KV-cache registration), with huge pages when the system has them.
+// The server maps the region at startup (map()), so a size it cannot serve
+// fails before it says ready; it is carved into slots once the slot size is
+// known (from the first KV-cache registration). Huge pages when the system
+// has them.
 // CUDA pinning (cudaHostRegister of the region) belongs to the CUDA
 // transfer engine (issue 6): it hooks in through region()/region_bytes().
 #pragma once
@@ -29,9 +31,15 @@ class L1Pool {
   L1Pool(const L1Pool&) = delete;
   L1Pool& operator=(const L1Pool&) = delete;
 
-  // Sets the slot size and maps the region (first call), or checks that a
-  // later caller agrees. Returns "" or why not (size mismatch, too small,
-  // mapping failed).
+  // Maps the whole region; `lock` also pins it in RAM (mlock), so it can
+  // never be paged out. Returns "" or why not, naming --l1-size (0, more
+  // than this machine's memory, refused by the kernel) or the lock limit.
+  std::string map(bool lock = false);
+  bool mapped() const { return base_ != nullptr; }
+
+  // Sets the slot size (mapping the region first if map() was not called),
+  // or checks that a later caller agrees. Returns "" or why not (size
+  // mismatch, too small, mapping failed).
   std::string configure(std::uint64_t slot_bytes);
   bool configured() const { return slot_bytes_ != 0; }
 
