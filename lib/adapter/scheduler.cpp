@@ -8,13 +8,6 @@
 
 namespace kvlink::adapter {
 
-namespace {
-std::uint64_t session_of(const std::string& request_id) {
-  const std::uint64_t h = std::hash<std::string>{}(request_id);
-  return h == 0 ? 1 : h;
-}
-}  // namespace
-
 SchedulerAdapter::SchedulerAdapter(asio::any_io_executor ex, SchedulerConfig config)
     : ex_(std::move(ex)), config_(std::move(config)) {}
 
@@ -65,7 +58,7 @@ void SchedulerAdapter::start_submit(std::string id, std::vector<store::Token> to
     if (self->lookups_.contains(id)) return cb({}, Done{});  // duplicate submit: ignored
     if (self->config_.open_gate_on_first_lookup) self->monitor_->gate().open("first lookup");
     auto l = std::make_shared<Lookup>();
-    l->session_id = session_of(id);
+    l->session_id = store::session_id_of(id);
     self->lookups_.emplace(id, l);
     auto conn = self->usable_connection();
     l->chunk_size = self->config_.chunk_size ? self->config_.chunk_size : self->monitor_->server_chunk_size();
@@ -149,7 +142,7 @@ void SchedulerAdapter::start_free_locks(std::string id, std::uint32_t start, std
     if (start >= end) return cb({}, Done{});
     auto conn = self->usable_connection();
     if (!conn) return cb(make_error_code(errc::unhealthy), Done{});  // dropped
-    conn->send(wire::FreeLookupLocksRequest{self->ns_, self->config_.world_size, l.hashes, start, end});
+    conn->send(wire::FreeLookupLocksRequest{self->ns_, self->config_.world_size, l.session_id, l.hashes, start, end});
     cb({}, Done{});
   });
 }
@@ -172,7 +165,7 @@ void SchedulerAdapter::start_report(std::string id, std::uint32_t allocated, std
   asio::post(ex_, [self = shared_from_this(), id = std::move(id), allocated, total, cb = std::move(cb)]() mutable {
     auto conn = self->usable_connection();
     if (!conn) return cb(make_error_code(errc::unhealthy), Done{});  // dropped
-    conn->send(wire::ReportBlockAllocationRequest{session_of(id), allocated, total});
+    conn->send(wire::ReportBlockAllocationRequest{store::session_id_of(id), allocated, total});
     cb({}, Done{});
   });
 }

@@ -308,8 +308,14 @@ void WorkerAdapter::do_retrieve(TransferSpec spec, detail::Callback<wire::Retrie
   }
   const auto sent = sent_now();
   const auto ticket = tracker_.retrieve_started(spec.request_id, blocks, sent);
-  wire::RetrieveRequest req{ns_,         config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids),
-                            spec.skip_first_n_tokens, std::move(spec.engine_event), wire::fence_to_wire(wire_fence(sent))};
+  wire::RetrieveRequest req{ns_,
+                            config_.kv_rank,
+                            std::move(spec.hashes),
+                            std::move(spec.block_ids),
+                            spec.skip_first_n_tokens,
+                            std::move(spec.engine_event),
+                            wire::fence_to_wire(wire_fence(sent)),
+                            store::session_id_of(spec.request_id)};
   conn->async_call(std::move(req), config_.transfer_timeout,
                    [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::RetrieveResult r) {
                      self->note_error(ec);

@@ -96,10 +96,19 @@ void RequestHandler::report_held_back(SessionState& session, TimePoint now, bool
               n, session.instance_id, session.log_limiter.config().lines);
 }
 
-void RequestHandler::release_session(const SessionKey& key, const RequestSession& s) {
+RequestHandler::Sessions::iterator RequestHandler::end_session(Sessions::iterator it) {
+  const RequestSession& s = it->second;
   for (const auto& [ns, hashes] : s.locked)
     for (const auto& h : hashes)
-      for (std::uint32_t r = 0; r < s.world_size; ++r) store_.release_all(ChunkKey{ns, h, r}, key.first);
+      for (std::uint32_t r = 0; r < s.world_size; ++r) store_.release_all(ChunkKey{ns, h, r}, s.holder);
+  return sessions_.erase(it);
+}
+
+void RequestHandler::release_retrieved(std::uint64_t session_id, std::uint64_t ns, std::uint32_t rank,
+                                       std::span<const wire::ChunkHash> hashes) {
+  if (session_id == 0) return;
+  for (auto it = sessions_.lower_bound({session_id, 0}); it != sessions_.end() && it->first.first == session_id; ++it)
+    for (const auto& h : hashes) store_.release_all(ChunkKey{ns, h, rank}, it->second.holder);
 }
 
 void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
@@ -137,10 +146,7 @@ void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
 }
 
 void RequestHandler::release_scheduler_state(std::uint64_t instance) {
-  auto first = sessions_.lower_bound({instance, 0});
-  auto last = first;
-  for (; last != sessions_.end() && last->first.first == instance; ++last) release_session(last->first, last->second);
-  sessions_.erase(first, last);
+  for (auto it = sessions_.begin(); it != sessions_.end();) it = it->first.second == instance ? end_session(it) : std::next(it);
   std::erase_if(jobs_, [&](const auto& j) { return j.second.instance_id == instance; });
 }
 
@@ -202,12 +208,7 @@ void RequestHandler::tick(TimePoint now) {
   if (now >= next_session_scan_) {
     next_session_scan_ = now + std::chrono::seconds(1);
     for (auto it = sessions_.begin(); it != sessions_.end();) {
-      if (it->second.last_seen + config_.session_ttl <= now) {
-        release_session(it->first, it->second);
-        it = sessions_.erase(it);
-      } else {
-        ++it;
-      }
+      it = it->second.last_seen + config_.session_ttl <= now ? end_session(it) : std::next(it);
     }
   }
 }
@@ -474,6 +475,7 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("lookup_misses", st.misses);
   add("evictions", st.evictions);
   add("read_locks_held", store_.read_locks());
+  add("l1_pinned_bytes", store_.pinned_entries() * slot);  // held by read locks: unevictable
   add("write_locks_held", store_.write_locks());
   add("read_locks_expired", st.expired_read_locks);
   add("write_locks_expired", st.expired_write_locks);
@@ -571,8 +573,9 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
 std::uint32_t RequestHandler::lookup(const SessionState& session, std::uint64_t ns, std::uint32_t world_size,
                                      std::uint64_t session_id, const std::vector<wire::ChunkHash>& hashes,
                                      TimePoint now) {
-  const std::uint32_t matched = store_.lookup(ns, world_size, hashes, now, session.instance_id);
-  auto& s = sessions_[{session.instance_id, session_id}];
+  auto& s = sessions_[{session_id, session.instance_id}];
+  if (s.holder == 0) s.holder = next_holder_++;
+  const std::uint32_t matched = store_.lookup(ns, world_size, hashes, now, s.holder);
   s.last_seen = now;
   s.world_size = std::max(s.world_size, world_size);
   if (matched == 0) return matched;
@@ -646,9 +649,10 @@ void RequestHandler::on_free_locks(SessionState& session, const wire::Frame& fra
     return fail(frame, sink, errc::bad_request,
                 fmt::format("FREE_LOOKUP_LOCKS range [{}, {}) is not within the {} hashes given", req.start, req.end,
                             req.hashes.size()));
-  for (std::uint32_t i = req.start; i < req.end; ++i)
-    for (std::uint32_t r = 0; r < req.world_size; ++r)
-      store_.release_one(ChunkKey{req.ns, req.hashes[i], r}, session.instance_id);
+  if (auto it = sessions_.find({req.session_id, session.instance_id}); it != sessions_.end())
+    for (std::uint32_t i = req.start; i < req.end; ++i)
+      for (std::uint32_t r = 0; r < req.world_size; ++r)
+        store_.release_all(ChunkKey{req.ns, req.hashes[i], r}, it->second.holder);
   if (!frame.header.is_one_way()) reply(sink, frame.header, wire::Empty{});
 }
 
@@ -656,10 +660,9 @@ void RequestHandler::on_end_session(SessionState& session, const wire::Frame& fr
   wire::EndSessionRequest req;
   if (!parse(frame, sink, req)) return;
   std::uint32_t world_size = 1;
-  if (auto it = sessions_.find({session.instance_id, req.session_id}); it != sessions_.end()) {
+  if (auto it = sessions_.find({req.session_id, session.instance_id}); it != sessions_.end()) {
     world_size = it->second.world_size;
-    // Locks still held stay until RETRIEVE, FREE_LOOKUP_LOCKS or their TTL.
-    sessions_.erase(it);
+    end_session(it);  // with the locks it still holds: an aborted request's hits pin nothing
   }
   for (const auto& h : req.hashes)
     for (std::uint32_t r = 0; r < world_size; ++r) store_.touch(ChunkKey{req.ns, h, r});
@@ -797,21 +800,35 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
 void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
   wire::RetrieveRequest req;
   if (!parse(frame, sink, req)) return;
+  // Refused, the engine recomputes those blocks: the request's lookups need
+  // the chunks no more.
+  if (!submit_retrieve(session, frame, sink, req, now)) release_retrieved(req.session_id, req.ns, req.kv_rank, req.hashes);
+}
+
+bool RequestHandler::submit_retrieve(SessionState& session, const wire::Frame& frame, ReplySink& sink,
+                                     wire::RetrieveRequest& req, TimePoint now) {
+  auto refuse = [&](std::error_code code, std::string_view why) {
+    fail(frame, sink, code, why);
+    return false;
+  };
   auto reg = registration_for(session, req.ns, req.kv_rank, req.hashes.size(), req.block_ids.size(), frame, sink);
-  if (!reg) return;
-  if (auto why = check_blocks(req.block_ids, *reg); !why.empty()) return fail(frame, sink, errc::bad_request, why);
+  if (!reg) return false;
+  if (auto why = check_blocks(req.block_ids, *reg); !why.empty()) return refuse(errc::bad_request, why);
   const std::uint64_t tokens = std::uint64_t{req.hashes.size()} * config_.chunk_size;
   if (req.skip_first_n_tokens > tokens && !req.hashes.empty())
-    return fail(frame, sink, errc::bad_request,
-                fmt::format("skip_first_n_tokens {} exceeds the {} tokens of the {} chunks requested",
-                            req.skip_first_n_tokens, tokens, req.hashes.size()));
+    return refuse(errc::bad_request,
+                  fmt::format("skip_first_n_tokens {} exceeds the {} tokens of the {} chunks requested",
+                              req.skip_first_n_tokens, tokens, req.hashes.size()));
   transfer::TransferJob job;
   job.direction = transfer::Direction::retrieve;
   job.registration = reg;
   job.skip_first_n_tokens = req.skip_first_n_tokens;
   job.engine_event = std::move(req.engine_event);
   job.fence = wire::fence_from_wire(req.fence_ns);
-  if (now >= job.fence) return copy_failed(frame.header, errc::timed_out, sink, "nothing was copied");
+  if (now >= job.fence) {
+    copy_failed(frame.header, errc::timed_out, sink, "nothing was copied");
+    return false;
+  }
   const std::uint32_t bpc = reg->blocks_per_chunk;
   std::vector<ChunkKey> keys;
   keys.reserve(req.hashes.size());
@@ -819,10 +836,10 @@ void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame
     ChunkKey key{req.ns, req.hashes[i], req.kv_rank};
     const auto* e = store_.find(key);
     if (!e)
-      return fail(frame, sink, errc::not_found,
-                  fmt::format("chunk {} (hash {}, rank {}) is not in the store: evicted or never stored; look the "
+      return refuse(errc::not_found,
+                    fmt::format("chunk {} (hash {}, rank {}) is not in the store: evicted or never stored; look the "
                               "prompt up again and recompute what is missing",
-                              i, store::to_string(key.hash), key.rank));
+                                i, store::to_string(key.hash), key.rank));
     auto first = req.block_ids.begin() + static_cast<std::ptrdiff_t>(i * bpc);
     job.chunks.push_back({pool_.data(e->slot), std::vector<std::uint32_t>(first, first + bpc)});
     keys.push_back(key);
@@ -831,21 +848,21 @@ void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame
   for (const auto& k : keys) store_.lock(k, store::transfer_holder, now);
   auto target = std::make_shared<ReplyTarget>(ReplyTarget{&sink, sink.weak_self()});
   const wire::Header header = frame.header;
-  const std::uint64_t instance = session.instance_id;
   std::weak_ptr<bool> alive = alive_;
   std::shared_ptr<std::uint32_t> in_flight = session.in_flight;
   ++*in_flight;
   ++transfers_in_flight_;
-  engine_.submit(std::move(job), [this, alive, target, header, keys = std::move(keys), instance,
+  engine_.submit(std::move(job), [this, alive, target, header, keys = std::move(keys), hashes = std::move(req.hashes),
+                                  ns = req.ns, rank = req.kv_rank, session_id = req.session_id,
                                   in_flight](std::error_code ec) {
     --*in_flight;
     auto live = alive.lock();
     if (!live || !*live) return;
     --transfers_in_flight_;
-    for (const auto& k : keys) {
-      store_.release_one(k, store::transfer_holder);
-      if (!ec) store_.release_one(k, instance);  // this rank's lookup lock, if one is held
-    }
+    for (const auto& k : keys) store_.release_one(k, store::transfer_holder);
+    // Loaded or failed (the engine recomputes), the request's lookups need
+    // these chunks no more.
+    release_retrieved(session_id, ns, rank, hashes);
     if (ec)
       return target->with(
           [&](ReplySink& s) { copy_failed(header, ec, s, "treat the request's blocks as not loaded"); });
@@ -853,6 +870,7 @@ void RequestHandler::on_retrieve(SessionState& session, const wire::Frame& frame
         [&](ReplySink& s) { reply(s, header, wire::RetrieveResult{static_cast<std::uint32_t>(keys.size())}); });
   });
   target->inline_sink = nullptr;
+  return true;
 }
 
 }  // namespace kvlink::server

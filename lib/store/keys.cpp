@@ -18,6 +18,11 @@ std::string check_namespace(const NamespaceSpec& spec) {
   return {};
 }
 
+std::uint64_t session_id_of(std::string_view request_id) {
+  const std::uint64_t id = XXH3_64bits_withSeed(request_id.data(), request_id.size(), 0x6b766c696e6b5f73);
+  return id == 0 ? 1 : id;
+}
+
 std::uint64_t namespace_id(const NamespaceSpec& spec) {
   if (auto why = check_namespace(spec); !why.empty()) throw std::invalid_argument(why);
   // Length-prefixed fields so ("ab","c") and ("a","bc") differ.

@@ -49,7 +49,7 @@ std::uint32_t KvStore::lookup(std::uint64_t ns, std::uint32_t world_size, std::s
 
 void KvStore::lock_node(Node& n, Holder holder, TimePoint now) {
   Entry& e = n.second;
-  ++e.read_locks;
+  if (e.read_locks++ == 0) ++pinned_entries_;
   ++read_locks_;
   auto h = std::find_if(e.holders.begin(), e.holders.end(), [&](const auto& p) { return p.first == holder; });
   if (h == e.holders.end()) e.holders.emplace_back(holder, 1);
@@ -75,6 +75,7 @@ void KvStore::after_unlock(Node& n) {
   if (e.read_locks == 0 && e.in_read) {
     read_queue_.erase(e.read);
     e.in_read = false;
+    --pinned_entries_;
   }
   // A chunk just read is the most recently used: update_lru appends.
   update_lru(n);
@@ -85,8 +86,6 @@ bool KvStore::release_one(const ChunkKey& key, Holder holder) {
   if (it == map_.end() || it->second.read_locks == 0) return false;
   Entry& e = it->second;
   auto h = std::find_if(e.holders.begin(), e.holders.end(), [&](const auto& p) { return p.first == holder; });
-  if (h == e.holders.end() && holder != transfer_holder)
-    h = std::find_if(e.holders.begin(), e.holders.end(), [](const auto& p) { return p.first != transfer_holder; });
   if (h == e.holders.end()) return false;
   if (--h->second == 0) e.holders.erase(h);
   --e.read_locks;
@@ -186,7 +185,10 @@ void KvStore::touch(const ChunkKey& key) {
 void KvStore::drop(Node* n) {
   Entry& e = n->second;
   if (e.in_lru) lru_.erase(e.lru);
-  if (e.in_read) read_queue_.erase(e.read);
+  if (e.in_read) {
+    read_queue_.erase(e.read);
+    --pinned_entries_;
+  }
   if (e.in_write) write_queue_.erase(e.write);
   if (auto o = owners_.find(e.owner); o != owners_.end()) {
     o->second.erase(e.owned);

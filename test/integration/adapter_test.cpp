@@ -239,6 +239,12 @@ TEST_CASE("adapter: store, then sync and two-phase lookups; get_finished bookkee
     fin = f.worker->get_finished({});
     CHECK(fin.value.retrieves == std::vector<std::string>{"req-2"});
     CHECK(f.worker->take_load_errors().value.empty());
+    // The worker's retrieve for request "a" releases exactly the locks the
+    // scheduler's lookups for "a" took: nothing stays pinned.
+    CHECK(f.stat("read_locks_held") > 0);
+    REQUIRE(!f.worker->submit_retrieve(f.spec("a", tokens, 40)).ec);
+    CHECK(f.stat("read_locks_held") == 0);
+    CHECK(f.stat("l1_pinned_bytes") == 0);
     CHECK(f.worker->monitor().state() == health::State::healthy);
   }
 }

@@ -187,11 +187,13 @@ TEST_CASE("store flow over the socket: STORE, SYNC_LOOKUP, LOOKUP, RETRIEVE, FRE
   rt.hashes = h;
   rt.block_ids = blocks(6);
   rt.skip_first_n_tokens = 32;
+  rt.session_id = 1;
   CHECK(worker.ok(rt).retrieved_chunks == 6);
-  CHECK(scheduler.stat("read_locks_held") == 2);
+  CHECK(scheduler.stat("read_locks_held") == 2);  // session 2's locks stay
 
   wire::FreeLookupLocksRequest fr;
   fr.ns = ns;
+  fr.session_id = 2;
   fr.hashes = {h[0], h[1]};
   fr.start = 0;
   fr.end = 2;

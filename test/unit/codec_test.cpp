@@ -51,9 +51,9 @@ auto samples() {
   reg.layout = sample_layout();
   LookupRequest lookup{7, 2, 11, hashes(3)};
   SyncLookupRequest sync{7, 2, 12, hashes(4)};
-  FreeLookupLocksRequest free_locks{7, 2, hashes(4), 1, 3};
+  FreeLookupLocksRequest free_locks{7, 2, 99, hashes(4), 1, 3};
   StoreRequest store{7, 1, hashes(2), {1, 2, 3, 4}, Bytes(64, std::byte{1})};
-  RetrieveRequest retrieve{7, 1, hashes(2), {5, 6, 7, 8}, 16, {}};
+  RetrieveRequest retrieve{7, 1, hashes(2), {5, 6, 7, 8}, 16, {}, 0, 42};
   EndSessionRequest end{7, 12, hashes(1)};
   ReportBlockAllocationRequest report{12, 30, 100};
   StatsReply stats{{{"a", 1}, {"b", -2}}};

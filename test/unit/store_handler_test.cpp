@@ -168,13 +168,16 @@ TEST_CASE("STORE, SYNC_LOOKUP, RETRIEVE with the in-process fake engine") {
   CHECK(f.stat("store_entries") == 8);
   CHECK(f.sync_lookup(h) == 8);
   CHECK(f.stat("read_locks_held") == 8);
+  CHECK(f.stat("l1_pinned_bytes") == 8 * f.stat("l1_slot_bytes"));
   RetrieveRequest rt;
   rt.ns = ns;
   rt.hashes = {h.begin(), h.begin() + 4};
   rt.block_ids = blocks(4);
   rt.skip_first_n_tokens = 16;
+  rt.session_id = 1;  // the lookup's session
   CHECK(f.call(f.worker, rt).retrieved_chunks == 4);
   CHECK(f.stat("read_locks_held") == 4);  // retrieve released those chunks' locks
+  CHECK(f.stat("l1_pinned_bytes") == 4 * f.stat("l1_slot_bytes"));
   CHECK(f.null_engine.jobs() == 3);
   CHECK(f.stat("lookup_hits") == 8);
   CHECK(f.stat("op_store_requests") == 2);
@@ -345,6 +348,10 @@ TEST_CASE("FREE_LOOKUP_LOCKS releases [start, end) for every rank") {
   fr.hashes = h;
   fr.start = 1;
   fr.end = 3;
+  fr.session_id = 2;  // another request's session holds nothing here
+  f.send(f.scheduler, fr, flag::one_way);
+  CHECK(f.stat("read_locks_held") == 4);
+  fr.session_id = 1;
   f.send(f.scheduler, fr, flag::one_way);
   CHECK(f.sink->frames().empty());  // one-way
   CHECK(f.stat("read_locks_held") == 2);
@@ -369,14 +376,112 @@ TEST_CASE("lock TTL, session TTL and END_SESSION with fake time") {
   f.now += 300s;
   f.handler->tick(f.now);
   CHECK(f.handler->sessions() == 0);  // 10 minutes without activity
-  // END_SESSION drops the session's state at once.
+  // END_SESSION drops the session's state at once, with the locks it
+  // still holds: an aborted request pins nothing.
   f.sync_lookup(h, 8);
+  CHECK(f.stat("read_locks_held") == 3);
   EndSessionRequest end;
   end.ns = ns;
   end.session_id = 8;
   end.hashes = h;
   f.send(f.scheduler, end, flag::one_way);
   CHECK(f.handler->sessions() == 0);
+  CHECK(f.stat("read_locks_held") == 0);
+  CHECK(f.stat("l1_pinned_bytes") == 0);
+}
+
+TEST_CASE("lock hygiene: an abort storm leaves no lock held and no byte pinned") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(6);
+  f.store(h);
+  // 200 requests look the prompt up; each ends one of four ways: aborted
+  // (END_SESSION only), retrieved, retrieve refused, or its locks freed.
+  for (std::uint64_t id = 1; id <= 200; ++id) {
+    REQUIRE(f.sync_lookup(h, id) == 6);
+    REQUIRE(f.sync_lookup({h[0], h[1]}, id) == 2);  // a repeated lookup locks again
+    switch (id % 4) {
+      case 1: {
+        RetrieveRequest rt;
+        rt.ns = ns;
+        rt.hashes = {h.begin(), h.begin() + 3};
+        rt.block_ids = blocks(3);
+        rt.session_id = id;
+        REQUIRE(f.call(f.worker, rt).retrieved_chunks == 3);
+        break;
+      }
+      case 2: {
+        RetrieveRequest rt;  // refused: more blocks than the registration has
+        rt.ns = ns;
+        rt.hashes = h;
+        rt.block_ids = blocks(6);
+        rt.block_ids.back() = 1u << 30;
+        rt.session_id = id;
+        CHECK(f.error(f.worker, rt).code == code(errc::bad_request));
+        break;
+      }
+      case 3: {
+        FreeLookupLocksRequest fr;
+        fr.ns = ns;
+        fr.hashes = h;
+        fr.start = 0;
+        fr.end = 4;
+        fr.session_id = id;
+        f.send(f.scheduler, fr, flag::one_way);
+        break;
+      }
+      default: break;
+    }
+    EndSessionRequest end;
+    end.ns = ns;
+    end.session_id = id;
+    end.hashes = h;
+    f.send(f.scheduler, end, flag::one_way);
+  }
+  CHECK(f.handler->sessions() == 0);
+  CHECK(f.stat("read_locks_held") == 0);
+  CHECK(f.stat("l1_pinned_bytes") == 0);
+  CHECK(f.stat("read_locks_expired") == 0);  // nothing was left to the TTL
+}
+
+TEST_CASE("lock hygiene: two schedulers never release each other's locks") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(3);
+  f.store(h);
+  server::SessionState other;
+  f.hello(other, Role::scheduler, 0x5eed);
+  SyncLookupRequest l;
+  l.ns = ns;
+  l.session_id = 9;  // another engine's request
+  l.hashes = h;
+  f.call(other, l);
+  CHECK(f.sync_lookup(h, 1) == 3);
+  CHECK(f.stat("read_locks_held") == 6);
+  // The first engine's request ends three ways; the other's locks stay.
+  RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = h;
+  rt.block_ids = blocks(3);
+  rt.session_id = 1;
+  CHECK(f.call(f.worker, rt).retrieved_chunks == 3);
+  CHECK(f.stat("read_locks_held") == 3);
+  CHECK(f.sync_lookup(h, 1) == 3);
+  EndSessionRequest end;
+  end.ns = ns;
+  end.session_id = 1;
+  end.hashes = h;
+  f.send(f.scheduler, end, flag::one_way);
+  CHECK(f.stat("read_locks_held") == 3);
+  CHECK(f.sync_lookup(h, 1) == 3);
+  f.handler->on_session_end(f.scheduler, f.now);
+  CHECK(f.stat("read_locks_held") == 3);
+  // A RETRIEVE naming a session id that is not the other's releases nothing of it.
+  rt.session_id = 1;
+  CHECK(f.call(f.worker, rt).retrieved_chunks == 3);
+  CHECK(f.stat("read_locks_held") == 3);
+  f.handler->on_session_end(other, f.now);
+  CHECK(f.stat("read_locks_held") == 0);
 }
 
 TEST_CASE("a scheduler's connection ending releases its locks and jobs") {
@@ -392,8 +497,8 @@ TEST_CASE("a scheduler's connection ending releases its locks and jobs") {
   CHECK(f.handler->jobs() == 1);
   // Repeated and growing lookups of one request: every lock is released
   // at the end, however many lookups took them.
-  f.sync_lookup({h[0]}, 0);
-  f.sync_lookup(h, 0);
+  f.sync_lookup({h[0]}, 3);
+  f.sync_lookup(h, 3);
   CHECK(f.stat("read_locks_held") == 7);
   f.handler->on_session_end(f.scheduler, f.now);
   CHECK(f.handler->store().read_locks() == 0);

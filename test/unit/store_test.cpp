@@ -254,7 +254,7 @@ TEST_CASE("watermarks: tick evicts down to the low watermark") {
   CHECK(store.find({1, h(94), 0}) != nullptr);  // newest kept
 }
 
-TEST_CASE("locks: release by holder, by anyone, and expiry with fake time") {
+TEST_CASE("locks: release by holder only, pinned entries, and expiry with fake time") {
   StoreFixture f;
   REQUIRE(f.put(1));
   REQUIRE(f.put(2));
@@ -262,16 +262,20 @@ TEST_CASE("locks: release by holder, by anyone, and expiry with fake time") {
   f.store.lock(k1, 10, f.now);
   f.store.lock(k1, 11, f.now);
   CHECK(f.store.find(k1)->read_locks == 2);
+  CHECK(f.store.pinned_entries() == 1);
   CHECK(f.store.release_one(k1, 11));
-  CHECK(f.store.release_one(k1, 99));  // a worker's RETRIEVE releases some lookup's lock
-  CHECK_FALSE(f.store.release_one(k1, 99));
+  CHECK_FALSE(f.store.release_one(k1, 99));  // never another holder's lock
+  CHECK(f.store.read_locks() == 1);
+  CHECK(f.store.release_one(k1, 10));
   CHECK(f.store.read_locks() == 0);
+  CHECK(f.store.pinned_entries() == 0);
   // release_all drops only that holder's locks.
   f.store.lock(k2, 10, f.now);
   f.store.lock(k2, 10, f.now);
   f.store.lock(k2, 12, f.now);
   f.store.release_all(k2, 10);
   CHECK(f.store.find(k2)->read_locks == 1);
+  CHECK(f.store.pinned_entries() == 1);
   // Expiry: nothing before the TTL, everything after.
   f.now += 299s;
   f.store.tick(f.now);
@@ -280,6 +284,7 @@ TEST_CASE("locks: release by holder, by anyone, and expiry with fake time") {
   f.store.tick(f.now);
   CHECK(f.store.read_locks() == 0);
   CHECK(f.store.stats().expired_read_locks == 1);
+  CHECK(f.store.pinned_entries() == 0);
   // Relocking pushes the expiry out.
   f.store.lock(k1, 10, f.now);
   f.now += 200s;

@@ -185,12 +185,20 @@ class RequestHandler {
   };
   // An engine request (session id) of a scheduler instance: the locks its
   // lookups took, so a vanished scheduler's locks can be released.
+  // The lookups of one engine request on one scheduler instance. Its read
+  // locks are held under `holder` (unique per session), so ending it, its
+  // scheduler leaving or being reaped, and the worker's RETRIEVE release
+  // exactly its locks and never another scheduler's.
   struct RequestSession {
+    store::Holder holder = 0;
     TimePoint last_seen{};
     std::uint32_t world_size = 1;
     std::vector<std::pair<std::uint64_t, std::vector<wire::ChunkHash>>> locked;  // (ns, matched hashes)
   };
-  using SessionKey = std::pair<std::uint64_t, std::uint64_t>;  // (instance, session id)
+  // (session id, instance): ordered by session id, so a worker's RETRIEVE,
+  // which knows the request but not its scheduler, finds the sessions.
+  using SessionKey = std::pair<std::uint64_t, std::uint64_t>;
+  using Sessions = std::map<SessionKey, RequestSession>;
 
   bool on_hello(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   // Lookup sessions (and their locks) and prefetch jobs of `instance`.
@@ -211,6 +219,9 @@ class RequestHandler {
   void on_end_session(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   void on_store(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   void on_retrieve(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
+  // Validates and submits a RETRIEVE; false after replying with the refusal.
+  bool submit_retrieve(SessionState& session, const wire::Frame& frame, ReplySink& sink, wire::RetrieveRequest& req,
+                       TimePoint now);
   template <class M>
   bool parse(const wire::Frame& frame, ReplySink& sink, M& msg, std::error_code code = errc::protocol_error);
   // The caller's registration, or null after replying with the error.
@@ -220,7 +231,12 @@ class RequestHandler {
                                                                  ReplySink& sink);
   std::uint32_t lookup(const SessionState& session, std::uint64_t ns, std::uint32_t world_size,
                        std::uint64_t session_id, const std::vector<wire::ChunkHash>& hashes, TimePoint now);
-  void release_session(const SessionKey& key, const RequestSession& s);
+  // Releases the session's locks and forgets it.
+  Sessions::iterator end_session(Sessions::iterator it);
+  // The locks the sessions `session_id` hold on (ns, hash, rank) keys: a
+  // RETRIEVE of them ended, copied or not.
+  void release_retrieved(std::uint64_t session_id, std::uint64_t ns, std::uint32_t rank,
+                         std::span<const wire::ChunkHash> hashes);
   void fail(const wire::Frame& frame, ReplySink& sink, std::error_code code, std::string_view message);
   // A warning caused by the session's client, through its log limiter:
   // held back past its share, summarised once its window ended (and at
@@ -244,7 +260,8 @@ class RequestHandler {
   std::unordered_map<std::uint64_t, Job> jobs_;
   std::deque<std::uint64_t> job_queue_;  // job ids by expiry (the TTL is constant)
   std::uint64_t next_job_ = 1;
-  std::map<SessionKey, RequestSession> sessions_;
+  Sessions sessions_;
+  store::Holder next_holder_ = store::transfer_holder + 1;
   TimePoint next_session_scan_{};
   std::uint64_t block_reports_ = 0;
   std::uint64_t engine_blocks_allocated_ = 0;

@@ -33,6 +33,12 @@ std::string check_namespace(const NamespaceSpec& spec);
 // std::invalid_argument with its message otherwise.
 std::uint64_t namespace_id(const NamespaceSpec& spec);
 
+// The session id of an engine request: what the scheduler's LOOKUP locks
+// under and the worker's RETRIEVE names, so the server releases exactly that
+// request's locks. Stable across processes and languages (XXH3-64 of the
+// id's bytes); never 0.
+std::uint64_t session_id_of(std::string_view request_id);
+
 // "" when chunk_size is a positive multiple of the engine's block size.
 std::string check_chunk_size(std::uint32_t chunk_size, std::uint32_t block_size);
 

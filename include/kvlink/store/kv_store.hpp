@@ -86,9 +86,8 @@ class KvStore {
   std::uint32_t lookup(std::uint64_t ns, std::uint32_t world_size, std::span<const ChunkHash> hashes, TimePoint now,
                        std::optional<Holder> holder);
 
-  // Read locks. release_one drops one lock of `holder` if it has one, else
-  // one of any lookup holder (a worker's RETRIEVE releases the lock its
-  // scheduler took). Returns false if the key had no such lock.
+  // Read locks. release_one drops one lock of `holder`; returns false if it
+  // had none (another holder's locks are never touched).
   void lock(const ChunkKey& key, Holder holder, TimePoint now);
   bool release_one(const ChunkKey& key, Holder holder);
   // Drops every lock `holder` has on `key`.
@@ -124,6 +123,8 @@ class KvStore {
     return it == owners_.end() ? 0 : static_cast<std::uint32_t>(it->second.size());
   }
   std::uint64_t read_locks() const { return read_locks_; }
+  // Entries held in L1 by at least one read lock: unevictable until released.
+  std::uint64_t pinned_entries() const { return pinned_entries_; }
   std::uint64_t write_locks() const { return write_locks_; }
   const StoreStats& stats() const { return stats_; }
   L1Pool& pool() { return pool_; }
@@ -150,6 +151,7 @@ class KvStore {
   std::vector<Node*> scratch_;  // lookup's matched entries
   std::uint64_t next_generation_ = 1;
   std::uint64_t read_locks_ = 0;
+  std::uint64_t pinned_entries_ = 0;
   std::uint64_t write_locks_ = 0;
   StoreStats stats_;
 };

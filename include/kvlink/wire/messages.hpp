@@ -322,18 +322,21 @@ struct SyncLookupRequest {
   }
 };
 
-// One-way: releases the read locks a lookup took on hashes[start, end).
+// One-way: releases the read locks the lookups of session `session_id` (on
+// this connection's instance) took on hashes[start, end).
 struct FreeLookupLocksRequest {
   static constexpr Opcode opcode = Opcode::free_lookup_locks;
   using reply_type = void;
   std::uint64_t ns = 0;
   std::uint32_t world_size = 1;
+  std::uint64_t session_id = 0;
   std::vector<ChunkHash> hashes;
   std::uint32_t start = 0;
   std::uint32_t end = 0;
   template <class V> void visit(V& v) {
     v.num(ns, "namespace");
     v.num(world_size, "world_size");
+    v.num(session_id, "session_id");
     v.array(hashes, "hashes", max_chunks);
     v.num(start, "start");
     v.num(end, "end");
@@ -403,6 +406,10 @@ struct RetrieveRequest {
   std::uint32_t skip_first_n_tokens = 0;
   Bytes engine_event;
   std::uint64_t fence_ns = 0;  // see StoreRequest
+  // The request's session (store::session_id_of): the read locks its
+  // lookups took on these chunks are released once the copy ends, whether
+  // it succeeded or not. 0: none.
+  std::uint64_t session_id = 0;
   template <class V> void visit(V& v) {
     v.num(ns, "namespace");
     v.num(kv_rank, "kv_rank");
@@ -411,6 +418,7 @@ struct RetrieveRequest {
     v.num(skip_first_n_tokens, "skip_first_n_tokens");
     v.blob(engine_event, "engine_event", max_handle_bytes);
     v.num(fence_ns, "fence_ns");
+    v.num(session_id, "session_id");
   }
 };
 
