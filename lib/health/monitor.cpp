@@ -33,6 +33,7 @@ Monitor::Monitor(asio::any_io_executor ex, MonitorOptions options)
       policy_(options_.health, Clock::now(), options_.seed ? options_.seed : random_seed()),
       wake_(ex, TimePoint::max()) {
   if (options_.hello.instance_id == 0) options_.hello.instance_id = net::random_instance_id();
+  if (options_.hello.instance_secret.empty()) options_.hello.instance_secret = net::random_instance_secret();
 }
 
 Monitor::~Monitor() = default;

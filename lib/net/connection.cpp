@@ -226,4 +226,11 @@ std::uint64_t random_instance_id() {
   return id;
 }
 
+std::string random_instance_secret() {
+  std::string secret(wire::min_instance_secret, '\0');
+  if (::getrandom(secret.data(), secret.size(), 0) != static_cast<ssize_t>(secret.size()))
+    throw std::system_error(errno, std::generic_category(), "getrandom for an instance secret");
+  return secret;
+}
+
 }  // namespace kvlink::net

@@ -75,8 +75,8 @@ void RequestHandler::fail(const wire::Frame& frame, ReplySink& sink, std::error_
   if (frame.header.is_one_way()) {
     if (log::level() > log::Level::warn) return;
     const std::string line =
-        fmt::format("kvlink-server: dropped one-way {} from {:016x}: {}", wire::opcode_name(frame.header.opcode),
-                    turn_session_ ? turn_session_->instance_id : 0, message);
+        fmt::format("kvlink-server: dropped one-way {} from {}: {}", wire::opcode_name(frame.header.opcode),
+                    turn_session_ ? std::string_view(turn_session_->peer.text) : std::string_view("a client"), message);
     if (turn_session_) warn(*turn_session_, turn_now_, line);
     else log::warn("{}", line);
     return;
@@ -91,9 +91,9 @@ void RequestHandler::warn(SessionState& session, TimePoint now, std::string_view
 
 void RequestHandler::report_held_back(SessionState& session, TimePoint now, bool final) {
   if (const std::uint64_t n = session.log_limiter.take_held_back(now, final); n > 0)
-    log::warn("kvlink-server: ... and {} more like this from {:016x} not logged (at most {} a second per "
+    log::warn("kvlink-server: ... and {} more like this from {} not logged (at most {} a second per "
               "connection; the STATS counters count every one)",
-              n, session.instance_id, session.log_limiter.config().lines);
+              n, session.peer.text, session.log_limiter.config().lines);
 }
 
 RequestHandler::Sessions::iterator RequestHandler::end_session(Sessions::iterator it) {
@@ -135,14 +135,17 @@ void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
     // Reaped while connected and never said HELLO again: a registration it
     // made since is not in the registry, so no reaper would ever end it.
     registrations_.erase(instance);
+    instance_secrets_.erase(instance);
     return;
   }
-  if (liveness_.last_connection_closed(instance))
+  if (liveness_.last_connection_closed(instance)) {
+    instance_secrets_.erase(instance);
     log::debug("kvlink-server: instance {:016x} left (no KV cache registered): forgotten", instance);
-  else
+  } else {
     log::debug("kvlink-server: instance {:016x} disconnected; its KV-cache registration is kept until it "
                "reconnects, unregisters or is reaped",
                instance);
+  }
 }
 
 void RequestHandler::release_scheduler_state(std::uint64_t instance) {
@@ -154,6 +157,7 @@ void RequestHandler::release_scheduler_state(std::uint64_t instance) {
 void RequestHandler::release_instance(std::uint64_t instance) {
   release_scheduler_state(instance);
   registrations_.erase(instance);
+  instance_secrets_.erase(instance);
 }
 
 // ---- planned restart -------------------------------------------------------------
@@ -359,7 +363,7 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
     ++counters_.auth_failures;
     if (log::level() <= log::Level::warn)
       warn(session, now,
-           fmt::format("kvlink-server: HELLO from {:016x} ({}) refused: {} auth token", req.instance_id,
+           fmt::format("kvlink-server: HELLO from {} ({}) refused: {} auth token", session.peer.text,
                        req.client_name, req.auth_token.empty() ? "no" : "wrong"));
     fail(frame, sink, errc::unauthorized,
          fmt::format("{} auth token in HELLO: this server requires the shared secret of its --auth-token-file "
@@ -381,6 +385,21 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   // Admin connections (kvlink-cli) are not instances: no liveness entry,
   // no --max-instances slot, nothing left behind when they close.
   const bool admin = req.role == wire::Role::admin;
+  if (!admin) {
+    auto bound = instance_secrets_.find(req.instance_id);
+    if (bound != instance_secrets_.end() && !constant_time_equal(bound->second, req.instance_secret)) {
+      ++counters_.instance_claims_refused;
+      if (log::level() <= log::Level::warn)
+        warn(session, now,
+             fmt::format("kvlink-server: HELLO from {} ({}) refused: it claims the instance id of another client",
+                         session.peer.text, req.client_name));
+      log::debug("kvlink-server: the refused claim was for instance {:016x}", req.instance_id);
+      fail(frame, sink, errc::unauthorized,
+           "HELLO refused: this instance id belongs to another client (its HELLO carried another instance secret); "
+           "every engine process draws its own id and secret (the adapters do); closing the connection");
+      return false;
+    }
+  }
   if (!admin && !liveness_.known(req.instance_id) && liveness_.size() >= config_.max_instances) {
     ++counters_.instances_refused;
     fail(frame, sink, errc::limit_exceeded,
@@ -400,6 +419,7 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   session.instance_id = req.instance_id;
   session.client_name = req.client_name;
   if (!admin) {
+    instance_secrets_.try_emplace(req.instance_id, req.instance_secret);
     liveness_.hello(req.instance_id, now);
     // A registration made while the reaper had forgotten this (connected)
     // instance: known again, it is kept and reaped like any other.
@@ -444,6 +464,7 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("in_flight_refused", counters_.in_flight_refused);
   add("instances_refused", counters_.instances_refused);
   add("auth_failures", counters_.auth_failures);
+  add("instance_claims_refused", counters_.instance_claims_refused);
   add("frames_too_large", counters_.frames_too_large);
   add("reads_paused", counters_.reads_paused);
   add("connections_paused", counters_.connections_paused);

@@ -222,7 +222,7 @@ asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   } else if (session->inbound_refused) {
     // Answer the refused request (its header is in; a one-way one as the
     // connection's error, id 0), then close.
-    log::warn("kvlink-server: closing connection of {:016x}: {}", session->state.instance_id, end.reason);
+    log::warn("kvlink-server: closing the connection of {}: {}", session->state.peer.text, end.reason);
     wire::Header h = session->stream.parser().peek().value_or(wire::Header{});
     if (h.is_one_way()) h = wire::Header{};
     reply_error(*session, h, errc::limit_exceeded, end.reason);
@@ -230,7 +230,7 @@ asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   } else if (end.ec == errc::limit_exceeded) {
     // A slow reader: its queue is full, so no error reply could reach it.
     ++handler.counters().slow_reader_closes;
-    log::warn("kvlink-server: closing connection of {:016x}: {}", session->state.instance_id, end.reason);
+    log::warn("kvlink-server: closing the connection of {}: {}", session->state.peer.text, end.reason);
     session->stream.close();
   } else if (end.ec == errc::protocol_error || end.ec == errc::version_mismatch) {
     // Say why before closing: the bytes were not a frame we could answer.
@@ -241,7 +241,7 @@ asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
       code = errc::frame_too_large;
       end.reason += " (the server's --max-payload, announced in HELLO); split the request or raise --max-payload";
     }
-    log::warn("kvlink-server: closing connection of {:016x}: {}", session->state.instance_id, end.reason);
+    log::warn("kvlink-server: closing the connection of {}: {}", session->state.peer.text, end.reason);
     wire::Header h{};
     reply_error(*session, h, code, end.reason);
     asio::post(io, [session] { session->stream.close(); });

@@ -21,6 +21,9 @@ std::string HelloRequest::check() const {
     return fmt::format("role {} is not scheduler (1), worker (2) or admin (3)", static_cast<int>(role));
   if (instance_id == 0 || (instance_id >> 63) != 0)
     return "instance_id must be a non-zero 63-bit number";
+  if (!instance_secret.empty() && instance_secret.size() < min_instance_secret)
+    return fmt::format("instance_secret is {} bytes; send none or {} to {} random bytes (net::random_instance_secret)",
+                       instance_secret.size(), min_instance_secret, max_instance_secret);
   return {};
 }
 

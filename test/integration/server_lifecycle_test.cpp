@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "kvlink/net/connection.hpp"
 #include "kvlink/store/keys.hpp"
 #include "kvlink/transfer/kv_memfd.hpp"
 #include "kvlink/unique_fd.hpp"
@@ -197,11 +198,12 @@ struct RawClient {
     REQUIRE(wire::decode(f.second, r, "reply") == "");
     return r;
   }
-  wire::HelloReply hello(wire::Role role, std::uint64_t instance_id) {
+  wire::HelloReply hello(wire::Role role, std::uint64_t instance_id, std::string secret = {}) {
     wire::HelloRequest h;
     h.role = role;
     h.instance_id = instance_id;
     h.client_name = "server_lifecycle_test";
+    h.instance_secret = std::move(secret);
     return ok(h);
   }
   std::int64_t stat(const std::string& name) {
@@ -560,4 +562,44 @@ TEST_CASE("lifecycle: every refused registration is in the server's log with the
   CHECK(log.find(who + " (") != std::string::npos);
   CHECK(log.find("namespace 0 is not a namespace id") != std::string::npos);
   CHECK(log.find("0000000000000077") == std::string::npos);  // instance ids only at debug level
+}
+
+TEST_CASE("lifecycle: another client cannot claim a worker's instance id; the owner reconnects and keeps it") {
+  TempDir dir;
+  LoggedServer server(dir, {"--listen", dir.socket(), "--l1-size", "64MiB", "--log-level", "warn"});
+  const auto layout = big_layout(64);
+  KvMemory kv(layout);
+  const std::uint64_t id = 0x4242;
+  const std::string secret = net::random_instance_secret();
+  {
+    RawClient owner(dir.socket());
+    owner.hello(wire::Role::worker, id, secret);
+    owner.ok(registration(layout), kv.fd.get());
+    CHECK(owner.ok(store_req(1, 1)).stored_chunks == 1);
+    // While the owner is connected, and after it left (its registration
+    // keeps the id bound), a HELLO with its id but not its secret is
+    // refused: no STORE from its memory, no RETRIEVE into it, no UNREGISTER.
+    RawClient spoof(dir.socket());
+    wire::HelloRequest h;
+    h.role = wire::Role::worker;
+    h.instance_id = id;
+    CHECK(error_of(spoof.call(h)).code == to_wire(errc::unauthorized));
+    CHECK_FALSE(spoof.read_frame(2s).has_value());  // and closed
+    CHECK(spoof.eof);
+  }
+  RawClient spoof(dir.socket());
+  wire::HelloRequest h;
+  h.role = wire::Role::scheduler;
+  h.instance_id = id;
+  h.instance_secret = net::random_instance_secret();
+  CHECK(error_of(spoof.call(h)).code == to_wire(errc::unauthorized));
+  RawClient owner(dir.socket());
+  CHECK(owner.hello(wire::Role::worker, id, secret).registered == 1);
+  CHECK(owner.ok(store_req(1, 2, 16)).stored_chunks == 1);
+  CHECK(owner.stat("instance_claims_refused") == 2);
+  CHECK(owner.stat("registrations") == 1);
+  const std::string log = server.log();
+  CHECK(log.find(fmt::format("HELLO from pid {} uid {} () refused: it claims the instance id of another client",
+                             ::getpid(), ::getuid())) != std::string::npos);
+  CHECK(log.find("0000000000004242") == std::string::npos);  // instance ids only at debug level
 }

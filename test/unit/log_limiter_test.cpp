@@ -83,6 +83,7 @@ TEST_CASE("request handler: a flood of malformed one-way requests logs a few lin
   server::ServerConfig config;
   server::RequestHandler handler(config, 1);
   server::SessionState session;
+  session.peer.text = "pid 4242 uid 1000";  // what the network layer fills in
   Sink sink;
   TimePoint now{};
   {
@@ -111,12 +112,12 @@ TEST_CASE("request handler: a flood of malformed one-way requests logs a few lin
   CHECK(sink.out.empty());  // one-way: no replies
   CHECK(handler.counters().protocol_errors == 1000);
   CHECK(handler.counters().ops[op].errors == 1000);
-  CHECK(log.count("dropped one-way REPORT_BLOCK_ALLOCATION from 0000000000000abc") == per_second);
+  CHECK(log.count("dropped one-way REPORT_BLOCK_ALLOCATION from pid 4242 uid 1000") == per_second);
   CHECK(log.count("more like this") == 0);
   // A second later: the summary of the first second, then the new line.
   now += 1s;
   malformed();
-  CHECK(log.count("... and " + std::to_string(1000 - per_second) + " more like this from 0000000000000abc") == 1);
+  CHECK(log.count("... and " + std::to_string(1000 - per_second) + " more like this from pid 4242 uid 1000") == 1);
   CHECK(log.lines->back().find("dropped one-way") != std::string::npos);
   CHECK(log.count("dropped one-way") == per_second + 1);
   // More in that second, then the connection ends: their summary comes at once.

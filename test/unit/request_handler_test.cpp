@@ -220,3 +220,55 @@ TEST_CASE("a SERVER_NOTICE from a client is refused; one-way, it gets no reply; 
   CHECK(fx.send(7, PingRequest{}));
   CHECK_FALSE(fx.sink.frames().at(0).first.is_error());
 }
+
+TEST_CASE("instance ids are bound to their first HELLO's secret: claims without it are refused") {
+  Fixture fx;
+  const std::string secret(16, 's'), other(16, 'o');
+  // HELLO on a connection of its own; returns the error code (0: accepted)
+  // and whether the connection stays open.
+  auto hello_on = [&](server::SessionState& s, std::uint64_t id, const std::string& sec, Role role = Role::worker) {
+    HelloRequest h;
+    h.instance_id = id;
+    h.role = role;
+    h.instance_secret = sec;
+    Bytes bytes;
+    FrameBuilder(bytes).add(static_cast<std::uint8_t>(Opcode::hello), 0, 1, [&](Writer& w) { encode(w, h); });
+    FrameParser p;
+    p.append(bytes);
+    const bool open = fx.handler.handle(s, *p.next(), fx.sink, fx.now);
+    auto frames = fx.sink.frames();
+    REQUIRE(frames.size() == 1);
+    const std::uint16_t code = frames[0].first.is_error() ? error_of(frames[0]).code : 0;
+    return std::pair{code, open};
+  };
+  const auto unauthorized = std::pair{static_cast<std::uint16_t>(errc::unauthorized), false};
+  server::SessionState owner, spoof, again, admin;
+  CHECK(hello_on(owner, 9, secret) == std::pair<std::uint16_t, bool>{0, true});
+  // Without the secret, with another, or as a scheduler: refused and closed.
+  CHECK(hello_on(spoof, 9, "") == unauthorized);
+  CHECK(hello_on(spoof, 9, other) == unauthorized);
+  CHECK(hello_on(spoof, 9, other, Role::scheduler) == unauthorized);
+  CHECK_FALSE(spoof.hello_done);
+  // The owner's second connection (or its reconnect) presents it: accepted.
+  CHECK(hello_on(again, 9, secret) == std::pair<std::uint16_t, bool>{0, true});
+  // Admins are not instances: nothing to claim.
+  CHECK(hello_on(admin, 9, "", Role::admin).first == 0);
+  // A short secret is a malformed HELLO.
+  server::SessionState shorty;
+  CHECK(hello_on(shorty, 10, "abc").first == static_cast<std::uint16_t>(errc::bad_request));
+  // Once the instance is forgotten (its connections closed, nothing
+  // registered), the id is free again.
+  fx.handler.on_session_end(owner, fx.now);
+  fx.handler.on_session_end(again, fx.now);
+  server::SessionState later;
+  CHECK(hello_on(later, 9, other) == std::pair<std::uint16_t, bool>{0, true});
+  StatsRequest stats;
+  fx.session = std::move(later);
+  REQUIRE(fx.send(2, stats));
+  StatsReply s;
+  REQUIRE(decode(fx.sink.frames().at(0).second, s, "stats") == "");
+  std::int64_t refused = -1;
+  for (auto& e : s.entries)
+    if (e.name == "instance_claims_refused") refused = e.value;
+  CHECK(refused == 3);
+}

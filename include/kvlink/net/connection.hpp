@@ -266,5 +266,7 @@ asio::awaitable<ConnectResult> connect(asio::any_io_executor ex, Endpoint endpoi
 
 // A random 63-bit instance id, never 0.
 std::uint64_t random_instance_id();
+// 16 random bytes binding an instance id to its owner (HelloRequest).
+std::string random_instance_secret();
 
 }  // namespace kvlink::net

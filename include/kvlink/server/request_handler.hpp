@@ -79,6 +79,7 @@ struct ServerCounters {
   std::uint64_t in_flight_refused = 0;    // requests beyond max_in_flight
   std::uint64_t instances_refused = 0;    // HELLOs beyond max_instances
   std::uint64_t auth_failures = 0;        // HELLOs with a missing or wrong token
+  std::uint64_t instance_claims_refused = 0;  // HELLOs claiming an id bound to another client's secret
   std::uint64_t frames_too_large = 0;     // frames longer than max_payload (the connection is closed)
   // Slow readers (kept by the network layer).
   std::uint64_t reads_paused = 0;         // times a connection's reads stopped for its queued replies
@@ -257,6 +258,9 @@ class RequestHandler {
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // completions after destruction are dropped
   std::unordered_map<std::uint64_t, std::shared_ptr<const transfer::Registration>> registrations_;
   std::unordered_map<std::uint64_t, std::uint32_t> connections_;  // per instance id
+  // The secret each known instance id is bound to (its first HELLO's),
+  // until the instance is forgotten (left, or reaped).
+  std::unordered_map<std::uint64_t, std::string> instance_secrets_;
   std::unordered_map<std::uint64_t, Job> jobs_;
   std::deque<std::uint64_t> job_queue_;  // job ids by expiry (the TTL is constant)
   std::uint64_t next_job_ = 1;

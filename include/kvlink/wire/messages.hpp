@@ -118,6 +118,9 @@ inline constexpr std::uint64_t cpu_transfer = 1;   // memfd KV caches over a uni
 inline constexpr std::uint64_t cuda_transfer = 2;  // CUDA IPC KV caches
 }  // namespace capability
 
+inline constexpr std::size_t min_instance_secret = 16;
+inline constexpr std::size_t max_instance_secret = 64;
+
 struct HelloRequest {
   static constexpr Opcode opcode = Opcode::hello;
   using reply_type = HelloReply;
@@ -126,12 +129,19 @@ struct HelloRequest {
   std::uint64_t instance_id = 0;  // random 63-bit, never 0
   std::string auth_token;
   std::string client_name;  // for the server's logs
+  // Random bytes drawn with the instance id and kept across reconnects: the
+  // server binds the id to them at its first HELLO and refuses a HELLO
+  // claiming the id without them (unauthorized). Empty or 16 to 64 bytes;
+  // an id bound to none can be claimed by anyone (the adapters always send
+  // one).
+  std::string instance_secret;
   template <class V> void visit(V& v) {
     v.num(protocol_version, "protocol_version");
     v.num(role, "role");
     v.num(instance_id, "instance_id");
     v.str(auth_token, "auth_token", max_string);
     v.str(client_name, "client_name", max_string);
+    v.str(instance_secret, "instance_secret", max_instance_secret);
   }
   std::string check() const;
 };
