@@ -21,6 +21,10 @@
 //                  not_registered error
 //   planned_restart  SIGTERM (drain) + a replacement on the same socket at
 //                  once: zero degraded transitions; SIGTERM -> hits resume
+//   ping_under_abuse  PING p99 of one client while another pipelines the
+//                  largest legal END_SESSION and FREE_LOOKUP_LOCKS (2^22 keys
+//                  each) and LOOKUPs, against PING p99 with that client idle,
+//                  in the same run; target <= 2x
 //   heartbeat_overhead  1,000 monitors at 10 Hz on one io_context: CPU % of
 //                  one core (getrusage) against an idle reference in the same
 //                  run, memory per monitor (RSS); targets < 5 %, < 16 KiB
@@ -35,7 +39,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
 #include <asio/executor_work_guard.hpp>
+#include <asio/use_awaitable.hpp>
+#include <asio/use_future.hpp>
 #include <asio/io_context.hpp>
 #include <asio/post.hpp>
 #include <atomic>
@@ -55,7 +63,9 @@
 #include "kvlink/adapter/worker.hpp"
 #include "kvlink/error.hpp"
 #include "kvlink/health/monitor.hpp"
+#include "kvlink/net/connection.hpp"
 #include "kvlink/runtime/runtime.hpp"
+#include "kvlink/store/keys.hpp"
 #include "kvlink/transfer/kv_memfd.hpp"
 
 using namespace kvlink;
@@ -787,6 +797,90 @@ double blocking_round_trip_cpu_us(int rounds) {
   return us;
 }
 
+// ---- ping_under_abuse: one client's largest requests against another's PING --------
+
+std::shared_ptr<net::Connection> connect_as(asio::io_context& io, const std::string& ep, wire::Role role) {
+  wire::HelloRequest h;
+  h.role = role;
+  h.instance_id = net::random_instance_id();
+  h.client_name = "bench-health";
+  net::Endpoint endpoint;
+  std::string error;
+  if (!net::parse_endpoint(ep, endpoint, error)) throw std::runtime_error(error);
+  auto r = asio::co_spawn(io, net::connect(io.get_executor(), endpoint, h, 5s), asio::use_future).get();
+  if (r.ec) throw std::runtime_error("ping_under_abuse: cannot connect: " + r.error);
+  return r.connection;
+}
+
+// PING round trips (ms), one at a time, for `window`, each timed on the
+// connection's own thread.
+std::vector<double> ping_rtts(asio::io_context& io, const std::shared_ptr<net::Connection>& c, Duration window) {
+  std::vector<double> v;
+  const auto end = Clock::now() + window;
+  while (Clock::now() < end) {
+    auto rtt = asio::co_spawn(
+        io,
+        [c]() -> asio::awaitable<double> {
+          const auto t0 = Clock::now();
+          co_await c->async_call(wire::PingRequest{}, 5s, asio::use_awaitable);
+          co_return ms(Clock::now() - t0);
+        },
+        asio::use_future);
+    v.push_back(rtt.get());
+    std::this_thread::sleep_for(1ms);  // a heartbeat, not a flood
+  }
+  return v;
+}
+
+// The abuser: a LOOKUP of 4096 chunks at world size 1024 opens a session,
+// then FREE_LOOKUP_LOCKS and END_SESSION over all of them (4096 x 1024 =
+// 2^22 keys, the per-request limit, each) follow pipelined, round after round.
+asio::awaitable<void> abuse(std::shared_ptr<net::Connection> c, std::atomic<bool>& stop, std::atomic<int>& rounds) {
+  std::vector<store::Token> tokens(4096 * 256);
+  for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<store::Token>(i * 7 + 1);
+  const auto hashes = store::chunk_hashes(tokens, 256);
+  const std::uint64_t ns = 0x5eed;
+  for (std::uint64_t session = 1; !stop.load(); ++session) {
+    // Named, not temporaries in the co_await expression: g++ 12 destroys
+    // those twice.
+    wire::SyncLookupRequest lookup{ns, 1024, session, hashes};
+    co_await c->async_call(std::move(lookup), 60s, asio::use_awaitable);
+    c->send(wire::FreeLookupLocksRequest{ns, 1024, session, hashes, 0, static_cast<std::uint32_t>(hashes.size())});
+    c->send(wire::EndSessionRequest{ns, session, hashes});
+    wire::PingRequest ping;
+    co_await c->async_call(ping, 60s, asio::use_awaitable);  // the round is done
+    rounds.fetch_add(1);
+  }
+}
+
+void ping_under_abuse(Duration window) {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--log-level", "error", "--l1-size", "64MiB", "--no-huge-pages"});
+  server.start();
+  IoThread pinger_io, abuser_io;
+  auto pinger = connect_as(pinger_io.io, dir.socket(), wire::Role::scheduler);
+  Stats idle{ping_rtts(pinger_io.io, pinger, window)};
+  auto abuser = connect_as(abuser_io.io, dir.socket(), wire::Role::scheduler);
+  std::atomic<bool> stop{false};
+  std::atomic<int> rounds{0};
+  auto done = asio::co_spawn(abuser_io.io, abuse(abuser, stop, rounds), asio::use_future);
+  while (rounds.load() == 0 && done.wait_for(0s) != std::future_status::ready) std::this_thread::sleep_for(1ms);
+  Stats busy{ping_rtts(pinger_io.io, pinger, window)};
+  const int busy_rounds = rounds.load();
+  stop.store(true);
+  done.get();
+  const double p99_idle = idle.pct(0.99), p99_busy = busy.pct(0.99);
+  const double ratio = p99_busy / p99_idle;
+  rows.push_back({"ping_under_abuse",
+                  fmt::format("PING p99 {:.3f} ms (max {:.3f}, {} pings) while another client pipelined {} rounds of "
+                              "LOOKUP + FREE_LOOKUP_LOCKS + END_SESSION of 2^22 keys each",
+                              p99_busy, busy.max(), busy.v.size(), busy_rounds),
+                  fmt::format("PING p99 {:.3f} ms with that client idle ({} pings)", p99_idle, idle.v.size()),
+                  fmt::format("ratio {:.2f} (target <= 2.00)", ratio), ratio <= 2.0 && busy_rounds > 0});
+  abuser->close();
+  pinger->close();
+}
+
 void heartbeat_overhead(int n, Duration window) {
   const double ref_us = blocking_round_trip_cpu_us(20000);
   TempDir dir;
@@ -889,6 +983,7 @@ int main(int argc, char** argv) {
     if (want("heal_after_late_start")) heal_after_late_start(quick ? 3 : 10);
     if (want("heal_after_reconnect")) heal_after_reconnect(quick ? 3 : 10);
     if (want("planned_restart")) planned_restart(quick ? 2 : 5);
+    if (want("ping_under_abuse")) ping_under_abuse(quick ? 2s : 5s);
     if (want("heartbeat_overhead")) heartbeat_overhead(1000, quick ? 2s : 5s);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench-health: %s\n", e.what());

@@ -96,11 +96,25 @@ void RequestHandler::report_held_back(SessionState& session, TimePoint now, bool
               n, session.peer.text, session.log_limiter.config().lines);
 }
 
+bool RequestHandler::release_locks(const RequestSession& s, LockRelease& at, std::size_t& budget) {
+  for (; at.record < s.locked.size(); ++at.record, at.started = false) {
+    const auto& [ns, hashes] = s.locked[at.record];
+    if (!at.started) {
+      at.loop = SlicedLoop(hashes.size(), s.world_size);
+      at.started = true;
+    }
+    const bool done = at.loop.run(budget, [&, ns = ns](std::size_t i, std::uint32_t r) {
+      store_.release_all(ChunkKey{ns, hashes[i], r}, s.holder);
+    });
+    if (!done) return false;
+  }
+  return true;
+}
+
 RequestHandler::Sessions::iterator RequestHandler::end_session(Sessions::iterator it) {
-  const RequestSession& s = it->second;
-  for (const auto& [ns, hashes] : s.locked)
-    for (const auto& h : hashes)
-      for (std::uint32_t r = 0; r < s.world_size; ++r) store_.release_all(ChunkKey{ns, h, r}, s.holder);
+  LockRelease all;
+  std::size_t unlimited = SIZE_MAX;
+  release_locks(it->second, all, unlimited);
   return sessions_.erase(it);
 }
 
@@ -113,6 +127,7 @@ void RequestHandler::release_retrieved(std::uint64_t session_id, std::uint64_t n
 
 void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
   session.received_fds.clear();  // closes fds no REGISTER took
+  session.unfinished = nullptr;  // nobody is left to answer
   report_held_back(session, now, true);
   if (session.admin()) {
     // Its lookups' locks, unless an instance of that id is connected (ids
@@ -225,6 +240,10 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
   } turn{*this};
   turn_session_ = &session;
   turn_now_ = now;
+  // The network layer holds a connection's frames while a request of it is
+  // unfinished; a caller that does not finishes it first, keeping order.
+  while (!continue_work(session, sink, now)) {
+  }
   // A REGISTER takes the oldest received fd whatever happens next, so a
   // failed registration's memfd is closed here, not handed to a later one.
   UniqueFd fd;
@@ -313,7 +332,7 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
       on_query(frame, sink);
       return true;
     case wire::Opcode::free_lookup_locks:
-      on_free_locks(session, frame, sink);
+      on_free_locks(session, frame, sink, now);
       return true;
     case wire::Opcode::end_session:
       on_end_session(session, frame, sink, now);
@@ -591,16 +610,22 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
   reply(sink, frame.header, wire::Empty{});
 }
 
-std::uint32_t RequestHandler::lookup(const SessionState& session, std::uint64_t ns, std::uint32_t world_size,
-                                     std::uint64_t session_id, const std::vector<wire::ChunkHash>& hashes,
-                                     TimePoint now) {
-  auto& s = sessions_[{session_id, session.instance_id}];
-  if (s.holder == 0) s.holder = next_holder_++;
-  const std::uint32_t matched = store_.lookup(ns, world_size, hashes, now, s.holder);
+std::uint32_t RequestHandler::record_locks(const SessionKey& key, store::Holder holder, std::uint64_t ns,
+                                           std::uint32_t world_size, std::span<const wire::ChunkHash> hashes,
+                                           std::uint32_t matched, TimePoint now) {
+  auto it = sessions_.find(key);
+  if (it == sessions_.end() || it->second.holder != holder) {
+    // The session ended (or was reaped) while the lookup ran: nobody will
+    // release these locks, so the lookup counts as a miss.
+    for (std::uint32_t i = 0; i < matched; ++i)
+      for (std::uint32_t r = 0; r < world_size; ++r) store_.release_all(ChunkKey{ns, hashes[i], r}, holder);
+    return 0;
+  }
+  RequestSession& s = it->second;
   s.last_seen = now;
   s.world_size = std::max(s.world_size, world_size);
   if (matched == 0) return matched;
-  // Remember which keys this instance locked, once each (release_all drops
+  // Remember which keys this session locked, once each (release_all drops
   // all of a holder's locks on a key): a repeated or growing lookup of the
   // same prompt replaces its earlier record instead of adding one.
   const std::span<const wire::ChunkHash> now_locked(hashes.data(), matched);
@@ -618,32 +643,68 @@ std::uint32_t RequestHandler::lookup(const SessionState& session, std::uint64_t 
   return matched;
 }
 
+void RequestHandler::run_sliced(SessionState& session, ReplySink& sink, TimePoint now, UnfinishedWork work) {
+  std::size_t budget = keys_per_slice;
+  if (!work(sink, now, budget)) session.unfinished = std::move(work);
+}
+
+bool RequestHandler::continue_work(SessionState& session, ReplySink& sink, TimePoint now) {
+  if (!session.unfinished) return true;
+  std::size_t budget = keys_per_slice;
+  if (!session.unfinished(sink, now, budget)) return false;
+  session.unfinished = nullptr;
+  return true;
+}
+
 void RequestHandler::on_lookup(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now,
                                bool sync) {
+  // SYNC_LOOKUP answers the match; LOOKUP a job id to poll (L1 is the only
+  // tier, so the job is done by the time it is answered).
+  wire::LookupRequest req;
   if (sync) {
-    wire::SyncLookupRequest req;
-    if (!parse(frame, sink, req)) return;
-    if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
-    if (auto why = check_keys(req.hashes.size(), req.world_size); !why.empty())
-      return fail(frame, sink, errc::bad_request, why);
-    reply(sink, frame.header, wire::LookupResult{lookup(session, req.ns, req.world_size, req.session_id, req.hashes, now)});
+    wire::SyncLookupRequest s;
+    if (!parse(frame, sink, s)) return;
+    req = {s.ns, s.world_size, s.session_id, std::move(s.hashes)};
+  } else if (!parse(frame, sink, req)) {
     return;
   }
-  wire::LookupRequest req;
-  if (!parse(frame, sink, req)) return;
   if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
   if (auto why = check_keys(req.hashes.size(), req.world_size); !why.empty())
     return fail(frame, sink, errc::bad_request, why);
-  // L1 is the only tier: the match is known at once and the job is done.
-  // (An L2 prefetch would leave it pending until its copies land.)
-  const std::uint64_t id = next_job_++;
-  Job job;
-  job.instance_id = session.instance_id;
-  job.matched = lookup(session, req.ns, req.world_size, req.session_id, req.hashes, now);
-  job.expiry = now + config_.job_ttl;
-  jobs_.emplace(id, job);
-  job_queue_.push_back(id);
-  reply(sink, frame.header, wire::LookupAccepted{id});
+  const SessionKey key{req.session_id, session.instance_id};
+  auto& s = sessions_[key];
+  if (s.holder == 0) s.holder = next_holder_++;
+  s.last_seen = now;
+  run_sliced(session, sink, now,
+             [this, req = std::move(req), key, holder = s.holder, header = frame.header, sync, next = std::uint32_t{0}](
+                 ReplySink& out, TimePoint at, std::size_t& budget) mutable {
+               const auto n = static_cast<std::uint32_t>(req.hashes.size());
+               bool missed = false;
+               while (next < n && budget > 0) {
+                 if (!store_.match_chunk(req.ns, req.world_size, req.hashes[next], at, holder)) {
+                   missed = true;
+                   break;
+                 }
+                 ++next;
+                 budget -= std::min<std::size_t>(budget, req.world_size);
+               }
+               if (!missed && next < n) return false;
+               store_.record_lookup(next, n - next);
+               const std::uint32_t matched = record_locks(key, holder, req.ns, req.world_size, req.hashes, next, at);
+               if (sync) {
+                 reply(out, header, wire::LookupResult{matched});
+                 return true;
+               }
+               const std::uint64_t id = next_job_++;
+               Job job;
+               job.instance_id = key.second;
+               job.matched = matched;
+               job.expiry = at + config_.job_ttl;
+               jobs_.emplace(id, job);
+               job_queue_.push_back(id);
+               reply(out, header, wire::LookupAccepted{id});
+               return true;
+             });
 }
 
 void RequestHandler::on_query(const wire::Frame& frame, ReplySink& sink) {
@@ -660,7 +721,7 @@ void RequestHandler::on_query(const wire::Frame& frame, ReplySink& sink) {
   reply(sink, frame.header, st);
 }
 
-void RequestHandler::on_free_locks(SessionState& session, const wire::Frame& frame, ReplySink& sink) {
+void RequestHandler::on_free_locks(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
   wire::FreeLookupLocksRequest req;
   if (!parse(frame, sink, req)) return;
   if (auto why = check_world_size(req.world_size); !why.empty()) return fail(frame, sink, errc::bad_request, why);
@@ -670,24 +731,47 @@ void RequestHandler::on_free_locks(SessionState& session, const wire::Frame& fra
     return fail(frame, sink, errc::bad_request,
                 fmt::format("FREE_LOOKUP_LOCKS range [{}, {}) is not within the {} hashes given", req.start, req.end,
                             req.hashes.size()));
-  if (auto it = sessions_.find({req.session_id, session.instance_id}); it != sessions_.end())
-    for (std::uint32_t i = req.start; i < req.end; ++i)
-      for (std::uint32_t r = 0; r < req.world_size; ++r)
-        store_.release_all(ChunkKey{req.ns, req.hashes[i], r}, it->second.holder);
-  if (!frame.header.is_one_way()) reply(sink, frame.header, wire::Empty{});
+  const SessionKey key{req.session_id, session.instance_id};
+  run_sliced(session, sink, now,
+             [this, req = std::move(req), key, header = frame.header, loop = SlicedLoop(req.end - req.start, req.world_size)](
+                 ReplySink& out, TimePoint, std::size_t& budget) mutable {
+               auto it = sessions_.find(key);
+               if (it != sessions_.end()) {
+                 const store::Holder holder = it->second.holder;
+                 if (!loop.run(budget, [&](std::size_t i, std::uint32_t r) {
+                       store_.release_all(ChunkKey{req.ns, req.hashes[req.start + i], r}, holder);
+                     }))
+                   return false;
+               }
+               if (!header.is_one_way()) reply(out, header, wire::Empty{});
+               return true;
+             });
 }
 
-void RequestHandler::on_end_session(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint) {
+void RequestHandler::on_end_session(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
   wire::EndSessionRequest req;
   if (!parse(frame, sink, req)) return;
-  std::uint32_t world_size = 1;
+  // The session ends now (its locks are released slice by slice: an
+  // aborted request's hits pin nothing); then its chunks are made most
+  // recently used, at most max_keys_per_request of them.
+  RequestSession ended;
   if (auto it = sessions_.find({req.session_id, session.instance_id}); it != sessions_.end()) {
-    world_size = it->second.world_size;
-    end_session(it);  // with the locks it still holds: an aborted request's hits pin nothing
+    ended = std::move(it->second);
+    sessions_.erase(it);
   }
-  for (const auto& h : req.hashes)
-    for (std::uint32_t r = 0; r < world_size; ++r) store_.touch(ChunkKey{req.ns, h, r});
-  if (!frame.header.is_one_way()) reply(sink, frame.header, wire::Empty{});
+  const std::uint32_t ws = ended.world_size;
+  const std::size_t touched = std::min<std::size_t>(req.hashes.size(), max_keys_per_request / ws);
+  run_sliced(session, sink, now,
+             [this, req = std::move(req), ended = std::move(ended), header = frame.header, at = LockRelease{},
+              touch = SlicedLoop(touched, ws)](ReplySink& out, TimePoint, std::size_t& budget) mutable {
+               if (!release_locks(ended, at, budget)) return false;
+               if (!touch.run(budget, [&](std::size_t i, std::uint32_t r) {
+                     store_.touch(ChunkKey{req.ns, req.hashes[i], r});
+                   }))
+                 return false;
+               if (!header.is_one_way()) reply(out, header, wire::Empty{});
+               return true;
+             });
 }
 
 std::shared_ptr<const transfer::Registration> RequestHandler::registration_for(

@@ -109,6 +109,7 @@ struct Server::Impl {
 
   asio::awaitable<void> accept_loop(net::Acceptor& acceptor, std::string name);
   asio::awaitable<void> serve(std::shared_ptr<Session> session);
+  void continue_work(std::shared_ptr<Session> session);
   std::string admit_inbound(Session& session, std::uint32_t pending_payload);
   void release_inbound(Session& session) {
     inbound.release(session.inbound);
@@ -207,12 +208,26 @@ std::string Server::Impl::admit_inbound(Session& session, std::uint32_t pending_
   return why;
 }
 
+// The next slice of a request handle() left unfinished, after the other
+// connections' ready work (posted): their PINGs wait for one slice at most.
+void Server::Impl::continue_work(std::shared_ptr<Session> session) {
+  asio::post(io, [this, session = std::move(session)]() mutable {
+    if (!handler.continue_work(session->state, *session, Clock::now())) return continue_work(std::move(session));
+    session->stream.release_hold();
+  });
+}
+
 asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   net::StreamEnd end = co_await session->stream.read_frames(
       [&](const wire::Frame& frame) {
         const bool go_on = handler.handle(session->state, frame, *session, Clock::now());
         session->after_frame();
         session->handler_closed = !go_on;
+        if (go_on && session->state.unfinished) {
+          // A large request goes on in slices: its later frames wait.
+          session->stream.hold();
+          continue_work(session);
+        }
         return go_on;
       });
   release_inbound(*session);

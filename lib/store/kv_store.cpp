@@ -21,30 +21,25 @@ void KvStore::update_lru(Node& n) {
 std::uint32_t KvStore::lookup(std::uint64_t ns, std::uint32_t world_size, std::span<const ChunkHash> hashes,
                               TimePoint now, std::optional<Holder> holder) {
   std::uint32_t matched = 0;
+  while (matched < hashes.size() && match_chunk(ns, world_size, hashes[matched], now, holder)) ++matched;
+  record_lookup(matched, hashes.size() - matched);
+  return matched;
+}
+
+bool KvStore::match_chunk(std::uint64_t ns, std::uint32_t world_size, const ChunkHash& hash, TimePoint now,
+                          std::optional<Holder> holder) {
+  // Only whole chunks (every rank) are locked.
   scratch_.clear();
-  for (const ChunkHash& h : hashes) {
-    bool all = true;
-    for (std::uint32_t r = 0; r < world_size; ++r) {
-      auto it = map_.find(ChunkKey{ns, h, r});
-      if (it == map_.end() || it->second.state != State::present) {
-        all = false;
-        break;
-      }
-      scratch_.push_back(&*it);
-    }
-    if (!all) break;
-    ++matched;
+  for (std::uint32_t r = 0; r < world_size; ++r) {
+    auto it = map_.find(ChunkKey{ns, hash, r});
+    if (it == map_.end() || it->second.state != State::present) return false;
+    scratch_.push_back(&*it);
   }
-  stats_.hits += matched;
-  stats_.misses += hashes.size() - matched;
-  // Only whole matched chunks (every rank) are locked; scratch_ may hold a
-  // partial last chunk's ranks.
-  scratch_.resize(std::size_t{matched} * world_size);
   for (Node* n : scratch_) {
     if (holder) lock_node(*n, *holder, now);
     else if (n->second.in_lru) lru_.splice(lru_.end(), lru_, n->second.lru);  // reads refresh recency
   }
-  return matched;
+  return true;
 }
 
 void KvStore::lock_node(Node& n, Holder holder, TimePoint now) {

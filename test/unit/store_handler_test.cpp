@@ -872,3 +872,47 @@ TEST_CASE("a registration made after the reaper forgot the connected instance is
     CHECK(f.handler->registrations() == 0);
   }
 }
+
+TEST_CASE("large requests run in slices: other connections are served in between, the results are the same") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(3000);  // 3000 chunks stored: a lookup of all is about 3 slices
+  for (std::size_t i = 0; i < h.size(); i += 50) REQUIRE(f.store({h.begin() + i, h.begin() + i + 50}).stored_chunks == 50);
+  SyncLookupRequest l;
+  l.ns = ns;
+  l.session_id = 4;
+  l.hashes = h;
+  f.send(f.scheduler, l);
+  CHECK(f.sink->frames().empty());  // not answered yet
+  REQUIRE(f.scheduler.unfinished);
+  int slices = 1;
+  server::SessionState other;
+  f.hello(other, Role::scheduler, 0x77);
+  for (bool done = false; !done; ++slices) {
+    // Between two slices another connection's PING is answered at once.
+    f.send(other, PingRequest{});
+    auto pong = f.sink->frames();
+    REQUIRE(pong.size() == 1);
+    CHECK_FALSE(pong[0].first.is_error());
+    done = f.handler->continue_work(f.scheduler, *f.sink, f.now);
+  }
+  CHECK(slices == 3);
+  LookupResult r;
+  auto frames = f.sink->frames();
+  REQUIRE(frames.size() == 1);
+  REQUIRE(decode(frames[0].second, r, "reply") == "");
+  CHECK(r.matched_chunks == 3000);
+  CHECK(f.stat("read_locks_held") == 3000);
+  // END_SESSION: 3000 locks to release, then 4096 chunks to touch, a
+  // slice at a time.
+  EndSessionRequest end;
+  end.ns = ns;
+  end.session_id = 4;
+  end.hashes = hashes(4096);
+  f.send(f.scheduler, end, flag::one_way);
+  CHECK(f.scheduler.unfinished);
+  // A frame handed to the handler before the work is done finishes it
+  // first: requests of one connection keep their order.
+  CHECK(f.stat("read_locks_held") == 0);
+  CHECK_FALSE(f.scheduler.unfinished);
+}

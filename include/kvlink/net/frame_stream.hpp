@@ -100,6 +100,16 @@ class FrameStream {
     admit_inbound_ = std::move(admit);
   }
 
+  // Holds the connection's next frames while its owner finishes the current
+  // request in slices (serving other connections in between): read_frames
+  // handles and reads nothing until release_hold(). Frames keep their order.
+  void hold() { held_ = true; }
+  void release_hold() {
+    held_ = false;
+    wake_reader();
+  }
+  bool held() const { return held_; }
+
   // Lower level: append whole frames to out_buffer(), then schedule_flush().
   wire::Bytes& out_buffer() { return out_; }
   void schedule_flush(const std::shared_ptr<void>& owner) {
@@ -156,6 +166,7 @@ class FrameStream {
 
     // One pass: wait out a pause, hand over frames a pause left parsed, or read.
     void step(Ptr self) {
+      if (s_.held_) return wait_hold(std::move(self));
       if (s_.over_limit()) return start_pause(std::move(self));
       if (s_.frames_left_) return handle_frames(std::move(self));
       if (!s_.fd_sink_) {
@@ -238,7 +249,7 @@ class FrameStream {
             stopped = true;
             break;
           }
-          if (s_.over_limit()) {
+          if (s_.held_ || s_.over_limit()) {
             s_.frames_left_ = true;
             break;
           }
@@ -263,6 +274,18 @@ class FrameStream {
           return finish(std::move(self), {errc::limit_exceeded, std::move(why)});
       }
       step(std::move(self));
+    }
+
+    // Held (hold()): waits for release_hold() or close, without a deadline:
+    // the owner's sliced request always finishes.
+    void wait_hold(Ptr self) {
+      if (!s_.socket_.is_open()) return finish(std::move(self), {errc::connection_lost, "connection closed locally"});
+      if (!s_.drain_timer_) s_.drain_timer_.emplace(s_.socket_.get_executor());
+      s_.drain_timer_->expires_at(TimePoint::max());
+      s_.drain_timer_->async_wait([self = std::move(self)](std::error_code) mutable {
+        Reader* r = self.get();
+        r->step(std::move(self));
+      });
     }
 
     // Paused reading: waits until the queued replies drain to the limit;
@@ -487,7 +510,8 @@ class FrameStream {
   std::size_t outbound_limit_ = 0;              // limit_outbound (0: none)
   Duration stall_timeout_{};
   std::function<void(bool)> on_pause_;
-  std::optional<asio::steady_timer> drain_timer_;  // a paused reader waits on it; progress cancels it
+  std::optional<asio::steady_timer> drain_timer_;  // a paused or held reader waits on it; progress cancels it
+  bool held_ = false;
   bool frames_left_ = false;                    // a pause stopped a turn with frames still parsed
   std::function<std::string(std::uint32_t)> admit_inbound_;  // limit_inbound (empty: no bound)
 };

@@ -18,6 +18,7 @@
 #include "kvlink/server/config.hpp"
 #include "kvlink/store/kv_store.hpp"
 #include "kvlink/server/peer.hpp"
+#include "kvlink/server/sliced_work.hpp"
 #include "kvlink/store/l1_pool.hpp"
 #include "kvlink/transfer/transfer_engine.hpp"
 #include "kvlink/unique_fd.hpp"
@@ -58,6 +59,10 @@ struct SessionState {
   // Requests of this connection still being worked on (their copies run):
   // shared with the completions, which may outlive the session.
   std::shared_ptr<std::uint32_t> in_flight = std::make_shared<std::uint32_t>(0);
+  // A request of this connection left half done after a slice (see
+  // sliced_work.hpp): the network layer holds later frames and calls
+  // RequestHandler::continue_work until it finishes.
+  UnfinishedWork unfinished;
   // Bounds the warnings this connection can cause (malformed one-way
   // requests, refused HELLOs): a client cannot flood the log.
   LogLimiter log_limiter;
@@ -139,6 +144,10 @@ class RequestHandler {
   // connection must be closed (after the replies already in the sink are sent).
   bool handle(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
 
+  // Runs the next slice of the session's unfinished request (replies into
+  // `sink` when it finishes). Returns true once nothing is left.
+  bool continue_work(SessionState& session, ReplySink& sink, TimePoint now);
+
   // The session's connection ended (closed by either side).
   void on_session_end(SessionState& session, TimePoint now);
 
@@ -216,7 +225,7 @@ class RequestHandler {
   void on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink, UniqueFd fd, TimePoint now);
   void on_lookup(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now, bool sync);
   void on_query(const wire::Frame& frame, ReplySink& sink);
-  void on_free_locks(SessionState& session, const wire::Frame& frame, ReplySink& sink);
+  void on_free_locks(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   void on_end_session(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   void on_store(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   void on_retrieve(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
@@ -230,10 +239,23 @@ class RequestHandler {
                                                                  std::uint32_t kv_rank, std::size_t chunks,
                                                                  std::size_t block_ids, const wire::Frame& frame,
                                                                  ReplySink& sink);
-  std::uint32_t lookup(const SessionState& session, std::uint64_t ns, std::uint32_t world_size,
-                       std::uint64_t session_id, const std::vector<wire::ChunkHash>& hashes, TimePoint now);
   // Releases the session's locks and forgets it.
   Sessions::iterator end_session(Sessions::iterator it);
+  // Where releasing a session's recorded locks stands.
+  struct LockRelease {
+    std::size_t record = 0;
+    SlicedLoop loop{0, 1};
+    bool started = false;
+  };
+  // Releases the locks of `s` recorded from `at` on, within `budget`; true once all are.
+  bool release_locks(const RequestSession& s, LockRelease& at, std::size_t& budget);
+  // Runs the first slice of `work`; what is left becomes session.unfinished.
+  void run_sliced(SessionState& session, ReplySink& sink, TimePoint now, UnfinishedWork work);
+  // A lookup finished: its locks are remembered for its session (or, if the
+  // session ended meanwhile, released). Returns the chunks matched.
+  std::uint32_t record_locks(const SessionKey& key, store::Holder holder, std::uint64_t ns,
+                             std::uint32_t world_size, std::span<const wire::ChunkHash> hashes, std::uint32_t matched,
+                             TimePoint now);
   // The locks the sessions `session_id` hold on (ns, hash, rank) keys: a
   // RETRIEVE of them ended, copied or not.
   void release_retrieved(std::uint64_t session_id, std::uint64_t ns, std::uint32_t rank,

@@ -85,6 +85,15 @@ class KvStore {
   // `holder`, read-locks each matched (ns, hash, rank) once for it.
   std::uint32_t lookup(std::uint64_t ns, std::uint32_t world_size, std::span<const ChunkHash> hashes, TimePoint now,
                        std::optional<Holder> holder);
+  // One chunk of a lookup done in slices: true if it is present for every
+  // rank, then read-locked for `holder` (or, without one, made most recently
+  // used). record_lookup counts the whole lookup's hits and misses.
+  bool match_chunk(std::uint64_t ns, std::uint32_t world_size, const ChunkHash& hash, TimePoint now,
+                   std::optional<Holder> holder);
+  void record_lookup(std::uint64_t hits, std::uint64_t misses) {
+    stats_.hits += hits;
+    stats_.misses += misses;
+  }
 
   // Read locks. release_one drops one lock of `holder`; returns false if it
   // had none (another holder's locks are never touched).
