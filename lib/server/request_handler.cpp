@@ -98,12 +98,13 @@ void RequestHandler::report_held_back(SessionState& session, TimePoint now, bool
 
 bool RequestHandler::release_locks(const RequestSession& s, LockRelease& at, std::size_t& budget) {
   for (; at.record < s.locked.size(); ++at.record, at.started = false) {
-    const auto& [ns, hashes] = s.locked[at.record];
+    const std::uint64_t ns = s.locked[at.record].first;
+    const auto& hashes = s.locked[at.record].second;
     if (!at.started) {
       at.loop = SlicedLoop(hashes.size(), s.world_size);
       at.started = true;
     }
-    const bool done = at.loop.run(budget, [&, ns = ns](std::size_t i, std::uint32_t r) {
+    const bool done = at.loop.run(budget, [&](std::size_t i, std::uint32_t r) {
       store_.release_all(ChunkKey{ns, hashes[i], r}, s.holder);
     });
     if (!done) return false;

@@ -1,7 +1,12 @@
-// Fuzzes a whole server session: a byte stream from a client is framed and
-// handed to the RequestHandler exactly as the Asio session does. The
-// handler must answer every request without crashing, and every reply it
-// writes must itself be a well-formed frame.
+// Fuzzes whole server sessions: a byte stream is framed and handed to the
+// RequestHandler as the Asio layer does, each frame to one of three
+// connections (chosen by its request id), which may also close and reopen
+// (a fresh connection, the same or another instance id: claims of ids bound
+// to another secret, reconnects, re-registration). Sliced requests are
+// continued one slice at a time between frames, as the server interleaves
+// connections. The handler must answer every request without crashing,
+// every reply must be a well-formed frame, and L1 is pinned exactly while
+// read locks are held.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -41,20 +46,41 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }();
   static transfer::NullTransferEngine engine;
   server::RequestHandler handler(config, 1, engine);
-  server::SessionState session;
+  constexpr std::size_t connections = 3;
+  server::SessionState sessions[connections];
   Sink sink;
   wire::FrameParser parser(1u << 16);
   parser.append({reinterpret_cast<const std::byte*>(data), size});
   TimePoint now{};
-  bool open = true;
-  while (open) {
-    auto f = parser.next();
-    if (!f) break;
-    open = handler.handle(session, *f, sink, now);
+  auto check = [&] {
+    const auto& store = handler.store();
+    if ((store.read_locks() == 0) != (store.pinned_entries() == 0)) std::abort();
+  };
+  while (auto f = parser.next()) {
+    const std::uint64_t pick = f->header.id;
+    server::SessionState& session = sessions[pick % connections];
+    if (pick % 7 == 6) {
+      // This connection closes before the frame; the frame opens a new one.
+      handler.on_session_end(session, now);
+      session = server::SessionState{};
+    }
+    if (!handler.handle(session, *f, sink, now)) {
+      handler.on_session_end(session, now);
+      session = server::SessionState{};
+    }
+    // The other connections' sliced requests go on a slice each.
+    for (auto& other : sessions)
+      if (other.unfinished) handler.continue_work(other, sink, now);
+    check();
     now += std::chrono::milliseconds(10);
     handler.tick(now);
   }
-  handler.on_session_end(session, now);
+  for (auto& session : sessions) {
+    while (!handler.continue_work(session, sink, now)) {
+    }
+    handler.on_session_end(session, now);
+  }
+  check();
   // Every reply is a valid frame.
   wire::FrameParser replies;
   replies.append(sink.out);
