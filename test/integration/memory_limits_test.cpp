@@ -31,11 +31,7 @@ constexpr std::uint32_t MiB = 1u << 20;
 // The server's resident set says what its buffers hold only without a
 // sanitizer: ASan keeps freed memory in quarantine, TSan adds shadow memory
 // to every byte. Sanitizer builds check the accounting (the STATS gauge).
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool rss_tells = false;
-#else
-constexpr bool rss_tells = true;
-#endif
+constexpr bool rss_tells = !test::under_sanitizer;
 
 
 // A raw unix-socket client that sends a frame's bytes as it is told.

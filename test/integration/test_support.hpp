@@ -24,6 +24,14 @@
 
 namespace kvlink::test {
 
+// Built with ASan or TSan: everything runs several times slower, freed
+// memory stays in quarantine and every byte has shadow memory.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+inline constexpr bool under_sanitizer = true;
+#else
+inline constexpr bool under_sanitizer = false;
+#endif
+
 using namespace std::chrono_literals;
 
 // Runs `task` on `io` until it finishes; fails the test if it takes longer
