@@ -733,8 +733,9 @@ void RequestHandler::on_free_locks(SessionState& session, const wire::Frame& fra
                 fmt::format("FREE_LOOKUP_LOCKS range [{}, {}) is not within the {} hashes given", req.start, req.end,
                             req.hashes.size()));
   const SessionKey key{req.session_id, session.instance_id};
+  const SlicedLoop range(req.end - req.start, req.world_size);
   run_sliced(session, sink, now,
-             [this, req = std::move(req), key, header = frame.header, loop = SlicedLoop(req.end - req.start, req.world_size)](
+             [this, req = std::move(req), key, header = frame.header, loop = range](
                  ReplySink& out, TimePoint, std::size_t& budget) mutable {
                auto it = sessions_.find(key);
                if (it != sessions_.end()) {
