@@ -48,13 +48,7 @@ struct NonReader {
   std::uint64_t sent = 0;  // bytes the kernel accepted
   wire::Bytes batch;
   explicit NonReader(const std::string& endpoint) {
-    fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    REQUIRE(fd >= 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    const std::string path = endpoint.substr(5);
-    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    fd = test::connect_unix(endpoint);
     const int small = 4096;  // keep kernel buffers small, so the server's own buffering shows
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
     ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
@@ -199,13 +193,7 @@ TEST_CASE("limits: another client's largest LOOKUP, FREE_LOOKUP_LOCKS and END_SE
     b.add(static_cast<std::uint8_t>(wire::Opcode::end_session), wire::flag::one_way, 0,
           [&](wire::Writer& w) { wire::encode(w, wire::EndSessionRequest{ns, r + 1, hashes}); });
   }
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  const std::string path = server.endpoint().substr(5);
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  const int fd = test::connect_unix(server.endpoint());
   std::thread sender([&] {
     for (std::size_t off = 0; off < frames.size();) {
       const ssize_t n = ::send(fd, frames.data() + off, frames.size() - off, MSG_NOSIGNAL);

@@ -37,13 +37,7 @@ namespace {
 struct RawSocket {
   int fd = -1;
   explicit RawSocket(const std::string& endpoint) {
-    fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    REQUIRE(fd >= 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    const std::string path = endpoint.substr(5);  // unix:
-    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    fd = test::connect_unix(endpoint);
     timeval tv{10, 0};
     ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   }

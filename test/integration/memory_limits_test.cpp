@@ -42,13 +42,7 @@ struct Trickler {
   // A request of an opcode the server does not know (it answers with an
   // error and keeps the connection) with a payload of `payload` bytes.
   Trickler(const std::string& endpoint, std::uint32_t payload, std::uint64_t id) {
-    fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    REQUIRE(fd >= 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    const std::string path = endpoint.substr(5);
-    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    fd = test::connect_unix(endpoint);
     wire::FrameBuilder(frame).add(200, 0, id, [&](wire::Writer& w) {
       wire::Bytes zeros(payload);
       w.raw(zeros.data(), zeros.size());

@@ -114,13 +114,7 @@ struct RawClient {
   bool eof = false;
 
   explicit RawClient(const std::string& endpoint) {
-    fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    REQUIRE(fd >= 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    const std::string path = path_of(endpoint);
-    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    fd = test::connect_unix(endpoint);
   }
   ~RawClient() { close(); }
   void close() {

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <doctest/doctest.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 
 #include <asio/co_spawn.hpp>
@@ -11,6 +13,7 @@
 #include <asio/use_future.hpp>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <fstream>
 #include <future>
@@ -85,6 +88,20 @@ inline net::Endpoint parse(const std::string& text) {
   std::string error;
   REQUIRE_MESSAGE(net::parse_endpoint(text, ep, error), error);
   return ep;
+}
+
+// A blocking connection to the unix socket of `endpoint` ("unix:/path"), for
+// tests that speak raw frames; the caller closes it.
+inline int connect_unix(const std::string& endpoint) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  const std::string path = parse(endpoint).path;
+  REQUIRE(path.size() < sizeof addr.sun_path);
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  return fd;
 }
 
 // Polls `done` (a cheap, thread-safe check) from a test thread until it
