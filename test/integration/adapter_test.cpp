@@ -62,6 +62,18 @@ UniqueFd kv_memfd() {
   return std::move(kv.fd);
 }
 
+// An adapter's configuration in these tests (WorkerConfig or
+// SchedulerConfig): fast heartbeats, one model.
+template <class Config>
+Config config_for(const std::string& endpoint, Duration call_timeout) {
+  Config c;
+  c.endpoint = endpoint;
+  c.model = "adapter-model";
+  c.health = test::fast_health();
+  c.call_timeout = call_timeout;
+  return c;
+}
+
 struct Fixture {
   TempDir dir;
   UniqueFd kv = kv_memfd();
@@ -80,21 +92,13 @@ struct Fixture {
   }
 
   void make(LookupMode mode = LookupMode::sync, GateTrigger trigger = GateTrigger::register_ack) {
-    WorkerConfig w;
+    WorkerConfig w = config_for<WorkerConfig>(endpoint, 1s);
     w.gate_trigger = trigger;
-    w.endpoint = endpoint;
-    w.model = "adapter-model";
-    w.health = test::fast_health();
-    w.call_timeout = 1s;
     w.transfer_timeout = 1s;
     w.blocking_deadline = 2s;
     worker = WorkerAdapter::create(rt.executor(), w);
-    SchedulerConfig s;
-    s.endpoint = endpoint;
-    s.model = "adapter-model";
+    SchedulerConfig s = config_for<SchedulerConfig>(endpoint, 1s);
     s.lookup_mode = mode;
-    s.health = test::fast_health();
-    s.call_timeout = 1s;
     s.blocking_deadline = 2s;
     scheduler = SchedulerAdapter::create(rt.executor(), s);
   }
@@ -682,12 +686,7 @@ TEST_CASE("self-heal: engines forked from one parent draw distinct instance ids 
       {
         UniqueFd kv = kv_memfd();
         asio::io_context io;
-        WorkerConfig w;
-        w.endpoint = ep;
-        w.model = "adapter-model";
-        w.health = test::fast_health();
-        w.call_timeout = 2s;
-        auto worker = WorkerAdapter::create(io.get_executor(), w);
+        auto worker = WorkerAdapter::create(io.get_executor(), config_for<WorkerConfig>(ep, 2s));
         const std::uint64_t id = worker->monitor().instance_id();
         if (::write(fds[1], &id, sizeof id) == sizeof id)
           worker->async_register_kv_caches(layout(), kv.get(), [&](std::error_code ec, Done) {
@@ -729,18 +728,8 @@ TEST_CASE("adapter: adapters never stopped are freed with their io_context, call
   std::weak_ptr<health::Monitor> weak_monitors[2];
   {
     asio::io_context io;
-    WorkerConfig w;
-    w.endpoint = ep;
-    w.model = "adapter-model";
-    w.health = test::fast_health();
-    w.call_timeout = 10s;
-    auto worker = WorkerAdapter::create(io.get_executor(), w);
-    SchedulerConfig s;
-    s.endpoint = ep;
-    s.model = "adapter-model";
-    s.health = test::fast_health();
-    s.call_timeout = 10s;
-    auto scheduler = SchedulerAdapter::create(io.get_executor(), s);
+    auto worker = WorkerAdapter::create(io.get_executor(), config_for<WorkerConfig>(ep, 10s));
+    auto scheduler = SchedulerAdapter::create(io.get_executor(), config_for<SchedulerConfig>(ep, 10s));
     bool registered = false;
     worker->async_register_kv_caches(layout(), kv.get(), [&](std::error_code ec, Done) { registered = !ec; });
     for (int i = 0; i < 100 && !registered; ++i) io.run_for(20ms);
