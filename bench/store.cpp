@@ -187,16 +187,27 @@ void BM_sync_lookup_rtt_256_chunks(benchmark::State& state) {
 
 wire::ChunkHash hash_of(std::uint64_t i) { return wire::ChunkHash{i * 0x9E3779B97F4A7C15ull, ~i}; }
 
+// Chunks of 64 bytes: many slots, and the data is never touched.
+constexpr store::Writer small_chunks{64};
+
+bool insert(store::KvStore& kv, const store::ChunkKey& k, const store::Writer& w = small_chunks) {
+  store::Slot s = 0;
+  std::uint64_t g = 0;
+  if (kv.reserve(k, w, {}, s, g) != store::KvStore::Reserve::reserved) return false;
+  kv.commit(k, g, {});
+  return true;
+}
+
+bool full(const store::L1Pool& pool) {
+  return pool.free_slabs() == 0 && pool.bytes_used() + 64 > std::uint64_t{pool.num_slabs()} * pool.slab_bytes();
+}
+
 void BM_index_lookup_256(benchmark::State& state) {
-  store::L1Pool pool(std::uint64_t{1} << 20, false);
-  pool.configure(64);  // 16k slots; the data is never touched
+  store::L1Pool pool(std::uint64_t{1} << 20, false);  // 16k slots
   store::KvStore kv(pool, {});
   std::vector<wire::ChunkHash> hs;
   for (std::uint64_t i = 0; i < 10000; ++i) {
-    std::uint32_t s = 0;
-    std::uint64_t g = 0;
-    kv.reserve({1, hash_of(i), 0}, {}, s, g);
-    kv.commit({1, hash_of(i), 0}, g, {});
+    insert(kv, {1, hash_of(i), 0});
     if (i < prompt_chunks) hs.push_back(hash_of(i));
   }
   const bool locking = state.range(0) != 0;
@@ -209,17 +220,12 @@ void BM_index_lookup_256(benchmark::State& state) {
 }
 
 void BM_index_insert(benchmark::State& state) {
-  store::L1Pool pool(std::uint64_t{64} << 20, false);
-  pool.configure(64);  // 1M slots
+  store::L1Pool pool(std::uint64_t{64} << 20, false);  // 1M slots
   store::KvStore kv(pool, {});
   std::uint64_t i = 0;
   for (auto _ : state) {
-    std::uint32_t s = 0;
-    std::uint64_t g = 0;
-    const store::ChunkKey k{1, hash_of(i++), 0};
-    kv.reserve(k, {}, s, g);
-    kv.commit(k, g, {});
-    if (pool.free_slots() == 0) {
+    insert(kv, {1, hash_of(i++), 0});
+    if (full(pool)) {
       state.PauseTiming();
       kv.clear();
       state.ResumeTiming();
@@ -231,21 +237,13 @@ void BM_index_insert(benchmark::State& state) {
 // Every insert finds L1 full and evicts the least recently used entry.
 void BM_insert_evicting(benchmark::State& state) {
   store::L1Pool pool(std::uint64_t{4096} * 64, false);
-  pool.configure(64);
   store::KvStore kv(pool, {});
   std::uint64_t i = 0;
-  auto insert = [&] {
-    std::uint32_t s = 0;
-    std::uint64_t g = 0;
-    const store::ChunkKey k{1, hash_of(i++), 0};
-    kv.reserve(k, {}, s, g);
-    kv.commit(k, g, {});
-  };
-  while (pool.free_slots() > 0) insert();
+  while (!full(pool)) insert(kv, {1, hash_of(i++), 0});
   // A quarter of the entries locked: eviction must pass them by.
   for (std::uint64_t j = 0; j < 1024; ++j) kv.lock({1, hash_of(j), 0}, 7, {});
   const auto before = kv.stats().evictions;
-  for (auto _ : state) insert();
+  for (auto _ : state) insert(kv, {1, hash_of(i++), 0});
   state.SetItemsProcessed(state.iterations());
   state.counters["evictions_per_insert"] =
       static_cast<double>(kv.stats().evictions - before) / static_cast<double>(state.iterations());
@@ -254,7 +252,6 @@ void BM_insert_evicting(benchmark::State& state) {
 // Watermark eviction in tick(): 90 % -> 50 % of 64k slots, per entry evicted.
 void BM_tick_watermark_eviction(benchmark::State& state) {
   store::L1Pool pool(std::uint64_t{65536} * 64, false);
-  pool.configure(64);
   store::StoreConfig cfg;
   cfg.high_watermark = 0.9;
   cfg.low_watermark = 0.5;
@@ -262,19 +259,35 @@ void BM_tick_watermark_eviction(benchmark::State& state) {
   std::uint64_t i = 0, evicted = 0;
   for (auto _ : state) {
     state.PauseTiming();
-    while (pool.used_slots() < 62000) {
-      std::uint32_t s = 0;
-      std::uint64_t g = 0;
-      const store::ChunkKey k{1, hash_of(i++), 0};
-      kv.reserve(k, {}, s, g);
-      kv.commit(k, g, {});
-    }
+    while (pool.bytes_used() < 62000 * 64) insert(kv, {1, hash_of(i++), 0});
     const auto before = kv.stats().evictions;
     state.ResumeTiming();
     kv.tick({});
     evicted += kv.stats().evictions - before;
   }
   state.SetItemsProcessed(static_cast<std::int64_t>(evicted));
+}
+
+// A second layout arrives at a full L1 held by the first: each of its
+// inserts either takes a whole slab from the first layout (evicting that
+// slab's chunks) or, at its share, evicts its own oldest chunk. Against
+// BM_insert_evicting (one layout), the cost of sharing L1 between layouts.
+void BM_insert_second_layout(benchmark::State& state) {
+  store::L1Pool pool(std::uint64_t{4096} * 64, false);  // 8 slabs of 512 chunks of 64 bytes
+  store::KvStore kv(pool, {});
+  std::uint64_t i = 0;
+  const store::Writer other{128};
+  for (auto _ : state) {
+    state.PauseTiming();
+    kv.clear();
+    while (!full(pool)) insert(kv, {1, hash_of(i++), 0});
+    const auto before = kv.stats().slabs_moved;
+    state.ResumeTiming();
+    // Enough inserts to take its share (4 slabs of 256) and evict as much again.
+    for (int n = 0; n < 2048; ++n) insert(kv, {2, hash_of(i++), 0}, other);
+    state.counters["slabs_moved"] = static_cast<double>(kv.stats().slabs_moved - before);
+  }
+  state.SetItemsProcessed(state.iterations() * 2048);
 }
 
 }  // namespace
@@ -284,6 +297,7 @@ BENCHMARK(BM_sync_lookup_rtt_256_chunks)->MinTime(1.0)->UseRealTime();
 BENCHMARK(BM_index_lookup_256)->Arg(0)->Arg(1)->ArgName("lock");
 BENCHMARK(BM_index_insert)->Iterations(500000);
 BENCHMARK(BM_insert_evicting);
+BENCHMARK(BM_insert_second_layout)->Iterations(50);
 BENCHMARK(BM_tick_watermark_eviction)->Iterations(20);
 
 int main(int argc, char** argv) {

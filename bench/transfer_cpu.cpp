@@ -158,6 +158,7 @@ class ServerThread {
     dir_ = tmpl;
     cfg_.listen = {"unix:" + dir_ + "/kvlink.sock"};
     cfg_.l1_size = request_bytes * 2;
+    cfg_.l1_slab_size = cfg_.l1_size;  // one layout: one slab
     cfg_.chunk_size = chunk_tokens;
     server_ = std::make_unique<kvlink::server::Server>(io_, cfg_, engine_);
     server_->start();

@@ -78,6 +78,11 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "debug, info, warn, error or off")->capture_default_str();
   std::string l1_size = "1GiB";
   app.add_option("--l1-size", l1_size, "L1 memory for KV chunks: 512MiB, 8GiB, or plain bytes")->capture_default_str();
+  std::string l1_slab_size;
+  app.add_option("--l1-slab-size", l1_slab_size,
+                 "L1 is cut into slabs of this size, each holding chunks of one KV layout, so engines of different "
+                 "models or shapes share L1; a layout's chunk must fit in a slab (default: an eighth of --l1-size, "
+                 "at most 1GiB)");
   bool no_huge_pages = false;
   app.add_flag("--no-huge-pages", no_huge_pages, "Do not try huge pages for L1");
   app.add_flag("--l1-lock", cfg.l1_lock,
@@ -131,6 +136,12 @@ int main(int argc, char** argv) {
   if (auto why = kvlink::store::parse_size(l1_size, cfg.l1_size); !why.empty()) {
     fmt::print(stderr, "kvlink-server: --l1-size: {}\n", why);
     return 2;
+  }
+  if (!l1_slab_size.empty()) {
+    if (auto why = kvlink::store::parse_size(l1_slab_size, cfg.l1_slab_size); !why.empty() || cfg.l1_slab_size == 0) {
+      fmt::print(stderr, "kvlink-server: --l1-slab-size: {}\n", why.empty() ? "must be more than 0 bytes" : why);
+      return 2;
+    }
   }
   if (auto why = kvlink::store::parse_size(max_outbound, cfg.max_outbound_bytes); !why.empty() || cfg.max_outbound_bytes < 65536) {
     fmt::print(stderr, "kvlink-server: --max-outbound-bytes: {}\n", why.empty() ? "must be at least 64KiB" : why);

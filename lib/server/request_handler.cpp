@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fmt/format.h>
+#include <set>
 #include <span>
 
 #include "kvlink/log.hpp"
@@ -51,7 +52,7 @@ RequestHandler::RequestHandler(const ServerConfig& config, std::uint64_t boot_id
       boot_id_(boot_id),
       liveness_({std::chrono::seconds(config.reap_timeout_s), std::chrono::seconds(config.registration_grace_s)}),
       engine_(engine),
-      pool_(config.l1_size, config.huge_pages),
+      pool_(config.l1_size, config.huge_pages, config.l1_slab_size),
       store_(pool_, store_config(config)) {
   liveness_.on_release([this](std::uint64_t instance) { release_instance(instance); });
 }
@@ -460,15 +461,18 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   return true;
 }
 
-std::uint32_t RequestHandler::quota_slots() const {
-  if (!pool_.configured()) return 0;
-  std::uint64_t slots = 0;
-  if (config_.instance_l1_quota_bytes > 0) slots = config_.instance_l1_quota_bytes / pool_.slot_bytes();
-  else if (config_.instance_l1_quota_fraction > 0)
-    slots = static_cast<std::uint64_t>(config_.instance_l1_quota_fraction * pool_.num_slots());
-  else return 0;
+std::uint64_t RequestHandler::quota_bytes() const {
+  if (config_.instance_l1_quota_bytes > 0) return config_.instance_l1_quota_bytes;
+  return static_cast<std::uint64_t>(config_.instance_l1_quota_fraction *
+                                    static_cast<double>(std::uint64_t{pool_.num_slabs()} * pool_.slab_bytes()));
+}
+
+std::uint32_t RequestHandler::quota_slots(std::uint64_t slot_bytes) const {
+  if (quota_bytes() == 0 || slot_bytes == 0) return 0;
+  // The chunks of this size L1 can hold at most, when every slab is theirs.
+  const std::uint64_t most = std::uint64_t{pool_.num_slabs()} * (pool_.slab_bytes() / slot_bytes);
   // A quota smaller than one chunk would refuse everything: one slot at least.
-  return static_cast<std::uint32_t>(std::clamp<std::uint64_t>(slots, 1, pool_.num_slots()));
+  return static_cast<std::uint32_t>(std::clamp<std::uint64_t>(quota_bytes() / slot_bytes, 1, std::max<std::uint64_t>(most, 1)));
 }
 
 void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
@@ -503,26 +507,30 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
     add("op_" + name + "_errors", counters_.ops[op].errors);
   }
   const auto& st = store_.stats();
-  const std::uint64_t slot = pool_.slot_bytes();
+  const std::uint64_t capacity = std::uint64_t{pool_.num_slabs()} * pool_.slab_bytes();
   add("store_entries", store_.entries());
-  add("l1_capacity_bytes", pool_.configured() ? std::uint64_t{pool_.num_slots()} * slot : config_.l1_size);
-  add("l1_bytes_used", std::uint64_t{pool_.used_slots()} * slot);
-  add("l1_bytes_free", pool_.configured() ? std::uint64_t{pool_.free_slots()} * slot : config_.l1_size);
-  add("l1_slot_bytes", slot);
-  add("l1_slots_total", pool_.num_slots());
-  add("l1_slots_used", pool_.used_slots());
+  add("l1_capacity_bytes", capacity);
+  add("l1_bytes_used", pool_.bytes_used());
+  // Free: in free slabs and in the free slots of slabs in use.
+  add("l1_bytes_free", capacity - pool_.bytes_used() - pool_.bytes_wasted());
+  add("l1_bytes_wasted", pool_.bytes_wasted());  // slab tails no chunk of their layout fits in
+  add("l1_slab_bytes", pool_.slab_bytes());
+  add("l1_slabs_total", pool_.num_slabs());
+  add("l1_slabs_free", pool_.free_slabs());
+  add("l1_layouts", pool_.active_classes());
+  add("l1_slabs_moved", st.slabs_moved);
   add("l1_huge_pages", pool_.huge_pages() ? 1 : 0);
   add("lookup_hits", st.hits);
   add("lookup_misses", st.misses);
   add("evictions", st.evictions);
   add("read_locks_held", store_.read_locks());
-  add("l1_pinned_bytes", store_.pinned_entries() * slot);  // held by read locks: unevictable
+  add("l1_pinned_bytes", store_.pinned_bytes());  // held by read locks: unevictable
   add("write_locks_held", store_.write_locks());
   add("read_locks_expired", st.expired_read_locks);
   add("write_locks_expired", st.expired_write_locks);
   add("stores_committed", st.stores_committed);
   add("stores_aborted", st.stores_aborted);
-  add("instance_l1_quota_slots", quota_slots());
+  add("instance_l1_quota_bytes", quota_bytes());
   add("quota_evictions", st.quota_evictions);
   add("quota_refusals", st.quota_refusals);
   add("transfer_failures", transfer_failures_);
@@ -557,6 +565,20 @@ std::string check_keys(std::size_t chunks, std::uint32_t ws) {
 }
 }  // namespace
 
+std::string RequestHandler::check_layout(std::uint64_t instance_id, std::uint64_t slot_bytes) const {
+  if (auto why = pool_.check_layout(slot_bytes); !why.empty()) return why;
+  // Each layout in use needs a slab of its own; the other instances'
+  // layouts keep theirs.
+  std::set<std::uint64_t> layouts;
+  for (const auto& [id, reg] : registrations_)
+    if (id != instance_id) layouts.insert(reg->slot_bytes);
+  if (!layouts.contains(slot_bytes) && layouts.size() >= pool_.num_slabs())
+    return fmt::format("L1 has {} slabs and {} other KV layouts are registered, each needing a slab of its own; raise "
+                       "--l1-size or lower --l1-slab-size",
+                       pool_.num_slabs(), layouts.size());
+  return {};
+}
+
 void RequestHandler::on_register(SessionState& session, const wire::Frame& frame, ReplySink& sink, UniqueFd fd,
                                  TimePoint now) {
   wire::RegisterKvCacheRequest req;
@@ -580,6 +602,7 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
   if (__builtin_mul_overflow(std::uint64_t{req.layout.num_layers} * req.layout.num_planes * blocks_per_chunk,
                              req.layout.block_bytes(), &slot))
     return refuse("the layout's chunk size in bytes overflows 64 bits");
+  if (auto why = check_layout(session.instance_id, slot); !why.empty()) return refuse(why);
   auto reg = std::make_shared<transfer::Registration>();
   reg->instance_id = session.instance_id;
   reg->ns = req.ns;
@@ -589,8 +612,6 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
   reg->layout = std::move(req.layout);
   reg->blocks_per_chunk = blocks_per_chunk;
   reg->slot_bytes = slot;
-  // Map the engine's memory before L1 is sized for this layout: a refused
-  // memfd leaves the pool as it was.
   const bool had_fd = static_cast<bool>(fd);
   if (auto why = engine_.attach(*reg, std::move(fd)); !why.empty()) {
     // The server collects fds on worker connections only (server.cpp).
@@ -599,7 +620,6 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
                          wire::role_name(session.role));
     return refuse(why);
   }
-  if (auto why = pool_.configure(slot); !why.empty()) return refuse(why);
   if (auto why = engine_.use_l1(*reg, pool_.region(), pool_.region_bytes()); !why.empty())
     return refuse(why);
   log::info("kvlink-server: {} ({}) registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
@@ -865,12 +885,19 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
   if (now >= job.fence) return copy_failed(frame.header, errc::timed_out, sink, "nothing was stored");
   const std::uint32_t bpc = reg->blocks_per_chunk;
   std::uint32_t skipped = 0;
-  const std::uint32_t quota = quota_slots();
+  const store::Writer writer{reg->slot_bytes, session.instance_id, quota_slots(reg->slot_bytes)};
   for (std::size_t i = 0; i < req.hashes.size(); ++i) {
     ChunkKey key{req.ns, req.hashes[i], req.kv_rank};
-    std::uint32_t slot = 0;
+    store::Slot slot = 0;
     std::uint64_t gen = 0;
-    if (store_.reserve(key, now, slot, gen, session.instance_id, quota) != store::KvStore::Reserve::reserved) {
+    const auto got = store_.reserve(key, writer, now, slot, gen);
+    if (got == store::KvStore::Reserve::other_layout)
+      warn(session, now,
+           fmt::format("kvlink-server: {} ({}) stored chunks that are already in L1 with another KV layout: engines "
+                       "sharing a namespace (model, world size, cache salt) must share the layout; give each layout "
+                       "its own cache salt",
+                       session.peer.text, session.client_name));
+    if (got != store::KvStore::Reserve::reserved) {
       ++skipped;  // present, being written, no room or over quota: not an error
       continue;
     }
@@ -947,6 +974,12 @@ bool RequestHandler::submit_retrieve(SessionState& session, const wire::Frame& f
                     fmt::format("chunk {} (hash {}, rank {}) is not in the store: evicted or never stored; look the "
                               "prompt up again and recompute what is missing",
                                 i, store::to_string(key.hash), key.rank));
+    if (store_.slot_bytes(*e) != reg->slot_bytes)
+      return refuse(errc::bad_request,
+                    fmt::format("chunk {} (hash {}) was stored with another KV layout ({} bytes per chunk; this "
+                                "registration's chunks are {} bytes): engines sharing a namespace (model, world "
+                                "size, cache salt) must share the layout; give each layout its own cache salt",
+                                i, store::to_string(key.hash), store_.slot_bytes(*e), reg->slot_bytes));
     auto first = req.block_ids.begin() + static_cast<std::ptrdiff_t>(i * bpc);
     job.chunks.push_back({pool_.data(e->slot), std::vector<std::uint32_t>(first, first + bpc)});
     keys.push_back(key);

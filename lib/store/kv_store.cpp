@@ -6,14 +6,28 @@ namespace kvlink::store {
 
 KvStore::KvStore(L1Pool& pool, StoreConfig config) : pool_(pool), config_(config) {}
 
+KvStore::Queue& KvStore::lru(LayoutClass cls) {
+  if (lru_.size() <= cls) lru_.resize(cls + 1);
+  return lru_[cls];
+}
+
+KvStore::Node*& KvStore::at_slot(Slot slot) {
+  if (at_slot_.size() < pool_.num_slabs()) at_slot_.resize(pool_.num_slabs());
+  auto& slab = at_slot_[pool_.slab_of(slot)];
+  const std::uint32_t i = pool_.index_in_slab(slot);
+  if (slab.size() <= i) slab.resize(i + 1, nullptr);
+  return slab[i];
+}
+
 void KvStore::update_lru(Node& n) {
   Entry& e = n.second;
   const bool want = evictable(e);
   if (want && !e.in_lru) {
-    e.lru = lru_.insert(lru_.end(), &n);
+    Queue& q = lru(e.cls);
+    e.lru = q.insert(q.end(), &n);
     e.in_lru = true;
   } else if (!want && e.in_lru) {
-    lru_.erase(e.lru);
+    lru_[e.cls].erase(e.lru);
     e.in_lru = false;
   }
 }
@@ -37,14 +51,20 @@ bool KvStore::match_chunk(std::uint64_t ns, std::uint32_t world_size, const Chun
   }
   for (Node* n : scratch_) {
     if (holder) lock_node(*n, *holder, now);
-    else if (n->second.in_lru) lru_.splice(lru_.end(), lru_, n->second.lru);  // reads refresh recency
+    else if (n->second.in_lru) {  // reads refresh recency
+      Queue& q = lru_[n->second.cls];
+      q.splice(q.end(), q, n->second.lru);
+    }
   }
   return true;
 }
 
 void KvStore::lock_node(Node& n, Holder holder, TimePoint now) {
   Entry& e = n.second;
-  if (e.read_locks++ == 0) ++pinned_entries_;
+  if (e.read_locks++ == 0) {
+    ++pinned_entries_;
+    pinned_bytes_ += slot_bytes(e);
+  }
   ++read_locks_;
   auto h = std::find_if(e.holders.begin(), e.holders.end(), [&](const auto& p) { return p.first == holder; });
   if (h == e.holders.end()) e.holders.emplace_back(holder, 1);
@@ -71,6 +91,7 @@ void KvStore::after_unlock(Node& n) {
     read_queue_.erase(e.read);
     e.in_read = false;
     --pinned_entries_;
+    pinned_bytes_ -= slot_bytes(e);
   }
   // A chunk just read is the most recently used: update_lru appends.
   update_lru(n);
@@ -101,16 +122,19 @@ void KvStore::release_all(const ChunkKey& key, Holder holder) {
   after_unlock(*it);
 }
 
-KvStore::Reserve KvStore::reserve(const ChunkKey& key, TimePoint now, std::uint32_t& slot,
-                                  std::uint64_t& generation, Owner owner, std::uint32_t quota) {
+KvStore::Reserve KvStore::reserve(const ChunkKey& key, const Writer& writer, TimePoint now, Slot& slot,
+                                  std::uint64_t& generation) {
+  const Owner owner = writer.owner;
   auto it = map_.find(key);
   if (it != map_.end()) {
     if (it->second.state == State::writing) return Reserve::locked;
-    if (it->second.in_lru) lru_.splice(lru_.end(), lru_, it->second.lru);  // writes refresh recency
+    if (slot_bytes(it->second) != writer.slot_bytes) return Reserve::other_layout;
+    touch(key);  // writes refresh recency
     return Reserve::present;
   }
-  if (!pool_.configured()) return Reserve::no_room;
-  if (quota > 0 && owned_slots(owner) >= quota) {
+  LayoutClass cls = 0;
+  if (!pool_.class_for(writer.slot_bytes, cls).empty()) return Reserve::no_room;
+  if (writer.quota > 0 && owned_slots(owner) >= writer.quota) {
     // At its quota: the owner's oldest evictable entry makes room.
     Queue& mine = owners_[owner];
     auto victim = std::find_if(mine.begin(), mine.end(), [&](Node* n) { return evictable(n->second); });
@@ -121,15 +145,14 @@ KvStore::Reserve KvStore::reserve(const ChunkKey& key, TimePoint now, std::uint3
     ++stats_.quota_evictions;
     drop(*victim);
   }
-  auto s = pool_.allocate();
-  if (!s && pool_.num_slots() > 0) {
-    evict_to(pool_.num_slots() - 1);
-    s = pool_.allocate();
-  }
+  auto s = pool_.allocate(cls);
+  if (!s) s = make_room(cls);
   if (!s) return Reserve::no_room;
   auto [pos, inserted] = map_.try_emplace(key);
   Entry& e = pos->second;
   e.slot = *s;
+  e.cls = cls;
+  at_slot(*s) = &*pos;
   e.state = State::writing;
   e.write_locked = true;
   e.generation = next_generation_++;
@@ -174,15 +197,67 @@ const KvStore::Entry* KvStore::find(const ChunkKey& key) const {
 
 void KvStore::touch(const ChunkKey& key) {
   auto it = map_.find(key);
-  if (it != map_.end() && it->second.in_lru) lru_.splice(lru_.end(), lru_, it->second.lru);
+  if (it == map_.end() || !it->second.in_lru) return;
+  Queue& q = lru_[it->second.cls];
+  q.splice(q.end(), q, it->second.lru);
+}
+
+std::optional<Slot> KvStore::make_room(LayoutClass cls) {
+  if (take_slab_for(cls)) return pool_.allocate(cls);
+  Queue& q = lru(cls);
+  if (q.empty()) return std::nullopt;
+  drop(q.front());
+  ++stats_.evictions;
+  return pool_.allocate(cls);
+}
+
+bool KvStore::take_slab_for(LayoutClass cls) {
+  // A class below its share of the slabs (the slabs split evenly between the
+  // classes holding any) takes one from the class holding the most, if that
+  // one is over its share. Otherwise a class lives within its own slabs.
+  const std::uint32_t mine = pool_.class_slabs(cls);
+  const std::uint32_t classes = pool_.active_classes() + (mine == 0 ? 1 : 0);
+  const std::uint32_t share = pool_.num_slabs() / classes;
+  if (mine >= share) return false;
+  std::optional<LayoutClass> donor;
+  for (LayoutClass c = 0; c < pool_.num_classes(); ++c)
+    if (c != cls && (!donor || pool_.class_slabs(c) > pool_.class_slabs(*donor))) donor = c;
+  if (!donor || pool_.class_slabs(*donor) <= share) return false;
+  // One of its slabs whose chunks are all evictable: emptied, it returns
+  // to the free slabs. A few of the donor's slabs are tried per call, from
+  // where the last call stopped, so a donor whose slabs all hold a locked
+  // chunk costs a bounded scan, not one of all L1.
+  const std::uint32_t slabs = pool_.num_slabs();
+  std::uint32_t tried = 0;
+  for (std::uint32_t step = 0; step < slabs && tried < slabs_tried_per_reserve; ++step) {
+    const std::uint32_t slab = next_donor_slab_;
+    next_donor_slab_ = (next_donor_slab_ + 1) % slabs;
+    if (!pool_.slab_in_use(slab) || pool_.slab_class(slab) != *donor) continue;
+    ++tried;
+    scratch_.clear();
+    bool movable = true;
+    for (std::uint32_t i = 0; i < pool_.slab_carved(slab) && movable; ++i) {
+      Node* n = at_slot(pool_.slab_slot(slab, i));
+      if (!n) continue;
+      if (evictable(n->second)) scratch_.push_back(n);
+      else movable = false;
+    }
+    if (!movable) continue;
+    for (Node* n : scratch_) drop(n);
+    stats_.evictions += scratch_.size();
+    ++stats_.slabs_moved;
+    return true;
+  }
+  return false;
 }
 
 void KvStore::drop(Node* n) {
   Entry& e = n->second;
-  if (e.in_lru) lru_.erase(e.lru);
+  if (e.in_lru) lru_[e.cls].erase(e.lru);
   if (e.in_read) {
     read_queue_.erase(e.read);
     --pinned_entries_;
+    pinned_bytes_ -= slot_bytes(e);
   }
   if (e.in_write) write_queue_.erase(e.write);
   if (auto o = owners_.find(e.owner); o != owners_.end()) {
@@ -191,6 +266,7 @@ void KvStore::drop(Node* n) {
   }
   read_locks_ -= e.read_locks;
   if (e.write_locked) --write_locks_;
+  at_slot(e.slot) = nullptr;
   pool_.free(e.slot);
   const ChunkKey key = n->first;
   map_.erase(key);
@@ -198,17 +274,20 @@ void KvStore::drop(Node* n) {
 
 std::size_t KvStore::clear() {
   std::size_t n = 0;
-  while (!lru_.empty()) {
-    drop(lru_.front());
-    ++n;
+  for (Queue& q : lru_) {
+    while (!q.empty()) {
+      drop(q.front());
+      ++n;
+    }
   }
   return n;
 }
 
-std::size_t KvStore::evict_to(std::uint32_t target) {
+std::size_t KvStore::evict_to(LayoutClass cls, std::uint64_t target) {
   std::size_t n = 0;
-  while (pool_.used_slots() > target && !lru_.empty()) {
-    drop(lru_.front());
+  Queue& q = lru(cls);
+  while (pool_.class_used(cls) > target && !q.empty()) {
+    drop(q.front());
     ++n;
   }
   stats_.evictions += n;
@@ -231,10 +310,13 @@ void KvStore::tick(TimePoint now) {
     ++stats_.expired_write_locks;
     drop(write_queue_.front());
   }
-  const std::uint32_t slots = pool_.num_slots();
-  if (slots == 0) return;
-  if (pool_.used_slots() > static_cast<std::uint64_t>(config_.high_watermark * slots))
-    evict_to(static_cast<std::uint32_t>(config_.low_watermark * slots));
+  // While a slab is free, every class can grow: nothing to make room for.
+  if (!pool_.mapped() || pool_.free_slabs() > 0) return;
+  for (LayoutClass cls = 0; cls < pool_.num_classes(); ++cls) {
+    const auto slots = static_cast<double>(pool_.class_slots(cls));
+    if (static_cast<double>(pool_.class_used(cls)) > config_.high_watermark * slots)
+      evict_to(cls, static_cast<std::uint64_t>(config_.low_watermark * slots));
+  }
 }
 
 }  // namespace kvlink::store

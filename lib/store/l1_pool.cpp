@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <charconv>
@@ -43,8 +44,17 @@ std::string parse_size(std::string_view text, std::uint64_t& bytes) {
   return {};
 }
 
-L1Pool::L1Pool(std::uint64_t capacity_bytes, bool try_huge_pages)
-    : capacity_(capacity_bytes), try_huge_(try_huge_pages) {}
+std::uint64_t default_slab_bytes(std::uint64_t capacity_bytes) {
+  constexpr std::uint64_t huge_page = 2u << 20, page = 4096;
+  std::uint64_t slab = std::min<std::uint64_t>(capacity_bytes / 8, std::uint64_t{1} << 30);
+  slab = slab >= huge_page ? slab / huge_page * huge_page : slab / page * page;
+  return slab == 0 ? capacity_bytes : slab;
+}
+
+L1Pool::L1Pool(std::uint64_t capacity_bytes, bool try_huge_pages, std::uint64_t slab_bytes)
+    : capacity_(capacity_bytes),
+      try_huge_(try_huge_pages),
+      slab_bytes_(slab_bytes ? slab_bytes : default_slab_bytes(capacity_bytes)) {}
 
 L1Pool::~L1Pool() {
   if (base_) ::munmap(base_, mapped_);
@@ -53,6 +63,10 @@ L1Pool::~L1Pool() {
 std::string L1Pool::map(bool lock) {
   if (base_) return {};
   if (capacity_ == 0) return "--l1-size is 0: L1 needs room for at least one KV chunk; give e.g. --l1-size 8GiB";
+  if (slab_bytes_ > capacity_)
+    return fmt::format("--l1-slab-size of {} bytes is more than --l1-size ({} bytes); lower --l1-slab-size or leave "
+                       "it out",
+                       slab_bytes_, capacity_);
   const long pages = ::sysconf(_SC_PHYS_PAGES);
   const long page_size = ::sysconf(_SC_PAGESIZE);
   if (pages > 0 && page_size > 0) {
@@ -93,40 +107,119 @@ std::string L1Pool::map(bool lock) {
   }
   base_ = static_cast<std::byte*>(p);
   mapped_ = len;
+  slabs_.resize(num_slabs());
+  free_slabs_.resize(slabs_.size());
+  for (std::size_t i = 0; i < slabs_.size(); ++i) free_slabs_[i] = static_cast<std::uint32_t>(slabs_.size() - 1 - i);
   return {};
 }
 
-std::string L1Pool::configure(std::uint64_t slot_bytes) {
-  if (slot_bytes == 0) return "slot size is 0 bytes";
-  if (slot_bytes_ != 0) {
-    if (slot_bytes != slot_bytes_)
-      return fmt::format("this layout needs {} bytes per chunk slot but the L1 pool was set up with {} bytes per slot "
-                         "by the first registration; every worker of one server must use the same KV layout and "
-                         "chunk size (restart the server to change it)",
-                         slot_bytes, slot_bytes_);
-    return {};
-  }
-  const std::uint64_t slots = capacity_ / slot_bytes;
-  if (slots == 0)
-    return fmt::format("--l1-size of {} bytes cannot hold one chunk slot of {} bytes; raise --l1-size", capacity_,
-                       slot_bytes);
-  if (slots > UINT32_MAX) return fmt::format("{} slots exceed the limit of 2^32-1; raise the chunk size", slots);
+std::string L1Pool::check_layout(std::uint64_t slot_bytes) const {
+  if (slot_bytes == 0) return "the layout's chunk is 0 bytes";
+  if (slot_bytes > capacity_)
+    return fmt::format("a chunk of this layout is {} bytes, more than all of L1 ({} bytes); raise --l1-size to a "
+                       "multiple of it, or use a smaller chunk size",
+                       slot_bytes, capacity_);
+  if (slot_bytes > slab_bytes_)
+    return fmt::format("a chunk of this layout is {} bytes, more than an L1 slab ({} bytes); raise --l1-slab-size "
+                       "(and --l1-size) to at least {} bytes, or use a smaller chunk size",
+                       slot_bytes, slab_bytes_, slot_bytes);
+  return {};
+}
+
+std::string L1Pool::class_for(std::uint64_t slot_bytes, LayoutClass& cls) {
+  if (auto why = check_layout(slot_bytes); !why.empty()) return why;
   if (auto why = map(); !why.empty()) return why;
-  slot_bytes_ = slot_bytes;
-  num_slots_ = static_cast<std::uint32_t>(slots);
-  free_.resize(num_slots_);
-  // Lowest slot on top of the stack: slots are handed out in address order.
-  for (std::uint32_t s = 0; s < num_slots_; ++s) free_[s] = num_slots_ - 1 - s;
+  std::optional<LayoutClass> idle;
+  for (LayoutClass c = 0; c < classes_.size(); ++c) {
+    if (classes_[c].slot_bytes == slot_bytes) {
+      cls = c;
+      return {};
+    }
+    if (classes_[c].slabs == 0 && !idle) idle = c;
+  }
+  // Past one record per slab, an idle record (no slabs, so no slot refers
+  // to it) is reused: the records stay bounded whatever sizes come.
+  if (!idle || classes_.size() <= num_slabs()) {
+    idle = static_cast<LayoutClass>(classes_.size());
+    classes_.emplace_back();
+  }
+  Class& c = classes_[*idle];
+  c = Class{};
+  c.slot_bytes = slot_bytes;
+  c.slots_per_slab = static_cast<std::uint32_t>(std::min<std::uint64_t>(slab_bytes_ / slot_bytes, UINT32_MAX));
+  cls = *idle;
   return {};
 }
 
-std::optional<std::uint32_t> L1Pool::allocate() {
-  if (free_.empty()) return std::nullopt;
-  const std::uint32_t s = free_.back();
-  free_.pop_back();
-  return s;
+void L1Pool::add_room(std::uint32_t slab) {
+  auto& room = classes_[slabs_[slab].cls].with_room;
+  slabs_[slab].room_at = static_cast<std::uint32_t>(room.size());
+  room.push_back(slab);
 }
 
-void L1Pool::free(std::uint32_t slot) { free_.push_back(slot); }
+void L1Pool::remove_room(std::uint32_t slab) {
+  auto& room = classes_[slabs_[slab].cls].with_room;
+  const std::uint32_t at = slabs_[slab].room_at;
+  room[at] = room.back();
+  slabs_[room[at]].room_at = at;
+  room.pop_back();
+}
+
+std::optional<Slot> L1Pool::allocate(LayoutClass cls) {
+  Class& c = classes_[cls];
+  if (c.with_room.empty()) {
+    if (free_slabs_.empty()) return std::nullopt;
+    const std::uint32_t slab = free_slabs_.back();
+    free_slabs_.pop_back();
+    slabs_[slab] = Slab{};
+    slabs_[slab].cls = cls;
+    ++c.slabs;
+    add_room(slab);
+  }
+  const std::uint32_t slab = c.with_room.back();
+  Slab& s = slabs_[slab];
+  std::uint32_t index = 0;
+  if (!s.freed.empty()) {
+    index = s.freed.back();
+    s.freed.pop_back();
+  } else {
+    index = s.carved++;
+  }
+  if (++s.used == c.slots_per_slab) remove_room(slab);
+  ++c.used;
+  bytes_used_ += c.slot_bytes;
+  return slab_slot(slab, index);
+}
+
+void L1Pool::free(Slot slot) {
+  const std::uint32_t slab = slab_of(slot);
+  Slab& s = slabs_[slab];
+  Class& c = classes_[s.cls];
+  --c.used;
+  bytes_used_ -= c.slot_bytes;
+  const bool was_full = s.used == c.slots_per_slab;
+  if (--s.used == 0) {
+    // Empty: back to the free slabs, for any class.
+    if (!was_full) remove_room(slab);
+    --c.slabs;
+    s.freed = {};
+    free_slabs_.push_back(slab);
+    return;
+  }
+  s.freed.push_back(index_in_slab(slot));
+  if (was_full) add_room(slab);
+}
+
+std::uint32_t L1Pool::active_classes() const {
+  std::uint32_t n = 0;
+  for (const Class& c : classes_) n += c.slabs > 0 ? 1 : 0;
+  return n;
+}
+
+std::uint64_t L1Pool::bytes_wasted() const {
+  std::uint64_t n = 0;
+  for (const Class& c : classes_) n += std::uint64_t{c.slabs} * (slab_bytes_ - c.slots_per_slab * c.slot_bytes);
+  return n;
+}
 
 }  // namespace kvlink::store

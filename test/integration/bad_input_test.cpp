@@ -362,11 +362,13 @@ TEST_CASE("bad store arguments: clear errors, the connection stays, stored data 
   reg.kv_rank = 0;
   r = worker.call(reg, mem.fd.get());
   CHECK(r.message.find("world_size 100000 is out of range") != std::string::npos);
-  // A different chunk geometry than the pool was set up with (by the victim).
-  reg = registration(wire::paged_layout(2, 64, 16, 2, 64, 2));
+  // A chunk larger than an L1 slab (2 MiB of 16 MiB): no layout class can
+  // hold it; the victim's layout is unaffected (checked below).
+  reg = registration(wire::paged_layout(32, 64, 16, 2, 64, 2));  // 4 MiB chunks
   r = worker.call(reg, mem.fd.get());
   CHECK(r.ec == errc::bad_request);
-  CHECK(r.message.find("every worker of one server must use the same KV layout") != std::string::npos);
+  CHECK(r.message.find("more than an L1 slab") != std::string::npos);
+  CHECK(r.message.find("raise --l1-slab-size") != std::string::npos);
 
   // Registering again on the same connection replaces the registration (a
   // worker re-registering after a reconnect does the same).

@@ -549,7 +549,8 @@ TEST_CASE("e2e: a small L1 evicts: fewer hits, never a wrong byte") {
     f.server.start();
     f.make();
     small_hits = workload(f);
-    CHECK(f.stat("l1_slots_total") == 16);
+    CHECK(f.stat("l1_capacity_bytes") == 16 * 8192);
+    CHECK(f.stat("l1_bytes_wasted") == 0);
     CHECK(f.stat("evictions") > 0);
   }
   MESSAGE("hit tokens: large L1 " << large_hits << ", small L1 " << small_hits);
@@ -795,7 +796,7 @@ TEST_CASE("e2e: kvlink-engine-sim exits 2 with the server's reason when its KV c
     INFO(out);
     CHECK(rc == 2);
     CHECK(out.find("could not register the KV cache") != std::string::npos);
-    CHECK(out.find("cannot hold one chunk slot") != std::string::npos);  // the server's reason
+    CHECK(out.find("more than all of L1 (65536 bytes); raise --l1-size") != std::string::npos);  // the server's reason
     CHECK(out.find(R"("event":"summary")") == std::string::npos);       // it did not run
   }
   SUBCASE("engine first: refused when the adapter sends it to the server that came") {
@@ -809,6 +810,6 @@ TEST_CASE("e2e: kvlink-engine-sim exits 2 with the server's reason when its KV c
     INFO(out);
     CHECK(rc == 2);
     CHECK(out.find("stopping: registration refused by the server") != std::string::npos);
-    CHECK(out.find("cannot hold one chunk slot") != std::string::npos);
+    CHECK(out.find("more than all of L1 (65536 bytes); raise --l1-size") != std::string::npos);
   }
 }

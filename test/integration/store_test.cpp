@@ -574,3 +574,98 @@ TEST_CASE("failed registrations leak no fds in the server, which keeps serving")
   CHECK(open_fds(server.pid()) == before);
   CHECK(worker.stat("registrations") == 1);
 }
+
+TEST_CASE("two engines of different KV shapes share one server: byte-exact at the same time, L1 split between them") {
+  TempDir dir;
+  // 16 MiB of L1 in 8 slabs of 2 MiB.
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "error"});
+  server.start();
+  asio::io_context io;
+  Client scheduler(io, server.endpoint(), wire::Role::scheduler);
+
+  // A: 4 layers, 4 KiB blocks, planes first: 512 KiB chunks.
+  // B: another model, 2 layers, 16 KiB blocks, blocks first: 1 MiB chunks.
+  struct Engine {
+    wire::KvLayout layout;
+    std::uint64_t ns;
+    Client worker;
+    EngineMemory mem;
+  };
+  const auto la = data_layout(false);
+  const auto lb = wire::paged_layout(2, 64, 16, 4, 128, 2, wire::PagedOrder::blocks_first);
+  const std::uint64_t ns_b = store::namespace_id({"second-model", 1, ""});
+  Engine a{la, ns, Client(io, server.endpoint(), wire::Role::worker), EngineMemory(la)};
+  Engine b{lb, ns_b, Client(io, server.endpoint(), wire::Role::worker), EngineMemory(lb)};
+  REQUIRE(la.block_bytes() * la.num_layers * 2 * 16 == 512 * 1024);
+  REQUIRE(lb.block_bytes() * lb.num_layers * 2 * 16 == 1024 * 1024);
+  for (Engine* e : {&a, &b}) {
+    auto reg = registration();
+    reg.layout = e->layout;
+    reg.ns = e->ns;
+    reg.model = e == &a ? "integration-model" : "second-model";
+    auto r = e->worker.call_with_fd(reg, e->mem.fd.get());
+    REQUIRE_MESSAGE(!r.ec, r.message);
+  }
+
+  // Stores and retrieves of both, interleaved: each gets its own bytes back.
+  auto store = [&](Engine& e, const std::vector<wire::ChunkHash>& h) {
+    const auto src = range_ids(0, static_cast<std::uint32_t>(h.size() * 16));
+    fill_tokens(e.mem, e.layout, src);
+    wire::StoreRequest st;
+    st.ns = e.ns;
+    st.hashes = h;
+    st.block_ids = src;
+    return e.worker.ok(st).stored_chunks;
+  };
+  auto retrieve_matches = [&](Engine& e, const std::vector<wire::ChunkHash>& h) {
+    std::memset(e.mem.base, 0, e.mem.size);
+    wire::SyncLookupRequest sl;
+    sl.ns = e.ns;
+    sl.session_id = 9;
+    sl.hashes = h;
+    REQUIRE(scheduler.ok(sl).matched_chunks == h.size());
+    wire::RetrieveRequest rt;
+    rt.ns = e.ns;
+    rt.session_id = 9;
+    rt.hashes = h;
+    rt.block_ids = range_ids(32, static_cast<std::uint32_t>(h.size() * 16));
+    REQUIRE(e.worker.ok(rt).retrieved_chunks == h.size());
+    return tokens_match(e.mem, e.layout, rt.block_ids);
+  };
+  const auto ha = prompt(2, 1), hb = prompt(2, 2);
+  CHECK(store(a, ha) == 2);
+  CHECK(store(b, hb) == 2);
+  CHECK(retrieve_matches(a, ha));
+  CHECK(retrieve_matches(b, hb));
+  CHECK(scheduler.stat("l1_layouts") == 2);
+  CHECK(scheduler.stat("l1_bytes_used") == 2 * 512 * 1024 + 2 * 1024 * 1024);
+
+  // A fills L1 on its own (48 chunks of 512 KiB > 16 MiB); B's next stores
+  // take slabs back from A, up to half of L1, and B's data stays exact.
+  for (std::uint32_t salt = 100; salt < 124; ++salt) store(a, prompt(2, salt));
+  CHECK(scheduler.stat("l1_slabs_free") == 0);
+  for (std::uint32_t salt = 200; salt < 204; ++salt) {
+    const auto h = prompt(2, salt);
+    CHECK(store(b, h) == 2);
+    CHECK(retrieve_matches(b, h));
+  }
+  CHECK(scheduler.stat("l1_slabs_moved") >= 2);
+  const auto newest_a = prompt(2, 123);
+  CHECK(retrieve_matches(a, newest_a));
+
+  // A third engine of A's model but B's shape: it cannot overwrite A's
+  // chunks nor read them as its own; it is told why.
+  Engine c{lb, ns, Client(io, server.endpoint(), wire::Role::worker), EngineMemory(lb)};
+  auto reg = registration();
+  reg.layout = lb;
+  REQUIRE_FALSE(c.worker.call_with_fd(reg, c.mem.fd.get()).ec);
+  CHECK(store(c, newest_a) == 0);
+  wire::RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = newest_a;
+  rt.block_ids = range_ids(32, 32);
+  auto r = c.worker.call(rt);
+  CHECK(r.ec == errc::bad_request);
+  CHECK(r.message.find("stored with another KV layout (524288 bytes per chunk") != std::string::npos);
+  CHECK(retrieve_matches(a, newest_a));  // A's chunks are untouched
+}

@@ -267,10 +267,11 @@ TEST_CASE("limits: --instance-l1-quota as a fraction: an instance's STOREs store
   server::SessionState a, b;
   fx.hello(a, 1);
   fx.hello(b, 2);
-  CHECK(fx.handler->quota_slots() == 0);  // no slot size before the first registration
+  CHECK(fx.handler->quota_bytes() == 16 * 16384);
   fx.register_cache(a);
   fx.register_cache(b);
-  CHECK(fx.handler->quota_slots() == 16);
+  CHECK(fx.handler->quota_slots(16384) == 16);  // in chunks of the registered layout
+  CHECK(fx.handler->quota_slots(4 * 16384) == 4);
 
   // 20 chunks in one STORE: 16 fit; the 4 beyond cannot evict this STORE's
   // own chunks (being written), so they are skipped: success with counts.
@@ -309,7 +310,7 @@ TEST_CASE("limits: --instance-l1-quota as a fraction: an instance's STOREs store
   CHECK(lr.matched_chunks == 10);
   CHECK(fx.stat(a, "quota_evictions") == 4);
   CHECK(fx.stat(a, "quota_refusals") == 4);
-  CHECK(fx.stat(a, "instance_l1_quota_slots") == 16);
+  CHECK(fx.stat(a, "instance_l1_quota_bytes") == 16 * 16384);
 }
 
 TEST_CASE("limits: --instance-l1-quota in bytes; no quota by default") {
@@ -319,13 +320,13 @@ TEST_CASE("limits: --instance-l1-quota in bytes; no quota by default") {
   server::SessionState a;
   fx.hello(a, 1);
   fx.register_cache(a);
-  CHECK(fx.handler->quota_slots() == 5);
+  CHECK(fx.handler->quota_slots(16384) == 5);
   Fixture none;
   none.make();
   server::SessionState b;
   none.hello(b, 1);
   none.register_cache(b);
-  CHECK(none.handler->quota_slots() == 0);
+  CHECK(none.handler->quota_slots(16384) == 0);
   REQUIRE(none.send(b, none.store_req(40, 1)));
   none.sink->frames();
   CHECK(none.handler->store().owned_slots(1) == 40);
@@ -333,22 +334,22 @@ TEST_CASE("limits: --instance-l1-quota in bytes; no quota by default") {
 
 TEST_CASE("store quota: over_quota only when none of the owner's entries is evictable; counts follow drops") {
   store::L1Pool pool(16 * 4096, false);
-  REQUIRE(pool.configure(4096) == "");
   store::KvStore kv(pool, {});
+  auto writer = [](store::Owner owner) { return store::Writer{4096, owner, 3}; };
   TimePoint now{};
   auto key = [](std::uint64_t i) { return store::ChunkKey{1, ChunkHash{i, i}, 0}; };
-  std::uint32_t slot = 0;
+  store::Slot slot = 0;
   std::uint64_t gen[8] = {};
   using R = store::KvStore::Reserve;
-  for (int i = 0; i < 3; ++i) REQUIRE(kv.reserve(key(i), now, slot, gen[i], 42, 3) == R::reserved);
+  for (int i = 0; i < 3; ++i) REQUIRE(kv.reserve(key(i), writer(42), now, slot, gen[i]) == R::reserved);
   CHECK(kv.owned_slots(42) == 3);
   // All three still being written: nothing of 42's to evict.
-  CHECK(kv.reserve(key(3), now, slot, gen[3], 42, 3) == R::over_quota);
+  CHECK(kv.reserve(key(3), writer(42), now, slot, gen[3]) == R::over_quota);
   // Another owner is not limited by 42's quota.
-  CHECK(kv.reserve(key(4), now, slot, gen[4], 43, 3) == R::reserved);
+  CHECK(kv.reserve(key(4), writer(43), now, slot, gen[4]) == R::reserved);
   for (int i = 0; i < 3; ++i) kv.commit(key(i), gen[i], now);
   kv.lock(key(0), 9, now);  // read-locked: not evictable, so key 1 goes first
-  CHECK(kv.reserve(key(3), now, slot, gen[3], 42, 3) == R::reserved);
+  CHECK(kv.reserve(key(3), writer(42), now, slot, gen[3]) == R::reserved);
   CHECK(kv.find(key(0)) != nullptr);
   CHECK(kv.find(key(1)) == nullptr);
   CHECK(kv.find(key(2)) != nullptr);

@@ -159,16 +159,18 @@ std::uint16_t code(errc e) { return static_cast<std::uint16_t>(e); }
 TEST_CASE("STORE, SYNC_LOOKUP, RETRIEVE with the in-process fake engine") {
   Fixture f;
   f.register_worker();
-  CHECK(f.stat("l1_slot_bytes") == 2 * 2 * 16 * (16 * 8 * 2));
+  const std::uint64_t chunk_bytes = 2 * 2 * 16 * (16 * 8 * 2);
   const auto h = hashes(8);
   auto r = f.store({h.begin(), h.begin() + 5});
   CHECK(r.stored_chunks == 5);
   CHECK(r.skipped_chunks == 0);
   CHECK(f.store(h).stored_chunks == 3);  // the first 5 are present
   CHECK(f.stat("store_entries") == 8);
+  CHECK(f.stat("l1_bytes_used") == 8 * chunk_bytes);
+  CHECK(f.stat("l1_layouts") == 1);
   CHECK(f.sync_lookup(h) == 8);
   CHECK(f.stat("read_locks_held") == 8);
-  CHECK(f.stat("l1_pinned_bytes") == 8 * f.stat("l1_slot_bytes"));
+  CHECK(f.stat("l1_pinned_bytes") == 8 * chunk_bytes);
   RetrieveRequest rt;
   rt.ns = ns;
   rt.hashes = {h.begin(), h.begin() + 4};
@@ -177,7 +179,7 @@ TEST_CASE("STORE, SYNC_LOOKUP, RETRIEVE with the in-process fake engine") {
   rt.session_id = 1;  // the lookup's session
   CHECK(f.call(f.worker, rt).retrieved_chunks == 4);
   CHECK(f.stat("read_locks_held") == 4);  // retrieve released those chunks' locks
-  CHECK(f.stat("l1_pinned_bytes") == 4 * f.stat("l1_slot_bytes"));
+  CHECK(f.stat("l1_pinned_bytes") == 4 * chunk_bytes);
   CHECK(f.null_engine.jobs() == 3);
   CHECK(f.stat("lookup_hits") == 8);
   CHECK(f.stat("op_store_requests") == 2);
@@ -185,6 +187,8 @@ TEST_CASE("STORE, SYNC_LOOKUP, RETRIEVE with the in-process fake engine") {
 
 TEST_CASE("registration is validated with clear errors") {
   Fixture f;
+  f.config.l1_slab_size = 64 * 1024;
+  f.rebuild();
   RegisterKvCacheRequest r;
   r.ns = ns;
   r.model = "test-model";
@@ -200,10 +204,15 @@ TEST_CASE("registration is validated with clear errors") {
   CHECK(f.error(f.worker, r).message.find("namespace 0") != std::string::npos);
   r.ns = ns;
   f.call(f.worker, r);
-  // A different slot size than the first registration is refused.
+  // Another layout is served next to the first, but a chunk bigger than
+  // an L1 slab is refused naming the flag.
+  r.layout.num_layers = 40;  // 320 KiB chunks
+  r.layout.layers.resize(40);
+  CHECK(f.error(f.worker, r).message.find("raise --l1-slab-size") != std::string::npos);
+  CHECK(f.handler->registrations() == 1);  // the first registration stands
   r.layout.num_layers = 4;
   r.layout.layers.resize(4);
-  CHECK(f.error(f.worker, r).message.find("first registration") != std::string::npos);
+  f.call(f.worker, r);
   // UNREGISTER is idempotent.
   f.call(f.worker, UnregisterKvCacheRequest{});
   f.call(f.worker, UnregisterKvCacheRequest{});
@@ -255,6 +264,7 @@ TEST_CASE("STORE and RETRIEVE refuse bad requests clearly") {
 TEST_CASE("STORE stores as many as fit; short memory is not an error") {
   Fixture f;
   f.config.l1_size = 3 * 16384;  // read at construction: rebuild the handler
+  f.config.l1_slab_size = 16384;
   f.handler = std::make_unique<server::RequestHandler>(f.config, 77, f.null_engine);
   f.hello(f.worker, Role::worker, 1);
   f.hello(f.scheduler, Role::scheduler, 2);
@@ -915,4 +925,34 @@ TEST_CASE("large requests run in slices: other connections are served in between
   // first: requests of one connection keep their order.
   CHECK(f.stat("read_locks_held") == 0);
   CHECK_FALSE(f.scheduler.unfinished);
+}
+
+TEST_CASE("layouts: each registered layout keeps a slab; one more than L1 has slabs for is refused, the others go on") {
+  Fixture f;
+  f.config.l1_size = 2 * 65536;
+  f.config.l1_slab_size = 65536;  // 2 slabs
+  f.rebuild();
+  f.register_worker();  // 16 KiB chunks
+  server::SessionState second, third;
+  f.hello(second, Role::worker, 3);
+  f.hello(third, Role::worker, 4);
+  RegisterKvCacheRequest r;
+  r.ns = ns;
+  r.model = "test-model";
+  r.layout = layout();
+  r.layout.num_layers = 3;  // 24 KiB chunks
+  r.layout.layers.resize(3);
+  f.call(second, r);
+  r.layout.num_layers = 1;  // 8 KiB chunks: a third layout
+  r.layout.layers.resize(1);
+  auto e = f.error(third, r);
+  CHECK(e.code == code(errc::bad_request));
+  CHECK(e.message.find("L1 has 2 slabs and 2 other KV layouts are registered") != std::string::npos);
+  CHECK(e.message.find("--l1-slab-size") != std::string::npos);
+  // The same layout as one registered shares its class.
+  r.layout = layout();
+  f.call(third, r);
+  CHECK(f.handler->registrations() == 3);
+  CHECK(f.store(hashes(2)).stored_chunks == 2);
+  CHECK(f.stat("l1_layouts") == 1);
 }

@@ -53,6 +53,10 @@ struct ServerConfig {
   // Bytes of L1 memory for chunk slots (--l1-size accepts 512MiB, 8GiB, ...).
   // Mapped when the server starts: a size it cannot serve fails start().
   std::uint64_t l1_size = std::uint64_t{1} << 30;
+  // L1 is cut into slabs of this many bytes, each holding chunks of one KV
+  // layout (0: an eighth of L1, at most 1 GiB). A layout's chunk must fit
+  // in a slab; a slab wastes its tail (slab size mod chunk size).
+  std::uint64_t l1_slab_size = 0;
   // Pin L1 in RAM at startup (mlock; needs the locked-memory limit).
   bool l1_lock = false;
   // Try huge pages (MAP_HUGETLB) for L1, falling back to ordinary pages.

@@ -179,9 +179,10 @@ class RequestHandler {
   std::size_t jobs() const { return jobs_.size(); }
   std::size_t sessions() const { return sessions_.size(); }
   std::size_t registrations() const { return registrations_.size(); }
-  // L1 slots one instance may hold (0: no quota), from the configured
-  // quota and the registered slot size.
-  std::uint32_t quota_slots() const;
+  // L1 bytes one instance may hold (0: no quota), and as chunks of
+  // `slot_bytes` (0: no quota).
+  std::uint64_t quota_bytes() const;
+  std::uint32_t quota_slots(std::uint64_t slot_bytes) const;
   // Which instances are alive; the store sets its release hook here.
   LivenessRegistry& liveness() { return liveness_; }
 
@@ -235,6 +236,9 @@ class RequestHandler {
   template <class M>
   bool parse(const wire::Frame& frame, ReplySink& sink, M& msg, std::error_code code = errc::protocol_error);
   // The caller's registration, or null after replying with the error.
+  // "" if a registration of `instance_id` with chunks of `slot_bytes` can
+  // be served next to the others, or why not.
+  std::string check_layout(std::uint64_t instance_id, std::uint64_t slot_bytes) const;
   std::shared_ptr<const transfer::Registration> registration_for(const SessionState& session, std::uint64_t ns,
                                                                  std::uint32_t kv_rank, std::size_t chunks,
                                                                  std::size_t block_ids, const wire::Frame& frame,

@@ -2,6 +2,10 @@
 // entries, watermark eviction and lock expiry. Pure logic on an injected
 // `now`: no sockets, no threads, no clock reads.
 //
+// L1 holds several KV layouts (chunk sizes) at once (see l1_pool.hpp): each
+// layout class has its own LRU, and a class below its share of the slabs
+// takes a whole slab from the class holding the most.
+//
 // Entry lifecycle: reserve() (writing, write-locked, not evictable) ->
 // commit() (present) or abort() (dropped, slot freed). A present entry with
 // read locks is not evictable either; it rejoins the LRU, as most recent,
@@ -52,18 +56,29 @@ struct StoreStats {
   std::uint64_t stores_aborted = 0;
   std::uint64_t quota_evictions = 0;  // an owner's own entries dropped to stay within its quota
   std::uint64_t quota_refusals = 0;   // reservations refused: quota reached, nothing of the owner evictable
+  std::uint64_t slabs_moved = 0;      // slabs emptied for another layout class
+};
+
+// Who reserves a slot: the chunk size of its layout, and the owner (an
+// instance) whose quota applies (`quota` slots; 0: none).
+struct Writer {
+  std::uint64_t slot_bytes = 0;
+  Owner owner = 0;
+  std::uint32_t quota = 0;
 };
 
 class KvStore {
  public:
   enum class State : std::uint8_t { writing, present };
-  enum class Reserve : std::uint8_t { reserved, present, locked, no_room, over_quota };
+  // other_layout: the key is present with another chunk size.
+  enum class Reserve : std::uint8_t { reserved, present, locked, no_room, over_quota, other_layout };
 
   struct Entry;
   using Node = std::pair<const ChunkKey, Entry>;
   using Queue = std::list<Node*>;
   struct Entry {
-    std::uint32_t slot = 0;
+    Slot slot = 0;
+    LayoutClass cls = 0;
     State state = State::writing;
     std::uint32_t read_locks = 0;
     bool write_locked = false;
@@ -102,13 +117,14 @@ class KvStore {
   // Drops every lock `holder` has on `key`.
   void release_all(const ChunkKey& key, Holder holder);
 
-  // Reserves a write-locked slot for `key`, owned by `owner`. On `reserved`,
-  // `slot` and `generation` identify the reservation for commit/abort.
-  // With `quota` > 0 the owner holds at most that many slots: at its quota
-  // its oldest evictable entry makes room (the owner's own FIFO), and if
-  // none is evictable the answer is over_quota.
-  Reserve reserve(const ChunkKey& key, TimePoint now, std::uint32_t& slot, std::uint64_t& generation,
-                  Owner owner = 0, std::uint32_t quota = 0);
+  // Reserves a write-locked slot of `writer.slot_bytes` for `key`. On
+  // `reserved`, `slot` and `generation` identify the reservation for
+  // commit/abort. With a quota the owner holds at most that many slots: at
+  // its quota its oldest evictable entry makes room (the owner's own FIFO),
+  // and if none is evictable the answer is over_quota. A full class makes
+  // room by taking a slab from a class over its share, else by evicting its
+  // own least recently used entry.
+  Reserve reserve(const ChunkKey& key, const Writer& writer, TimePoint now, Slot& slot, std::uint64_t& generation);
   void commit(const ChunkKey& key, std::uint64_t generation, TimePoint now);
   void abort(const ChunkKey& key, std::uint64_t generation);
 
@@ -121,9 +137,11 @@ class KvStore {
   std::size_t clear();
   // Lock expiry and watermark eviction.
   void tick(TimePoint now);
-  // Evicts least recently used entries until `target` slots are used (or
-  // nothing evictable is left). Returns how many were evicted.
-  std::size_t evict_to(std::uint32_t target);
+  // Evicts `cls`'s least recently used entries until `target` of its slots
+  // are used (or nothing evictable is left). Returns how many were evicted.
+  std::size_t evict_to(LayoutClass cls, std::uint64_t target);
+  // Chunk bytes of the layout of a present entry.
+  std::uint64_t slot_bytes(const Entry& e) const { return pool_.slot_bytes(e.cls); }
 
   std::size_t entries() const { return map_.size(); }
   // Slots held (present or being written) by entries `owner` stored.
@@ -134,6 +152,7 @@ class KvStore {
   std::uint64_t read_locks() const { return read_locks_; }
   // Entries held in L1 by at least one read lock: unevictable until released.
   std::uint64_t pinned_entries() const { return pinned_entries_; }
+  std::uint64_t pinned_bytes() const { return pinned_bytes_; }
   std::uint64_t write_locks() const { return write_locks_; }
   const StoreStats& stats() const { return stats_; }
   L1Pool& pool() { return pool_; }
@@ -148,19 +167,27 @@ class KvStore {
   void lock_node(Node& n, Holder holder, TimePoint now);
   void after_unlock(Node& n);
   void drop(Node* n);
+  Queue& lru(LayoutClass cls);
+  std::optional<Slot> make_room(LayoutClass cls);
+  bool take_slab_for(LayoutClass cls);
+  Node*& at_slot(Slot slot);
 
   L1Pool& pool_;
   StoreConfig config_;
   Map map_;
-  Queue lru_;          // evictable entries, least recent first
+  std::vector<Queue> lru_;  // per layout class: evictable entries, least recent first
   Queue read_queue_;   // read-locked entries by expiry (the TTL is constant)
   Queue write_queue_;  // write-locked entries by expiry
   // Each owner's entries, oldest reservation first (absent owners have none).
   std::unordered_map<Owner, Queue> owners_;
   std::vector<Node*> scratch_;  // lookup's matched entries
+  std::vector<std::vector<Node*>> at_slot_;  // [slab][slot in slab]: the entry there, for slab reclaim
+  static constexpr std::uint32_t slabs_tried_per_reserve = 4;
+  std::uint32_t next_donor_slab_ = 0;  // where the search for a slab to take goes on
   std::uint64_t next_generation_ = 1;
   std::uint64_t read_locks_ = 0;
   std::uint64_t pinned_entries_ = 0;
+  std::uint64_t pinned_bytes_ = 0;
   std::uint64_t write_locks_ = 0;
   StoreStats stats_;
 };
