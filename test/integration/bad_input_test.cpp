@@ -2,9 +2,13 @@
 // sockets, and well-formed requests with bad arguments. Each gets a clear
 // error, the server keeps serving other clients, and a KV cache stored
 // before stays byte-exact. A KV memfd must be sealed against resizing, and
-// one that is not is refused. (Wrong magic, unknown opcodes, unregistered
-// STOREs, mismatched namespaces and block counts are covered in rpc_test.cpp
-// and store_test.cpp.)
+// one that is not is refused, and lookup locks cannot be pinned or taken
+// from another scheduler. Elsewhere: wrong magic, unknown opcodes,
+// unregistered STOREs, mismatched namespaces and block counts (rpc_test.cpp,
+// store_test.cpp); large requests against a PING (backpressure_test.cpp);
+// frames trickled at the limit and the inbound cap (memory_limits_test.cpp);
+// claimed instance ids, log floods, an L1 it cannot serve
+// (server_lifecycle_test.cpp); several KV layouts (store_test.cpp).
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
@@ -552,4 +556,63 @@ TEST_CASE("a sealed KV memfd smaller than its layout is refused naming both size
   CHECK_FALSE(worker.call(wire::PingRequest{}).ec);
   CHECK(victim.intact());
   CHECK(server.terminate() == 0);
+}
+
+TEST_CASE("lookup locks: an abort storm leaves none held; schedulers never release each other's; a failed RETRIEVE releases its own") {
+  TempDir dir;
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "error"});
+  server.start();
+  asio::io_context io;
+  Victim victim(io, server.endpoint());
+  Client one(io, server.endpoint(), wire::Role::scheduler);
+  Client two(io, server.endpoint(), wire::Role::scheduler);
+  auto lookup = [&](Client& s, std::uint64_t session) {
+    wire::SyncLookupRequest sl;
+    sl.ns = ns;
+    sl.session_id = session;
+    sl.hashes = victim.hashes;
+    return s.ok(sl).matched_chunks;
+  };
+  auto end_session = [&](Client& s, std::uint64_t session) {
+    wire::EndSessionRequest es;
+    es.ns = ns;
+    es.session_id = session;
+    es.hashes = victim.hashes;
+    s.conn->send(es);
+  };
+
+  // 300 requests looked up and aborted, by two schedulers at once.
+  for (std::uint64_t i = 1; i <= 150; ++i) {
+    REQUIRE(lookup(one, i) == 2);
+    REQUIRE(lookup(two, i) == 2);
+    end_session(one, i);
+    end_session(two, i);
+  }
+  // One-way messages are handled in order per connection: a STATS on each
+  // comes after that connection's END_SESSIONs.
+  one.stat("read_locks_held");
+  CHECK(two.stat("read_locks_held") == 0);
+  CHECK(two.stat("l1_pinned_bytes") == 0);
+
+  // The same session id from two schedulers: each ends only its own.
+  REQUIRE(lookup(one, 7) == 2);
+  REQUIRE(lookup(two, 7) == 2);
+  end_session(two, 7);
+  CHECK(two.stat("read_locks_held") == 2);
+  CHECK(two.stat("l1_pinned_bytes") == 2 * 4 * 2 * 16 * 4096);
+  end_session(one, 7);
+  CHECK(one.stat("read_locks_held") == 0);
+
+  // A RETRIEVE that fails (a block beyond the cache) releases the locks its
+  // request's lookup took.
+  REQUIRE(lookup(one, 9) == 2);
+  wire::RetrieveRequest rt;
+  rt.ns = ns;
+  rt.session_id = 9;
+  rt.hashes = victim.hashes;
+  rt.block_ids = ids(40, 32);  // 40..71: past the 64 blocks
+  CHECK(victim.worker.call(rt).ec == errc::bad_request);
+  CHECK(one.stat("read_locks_held") == 0);
+  CHECK(one.stat("l1_pinned_bytes") == 0);
+  CHECK(victim.intact());
 }

@@ -597,3 +597,45 @@ TEST_CASE("lifecycle: another client cannot claim a worker's instance id; the ow
                              ::getpid(), ::getuid())) != std::string::npos);
   CHECK(log.find("0000000000004242") == std::string::npos);  // instance ids only at debug level
 }
+
+TEST_CASE("lifecycle: a flood of malformed one-way messages is logged in summary; the counters count every one") {
+  TempDir dir;
+  LoggedServer server(dir, {"--listen", dir.socket(), "--log-level", "warn"});
+  RawClient flooder(dir.socket());
+  flooder.hello(wire::Role::scheduler, 0x51);
+  constexpr int flood = 500;
+  const wire::Bytes garbage(3, std::byte{0xee});
+  wire::Bytes frames;
+  for (int i = 0; i < flood; ++i)
+    wire::FrameBuilder(frames).add(static_cast<std::uint8_t>(wire::Opcode::end_session), wire::flag::one_way,
+                                   1000 + static_cast<std::uint64_t>(i),
+                                   [&](wire::Writer& w) { w.raw(garbage.data(), garbage.size()); });
+  REQUIRE(::send(flooder.fd, frames.data(), frames.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(frames.size()));
+  // One-way messages are handled in order: STATS after them sees them all.
+  RawClient admin(dir.socket());
+  admin.hello(wire::Role::admin, 77);
+  auto stat = [&](RawClient& c, const std::string& name) {
+    for (auto& e : c.ok(wire::StatsRequest{}).entries)
+      if (e.name == name) return e.value;
+    FAIL("no stat " << name);
+    return std::int64_t{-1};
+  };
+  CHECK(stat(flooder, "op_end_session_errors") == flood);
+  // The rest of the flood is summarised once the connection goes.
+  flooder.close();
+  REQUIRE(server.wait_log("more like this from", 5s));
+  const std::string log = server.log();
+  std::size_t lines = 0;
+  for (std::size_t at = log.find("dropped one-way END_SESSION"); at != std::string::npos;
+       at = log.find("dropped one-way END_SESSION", at + 1))
+    ++lines;
+  MESSAGE(lines << " of " << flood << " malformed messages logged one by one");
+  CHECK(lines >= 1);
+  CHECK(lines <= 20);
+  // Every message is either logged or counted in a summary line.
+  std::size_t summarised = 0;
+  for (std::size_t at = log.find("... and "); at != std::string::npos; at = log.find("... and ", at + 1))
+    summarised += std::stoul(log.substr(at + 8));
+  CHECK(lines + summarised == flood);
+  CHECK(stat(admin, "op_end_session_errors") == flood);
+}
