@@ -114,10 +114,17 @@ bool RequestHandler::release_locks(const RequestSession& s, LockRelease& at, std
 }
 
 RequestHandler::Sessions::iterator RequestHandler::end_session(Sessions::iterator it) {
-  LockRelease all;
-  std::size_t unlimited = SIZE_MAX;
-  release_locks(it->second, all, unlimited);
+  if (!it->second.locked.empty()) ended_.emplace_back(std::move(it->second), LockRelease{});
   return sessions_.erase(it);
+}
+
+bool RequestHandler::release_ended(std::size_t budget) {
+  while (!ended_.empty()) {
+    auto& [session, at] = ended_.front();
+    if (!release_locks(session, at, budget)) return false;
+    ended_.pop_front();
+  }
+  return true;
 }
 
 void RequestHandler::release_retrieved(std::uint64_t session_id, std::uint64_t ns, std::uint32_t rank,
@@ -167,6 +174,7 @@ void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
 
 void RequestHandler::release_scheduler_state(std::uint64_t instance) {
   for (auto it = sessions_.begin(); it != sessions_.end();) it = it->first.second == instance ? end_session(it) : std::next(it);
+  release_ended();
   std::erase_if(jobs_, [&](const auto& j) { return j.second.instance_id == instance; });
 }
 
@@ -232,6 +240,7 @@ void RequestHandler::tick(TimePoint now) {
       it = it->second.last_seen + config_.session_ttl <= now ? end_session(it) : std::next(it);
     }
   }
+  release_ended();
 }
 
 bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
@@ -351,7 +360,19 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
     case wire::Opcode::clear: {
       wire::ClearRequest req;
       if (!parse(frame, sink, req)) return true;
-      reply(sink, h, wire::ClearResult{store_.clear()});
+      // Sliced: dropping every chunk of a large L1 is long work.
+      run_sliced(session, sink, now,
+                 [this, header = h, dropped = std::uint64_t{0}](ReplySink& out, TimePoint,
+                                                                std::size_t& budget) mutable {
+                   const std::size_t n = store_.clear(budget);
+                   dropped += n;
+                   if (n == budget) {
+                     budget = 0;
+                     return false;
+                   }
+                   reply(out, header, wire::ClearResult{dropped});
+                   return true;
+                 });
       return true;
     }
     case wire::Opcode::store:

@@ -110,6 +110,8 @@ struct Server::Impl {
   asio::awaitable<void> accept_loop(net::Acceptor& acceptor, std::string name);
   asio::awaitable<void> serve(std::shared_ptr<Session> session);
   void continue_work(std::shared_ptr<Session> session);
+  void continue_releasing();
+  bool releasing_posted = false;
   std::string admit_inbound(Session& session, std::uint32_t pending_payload);
   void release_inbound(Session& session) {
     inbound.release(session.inbound);
@@ -142,6 +144,7 @@ asio::awaitable<void> Server::Impl::tick_loop() {
     auto [ec] = co_await timer.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
     if (ec || stopped) co_return;
     handler.tick(Clock::now());
+    continue_releasing();
   }
 }
 
@@ -217,6 +220,18 @@ void Server::Impl::continue_work(std::shared_ptr<Session> session) {
   });
 }
 
+// The next slice of the locks of sessions that ended without END_SESSION
+// (a scheduler gone, reaped, or a TTL), after the connections' ready work.
+void Server::Impl::continue_releasing() {
+  if (releasing_posted || !handler.releasing()) return;
+  releasing_posted = true;
+  asio::post(io, [this] {
+    releasing_posted = false;
+    handler.release_ended();
+    continue_releasing();
+  });
+}
+
 asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   net::StreamEnd end = co_await session->stream.read_frames(
       [&](const wire::Frame& frame) {
@@ -264,6 +279,7 @@ asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
     session->stream.close();
   }
   handler.on_session_end(session->state, Clock::now());
+  continue_releasing();
   --handler.counters().connections_open;
   std::erase_if(sessions, [](const std::weak_ptr<Session>& w) { return w.expired(); });
 }

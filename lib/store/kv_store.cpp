@@ -272,10 +272,10 @@ void KvStore::drop(Node* n) {
   map_.erase(key);
 }
 
-std::size_t KvStore::clear() {
+std::size_t KvStore::clear(std::size_t limit) {
   std::size_t n = 0;
   for (Queue& q : lru_) {
-    while (!q.empty()) {
+    while (!q.empty() && n < limit) {
       drop(q.front());
       ++n;
     }

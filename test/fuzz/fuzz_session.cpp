@@ -5,8 +5,8 @@
 // to another secret, reconnects, re-registration). Sliced requests are
 // continued one slice at a time between frames, as the server interleaves
 // connections. The handler must answer every request without crashing,
-// every reply must be a well-formed frame, and L1 is pinned exactly while
-// read locks are held.
+// every reply must be a well-formed frame, L1 is pinned exactly while read
+// locks are held, and once every connection is gone no lock is left.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -71,6 +71,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     // The other connections' sliced requests go on a slice each.
     for (auto& other : sessions)
       if (other.unfinished) handler.continue_work(other, sink, now);
+    handler.release_ended();  // as the server does between events
     check();
     now += std::chrono::milliseconds(10);
     handler.tick(now);
@@ -80,7 +81,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     handler.on_session_end(session, now);
   }
+  while (!handler.release_ended()) {
+  }
   check();
+  // Every connection is gone: no lookup lock may be left.
+  if (handler.store().read_locks() != 0) std::abort();
   // Every reply is a valid frame.
   wire::FrameParser replies;
   replies.append(sink.out);

@@ -925,6 +925,42 @@ TEST_CASE("large requests run in slices: other connections are served in between
   // first: requests of one connection keep their order.
   CHECK(f.stat("read_locks_held") == 0);
   CHECK_FALSE(f.scheduler.unfinished);
+  // CLEAR of 3000 chunks: three slices, then one answer with the total.
+  f.send(f.scheduler, ClearRequest{});
+  CHECK(f.sink->frames().empty());
+  slices = 1;
+  for (bool done = false; !done; ++slices) done = f.handler->continue_work(f.scheduler, *f.sink, f.now);
+  CHECK(slices == 3);  // 1024 + 1024 dropped, then the last 952 and the answer
+  frames = f.sink->frames();
+  REQUIRE(frames.size() == 1);
+  ClearResult cleared;
+  REQUIRE(decode(frames[0].second, cleared, "reply") == "");
+  CHECK(cleared.dropped_entries == 3000);
+  CHECK(f.stat("store_entries") == 0);
+}
+
+TEST_CASE("a departed scheduler's many locks are released a slice at a time, none left behind") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(3000);
+  for (std::size_t i = 0; i < h.size(); i += 50) REQUIRE(f.store({h.begin() + i, h.begin() + i + 50}).stored_chunks == 50);
+  SyncLookupRequest l;
+  l.ns = ns;
+  l.session_id = 4;
+  l.hashes = h;
+  f.send(f.scheduler, l);
+  while (!f.handler->continue_work(f.scheduler, *f.sink, f.now)) {
+  }
+  f.sink->frames();
+  CHECK(f.handler->store().read_locks() == 3000);
+  f.handler->on_session_end(f.scheduler, f.now);
+  CHECK(f.handler->store().read_locks() == 3000 - 1024);  // one slice at once
+  CHECK(f.handler->releasing());
+  CHECK_FALSE(f.handler->release_ended());
+  CHECK(f.handler->release_ended());
+  CHECK_FALSE(f.handler->releasing());
+  CHECK(f.handler->store().read_locks() == 0);
+  CHECK(f.handler->store().pinned_bytes() == 0);
 }
 
 TEST_CASE("layouts: each registered layout keeps a slab; one more than L1 has slabs for is refused, the others go on") {

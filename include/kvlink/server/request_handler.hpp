@@ -147,6 +147,12 @@ class RequestHandler {
   // Runs the next slice of the session's unfinished request (replies into
   // `sink` when it finishes). Returns true once nothing is left.
   bool continue_work(SessionState& session, ReplySink& sink, TimePoint now);
+  // The locks of sessions that ended without END_SESSION (their scheduler
+  // disconnected or was reaped, or their TTL passed) are released a slice
+  // at a time too: one slice is done at once, release_ended() does the
+  // next and returns true once none are left.
+  bool release_ended(std::size_t budget = keys_per_slice);
+  bool releasing() const { return !ended_.empty(); }
 
   // The session's connection ended (closed by either side).
   void on_session_end(SessionState& session, TimePoint now);
@@ -194,8 +200,6 @@ class RequestHandler {
     std::uint32_t matched = 0;
     TimePoint expiry{};
   };
-  // An engine request (session id) of a scheduler instance: the locks its
-  // lookups took, so a vanished scheduler's locks can be released.
   // The lookups of one engine request on one scheduler instance. Its read
   // locks are held under `holder` (unique per session), so ending it, its
   // scheduler leaving or being reaped, and the worker's RETRIEVE release
@@ -235,15 +239,15 @@ class RequestHandler {
                        TimePoint now);
   template <class M>
   bool parse(const wire::Frame& frame, ReplySink& sink, M& msg, std::error_code code = errc::protocol_error);
-  // The caller's registration, or null after replying with the error.
   // "" if a registration of `instance_id` with chunks of `slot_bytes` can
   // be served next to the others, or why not.
   std::string check_layout(std::uint64_t instance_id, std::uint64_t slot_bytes) const;
+  // The caller's registration, or null after replying with the error.
   std::shared_ptr<const transfer::Registration> registration_for(const SessionState& session, std::uint64_t ns,
                                                                  std::uint32_t kv_rank, std::size_t chunks,
                                                                  std::size_t block_ids, const wire::Frame& frame,
                                                                  ReplySink& sink);
-  // Releases the session's locks and forgets it.
+  // Forgets the session; its locks are released by release_ended().
   Sessions::iterator end_session(Sessions::iterator it);
   // Where releasing a session's recorded locks stands.
   struct LockRelease {
@@ -251,6 +255,9 @@ class RequestHandler {
     SlicedLoop loop{0, 1};
     bool started = false;
   };
+  // Sessions ended by a disconnect, a reap or their TTL, with locks still
+  // to release: a slice at a time, like a large request.
+  std::deque<std::pair<RequestSession, LockRelease>> ended_;
   // Releases the locks of `s` recorded from `at` on, within `budget`; true once all are.
   bool release_locks(const RequestSession& s, LockRelease& at, std::size_t& budget);
   // Runs the first slice of `work`; what is left becomes session.unfinished.

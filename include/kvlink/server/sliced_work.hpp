@@ -1,5 +1,6 @@
 // Requests whose work grows with their keys (chunks x world size: LOOKUP,
-// END_SESSION, FREE_LOOKUP_LOCKS) run a slice at a time, so one client's
+// END_SESSION, FREE_LOOKUP_LOCKS) or with L1 (CLEAR) run a slice at a time,
+// so one client's
 // largest legal request cannot hold the io thread while every engine's PING
 // waits. Between slices the network layer serves the other connections and
 // holds this connection's later frames, so its requests keep their order.

@@ -133,8 +133,9 @@ class KvStore {
   // Marks a present, unlocked entry most recently used.
   void touch(const ChunkKey& key);
 
-  // Drops every present, unlocked entry; returns how many.
-  std::size_t clear();
+  // Drops every present, unlocked entry (at most `limit` of them); returns
+  // how many.
+  std::size_t clear(std::size_t limit = SIZE_MAX);
   // Lock expiry and watermark eviction.
   void tick(TimePoint now);
   // Evicts `cls`'s least recently used entries until `target` of its slots
