@@ -277,6 +277,17 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
   }
   ++counters_.ops[h.opcode].requests;
   const auto op = static_cast<wire::Opcode>(h.opcode);
+  if (h.is_one_way() && !wire::one_way_allowed(op)) {
+    // No reply could reach the sender's request: say so as the
+    // connection's error (id 0), then close.
+    ++counters_.protocol_errors;
+    ++counters_.ops[h.opcode].errors;
+    reply_error(sink, wire::Header{}, errc::protocol_error,
+                fmt::format("{} was sent one-way, but it has a reply; only FREE_LOOKUP_LOCKS, END_SESSION and "
+                            "REPORT_BLOCK_ALLOCATION may be sent one-way; closing the connection",
+                            wire::opcode_name(h.opcode)));
+    return false;
+  }
   if (op == wire::Opcode::hello) return on_hello(session, frame, sink, now);
   // A client that honours HELLO's max_in_flight never gets here: it counts
   // every request until its reply, the server only those still working.
@@ -587,6 +598,13 @@ std::string check_keys(std::size_t chunks, std::uint32_t ws) {
 }  // namespace
 
 std::string RequestHandler::check_layout(std::uint64_t instance_id, std::uint64_t slot_bytes) const {
+  // Each chunk costs a few hundred bytes of index: below this the index
+  // could grow larger than a few percent of L1 itself.
+  constexpr std::uint64_t min_chunk_bytes = 4096;
+  if (slot_bytes < min_chunk_bytes)
+    return fmt::format("a chunk of this layout is {} bytes, below the server's minimum of {}: the index would cost "
+                       "too much memory next to such small chunks; raise --chunk-size (tokens per chunk)",
+                       slot_bytes, min_chunk_bytes);
   if (auto why = pool_.check_layout(slot_bytes); !why.empty()) return why;
   // Each layout in use needs a slab of its own; the other instances'
   // layouts keep theirs.

@@ -329,6 +329,18 @@ TEST_CASE("bad frames: each gets a clear error and closes only its connection; s
     REQUIRE(frames.size() == 1);
     CHECK(error_of(frames[0]).message.find("clients send requests, not responses") == 0);
   }
+  SUBCASE("a request with a reply sent one-way: protocol_error as the connection's error, closed") {
+    RawSocket raw(server.endpoint());
+    raw.send(frame(static_cast<std::uint8_t>(wire::Opcode::hello), 1, payload_of(hello(wire::Role::scheduler))));
+    raw.send(frame(static_cast<std::uint8_t>(wire::Opcode::ping), 6, {}, wire::flag::one_way));
+    auto [frames, eof] = raw.read_to_eof();
+    CHECK(eof);
+    REQUIRE(frames.size() == 2);  // HELLO's reply, then the error
+    CHECK(frames[1].first.id == 0);
+    auto e = error_of(frames[1]);
+    CHECK(e.code == static_cast<std::uint16_t>(errc::protocol_error));
+    CHECK(e.message.find("PING was sent one-way, but it has a reply") == 0);
+  }
 
   // Others are still served, the broken connections are gone, nothing stored changed.
   CHECK_FALSE(admin.call(wire::PingRequest{}).ec);

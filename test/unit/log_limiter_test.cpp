@@ -138,7 +138,7 @@ TEST_CASE("request handler: each connection has its own share of the log") {
   const TimePoint now{};
   auto malformed = [&](server::SessionState& s) {
     wire::Bytes bytes;
-    wire::FrameBuilder(bytes).add(static_cast<std::uint8_t>(wire::Opcode::ping), wire::flag::one_way, 0,
+    wire::FrameBuilder(bytes).add(static_cast<std::uint8_t>(wire::Opcode::end_session), wire::flag::one_way, 0,
                                   [](wire::Writer& w) { w.num<std::uint8_t>(7); });
     wire::FrameParser p;
     p.append(bytes);

@@ -206,7 +206,7 @@ TEST_CASE("a repeated HELLO must keep the connection's role") {
   CHECK(fx.session.role == Role::scheduler);
 }
 
-TEST_CASE("a SERVER_NOTICE from a client is refused; one-way, it gets no reply; the connection stays") {
+TEST_CASE("a SERVER_NOTICE from a client is refused; a request with a reply sent one-way closes the connection") {
   Fixture fx;
   fx.hello();
   ServerNotice n;
@@ -215,10 +215,24 @@ TEST_CASE("a SERVER_NOTICE from a client is refused; one-way, it gets no reply; 
   auto e = error_of(fx.sink.frames().at(0));
   CHECK(e.code == static_cast<std::uint16_t>(errc::bad_request));
   CHECK(e.message.find("from servers to clients") != std::string::npos);
-  CHECK(fx.send(0, n, flag::one_way));
-  CHECK(fx.sink.frames().empty());
   CHECK(fx.send(7, PingRequest{}));
   CHECK_FALSE(fx.sink.frames().at(0).first.is_error());
+  // One-way, no reply could reach it: the connection's error (id 0), closed.
+  for (Opcode op : {Opcode::server_notice, Opcode::ping, Opcode::store}) {
+    Fixture one;
+    one.hello();
+    Bytes bytes;
+    FrameBuilder(bytes).add(static_cast<std::uint8_t>(op), flag::one_way, 8, [](Writer&) {});
+    FrameParser p;
+    p.append(bytes);
+    CHECK_FALSE(one.handler.handle(one.session, *p.next(), one.sink, one.now));
+    auto f = one.sink.frames();
+    REQUIRE(f.size() == 1);
+    CHECK(f[0].first.id == 0);
+    CHECK(error_of(f[0]).message.find("was sent one-way, but it has a reply") != std::string::npos);
+  }
+  CHECK(one_way_allowed(Opcode::end_session));
+  CHECK_FALSE(one_way_allowed(Opcode::lookup));
 }
 
 TEST_CASE("instance ids are bound to their first HELLO's secret: claims without it are refused") {

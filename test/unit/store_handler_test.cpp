@@ -210,6 +210,10 @@ TEST_CASE("registration is validated with clear errors") {
   r.layout.layers.resize(40);
   CHECK(f.error(f.worker, r).message.find("raise --l1-slab-size") != std::string::npos);
   CHECK(f.handler->registrations() == 1);  // the first registration stands
+  // Nor a chunk so small that its index entry would cost a fair part of it.
+  r.layout = paged_layout(1, 1000, 16, 1, 2, 1);  // 16 blocks of 32 bytes x 2 planes: 1 KiB
+  CHECK(f.error(f.worker, r).message.find("below the server's minimum of 4096") != std::string::npos);
+  r.layout = layout();
   r.layout.num_layers = 4;
   r.layout.layers.resize(4);
   f.call(f.worker, r);

@@ -151,6 +151,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   template <class Request>
     requires std::is_void_v<typename Request::reply_type>
   void send(Request req) {
+    static_assert(wire::one_way_allowed(Request::opcode), "the server refuses this request one-way");
     detail::dispatch_inline(executor_, [self = shared_from_this(), r = std::move(req)] {
       if (self->closed_) return;
       ++self->stats_.one_way;

@@ -49,6 +49,13 @@ inline constexpr std::uint8_t max_opcode = 15;
 std::string opcode_name(std::uint8_t op);
 inline std::string opcode_name(Opcode op) { return opcode_name(static_cast<std::uint8_t>(op)); }
 
+// Requests a client may send one-way (flag::one_way): those whose reply
+// carries nothing. Any other gets its reply, or an error, so one-way makes
+// no sense for it; the server refuses that as a protocol error.
+constexpr bool one_way_allowed(Opcode op) {
+  return op == Opcode::free_lookup_locks || op == Opcode::end_session || op == Opcode::report_block_allocation;
+}
+
 namespace flag {
 inline constexpr std::uint16_t response = 1;  // a reply to request `id`
 inline constexpr std::uint16_t error = 2;     // payload is ErrorReply
