@@ -59,6 +59,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   while (auto f = parser.next()) {
     const std::uint64_t pick = f->header.id;
     server::SessionState& session = sessions[pick % connections];
+    // A request with a reply sent one-way closes its connection: keep that
+    // for one frame in 16, so random flags do not end most sessions early.
+    if (f->header.is_one_way() && f->header.opcode >= 1 && f->header.opcode <= wire::max_opcode &&
+        !wire::one_way_allowed(static_cast<wire::Opcode>(f->header.opcode)) && pick % 16 != 0)
+      f->header.flags &= static_cast<std::uint16_t>(~wire::flag::one_way);
     if (pick % 7 == 6) {
       // This connection closes before the frame; the frame opens a new one.
       handler.on_session_end(session, now);
