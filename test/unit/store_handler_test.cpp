@@ -136,6 +136,22 @@ struct Fixture {
     s.block_ids = blocks(h.size());
     return call(worker, s);
   }
+  // Stores many chunks, 50 per STORE (the blocks one request can name).
+  void store_all(const std::vector<ChunkHash>& h) {
+    for (std::size_t i = 0; i < h.size(); i += 50) {
+      const std::vector<ChunkHash> part(h.begin() + static_cast<std::ptrdiff_t>(i),
+                                        h.begin() + static_cast<std::ptrdiff_t>(std::min(i + 50, h.size())));
+      REQUIRE(store(part).stored_chunks == part.size());
+    }
+  }
+  // Sends a SYNC_LOOKUP without waiting for its reply (a large one is sliced).
+  void send_sync_lookup(const std::vector<ChunkHash>& h, std::uint64_t session) {
+    SyncLookupRequest l;
+    l.ns = ns;
+    l.session_id = session;
+    l.hashes = h;
+    send(scheduler, l);
+  }
   std::uint32_t sync_lookup(const std::vector<ChunkHash>& h, std::uint64_t session = 1) {
     SyncLookupRequest l;
     l.ns = ns;
@@ -891,12 +907,8 @@ TEST_CASE("large requests run in slices: other connections are served in between
   Fixture f;
   f.register_worker();
   const auto h = hashes(3000);  // 3000 chunks stored: a lookup of all is about 3 slices
-  for (std::size_t i = 0; i < h.size(); i += 50) REQUIRE(f.store({h.begin() + i, h.begin() + i + 50}).stored_chunks == 50);
-  SyncLookupRequest l;
-  l.ns = ns;
-  l.session_id = 4;
-  l.hashes = h;
-  f.send(f.scheduler, l);
+  f.store_all(h);
+  f.send_sync_lookup(h, 4);
   CHECK(f.sink->frames().empty());  // not answered yet
   REQUIRE(f.scheduler.unfinished);
   int slices = 1;
@@ -947,12 +959,8 @@ TEST_CASE("a departed scheduler's many locks are released a slice at a time, non
   Fixture f;
   f.register_worker();
   const auto h = hashes(3000);
-  for (std::size_t i = 0; i < h.size(); i += 50) REQUIRE(f.store({h.begin() + i, h.begin() + i + 50}).stored_chunks == 50);
-  SyncLookupRequest l;
-  l.ns = ns;
-  l.session_id = 4;
-  l.hashes = h;
-  f.send(f.scheduler, l);
+  f.store_all(h);
+  f.send_sync_lookup(h, 4);
   while (!f.handler->continue_work(f.scheduler, *f.sink, f.now)) {
   }
   f.sink->frames();
