@@ -504,7 +504,8 @@ std::uint32_t RequestHandler::quota_slots(std::uint64_t slot_bytes) const {
   // The chunks of this size L1 can hold at most, when every slab is theirs.
   const std::uint64_t most = std::uint64_t{pool_.num_slabs()} * (pool_.slab_bytes() / slot_bytes);
   // A quota smaller than one chunk would refuse everything: one slot at least.
-  return static_cast<std::uint32_t>(std::clamp<std::uint64_t>(quota_bytes() / slot_bytes, 1, std::max<std::uint64_t>(most, 1)));
+  return static_cast<std::uint32_t>(
+      std::clamp<std::uint64_t>(quota_bytes() / slot_bytes, 1, std::max<std::uint64_t>(most, 1)));
 }
 
 void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
@@ -925,25 +926,28 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
   const std::uint32_t bpc = reg->blocks_per_chunk;
   std::uint32_t skipped = 0;
   const store::Writer writer{reg->slot_bytes, session.instance_id, quota_slots(reg->slot_bytes)};
+  std::uint32_t other_layout = 0;
   for (std::size_t i = 0; i < req.hashes.size(); ++i) {
     ChunkKey key{req.ns, req.hashes[i], req.kv_rank};
     store::Slot slot = 0;
     std::uint64_t gen = 0;
     const auto got = store_.reserve(key, writer, now, slot, gen);
-    if (got == store::KvStore::Reserve::other_layout)
-      warn(session, now,
-           fmt::format("kvlink-server: {} ({}) stored chunks that are already in L1 with another KV layout: engines "
-                       "sharing a namespace (model, world size, cache salt) must share the layout; give each layout "
-                       "its own cache salt",
-                       session.peer.text, session.client_name));
     if (got != store::KvStore::Reserve::reserved) {
-      ++skipped;  // present, being written, no room or over quota: not an error
+      // Present, being written, no room or over quota: not an error.
+      ++skipped;
+      other_layout += got == store::KvStore::Reserve::other_layout ? 1 : 0;
       continue;
     }
     reserved.push_back({key, gen});
     auto first = req.block_ids.begin() + static_cast<std::ptrdiff_t>(i * bpc);
     job.chunks.push_back({pool_.data(slot), std::vector<std::uint32_t>(first, first + bpc)});
   }
+  if (other_layout > 0)
+    warn(session, now,
+         fmt::format("kvlink-server: {} ({}) stored {} chunks that are already in L1 with another KV layout: engines "
+                     "sharing a namespace (model, world size, cache salt) must share the layout; give each layout "
+                     "its own cache salt",
+                     session.peer.text, session.client_name, other_layout));
   if (reserved.empty()) return reply(sink, frame.header, wire::StoreResult{0, skipped});
   auto target = std::make_shared<ReplyTarget>(ReplyTarget{&sink, sink.weak_self()});
   const wire::Header header = frame.header;
