@@ -78,7 +78,7 @@ class KvStore {
   using Queue = std::list<Node*>;
   struct Entry {
     Slot slot = 0;
-    LayoutClass cls = 0;
+    LayoutClass cls = 0;  // the class of its slot's slab, kept: every LRU move needs it
     State state = State::writing;
     std::uint32_t read_locks = 0;
     bool write_locked = false;
