@@ -3,14 +3,18 @@
 // runs the CUDA transfer engine. Every case is registered as skipped when
 // no CUDA device is usable (doctest counts it as skipped, never passed).
 #include <doctest/doctest.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <spawn.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <numeric>
 #include <thread>
 
 #include "../integration/server_process.hpp"
+#include "../integration/stats_client.hpp"
 #include "gpu_engine.hpp"
 #include "gpu_kernels.hpp"
 #include "kvlink/runtime/runtime.hpp"
@@ -36,10 +40,15 @@ constexpr std::uint32_t chunk_tokens = 64;  // server --chunk-size: 4 blocks of 
 struct Server {
   TempDir dir;
   ServerProcess process;
-  explicit Server(const std::string& method)
-      : process({"--listen", dir.socket(), "--transfer-engine", "cuda", "--cuda-copy", method, "--chunk-size",
-                 std::to_string(chunk_tokens), "--l1-size", "256MiB", "--log-level", "warn"}) {
+  explicit Server(const std::string& method, std::vector<std::string> more_args = {})
+      : process(args(dir, method, std::move(more_args))) {
     process.start(30s);
+  }
+  static std::vector<std::string> args(const TempDir& dir, const std::string& method, std::vector<std::string> more) {
+    std::vector<std::string> a{"--listen", dir.socket(), "--transfer-engine", "cuda", "--cuda-copy", method,
+                               "--chunk-size", std::to_string(chunk_tokens), "--l1-size", "256MiB", "--log-level", "warn"};
+    a.insert(a.end(), more.begin(), more.end());
+    return a;
   }
 };
 
@@ -229,4 +238,166 @@ TEST_CASE("gpu: registrations that cannot be opened are refused, saying why" * d
   // And the good layout still registers afterwards.
   Engine engine(server.process.endpoint(), "gpu-good");
   CHECK(!engine.register_kv(kv));
+}
+
+namespace {
+
+// Device memory in use on the whole device, in MiB (every process's).
+double device_used_mib() {
+  std::size_t free = 0, total = 0;
+  REQUIRE(cudaMemGetInfo(&free, &total) == cudaSuccess);
+  return static_cast<double>(total - free) / (1 << 20);
+}
+
+// What nvidia-smi says process `pid` holds on the device, in MiB; -1 when
+// nvidia-smi is missing or does not list it (it is a figure for the report,
+// never a verdict: whether IPC mappings count there is the driver's choice).
+double process_used_mib(pid_t pid) {
+  FILE* f = ::popen("nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null", "r");
+  if (!f) return -1;
+  double mib = -1;
+  long p = 0;
+  double m = 0;
+  while (std::fscanf(f, "%ld, %lf", &p, &m) == 2)
+    if (p == pid) mib = m;
+  ::pclose(f);
+  return mib;
+}
+
+// gpu-engine-helper in "hold" mode: an engine process that registers a
+// device KV cache of `mib` MiB (and unregisters it if asked) and holds it
+// until released or killed.
+class HeldEngine {
+ public:
+  HeldEngine(const std::string& endpoint, std::uint64_t mib, bool unregister) {
+    const std::string helper = ServerProcess::binary("KVLINK_GPU_HELPER");
+    std::vector<std::string> args{helper, "hold", endpoint, std::to_string(mib), unregister ? "1" : "0"};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int in[2], out[2];
+    REQUIRE(::pipe2(in, O_CLOEXEC) == 0);
+    REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, in[0], STDIN_FILENO);
+    posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
+    const int rc = ::posix_spawn(&pid_, helper.c_str(), &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    ::close(in[0]);
+    ::close(out[1]);
+    to_ = in[1];
+    from_ = out[0];
+    REQUIRE(rc == 0);
+    // Its "ready" line, within 60 s (CUDA start-up, allocation, REGISTER).
+    char buf[16] = {};
+    pollfd p{from_, POLLIN, 0};
+    const bool ready = ::poll(&p, 1, 60'000) == 1 && ::read(from_, buf, sizeof buf - 1) > 0 &&
+                       std::string(buf).rfind("ready", 0) == 0;
+    REQUIRE_MESSAGE(ready, "gpu-engine-helper hold did not register (see its stderr)");
+  }
+  ~HeldEngine() {
+    if (pid_ > 0) kill();
+    ::close(to_);
+    ::close(from_);
+  }
+  pid_t pid() const { return pid_; }
+  void kill() {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  // Closes its stdin: it shuts its adapter down and exits 0.
+  void release() {
+    ::close(to_);
+    to_ = -1;
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    CHECK_MESSAGE((WIFEXITED(status) && WEXITSTATUS(status) == 0), "gpu-engine-helper hold did not exit cleanly");
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int to_ = -1, from_ = -1;
+};
+
+// Waits up to 10 s for device memory in use to come back within `slack`
+// MiB of `baseline` (a dead process's memory is freed asynchronously).
+double settle_to(double baseline, double slack) {
+  const auto end = std::chrono::steady_clock::now() + 10s;
+  double used = device_used_mib();
+  while (used > baseline + slack && std::chrono::steady_clock::now() < end) {
+    std::this_thread::sleep_for(50ms);
+    used = device_used_mib();
+  }
+  return used;
+}
+
+}  // namespace
+
+// The reference server kept its engines' KV caches mapped after they
+// unregistered or died: 112 GB per GPU, growing 5-10 GiB per engine crash.
+// Here the device memory in use must come back to the baseline (server up,
+// no engine) after an UNREGISTER, after a SIGKILL once the instance is
+// reaped, and after 20 such crashes. Lines starting "gpu-memory:" are the
+// figures for the report.
+TEST_CASE("gpu: device memory returns to the baseline after unregister, after SIGKILL and reap, and after 20 "
+          "crashes" * doctest::skip(no_gpu)) {
+  constexpr std::uint64_t kv_mib = 1024;
+  constexpr double slack_mib = 64;  // allocator granularity; a leak is a whole KV cache
+  Server server("batch", {"--reap-timeout-s", "2", "--registration-grace-s", "2"});
+  asio::io_context io;
+  kvlink::test::StatsClient stats(io, server.process.endpoint());
+  REQUIRE(stats.stat("registrations") == 0);
+  const double baseline = device_used_mib();
+  auto report = [&](const char* stage, double used) {
+    std::printf("gpu-memory: %-34s device used %9.0f MiB (baseline %+7.0f MiB), server process %7.0f MiB\n", stage,
+                used, used - baseline, process_used_mib(server.process.pid()));
+    std::fflush(stdout);
+  };
+  report("baseline (server up, no engine)", baseline);
+
+  {
+    HeldEngine engine(server.process.endpoint(), kv_mib, false);
+    CHECK(stats.stat("registrations") == 1);
+    const double registered = device_used_mib();
+    report("registered (1 GiB KV cache)", registered);
+    CHECK(registered > baseline + kv_mib - slack_mib);  // the figure measures what it claims to
+    engine.release();  // shuts down: UNREGISTER, then exit
+  }
+  CHECK(stats.stat_becomes("registrations", 0));
+  double used = settle_to(baseline, slack_mib);
+  report("after UNREGISTER and exit", used);
+  CHECK(used <= baseline + slack_mib);
+
+  {
+    HeldEngine engine(server.process.endpoint(), kv_mib, true);
+    CHECK(stats.stat("registrations") == 0);
+    report("unregistered, engine alive", device_used_mib());
+  }  // SIGKILL: nothing was registered, so nothing is left to reap
+  used = settle_to(baseline, slack_mib);
+  report("after UNREGISTER and SIGKILL", used);
+  CHECK(used <= baseline + slack_mib);
+
+  constexpr int crashes = 20;
+  for (int i = 0; i < crashes; ++i) {
+    CAPTURE(i);
+    HeldEngine engine(server.process.endpoint(), kv_mib, false);
+    REQUIRE(stats.stat("registrations") == 1);
+    engine.kill();
+    if (i == 0) {
+      std::this_thread::sleep_for(200ms);
+      const bool held = stats.stat("registrations") == 1;
+      report(held ? "SIGKILLed, not yet reaped" : "SIGKILLed (already reaped)", device_used_mib());
+    }
+    // The reaper (2 s of silence) drops the registration and closes its
+    // IPC mappings; only then can the driver free the dead engine's memory.
+    REQUIRE(stats.stat_becomes("registrations", 0));
+    used = settle_to(baseline, slack_mib);
+    if (i == 0) report("SIGKILLed and reaped", used);
+    REQUIRE(used <= baseline + slack_mib);
+  }
+  report("after 20 SIGKILL/reap cycles", used);
+  CHECK(stats.stat("instances_reaped") >= crashes);
 }
