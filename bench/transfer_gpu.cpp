@@ -182,11 +182,11 @@ struct Server {
   wire::KvLayout layout32, layout8;
   std::byte* l1 = nullptr;
   std::uint64_t l1_bytes = 0;
-  void* device_buffer = nullptr;  // for the ceiling
-  cudaStream_t stream = nullptr;
+  void* device_buffer = nullptr;  // for the ceilings: 2 x ceiling_bytes
+  cudaStream_t stream = nullptr, stream2 = nullptr;
   asio::io_context io;
   std::unique_ptr<transfer::CudaTransferEngine> engine;
-  transfer::CudaCopyMethod method{};
+  transfer::CudaEngineConfig config;
   std::shared_ptr<transfer::Registration> reg32, reg8;
   std::vector<std::uint32_t> shuffled;  // block ids in a scattered order
   std::string error;
@@ -197,6 +197,7 @@ struct Server {
     engine.reset();
     if (device_buffer) cudaFree(device_buffer);
     if (stream) cudaStreamDestroy(stream);
+    if (stream2) cudaStreamDestroy(stream2);
     if (l1) ::munmap(l1, l1_bytes);
   }
 
@@ -210,20 +211,30 @@ struct Server {
     return r;
   }
 
-  // The engine for `m` (one at a time: each opens the IPC handles itself).
-  bool use(transfer::CudaCopyMethod m) {
-    if (engine && method == m) return error.empty();
+  // The engine for `c` (one at a time: each opens the IPC handles itself).
+  bool use(const transfer::CudaEngineConfig& c) {
+    if (engine && same(config, c)) return error.empty();
     reg32.reset();
     reg8.reset();
     engine.reset();
-    transfer::CudaEngineConfig c;
-    c.method = m;
+    error.clear();
     engine = transfer::CudaTransferEngine::create(io.get_executor(), c, error);
     if (!engine) return false;
-    method = m;
+    config = c;
     reg32 = attach(layout32);
     if (error.empty()) reg8 = attach(layout8);
     return error.empty();
+  }
+  bool use(transfer::CudaCopyMethod m) {
+    transfer::CudaEngineConfig c;
+    c.method = m;
+    return use(c);
+  }
+  static bool same(const transfer::CudaEngineConfig& a, const transfer::CudaEngineConfig& b) {
+    return a.method == b.method && a.streams_per_direction == b.streams_per_direction &&
+           a.kernel_blocks == b.kernel_blocks && a.kernel_threads == b.kernel_threads &&
+           a.merge_limit == b.merge_limit && a.batch_overlap_hint == b.batch_overlap_hint &&
+           a.batch_retrieve_any_order == b.batch_retrieve_any_order;
   }
 
   transfer::TransferJob job(transfer::Direction d, const std::shared_ptr<transfer::Registration>& reg,
@@ -328,8 +339,23 @@ void BM_transfer(benchmark::State& state) {
                          block_bytes(static_cast<std::uint32_t>(state.range(2))) >> 10)] = median(rates);
 }
 
-// The engine process's compute loop alone, then with stores and retrieves
-// running until it finishes. range(0): method.
+// The engine process's compute loop, alone (`with_copies` false) or with
+// stores and retrieves running until it finishes: its time in ms, or -1.
+double compute_ms(Server& s, bool with_copies) {
+  write_line(g_child.to, "compute 1000");
+  if (with_copies) {
+    const double sec = s.run({transfer::Direction::store, transfer::Direction::retrieve}, s.reg32, 0, nullptr, [&] {
+      pollfd p{g_child.from, POLLIN, 0};
+      return ::poll(&p, 1, 0) == 0;  // until the engine answers
+    });
+    if (sec < 0) return -1;
+  }
+  std::string line;
+  if (!read_line(g_child.from, line) || line.rfind("ms ", 0) != 0) return -1;
+  return std::stod(line.substr(3));
+}
+
+// range(0): method.
 void BM_overlap(benchmark::State& state) {
   auto& s = *g_server;
   const auto method = state.range(0) == 0 ? transfer::CudaCopyMethod::batch : transfer::CudaCopyMethod::kernel;
@@ -337,24 +363,10 @@ void BM_overlap(benchmark::State& state) {
     state.SkipWithError(s.error.c_str());
     return;
   }
-  auto compute = [&](bool with_copies, double& ms) -> bool {
-    write_line(g_child.to, "compute 1000");
-    std::string line;
-    if (with_copies) {
-      const double sec = s.run({transfer::Direction::store, transfer::Direction::retrieve}, s.reg32, 0, nullptr, [&] {
-        pollfd p{g_child.from, POLLIN, 0};
-        return ::poll(&p, 1, 0) == 0;  // until the engine answers
-      });
-      if (sec < 0) return false;
-    }
-    if (!read_line(g_child.from, line) || line.rfind("ms ", 0) != 0) return false;
-    ms = std::stod(line.substr(3));
-    return true;
-  };
   double alone = 1e30, together = 1e30;
   for (auto _ : state) {
-    double a = 0, t = 0;
-    if (!compute(false, a) || !compute(true, t)) {
+    const double a = compute_ms(s, false), t = compute_ms(s, true);
+    if (a < 0 || t < 0) {
       state.SkipWithError("the engine process's compute loop failed");
       return;
     }
@@ -367,6 +379,91 @@ void BM_overlap(benchmark::State& state) {
   g_fig.slowdown[transfer::copy_method_name(method)] = together / alone - 1;
 }
 
+// Both ways at once, one ceiling_bytes copy each on its own stream: the
+// bidirectional ceiling of this bus, reported beside 2 x C.
+void BM_copy_ceiling_both(benchmark::State& state) {
+  auto& s = *g_server;
+  auto* device = static_cast<std::byte*>(s.device_buffer);
+  std::vector<double> rates;
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    const auto e1 = cudaMemcpyAsync(s.l1, device, ceiling_bytes, cudaMemcpyDeviceToHost, s.stream);
+    const auto e2 = cudaMemcpyAsync(device + ceiling_bytes, s.l1 + ceiling_bytes, ceiling_bytes,
+                                    cudaMemcpyHostToDevice, s.stream2);
+    if (e1 != cudaSuccess || e2 != cudaSuccess || cudaStreamSynchronize(s.stream) != cudaSuccess ||
+        cudaStreamSynchronize(s.stream2) != cudaSuccess) {
+      state.SkipWithError("cudaMemcpyAsync failed");
+      return;
+    }
+    const double sec = std::chrono::duration<double>(Clock::now() - t0).count();
+    state.SetIterationTime(sec);
+    rates.push_back(2.0 * static_cast<double>(ceiling_bytes) / sec / 1e9);
+  }
+  g_fig.gbps["C_both"] = median(rates);
+}
+
+// --sweep: each figure for engine settings around the defaults (median of
+// 5 runs; one compute-slowdown measurement each), to choose the defaults.
+void sweep(Server& s) {
+  struct Variant {
+    std::string name;
+    transfer::CudaEngineConfig config;
+  };
+  std::vector<Variant> variants;
+  for (unsigned streams : {1u, 2u, 4u, 8u}) {
+    transfer::CudaEngineConfig c;
+    c.streams_per_direction = streams;
+    variants.push_back({fmt::format("batch, {} streams", streams), c});
+  }
+  {
+    transfer::CudaEngineConfig c;
+    c.batch_overlap_hint = false;
+    variants.push_back({"batch, no overlap hint", c});
+    c = {};
+    c.batch_retrieve_any_order = true;
+    variants.push_back({"batch, retrieve any order", c});
+    c.streams_per_direction = 4;
+    variants.push_back({"batch, retrieve any order, 4 streams", c});
+  }
+  for (unsigned blocks : {0u, 32u, 16u, 8u, 4u}) {
+    transfer::CudaEngineConfig c;
+    c.method = transfer::CudaCopyMethod::kernel;
+    c.kernel_blocks = blocks;
+    variants.push_back({blocks ? fmt::format("kernel, {} blocks", blocks) : std::string("kernel, 1 block per SM"), c});
+  }
+  std::printf("\n| variant | store 32K | retrieve 32K | store 8K | retrieve 8K | both 32K | compute slowdown |\n"
+              "|---|---|---|---|---|---|---|\n");
+  for (const auto& v : variants) {
+    if (!s.use(v.config)) {
+      std::printf("| %s | %s |\n", v.name.c_str(), s.error.c_str());
+      continue;
+    }
+    std::string row = "| " + v.name;
+    struct Figure {
+      std::vector<transfer::Direction> dirs;
+      bool small;
+    };
+    const Figure figures[] = {{{transfer::Direction::store}, false},
+                              {{transfer::Direction::retrieve}, false},
+                              {{transfer::Direction::store}, true},
+                              {{transfer::Direction::retrieve}, true},
+                              {{transfer::Direction::store, transfer::Direction::retrieve}, false}};
+    for (const auto& f : figures) {
+      std::vector<double> rates;
+      for (int i = 0; i < 5; ++i) {
+        std::uint64_t bytes = 0;
+        const double sec = s.run(f.dirs, f.small ? s.reg8 : s.reg32, 4 * jobs_in_flight, &bytes);
+        if (sec > 0) rates.push_back(static_cast<double>(bytes) / sec / 1e9);
+      }
+      row += fmt::format(" | {:.2f}", median(rates));
+    }
+    const double a = compute_ms(s, false), t = compute_ms(s, true);
+    row += a > 0 && t > 0 ? fmt::format(" | {:+.1f} % |", (t / a - 1) * 100) : std::string(" | failed |");
+    std::printf("%s\n", row.c_str());
+    std::fflush(stdout);
+  }
+}
+
 void print_summary(const std::string& device) {
   const double cd = g_fig.gbps["C_d2h"], ch = g_fig.gbps["C_h2d"];
   std::printf("\nGPU data path on %s: %u layers, %u-token blocks, %u chunks per job, %u jobs in flight per "
@@ -374,6 +471,9 @@ void print_summary(const std::string& device) {
               device.c_str(), layers, block_size, chunks_per_job, jobs_in_flight);
   std::printf("copy ceiling C (one %llu MiB cudaMemcpyAsync, pinned L1): d2h %.2f GB/s, h2d %.2f GB/s\n",
               static_cast<unsigned long long>(ceiling_bytes >> 20), cd, ch);
+  if (g_fig.gbps.count("C_both"))
+    std::printf("both ways at once (one such copy each way, two streams): %.2f GB/s = %.3f x (C_d2h + C_h2d)\n",
+                g_fig.gbps["C_both"], g_fig.gbps["C_both"] / (cd + ch));
   std::printf("| method | figure | GB/s | reference | ratio | target | result |\n|---|---|---|---|---|---|---|\n");
   for (const char* m : {"batch", "kernel"}) {
     struct Row {
@@ -452,8 +552,9 @@ int main(int argc, char** argv) {
   server->shuffled.resize(num_blocks);
   std::iota(server->shuffled.begin(), server->shuffled.end(), 0u);
   std::shuffle(server->shuffled.begin(), server->shuffled.end(), std::mt19937(42));
-  if (!server->use(transfer::CudaCopyMethod::batch) || cudaMalloc(&server->device_buffer, ceiling_bytes) != cudaSuccess ||
-      cudaStreamCreateWithFlags(&server->stream, cudaStreamNonBlocking) != cudaSuccess) {
+  if (!server->use(transfer::CudaCopyMethod::batch) || cudaMalloc(&server->device_buffer, 2 * ceiling_bytes) != cudaSuccess ||
+      cudaStreamCreateWithFlags(&server->stream, cudaStreamNonBlocking) != cudaSuccess ||
+      cudaStreamCreateWithFlags(&server->stream2, cudaStreamNonBlocking) != cudaSuccess) {
     std::printf("bench-transfer-gpu: set-up failed: %s\n", server->error.c_str());
     finish_child();
     return 1;
@@ -464,6 +565,7 @@ int main(int argc, char** argv) {
 
   benchmark::RegisterBenchmark("BM_copy_ceiling/d2h", BM_copy_ceiling)->Arg(0)->UseManualTime()->Iterations(20)->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("BM_copy_ceiling/h2d", BM_copy_ceiling)->Arg(1)->UseManualTime()->Iterations(20)->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("BM_copy_ceiling/both", BM_copy_ceiling_both)->UseManualTime()->Iterations(20)->Unit(benchmark::kMillisecond);
   for (int m : {0, 1})
     for (int dir : {0, 1, 2})
       for (int heads : {8, 2}) {
@@ -485,6 +587,14 @@ int main(int argc, char** argv) {
         ->Iterations(3)
         ->Unit(benchmark::kMillisecond);
 
+  if (argc > 1 && std::string(argv[1]) == "--sweep") {
+    std::printf("bench-transfer-gpu --sweep on %s\n", prop.name);
+    sweep(*server);
+    g_server = nullptr;
+    server.reset();
+    finish_child();
+    return 0;
+  }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -294,8 +294,9 @@ struct CudaTransferEngine::Impl {
       js.sizes[i] = js.plan[i].bytes;
     }
     cudaMemcpyAttributes attr{};
-    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // after the engine's event
-    attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+    const bool any_order = config.batch_retrieve_any_order && js.job.direction == Direction::retrieve;
+    attr.srcAccessOrder = any_order ? cudaMemcpySrcAccessOrderAny : cudaMemcpySrcAccessOrderStream;
+    attr.flags = config.batch_overlap_hint ? cudaMemcpyFlagPreferOverlapWithCompute : cudaMemcpyFlagDefault;
     std::size_t attr_index = 0;
 #if CUDART_VERSION >= 13000
     auto e = cudaMemcpyBatchAsync(js.dsts.data(), js.srcs.data(), js.sizes.data(), n, &attr, &attr_index, 1, stream);

@@ -43,6 +43,13 @@ struct CudaEngineConfig {
   // Neighbouring copies contiguous on both sides merge up to this size
   // (0: the method's default: 4 MiB for batch, 256 KiB for kernel).
   std::uint64_t merge_limit = 0;
+  // Batch method: hint the driver to leave the SMs to the engine's kernels
+  // (cudaMemcpyFlagPreferOverlapWithCompute).
+  bool batch_overlap_hint = true;
+  // Batch method, retrieve: let the driver read L1 out of stream order (it
+  // is locked and unchanging while the job runs); stores always read the
+  // engine's memory in stream order, after its event.
+  bool batch_retrieve_any_order = false;
 };
 
 // Counts usable CUDA devices: "" and the count (>= 1), or why there are
