@@ -267,7 +267,7 @@ struct Pipeline {
   void start_one() {
     --to_start;
     ++outstanding;
-    conn->async_call(kvlink::wire::PingRequest{}, call_timeout, [this](std::error_code ec, kvlink::wire::Empty) {
+    conn->async_call(kvlink::wire::PingRequest{}, call_timeout, [this](std::error_code ec, kvlink::wire::PingReply) {
       --outstanding;
       if (ec) failed = true;
       if (to_start > 0 && !failed) start_one();
@@ -318,7 +318,7 @@ struct FanIn {
   void start_on(std::size_t c) {
     --to_start;
     ++outstanding;
-    conns[c]->async_call(kvlink::wire::PingRequest{}, call_timeout, [this, c](std::error_code ec, kvlink::wire::Empty) {
+    conns[c]->async_call(kvlink::wire::PingRequest{}, call_timeout, [this, c](std::error_code ec, kvlink::wire::PingReply) {
       --outstanding;
       if (ec) failed = true;
       if (to_start > 0 && !failed) start_on(c);
@@ -394,7 +394,7 @@ class HostLoop {
     bool done = false;
     std::error_code result;
     conn.async_call(kvlink::wire::PingRequest{}, call_timeout,
-                    asio::bind_executor(rt_.host_executor(), [&](std::error_code ec, kvlink::wire::Empty) {
+                    asio::bind_executor(rt_.host_executor(), [&](std::error_code ec, kvlink::wire::PingReply) {
                       result = ec;
                       done = true;
                     }));

@@ -15,7 +15,12 @@
 // per job and 4 jobs in flight; stores and retrieves together against
 // C_d2h + C_h2d; and the engine process's compute loop slowed by copies
 // running meanwhile. Each figure for both copy methods (one
-// cudaMemcpyBatchAsync, or one kernel launch per job).
+// cudaMemcpyBatchAsync, or one kernel launch per job). The bidirectional
+// ceiling (one such copy each way at once) is reported beside 2 x C.
+//
+// --sweep instead prints each figure for engine settings around the
+// defaults (streams, the batch call's hints, kernel blocks): how the
+// defaults were chosen.
 //
 // Without a usable CUDA device it prints why and exits 0.
 #include <benchmark/benchmark.h>

@@ -259,9 +259,14 @@ void Monitor::do_ping() {
   if (!c) return;
   const auto t0 = Clock::now();
   c->async_call(wire::PingRequest{}, policy_.probe_timeout(),
-                [self = shared_from_this(), t0, gen = gen_](std::error_code ec, wire::Empty) {
+                [self = shared_from_this(), t0, gen = gen_](std::error_code ec, wire::PingReply reply) {
                   if (gen != self->gen_ || self->stopped_) return;
                   const auto now = Clock::now();
+                  // Alive but unable to move KV data: as good as down for
+                  // the engine, which recomputes until it is back.
+                  if (!ec && !reply.data_path_error.empty())
+                    return self->apply(self->policy_.ping_failed(
+                        now, PingFailure::error, "the server's data path is down: " + reply.data_path_error));
                   if (!ec) return self->apply(self->policy_.ping_ok(now, now - t0));
                   if (ec == errc::connection_lost) return self->on_lost(gen, "connection lost during a ping");
                   PingFailure kind = ec == errc::timed_out           ? PingFailure::timeout

@@ -326,7 +326,10 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
                          session.instance_id));
         return true;
       }
-      reply(sink, h, wire::Empty{});
+      wire::PingReply r;
+      if (auto it = registrations_.find(session.instance_id); it != registrations_.end())
+        r.data_path_error = engine_.fault(*it->second);
+      reply(sink, h, r);
       return true;
     }
     case wire::Opcode::stats:
@@ -571,6 +574,11 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("prefetch_jobs", jobs_.size());
   add("sessions", sessions_.size());
   add("registrations", registrations_.size());
+  // Registrations whose data path is down (their transfers are refused).
+  add("data_path_down", static_cast<std::uint64_t>(std::count_if(
+                            registrations_.begin(), registrations_.end(),
+                            [&](const auto& r) { return !engine_.fault(*r.second).empty(); })));
+  add("transfers_refused_data_path", transfers_refused_data_path_);
   add("block_allocation_reports", block_reports_);
   add("engine_blocks_allocated", engine_blocks_allocated_);
   add("engine_blocks_total", engine_blocks_total_);
@@ -847,6 +855,12 @@ std::shared_ptr<const transfer::Registration> RequestHandler::registration_for(
     return nullptr;
   }
   const auto& reg = *it->second;
+  if (auto why = engine_.fault(reg); !why.empty()) {
+    ++transfers_refused_data_path_;
+    fail(frame, sink, errc::server_error,
+         fmt::format("the server cannot move this KV cache's data: {}; recompute until it is back", why));
+    return nullptr;
+  }
   if (ns != reg.ns) {
     fail(frame, sink, errc::bad_request,
          fmt::format("namespace {:016x} does not match the registered KV cache's namespace {:016x} (model {}); "

@@ -57,6 +57,10 @@ struct Device {
   std::vector<DescriptorBuffer> free_buffers;
   std::int64_t l1_offset = 0;  // device address of mapped L1 minus its host address
   bool l1_offset_known = false;
+  // Set once a failed copy left the context answering every call with an
+  // error (a sticky fault: illegal address, ECC, Xid...): why. Nothing on
+  // this device copies again until the server restarts.
+  std::string fault;
 
   ~Device() {
     if (cudaSetDevice(ordinal) != cudaSuccess) return;
@@ -87,6 +91,19 @@ struct Device {
       retrieve_streams.push_back(s);
     }
     return {};
+  }
+
+  // After a failure: does the context still work? A sticky error makes
+  // every call fail, a cheap non-blocking one included. Sets `fault` (and
+  // logs it, once) when it does not.
+  void check_context() {
+    if (!fault.empty()) return;
+    cudaError_t e = cudaSetDevice(ordinal);
+    if (e == cudaSuccess && !store_streams.empty()) e = cudaStreamQuery(store_streams.front());
+    if (e == cudaSuccess || e == cudaErrorNotReady) return;
+    fault = error("the server's CUDA context", ordinal, e) +
+            ": it is lost and no copy on this device can work again; restart kvlink-server";
+    log::error("kvlink-server: CUDA device {} ({}): {}", ordinal, cuda::uuid_string(uuid), fault);
   }
 
   cudaStream_t next_stream(Direction d) {
@@ -198,6 +215,7 @@ void finish(const std::shared_ptr<JobState>& js) {
     }
     log::warn("kvlink-server: {} copy of {} chunk(s) failed: {}", op_name(js->job.direction), js->job.chunks.size(),
               why);
+    js->device->check_context();
     ec = errc::server_error;
   } else if (js->ended >= js->job.fence) {
     // The engine may have reused its blocks by now: a store's bytes may be
@@ -448,6 +466,7 @@ void CudaTransferEngine::submit(TransferJob job, TransferDone done) {
   if (!state) return fail("the KV cache was not opened by the CUDA engine");
   if (!impl_->l1_base) return fail("L1 is not pinned");
   Device& d = *state->device;
+  if (!d.fault.empty()) return fail(d.fault);
   if (impl_->config.method == CudaCopyMethod::kernel && !d.l1_offset_known) return fail("L1 is not mapped on the device");
 
   auto js = std::make_unique<JobState>();
@@ -458,7 +477,10 @@ void CudaTransferEngine::submit(TransferJob job, TransferDone done) {
     asio::post(impl_->completions, [done = std::move(done)] { done({}); });
     return;
   }
-  if (auto e = cudaSetDevice(d.ordinal); e != cudaSuccess) return fail(error("cudaSetDevice", d.ordinal, e));
+  if (auto e = cudaSetDevice(d.ordinal); e != cudaSuccess) {
+    d.check_context();
+    return fail(error("cudaSetDevice", d.ordinal, e));
+  }
   const cudaStream_t stream = d.next_stream(job.direction);
   if (!job.engine_event.empty()) {
     cudaEvent_t ev = nullptr;
@@ -469,6 +491,7 @@ void CudaTransferEngine::submit(TransferJob job, TransferDone done) {
   // Nothing is queued before this point, so failures above need no callback.
   if (auto why = impl_->enqueue(*js, stream); !why.empty()) {
     if (js->buffer.host) d.free_buffers.push_back(js->buffer);  // nothing reads it: its copy was not queued
+    d.check_context();
     return fail(why);
   }
   js->job = std::move(job);
@@ -483,6 +506,11 @@ void CudaTransferEngine::submit(TransferJob job, TransferDone done) {
     return;
   }
   js.release();  // owned by on_stream_done now
+}
+
+std::string CudaTransferEngine::fault(const Registration& reg) const {
+  auto* state = dynamic_cast<const CudaRegistration*>(reg.engine_state.get());
+  return state && state->device ? state->device->fault : std::string{};
 }
 
 }  // namespace kvlink::transfer

@@ -38,6 +38,11 @@ std::string RoutingTransferEngine::use_l1(const Registration& reg, std::byte* ba
   return {};
 }
 
+std::string RoutingTransferEngine::fault(const Registration& reg) const {
+  const TransferEngine* e = engine_for(reg);
+  return e ? e->fault(reg) : std::string{};
+}
+
 std::uint64_t RoutingTransferEngine::capabilities() const {
   return (cpu_ ? cpu_->capabilities() : 0) | (cuda_ ? cuda_->capabilities() : 0);
 }

@@ -12,8 +12,14 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <future>
+#include <thread>
 
+#include "kvlink/adapter/worker.hpp"
 #include "kvlink/health/monitor.hpp"
+#include "kvlink/runtime/runtime.hpp"
+#include "kvlink/server/server.hpp"
+#include "kvlink/transfer/kv_memfd.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 
@@ -330,4 +336,76 @@ TEST_CASE("kvlink-cli watch prints one JSON line per transition and exits 0 at t
   const int rc = std::system(interrupted.c_str());
   CHECK(WIFEXITED(rc));
   CHECK(WEXITSTATUS(rc) == 0);
+}
+
+// A device fault that loses the server's CUDA context cannot be provoked
+// safely on a GPU, so the transfer engine's verdict is injected: an
+// in-process server with a fake engine whose data path goes down and back.
+TEST_CASE("health: a server alive but unable to move KV data makes the worker's link degraded, saying why") {
+  TempDir dir;
+  asio::io_context server_io;
+  transfer::NullTransferEngine engine;
+  server::ServerConfig cfg;
+  cfg.listen = {dir.socket()};
+  cfg.l1_size = 64u << 20;
+  cfg.huge_pages = false;
+  server::Server server(server_io, cfg, engine);
+  server.start();
+  auto guard = asio::make_work_guard(server_io);
+  std::thread server_thread([&] { server_io.run(); });
+  auto set_fault = [&](std::string why) {
+    std::promise<void> done;
+    asio::post(server_io, [&] {
+      engine.set_fault(why);
+      done.set_value();
+    });
+    done.get_future().wait();
+  };
+
+  runtime::Runtime rt;
+  adapter::WorkerConfig w;
+  w.endpoint = server.endpoints().front();
+  w.model = "data-path-model";
+  w.health.interval = 50ms;
+  w.health.ping_timeout = 1s;
+  auto worker = adapter::WorkerAdapter::create(rt.executor(), w);
+  const auto layout = wire::paged_layout(2, 64, 16, 2, 16, 2);
+  auto kv = transfer::create_kv_memfd(layout, {.name = "health_test-kv", .map = false});
+  REQUIRE_MESSAGE(kv, kv.detail);
+  REQUIRE_FALSE(worker->register_kv_caches(layout, kv.fd.release(), 5s).ec);
+  auto wait = [&](State s) {
+    const auto end = Clock::now() + 5s;
+    while (worker->monitor().state() != s && Clock::now() < end) std::this_thread::sleep_for(5ms);
+    return worker->monitor().state() == s;
+  };
+  REQUIRE(wait(State::healthy));
+
+  // The next transition, read on the monitor's executor.
+  auto next_transition = [&] {
+    return asio::co_spawn(worker->monitor().get_executor(), worker->shared_monitor()->changed(), asio::use_future);
+  };
+  auto degraded = next_transition();
+  set_fault("injected: the server's CUDA context on CUDA device 0 is lost");
+  REQUIRE(degraded.wait_for(5s) == std::future_status::ready);
+  const Transition t = degraded.get();
+  CHECK(t.to == State::degraded);
+  CHECK(t.reason.find("the server's data path is down: injected") != std::string::npos);
+  // While degraded the adapter sends no transfer: the engine recomputes.
+  adapter::TransferSpec spec;
+  spec.request_id = "r";
+  spec.tokens.assign(cfg.chunk_size, 7);  // one full chunk
+  for (std::uint32_t b = 0; b < cfg.chunk_size / 16; ++b) spec.block_ids.push_back(b);
+  CHECK(worker->submit_store(spec, 2s).ec == errc::unhealthy);
+
+  auto healthy = next_transition();
+  set_fault("");
+  REQUIRE(healthy.wait_for(5s) == std::future_status::ready);
+  CHECK(healthy.get().to == State::healthy);
+  CHECK(worker->submit_store(spec, 2s).value.stored_chunks == 1);
+
+  worker->shutdown(2s);
+  rt.stop();
+  asio::post(server_io, [&] { server.stop(); });
+  guard.reset();
+  server_thread.join();
 }

@@ -56,7 +56,7 @@ asio::awaitable<int> pipelined_pings(std::shared_ptr<net::Connection> c, int n, 
   int done = 0;
   auto ex = co_await asio::this_coro::executor;
   for (int i = 0; i < n; ++i) {
-    c->async_call(wire::PingRequest{}, 10s, [&](std::error_code ec, wire::Empty) {
+    c->async_call(wire::PingRequest{}, 10s, [&](std::error_code ec, wire::PingReply) {
       ++done;
       if (!ec) ++ok;
     });
@@ -143,7 +143,7 @@ TEST_CASE("a cancelled request completes with operation_aborted and leaves the t
   asio::cancellation_signal cancel;
   std::optional<std::error_code> result;
   c->async_call(wire::PingRequest{}, 30s,
-                asio::bind_cancellation_slot(cancel.slot(), [&](std::error_code ec, wire::Empty) { result = ec; }));
+                asio::bind_cancellation_slot(cancel.slot(), [&](std::error_code ec, wire::PingReply) { result = ec; }));
   CHECK(run_until(io, [&] { return c->pending() == 1; }));
   asio::post(io, [&] { cancel.emit(asio::cancellation_type::terminal); });
   CHECK(run_until(io, [&] { return result.has_value(); }));
@@ -164,7 +164,7 @@ TEST_CASE("server killed mid-request: pending calls fail fast with connection_lo
   server.stop();
   int lost = 0;
   for (int i = 0; i < 10; ++i)
-    c->async_call(wire::PingRequest{}, 60s, [&](std::error_code ec, wire::Empty) { lost += ec == errc::connection_lost; });
+    c->async_call(wire::PingRequest{}, 60s, [&](std::error_code ec, wire::PingReply) { lost += ec == errc::connection_lost; });
   CHECK(run_until(io, [&] { return c->pending() == 10; }));
   const auto t0 = std::chrono::steady_clock::now();
   server.kill();
@@ -296,7 +296,7 @@ TEST_CASE("use_future works while the io_context runs on its own thread") {
   auto guard = asio::make_work_guard(io);
   io.restart();
   std::thread runner([&] { io.run(); });
-  std::vector<std::future<wire::Empty>> futures;
+  std::vector<std::future<wire::PingReply>> futures;
   for (int i = 0; i < 100; ++i) futures.push_back(c->async_call(wire::PingRequest{}, 5s, asio::use_future));
   int ok = 0;
   for (auto& f : futures) {
@@ -310,7 +310,7 @@ TEST_CASE("use_future works while the io_context runs on its own thread") {
   // crossing threads: libstdc++'s exception_ptr refcount is invisible to TSan.
   std::promise<std::error_code> late_result;
   auto late = late_result.get_future();
-  c->async_call(wire::PingRequest{}, 50ms, [&](std::error_code ec, wire::Empty) { late_result.set_value(ec); });
+  c->async_call(wire::PingRequest{}, 50ms, [&](std::error_code ec, wire::PingReply) { late_result.set_value(ec); });
   REQUIRE(late.wait_for(10s) == std::future_status::ready);
   CHECK(late.get() == errc::timed_out);
   server.resume();

@@ -1004,3 +1004,41 @@ TEST_CASE("layouts: each registered layout keeps a slab; one more than L1 has sl
   CHECK(f.store(hashes(2)).stored_chunks == 2);
   CHECK(f.stat("l1_layouts") == 1);
 }
+
+TEST_CASE("a data path down for good: PING says why, STORE and RETRIEVE are refused at once, STATS counts it") {
+  Fixture f;
+  f.register_worker();
+  const auto h = hashes(4);
+  REQUIRE(f.store(h).stored_chunks == 4);
+  CHECK(f.call(f.worker, PingRequest{}).data_path_error == "");
+  CHECK(f.stat("data_path_down") == 0);
+
+  const std::string why = "the server's CUDA context on CUDA device 0 failed: cudaErrorIllegalAddress";
+  f.null_engine.set_fault(why);
+  CHECK(f.call(f.worker, PingRequest{}).data_path_error == why);
+  CHECK(f.call(f.scheduler, PingRequest{}).data_path_error == "");  // no registration: nothing to move
+  const std::uint64_t jobs = f.null_engine.jobs();
+  StoreRequest st;
+  st.ns = ns;
+  st.hashes = hashes(2, 9);
+  st.block_ids = blocks(2);
+  RetrieveRequest rt;
+  rt.ns = ns;
+  rt.hashes = {h.begin(), h.begin() + 2};
+  rt.block_ids = blocks(2);
+  for (const auto& e : {f.error(f.worker, st), f.error(f.worker, rt)}) {
+    CHECK(e.code == code(errc::server_error));
+    CHECK(e.message.find(why) != std::string::npos);
+    CHECK(e.message.find("recompute") != std::string::npos);
+  }
+  CHECK(f.null_engine.jobs() == jobs);  // nothing was submitted
+  CHECK(f.stat("data_path_down") == 1);
+  CHECK(f.stat("transfers_refused_data_path") == 2);
+  // Lookups still answer from the index: the scheduler's view is intact.
+  CHECK(f.sync_lookup(h) == 4);
+  CHECK(f.stat("store_entries") == 4);  // nothing was lost or half-written
+
+  f.null_engine.set_fault("");  // (a restarted server, in effect)
+  CHECK(f.call(f.worker, PingRequest{}).data_path_error == "");
+  CHECK(f.stat("data_path_down") == 0);
+}

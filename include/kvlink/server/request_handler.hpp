@@ -305,6 +305,7 @@ class RequestHandler {
   std::uint64_t engine_blocks_total_ = 0;
   std::uint64_t transfer_failures_ = 0;
   std::uint64_t transfers_fenced_ = 0;  // not done before their fence (timed_out)
+  std::uint64_t transfers_refused_data_path_ = 0;  // refused at once: the engine's fault()
   std::uint64_t transfers_in_flight_ = 0;
   bool draining_ = false;
   TimePoint drain_started_{};

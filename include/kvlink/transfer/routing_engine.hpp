@@ -24,6 +24,7 @@ class RoutingTransferEngine final : public TransferEngine {
   void submit(TransferJob job, TransferDone done) override;
   std::string use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) override;
   std::uint64_t capabilities() const override;
+  std::string fault(const Registration& reg) const override;
   bool has_cuda() const { return cuda_ != nullptr; }
 
  private:

@@ -116,6 +116,14 @@ class TransferEngine {
   }
   // wire::capability bits announced in HELLO.
   virtual std::uint64_t capabilities() const { return 0; }
+  // "" while copies for `reg` can work; otherwise why they cannot, for
+  // good (a device fault lost the server's CUDA context on its device).
+  // The server then refuses its transfers at once and says so in STATS
+  // and in the answers to its engine's PINGs.
+  virtual std::string fault(const Registration& reg) const {
+    (void)reg;
+    return {};
+  }
 };
 
 // For tests and control-plane benchmarks: completes every job at once, inside submit(),
@@ -135,6 +143,9 @@ class NullTransferEngine final : public TransferEngine {
   }
   // Makes the next job fail with `ec` (fault injection for tests).
   void fail_next(std::error_code ec) { fail_next_ = ec; }
+  // Makes the data path of every registration down (`why`), or up ("").
+  void set_fault(std::string why) { fault_ = std::move(why); }
+  std::string fault(const Registration&) const override { return fault_; }
   std::uint64_t jobs() const { return jobs_; }
   std::uint64_t chunks() const { return chunks_; }
   std::uint64_t fds() const { return fds_; }  // fds received by attach()
@@ -144,6 +155,7 @@ class NullTransferEngine final : public TransferEngine {
   std::uint64_t jobs_ = 0;
   std::uint64_t chunks_ = 0;
   std::error_code fail_next_;
+  std::string fault_;
 };
 
 }  // namespace kvlink::transfer

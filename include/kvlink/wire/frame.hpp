@@ -19,7 +19,7 @@
 namespace kvlink::wire {
 
 inline constexpr std::uint32_t frame_magic = 0x4B4C564B;  // bytes "KVLK"
-inline constexpr std::uint8_t protocol_version = 3;
+inline constexpr std::uint8_t protocol_version = 4;
 inline constexpr std::size_t header_size = 24;
 // Largest payload either side accepts before HELLO negotiates one.
 inline constexpr std::uint32_t default_max_payload = 16u << 20;

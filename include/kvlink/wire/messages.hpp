@@ -150,9 +150,18 @@ struct Empty {
   template <class V> void visit(V&) {}
 };
 
+struct PingReply {
+  // Empty while the server can move this instance's KV data; otherwise why
+  // it cannot (its registration's data path is down: the server's CUDA
+  // context on that device was lost). The engine then recomputes instead of
+  // sending transfers that would fail.
+  std::string data_path_error;
+  template <class V> void visit(V& v) { v.str(data_path_error, "data_path_error", max_string); }
+};
+
 struct PingRequest {
   static constexpr Opcode opcode = Opcode::ping;
-  using reply_type = Empty;
+  using reply_type = PingReply;
   template <class V> void visit(V&) {}
 };
 
