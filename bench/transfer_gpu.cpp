@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <asio/io_context.hpp>
 #include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <cstring>
 #include <fmt/format.h>
@@ -239,7 +240,8 @@ struct Server {
     return a.method == b.method && a.streams_per_direction == b.streams_per_direction &&
            a.kernel_blocks == b.kernel_blocks && a.kernel_threads == b.kernel_threads &&
            a.merge_limit == b.merge_limit && a.batch_overlap_hint == b.batch_overlap_hint &&
-           a.batch_retrieve_any_order == b.batch_retrieve_any_order;
+           a.batch_retrieve_any_order == b.batch_retrieve_any_order &&
+           a.batch_location_hints == b.batch_location_hints;
   }
 
   transfer::TransferJob job(transfer::Direction d, const std::shared_ptr<transfer::Registration>& reg,
@@ -407,6 +409,14 @@ void BM_copy_ceiling_both(benchmark::State& state) {
   g_fig.gbps["C_both"] = median(rates);
 }
 
+// CPU time of this process (the server side: the CUDA driver calls and
+// completions; the engine process is not counted).
+double process_cpu_seconds() {
+  timespec t{};
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) / 1e9;
+}
+
 // --sweep: each figure for engine settings around the defaults (median of
 // 5 runs; one compute-slowdown measurement each), to choose the defaults.
 void sweep(Server& s) {
@@ -427,8 +437,11 @@ void sweep(Server& s) {
     c = {};
     c.batch_retrieve_any_order = true;
     variants.push_back({"batch, retrieve any order", c});
-    c.streams_per_direction = 4;
-    variants.push_back({"batch, retrieve any order, 4 streams", c});
+    c = {};
+    c.batch_location_hints = true;
+    variants.push_back({"batch, location hints", c});
+    c.batch_retrieve_any_order = true;
+    variants.push_back({"batch, location hints, retrieve any order", c});
   }
   for (unsigned blocks : {0u, 32u, 16u, 8u, 4u}) {
     transfer::CudaEngineConfig c;
@@ -436,8 +449,8 @@ void sweep(Server& s) {
     c.kernel_blocks = blocks;
     variants.push_back({blocks ? fmt::format("kernel, {} blocks", blocks) : std::string("kernel, 1 block per SM"), c});
   }
-  std::printf("\n| variant | store 32K | retrieve 32K | store 8K | retrieve 8K | both 32K | compute slowdown |\n"
-              "|---|---|---|---|---|---|---|\n");
+  std::printf("\n| variant | store 32K | retrieve 32K | store 8K | retrieve 8K | both 32K | compute slowdown | "
+              "server-side CPU, retrieve 8K |\n|---|---|---|---|---|---|---|---|\n");
   for (const auto& v : variants) {
     if (!s.use(v.config)) {
       std::printf("| %s | %s |\n", v.name.c_str(), s.error.c_str());
@@ -453,17 +466,24 @@ void sweep(Server& s) {
                               {{transfer::Direction::store}, true},
                               {{transfer::Direction::retrieve}, true},
                               {{transfer::Direction::store, transfer::Direction::retrieve}, false}};
+    double cpu_share = 0;  // of the last figure measured with one direction: retrieve 8K
     for (const auto& f : figures) {
       std::vector<double> rates;
+      double cpu = 0, wall = 0;
       for (int i = 0; i < 5; ++i) {
         std::uint64_t bytes = 0;
+        const double cpu0 = process_cpu_seconds();
         const double sec = s.run(f.dirs, f.small ? s.reg8 : s.reg32, 4 * jobs_in_flight, &bytes);
+        cpu += process_cpu_seconds() - cpu0;
+        wall += sec;
         if (sec > 0) rates.push_back(static_cast<double>(bytes) / sec / 1e9);
       }
+      if (f.small && f.dirs.front() == transfer::Direction::retrieve) cpu_share = cpu / wall;
       row += fmt::format(" | {:.2f}", median(rates));
     }
     const double a = compute_ms(s, false), t = compute_ms(s, true);
-    row += a > 0 && t > 0 ? fmt::format(" | {:+.1f} % |", (t / a - 1) * 100) : std::string(" | failed |");
+    row += a > 0 && t > 0 ? fmt::format(" | {:+.1f} %", (t / a - 1) * 100) : std::string(" | failed");
+    row += fmt::format(" | {:.0f} % of a core |", cpu_share * 100);
     std::printf("%s\n", row.c_str());
     std::fflush(stdout);
   }

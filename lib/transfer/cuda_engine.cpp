@@ -315,6 +315,12 @@ struct CudaTransferEngine::Impl {
     const bool any_order = config.batch_retrieve_any_order && js.job.direction == Direction::retrieve;
     attr.srcAccessOrder = any_order ? cudaMemcpySrcAccessOrderAny : cudaMemcpySrcAccessOrderStream;
     attr.flags = config.batch_overlap_hint ? cudaMemcpyFlagPreferOverlapWithCompute : cudaMemcpyFlagDefault;
+    if (config.batch_location_hints) {
+      const cudaMemLocation host{cudaMemLocationTypeHost, 0}, device{cudaMemLocationTypeDevice, d.ordinal};
+      const bool store = js.job.direction == Direction::store;
+      attr.srcLocHint = store ? device : host;
+      attr.dstLocHint = store ? host : device;
+    }
     std::size_t attr_index = 0;
 #if CUDART_VERSION >= 13000
     auto e = cudaMemcpyBatchAsync(js.dsts.data(), js.srcs.data(), js.sizes.data(), n, &attr, &attr_index, 1, stream);

@@ -34,11 +34,9 @@ bool parse_copy_method(const std::string& text, CudaCopyMethod& out);
 
 struct CudaEngineConfig {
   CudaCopyMethod method = CudaCopyMethod::batch;
-  // Streams per direction and device; jobs go round robin over them. 8,
-  // measured on an H200 (bench-transfer-gpu --sweep): with 2 or 4, stores
-  // and retrieves shared copy engines, and bidirectional and retrieve
-  // throughput varied by up to 1.5x from run to run.
-  unsigned streams_per_direction = 8;
+  // Streams per direction and device; jobs go round robin over them. (On
+  // three H200 machines, 1 to 8 streams made no consistent difference.)
+  unsigned streams_per_direction = 2;
   // Kernel method: thread blocks per launch (0: one per SM) and threads per
   // block.
   unsigned kernel_blocks = 0;
@@ -53,6 +51,9 @@ struct CudaEngineConfig {
   // is locked and unchanging while the job runs); stores always read the
   // engine's memory in stream order, after its event.
   bool batch_retrieve_any_order = false;
+  // Batch method: tell the driver which side is the host and which the
+  // device (srcLocHint, dstLocHint), for L1 registered from outside CUDA.
+  bool batch_location_hints = false;
 };
 
 // Counts usable CUDA devices: "" and the count (>= 1), or why there are
