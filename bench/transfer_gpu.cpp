@@ -330,9 +330,8 @@ void BM_transfer(benchmark::State& state) {
   if (state.range(1) != 0) dirs.push_back(transfer::Direction::retrieve);
   std::vector<double> rates;
   std::uint64_t total = 0;
-  // Untimed first: the first copies after a registration or a method
-  // change ran up to 1.4x slower on an H200 (the sweep, run later in the
-  // same process, measured the same settings at 0.95 C).
+  // Untimed first, so no figure includes first-touch costs (IOMMU and
+  // page-table set-up of the pinned L1 and the opened IPC memory).
   if (s.run(dirs, reg, jobs_in_flight) < 0) {
     state.SkipWithError(s.error.c_str());
     return;
