@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# A downstream project's view of kvlink: install it into a temporary
+# prefix, build an example there with g++ and pkg-config alone (no flags
+# of our own: the .pc must carry the C++ standard, Asio's configuration
+# and every library), check the program needs no CUDA runtime, and run it
+# against the real server.
+#
+# downstream.sh BUILD_DIR EXAMPLE_SOURCE RUN_EXAMPLE KVLINK_SERVER
+set -euo pipefail
+build=$1 source=$2 runner=$3 server=$4
+tmp=$(mktemp -d /tmp/kvlink-downstream-XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+
+meson install -C "$build" --destdir "$tmp" --no-rebuild --quiet >/dev/null
+pc=$(find "$tmp" -name kvlink.pc | head -1)
+[ -n "$pc" ] || { echo "downstream: meson install wrote no kvlink.pc"; exit 1; }
+prefix=$(sed -n 's/^prefix=//p' "$pc")
+flags=$(PKG_CONFIG_PATH=$(dirname "$pc") pkg-config --define-variable=prefix="$tmp$prefix" --cflags --libs kvlink)
+echo "downstream: g++ $(basename "$source") $flags"
+
+# The example's own header sits beside it, as in a consumer's tree.
+cp "$source" "$(dirname "$source")"/example_kv.hpp "$tmp/"
+g++ -o "$tmp/engine" "$tmp/$(basename "$source")" $flags
+if ldd "$tmp/engine" | grep -q libcudart; then
+  echo "downstream: the program needs the shared CUDA runtime:"
+  ldd "$tmp/engine"
+  exit 1
+fi
+KVLINK_SERVER=$server "$runner" "$tmp/engine"
+echo "downstream: built with pkg-config alone and ran against kvlink-server"
