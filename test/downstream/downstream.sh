@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A downstream project's view of kvlink: install it into a temporary
-# prefix, build an example there with g++ and pkg-config alone (no flags
+# prefix, compile each installed header alone, build an example there with g++ and pkg-config alone (no flags
 # of our own: the .pc must carry the C++ standard, Asio's configuration
 # and every library), check the program needs no CUDA runtime, and run it
 # against the real server.
@@ -17,6 +17,18 @@ pc=$(find "$tmp" -name kvlink.pc | head -1)
 prefix=$(sed -n 's/^prefix=//p' "$pc")
 flags=$(PKG_CONFIG_PATH=$(dirname "$pc") pkg-config --define-variable=prefix="$tmp$prefix" --cflags --libs kvlink)
 echo "downstream: g++ $(basename "$source") $flags"
+
+# Every installed header compiles on its own: it includes what it uses,
+# and only what is installed.
+cflags=$(PKG_CONFIG_PATH=$(dirname "$pc") pkg-config --define-variable=prefix="$tmp$prefix" --cflags kvlink)
+include=$(find "$tmp" -type d -name kvlink -path '*/include/*' | head -1)
+headers=$(cd "$include/.." && find kvlink -name '*.hpp' | sort)
+failed=0
+for h in $headers; do
+  echo "#include <$h>" | g++ -x c++ -fsyntax-only $cflags - || { echo "downstream: $h does not compile alone"; failed=1; }
+done
+[ "$failed" = 0 ] || exit 1
+echo "downstream: $(echo "$headers" | wc -w) installed headers each compile alone"
 
 # The example's own header sits beside it, as in a consumer's tree.
 cp "$source" "$(dirname "$source")"/example_kv.hpp "$tmp/"
