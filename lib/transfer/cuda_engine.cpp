@@ -283,8 +283,9 @@ struct CudaTransferEngine::Impl {
     return config.method == CudaCopyMethod::batch ? 4u << 20 : 256u << 10;
   }
 
-  // Queues the copies of `js` on `stream`; "" or why not.
-  std::string enqueue(JobState& js, cudaStream_t stream) {
+  // Queues the copies of `js` (a job in `direction`; js.job is not set yet)
+  // on `stream`; "" or why not.
+  std::string enqueue(JobState& js, Direction direction, cudaStream_t stream) {
     Device& d = *js.device;
     if (config.method == CudaCopyMethod::kernel) {
       const std::size_t bytes = js.plan.size() * sizeof(CopySegment);
@@ -312,12 +313,12 @@ struct CudaTransferEngine::Impl {
       js.sizes[i] = js.plan[i].bytes;
     }
     cudaMemcpyAttributes attr{};
-    const bool any_order = config.batch_retrieve_any_order && js.job.direction == Direction::retrieve;
+    const bool any_order = config.batch_retrieve_any_order && direction == Direction::retrieve;
     attr.srcAccessOrder = any_order ? cudaMemcpySrcAccessOrderAny : cudaMemcpySrcAccessOrderStream;
     attr.flags = config.batch_overlap_hint ? cudaMemcpyFlagPreferOverlapWithCompute : cudaMemcpyFlagDefault;
     if (config.batch_location_hints) {
       const cudaMemLocation host{cudaMemLocationTypeHost, 0}, device{cudaMemLocationTypeDevice, d.ordinal};
-      const bool store = js.job.direction == Direction::store;
+      const bool store = direction == Direction::store;
       attr.srcLocHint = store ? device : host;
       attr.dstLocHint = store ? host : device;
     }
@@ -495,7 +496,7 @@ void CudaTransferEngine::submit(TransferJob job, TransferDone done) {
       return fail(error("cudaStreamWaitEvent (the engine's event)", d.ordinal, e));
   }
   // Nothing is queued before this point, so failures above need no callback.
-  if (auto why = impl_->enqueue(*js, stream); !why.empty()) {
+  if (auto why = impl_->enqueue(*js, job.direction, stream); !why.empty()) {
     if (js->buffer.host) d.free_buffers.push_back(js->buffer);  // nothing reads it: its copy was not queued
     d.check_context();
     return fail(why);
