@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # A downstream project's view of kvlink: install it into a temporary
-# prefix, compile each installed header alone, build an example there with g++ and pkg-config alone (no flags
-# of our own: the .pc must carry the C++ standard, Asio's configuration
-# and every library), check the program needs no CUDA runtime, and run it
-# against the real server.
+# prefix, compile each installed header alone, build an example there
+# with g++ and pkg-config alone (no flags of our own: the .pc must carry
+# the C++ standard, Asio's configuration and every library), check that
+# this CPU-only engine contains no CUDA, and run it against the real
+# server; in a CUDA build, also build a GPU engine with kvlink-cuda.pc and
+# start it without libcudart.so.
 #
 # downstream.sh BUILD_DIR EXAMPLE_SOURCE RUN_EXAMPLE KVLINK_SERVER
 set -euo pipefail
@@ -15,12 +17,16 @@ meson install -C "$build" --destdir "$tmp" --no-rebuild --quiet >/dev/null
 pc=$(find "$tmp" -name kvlink.pc | head -1)
 [ -n "$pc" ] || { echo "downstream: meson install wrote no kvlink.pc"; exit 1; }
 prefix=$(sed -n 's/^prefix=//p' "$pc")
-flags=$(PKG_CONFIG_PATH=$(dirname "$pc") pkg-config --define-variable=prefix="$tmp$prefix" --cflags --libs kvlink)
+pkgconf() { PKG_CONFIG_PATH=$(dirname "$pc") pkg-config --define-variable=prefix="$tmp$prefix" "$@"; }
+# kvlink-cuda.pc exists in CUDA builds: engines that register GPU memory.
+packages=kvlink
+pkgconf --exists kvlink-cuda && packages="kvlink kvlink-cuda"
+flags=$(pkgconf --cflags --libs kvlink)
 echo "downstream: g++ $(basename "$source") $flags"
 
 # Every installed header compiles on its own: it includes what it uses,
 # and only what is installed.
-cflags=$(PKG_CONFIG_PATH=$(dirname "$pc") pkg-config --define-variable=prefix="$tmp$prefix" --cflags kvlink)
+cflags=$(pkgconf --cflags $packages)
 include=$(find "$tmp" -type d -name kvlink -path '*/include/*' | head -1)
 headers=$(cd "$include/.." && find kvlink -name '*.hpp' | sort)
 failed=0
@@ -33,10 +39,32 @@ echo "downstream: $(echo "$headers" | wc -w) installed headers each compile alon
 # The example's own header sits beside it, as in a consumer's tree.
 cp "$source" "$(dirname "$source")"/example_kv.hpp "$tmp/"
 g++ -o "$tmp/engine" "$tmp/$(basename "$source")" $flags
-if ldd "$tmp/engine" | grep -q libcudart; then
-  echo "downstream: the program needs the shared CUDA runtime:"
+if ldd "$tmp/engine" | grep -q -i cuda || nm "$tmp/engine" | grep -q ' cuda[A-Z]'; then
+  echo "downstream: a CPU-only engine links CUDA:"
   ldd "$tmp/engine"
   exit 1
 fi
 KVLINK_SERVER=$server "$runner" "$tmp/engine"
 echo "downstream: built with pkg-config alone and ran against kvlink-server"
+
+# A GPU engine's build: the CUDA export library, with the CUDA runtime
+# linked in; it must start (and say why there is no device) without
+# libcudart.so.
+if [ "$packages" != kvlink ]; then
+  cat >"$tmp/gpu_engine.cpp" <<'CPP'
+#include <cstdio>
+#include <kvlink/transfer/cuda_export.hpp>
+int main() {
+  kvlink::transfer::cuda::EngineEvent event;
+  const std::string why = event.create();
+  std::printf("gpu_engine: %s\n", why.empty() ? "event created on a CUDA device" : why.c_str());
+}
+CPP
+  g++ -o "$tmp/gpu_engine" "$tmp/gpu_engine.cpp" $(pkgconf --cflags --libs kvlink-cuda)
+  if ldd "$tmp/gpu_engine" | grep -q libcudart; then
+    echo "downstream: the CUDA consumer needs the shared CUDA runtime"
+    exit 1
+  fi
+  "$tmp/gpu_engine"
+  echo "downstream: a CUDA consumer built with pkg-config kvlink-cuda alone and started"
+fi
