@@ -179,38 +179,43 @@ void SchedulerAdapter::start_cleanup(std::string id, detail::Callback<Done> cb) 
 
 // ---- blocking forms ---------------------------------------------------------------
 
-#define KVLINK_BLOCKING(T, deadline, call)                                                            \
-  detail::blocking<T>(deadline_or_default(deadline), [&](detail::Callback<T> cb) { call; },          \
-                      [m = monitor_] { m->report_deadline_missed(); })
-
 Result<Done> SchedulerAdapter::submit_lookup(std::string request_id, std::vector<store::Token> tokens,
                                              Duration deadline) {
-  return KVLINK_BLOCKING(Done, deadline, start_submit(std::move(request_id), std::move(tokens), std::move(cb)));
+  return wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {
+    start_submit(std::move(request_id), std::move(tokens), std::move(cb));
+  });
 }
 
 Result<LookupStatus> SchedulerAdapter::check_lookup(std::string request_id, Duration deadline) {
-  return KVLINK_BLOCKING(LookupStatus, deadline, start_check(std::move(request_id), std::move(cb)));
+  return wait_for<LookupStatus>(deadline, [&](detail::Callback<LookupStatus> cb) {
+    start_check(std::move(request_id), std::move(cb));
+  });
 }
 
 Result<Done> SchedulerAdapter::free_lookup_locks(std::string request_id, std::uint32_t start_chunk,
                                                  std::uint32_t end_chunk, Duration deadline) {
-  return KVLINK_BLOCKING(Done, deadline, start_free_locks(std::move(request_id), start_chunk, end_chunk, std::move(cb)));
+  return wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {
+    start_free_locks(std::move(request_id), start_chunk, end_chunk, std::move(cb));
+  });
 }
 
 Result<Done> SchedulerAdapter::end_session(std::string request_id, Duration deadline) {
-  return KVLINK_BLOCKING(Done, deadline, start_end_session(std::move(request_id), std::move(cb)));
+  return wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {
+    start_end_session(std::move(request_id), std::move(cb));
+  });
 }
 
 Result<Done> SchedulerAdapter::report_block_allocation(std::string request_id, std::uint32_t allocated_blocks,
                                                        std::uint32_t total_blocks, Duration deadline) {
-  return KVLINK_BLOCKING(Done, deadline,
-                         start_report(std::move(request_id), allocated_blocks, total_blocks, std::move(cb)));
+  return wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {
+    start_report(std::move(request_id), allocated_blocks, total_blocks, std::move(cb));
+  });
 }
 
 Result<Done> SchedulerAdapter::cleanup(std::string request_id, Duration deadline) {
-  return KVLINK_BLOCKING(Done, deadline, start_cleanup(std::move(request_id), std::move(cb)));
+  return wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {
+    start_cleanup(std::move(request_id), std::move(cb));
+  });
 }
-
-#undef KVLINK_BLOCKING
 
 }  // namespace kvlink::adapter

@@ -406,39 +406,51 @@ asio::awaitable<void> WorkerAdapter::do_shutdown(std::shared_ptr<WorkerAdapter> 
 
 // ---- blocking forms ------------------------------------------------------------------------
 
-#define KVLINK_BLOCKING(T, deadline, call)                                                   \
-  detail::blocking<T>(deadline_or_default(deadline), [&](detail::Callback<T> cb) { call; }, \
-                      [m = monitor_] { m->report_deadline_missed(); })
-
 Result<Done> WorkerAdapter::register_kv_caches(wire::KvLayout layout, int memfd, Duration deadline) {
-  return KVLINK_BLOCKING(Done, deadline, start_register(std::move(layout), duplicate_fd(memfd), std::move(cb)));
+  return wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {
+    start_register(std::move(layout), duplicate_fd(memfd), std::move(cb));
+  });
 }
 Result<Done> WorkerAdapter::unregister_kv_caches(Duration deadline) {
-  return KVLINK_BLOCKING(Done, deadline, start_unregister(std::move(cb)));
+  return wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {
+    start_unregister(std::move(cb));
+  });
 }
 Result<wire::StoreResult> WorkerAdapter::submit_store(TransferSpec spec, Duration deadline) {
-  return KVLINK_BLOCKING(wire::StoreResult, deadline, start_store(std::move(spec), std::move(cb)));
+  return wait_for<wire::StoreResult>(deadline, [&](detail::Callback<wire::StoreResult> cb) {
+    start_store(std::move(spec), std::move(cb));
+  });
 }
 Result<wire::RetrieveResult> WorkerAdapter::submit_retrieve(TransferSpec spec, Duration deadline) {
-  return KVLINK_BLOCKING(wire::RetrieveResult, deadline, start_retrieve(std::move(spec), std::move(cb)));
+  return wait_for<wire::RetrieveResult>(deadline, [&](detail::Callback<wire::RetrieveResult> cb) {
+    start_retrieve(std::move(spec), std::move(cb));
+  });
 }
 Result<WorkerAdapter::BatchResult> WorkerAdapter::submit_stores(std::vector<TransferSpec> specs, Duration deadline) {
-  return KVLINK_BLOCKING(BatchResult, deadline, start_batch(true, std::move(specs), std::move(cb)));
+  return wait_for<BatchResult>(deadline, [&](detail::Callback<BatchResult> cb) {
+    start_batch(true, std::move(specs), std::move(cb));
+  });
 }
 Result<WorkerAdapter::BatchResult> WorkerAdapter::submit_retrieves(std::vector<TransferSpec> specs,
                                                                    Duration deadline) {
-  return KVLINK_BLOCKING(BatchResult, deadline, start_batch(false, std::move(specs), std::move(cb)));
+  return wait_for<BatchResult>(deadline, [&](detail::Callback<BatchResult> cb) {
+    start_batch(false, std::move(specs), std::move(cb));
+  });
 }
 Result<FinishedSets> WorkerAdapter::get_finished(std::vector<std::string> engine_finished, Duration deadline) {
-  return KVLINK_BLOCKING(FinishedSets, deadline, start_get_finished(std::move(engine_finished), std::move(cb)));
+  return wait_for<FinishedSets>(deadline, [&](detail::Callback<FinishedSets> cb) {
+    start_get_finished(std::move(engine_finished), std::move(cb));
+  });
 }
 Result<std::vector<std::uint32_t>> WorkerAdapter::take_load_errors(Duration deadline) {
-  return KVLINK_BLOCKING(std::vector<std::uint32_t>, deadline, start_take_load_errors(std::move(cb)));
+  return wait_for<std::vector<std::uint32_t>>(deadline, [&](detail::Callback<std::vector<std::uint32_t>> cb) {
+    start_take_load_errors(std::move(cb));
+  });
 }
 Result<Done> WorkerAdapter::shutdown(Duration deadline) {
-  return KVLINK_BLOCKING(Done, deadline, start_shutdown(std::move(cb)));
+  return wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {
+    start_shutdown(std::move(cb));
+  });
 }
-
-#undef KVLINK_BLOCKING
 
 }  // namespace kvlink::adapter

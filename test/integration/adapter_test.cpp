@@ -9,6 +9,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <asio/bind_cancellation_slot.hpp>
+#include <asio/cancellation_signal.hpp>
 #include <asio/co_spawn.hpp>
 #include <asio/io_context.hpp>
 #include <asio/use_awaitable.hpp>
@@ -383,6 +385,61 @@ TEST_CASE("adapter: SIGSTOP -> blocking calls return within their deadline") {
   f.server.resume();
   f.healthy();
   CHECK(f.stat("registrations") == 1);  // same server: registration kept
+}
+
+TEST_CASE("adapter: a cancelled async call completes at once with operation_aborted, and only once") {
+  Fixture f;
+  f.server.start();
+  f.make();
+  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  const auto tokens = prompt(2 * chunk);
+  // Runs one async lookup with a cancellation slot, on the adapters' thread;
+  // `cancel_after` > 0 signals the slot then. Returns every completion.
+  struct Outcome {
+    asio::cancellation_signal signal;  // must outlive the operation (Asio's rule)
+    std::mutex m;
+    std::vector<std::error_code> completions;
+    std::chrono::steady_clock::time_point first;
+  };
+  auto lookup = [&](const std::string& id, std::chrono::milliseconds cancel_after) {
+    auto out = std::make_shared<Outcome>();
+    auto* signal = &out->signal;
+    const auto t0 = std::chrono::steady_clock::now();
+    asio::post(f.rt.executor(), [&, id, out, signal] {
+      f.scheduler->async_submit_lookup(id, tokens,
+                                       asio::bind_cancellation_slot(signal->slot(), [out](std::error_code ec, Done) {
+                                         std::lock_guard l(out->m);
+                                         if (out->completions.empty()) out->first = std::chrono::steady_clock::now();
+                                         out->completions.push_back(ec);
+                                       }));
+    });
+    if (cancel_after > 0ms) {
+      std::this_thread::sleep_for(cancel_after);
+      asio::post(f.rt.executor(), [signal] { signal->emit(asio::cancellation_type::terminal); });
+    }
+    return std::make_pair(out, t0);
+  };
+  auto completions = [](const std::shared_ptr<Outcome>& o) {
+    std::lock_guard l(o->m);
+    return o->completions;
+  };
+
+  // A slot never signalled changes nothing.
+  auto [normal, t_normal] = lookup("n", 0ms);
+  REQUIRE(eventually([&] { return completions(normal).size() == 1; }, 2s));
+  CHECK(!completions(normal)[0]);
+  f.healthy();  // (the scheduler's gate opened on that first lookup)
+
+  // The server stops answering: the lookup would wait for its 1 s call
+  // deadline; cancelled after 50 ms it completes then, once.
+  stop_server(f.server);
+  auto [cancelled, t0] = lookup("c", 50ms);
+  REQUIRE(eventually([&] { return completions(cancelled).size() == 1; }, 2s));
+  CHECK(completions(cancelled)[0] == asio::error::operation_aborted);
+  CHECK(cancelled->first - t0 < 500ms);
+  std::this_thread::sleep_for(1500ms);  // past the call's own deadline: its result is dropped
+  CHECK(completions(cancelled).size() == 1);
+  f.server.resume();
 }
 
 TEST_CASE("adapter: no server -> degraded; nothing hangs, everything reports the degraded outcome") {

@@ -3,21 +3,29 @@
 // work runs on the adapter's io thread, plus a blocking form with a deadline
 // for engines without an event loop.
 //
-// The async forms do not honour per-operation cancellation slots: each one
-// completes by its own call deadline (SchedulerConfig/WorkerConfig), so a
-// caller racing it against a timer just stops waiting for it.
+// Cancellation: an async form whose completion handler has a cancellation
+// slot (asio::bind_cancellation_slot, parallel_group, a coroutine's
+// cancellation) completes at once with operation_aborted when the slot is
+// signalled. The operation itself runs on to its own call deadline and its
+// result is dropped: a request already sent cannot be taken back, and a
+// cancelled transfer stays tracked, so get_finished reports it only once
+// the server can no longer touch its blocks.
 #pragma once
 
 #include <asio/any_io_executor.hpp>
+#include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
 #include <asio/dispatch.hpp>
+#include <asio/error.hpp>
+#include <asio/post.hpp>
 #include <chrono>
 #include <functional>
 #include <future>
 #include <memory>
 #include <system_error>
 #include <type_traits>
+#include <utility>
 
 #include "kvlink/clock.hpp"
 #include "kvlink/error.hpp"
@@ -39,23 +47,41 @@ template <class T>
 using Callback = std::function<void(std::error_code, T)>;
 
 // Starts an operation through `start(Callback<T>)` and completes the token
-// with (error_code, T) on the handler's associated executor.
+// with (error_code, T) on the handler's associated executor, once: with the
+// operation's result, or with operation_aborted if the handler's
+// cancellation slot is signalled first.
 template <class T, class Token, class Start>
 auto initiate(const asio::any_io_executor& ex, Token&& token, Start start) {
   return asio::async_initiate<Token, void(std::error_code, T)>(
       [ex](auto handler, Start st) {
         using H = decltype(handler);
-        auto h = std::make_shared<H>(std::move(handler));
-        auto hex = asio::get_associated_executor(*h, ex);
-        st(Callback<T>([h, hex](std::error_code ec, T v) {
-          asio::dispatch(hex, [h, ec, v = std::move(v)]() mutable { std::move (*h)(ec, std::move(v)); });
+        struct Pending {
+          H handler;
+          bool done = false;
+        };
+        auto slot = asio::get_associated_cancellation_slot(handler);
+        auto hex = asio::get_associated_executor(handler, ex);
+        auto p = std::make_shared<Pending>(Pending{std::move(handler)});
+        // Both ways in run on the handler's executor, so `done` needs no lock.
+        auto finish = [p, slot](std::error_code ec, T v) mutable {
+          if (std::exchange(p->done, true)) return;
+          if (slot.is_connected()) slot.clear();
+          std::move(p->handler)(ec, std::move(v));
+        };
+        if (slot.is_connected())
+          slot.assign([hex, finish](asio::cancellation_type) mutable {
+            asio::post(hex, [finish]() mutable { finish(asio::error::operation_aborted, T{}); });
+          });
+        st(Callback<T>([hex, finish](std::error_code ec, T v) mutable {
+          asio::dispatch(hex, [finish, ec, v = std::move(v)]() mutable { finish(ec, std::move(v)); });
         }));
       },
       token, std::move(start));
 }
 
-// Runs `start(Callback<T>)` and waits at most `deadline`; never longer,
-// whatever the server does. `on_deadline` runs when it passes.
+// The blocking form of every adapter call: runs `start(Callback<T>)` and
+// waits at most `deadline`; never longer, whatever the server does.
+// `on_deadline` runs when it passes.
 template <class T, class Start, class OnDeadline>
 Result<T> blocking(Duration deadline, Start start, OnDeadline on_deadline) {
   auto p = std::make_shared<std::promise<Result<T>>>();

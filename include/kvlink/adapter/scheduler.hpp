@@ -174,6 +174,13 @@ class SchedulerAdapter : public std::enable_shared_from_this<SchedulerAdapter> {
   std::shared_ptr<net::Connection> usable_connection() const;
   void note_error(std::error_code ec);
   Duration deadline_or_default(Duration d) const { return d == Duration{} ? config_.blocking_deadline : d; }
+  // The blocking form of a call: waits at most `deadline` (the configured
+  // one when zero) and reports a missed deadline to the monitor.
+  template <class T, class Start>
+  Result<T> wait_for(Duration deadline, Start start) {
+    return detail::blocking<T>(deadline_or_default(deadline), std::move(start),
+                               [m = monitor_] { m->report_deadline_missed(); });
+  }
 
   asio::any_io_executor ex_;
   SchedulerConfig config_;

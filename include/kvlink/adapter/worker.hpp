@@ -254,6 +254,13 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   std::shared_ptr<net::Connection> usable_connection(std::error_code& why) const;
   void note_error(std::error_code ec);
   Duration deadline_or_default(Duration d) const { return d == Duration{} ? config_.blocking_deadline : d; }
+  // The blocking form of a call: waits at most `deadline` (the configured
+  // one when zero) and reports a missed deadline to the monitor.
+  template <class T, class Start>
+  Result<T> wait_for(Duration deadline, Start start) {
+    return detail::blocking<T>(deadline_or_default(deadline), std::move(start),
+                               [m = monitor_] { m->report_deadline_missed(); });
+  }
   // A transfer sent now: the tracker's fence is the call's deadline; the
   // server's (wire_fence) comes a margin earlier, so a copy step already
   // under way at the server's fence ends before the engine may reuse blocks.
