@@ -14,6 +14,7 @@
 #include "kvlink/log.hpp"
 #include "kvlink/net/auth_token.hpp"
 #include "kvlink/net/connection.hpp"
+#include "kvlink/version.hpp"
 #include "event_json.hpp"
 
 namespace {
@@ -224,14 +225,17 @@ int run_watch(const WatchOptions& opt) {
              unix_ms(), c.pings_sent, c.pings_ok, c.pings_failed, duration<double, std::micro>(c.last_rtt).count(),
              c.transitions, c.connects_ok, c.hellos_repeated);
   std::fflush(stdout);
-  return 0;
+  // A probe's answer: 1 when the server never answered a ping.
+  return c.pings_ok > 0 ? 0 : 1;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"kvlink-cli: talk to a kvlink-server"};
+  app.set_version_flag("--version", std::string("kvlink-cli ") + kvlink::version_string);
   app.require_subcommand(1);
+  app.fallthrough();  // --auth-token-file may follow the subcommand too
   kvlink::log::set_level(kvlink::log::Level::warn);
 
   PingOptions ping;

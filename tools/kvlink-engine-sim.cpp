@@ -40,6 +40,7 @@
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/runtime/runtime.hpp"
 #include "kvlink/transfer/kv_memfd.hpp"
+#include "kvlink/version.hpp"
 #include "sim/workload.hpp"
 
 namespace {
@@ -520,6 +521,7 @@ int run(const Options& o) {
 int main(int argc, char** argv) {
   CLI::App app{"kvlink-engine-sim: an engine using the scheduler and worker adapters against a kvlink-server; "
                "prints JSON lines (health events, progress, summary)"};
+  app.set_version_flag("--version", std::string("kvlink-engine-sim ") + kvlink::version_string);
   Options o;
   app.add_option("--server,-s", o.server, "Server endpoint (unix:/path: the KV memfd is passed over it)")
       ->capture_default_str();

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   std::string unix_mode = "0600";
 
   CLI::App app{"kvlink-server: KV-cache server for LLM inference engines"};
+  app.set_version_flag("--version", std::string("kvlink-server ") + kvlink::version_string);
   app.set_version_flag("--version", kvlink::version_string);
   app.add_option("--listen,-l", cfg.listen,
                  "Endpoint to listen on, repeatable: unix:/path/to.sock or tcp:HOST:PORT (loopback unless an address "
@@ -234,10 +235,17 @@ int main(int argc, char** argv) {
     return 1;
   }
   // First SIGTERM/SIGINT: a planned restart (drain, then exit 0). A second
-  // one while draining: the operator wants out now.
-  asio::signal_set signals(io, SIGINT, SIGTERM);
+  // one while draining: the operator wants out now. SIGHUP (log rotation
+  // elsewhere) must not kill the server: the log goes to stderr, whose
+  // owner rotates it, so there is nothing to reopen.
+  asio::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
   std::function<void(std::error_code, int)> on_signal = [&](std::error_code ec, int sig) {
     if (ec) return;
+    if (sig == SIGHUP) {
+      kvlink::log::info("kvlink-server: SIGHUP: the log goes to stderr, nothing to reopen; still serving");
+      signals.async_wait(on_signal);
+      return;
+    }
     if (server.handler().draining()) {
       kvlink::log::warn("kvlink-server: signal {} during the drain: exiting now, cutting {} transfers in flight", sig,
                         server.handler().transfers_in_flight());

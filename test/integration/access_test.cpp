@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <grp.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,6 +19,7 @@
 #include "kvlink/adapter/worker.hpp"
 #include "kvlink/net/connection.hpp"
 #include "kvlink/runtime/runtime.hpp"
+#include "kvlink/version.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 
@@ -257,4 +259,32 @@ TEST_CASE("access: adapters send the token from their token file or KVLINK_AUTH_
   without->shutdown(2s);
   from_env->stop();
   rt.stop();
+}
+
+TEST_CASE("tools: --version; kvlink-cli options after the subcommand; watch as a probe; SIGHUP keeps serving") {
+  std::string out;
+  for (const char* env : {"KVLINK_SERVER", "KVLINK_CLI", "KVLINK_ENGINE_SIM"}) {
+    CAPTURE(env);
+    CHECK(test::run_command(ServerProcess::binary(env) + " --version", out) == 0);
+    CHECK(out.find(kvlink::version_string) != std::string::npos);
+  }
+
+  TempDir dir;
+  const std::string token = write_token(dir, "probe-secret");
+  ServerProcess server({"--listen", dir.socket(), "--auth-token-file", token, "--log-level", "info"});
+  server.start();
+  const std::string ep = server.endpoint();
+  // The token file after the subcommand, as before it.
+  CHECK(test::run_command(cli_bin() + " ping -c 1 --server " + ep + " --auth-token-file " + token, out) == 0);
+  // watch: 0 once the server answered, 1 when it never did.
+  CHECK(test::run_command(cli_bin() + " watch --server " + ep + " --auth-token-file " + token +
+                              " --interval-ms 50 --duration-s 0.5",
+                          out) == 0);
+  CHECK(test::run_command(cli_bin() + " watch --server " + dir.socket("absent.sock") + " --duration-s 0.3", out) == 1);
+  CHECK(out.find("\"pings_ok\":0") != std::string::npos);
+  // SIGHUP (a log rotation meant for another process) does not stop it.
+  REQUIRE(::kill(server.pid(), SIGHUP) == 0);
+  std::this_thread::sleep_for(100ms);
+  CHECK(::kill(server.pid(), 0) == 0);
+  CHECK(test::run_command(cli_bin() + " ping -c 1 --server " + ep + " --auth-token-file " + token, out) == 0);
 }
