@@ -129,22 +129,16 @@ struct Fixture {
     r.layout = layout();
     call(worker, r);
   }
-  // A STORE or RETRIEVE of chunks `h` from or into the first blocks.
-  static StoreRequest store_request(const std::vector<ChunkHash>& h) {
-    StoreRequest s;
-    s.ns = ns;
-    s.hashes = h;
-    s.block_ids = blocks(h.size());
-    return s;
-  }
-  static RetrieveRequest retrieve_request(const std::vector<ChunkHash>& h) {
-    RetrieveRequest r;
+  // A StoreRequest or RetrieveRequest of chunks `h`, from or into the first blocks.
+  template <class Request>
+  static Request transfer(const std::vector<ChunkHash>& h) {
+    Request r;
     r.ns = ns;
     r.hashes = h;
     r.block_ids = blocks(h.size());
     return r;
   }
-  StoreResult store(const std::vector<ChunkHash>& h) { return call(worker, store_request(h)); }
+  StoreResult store(const std::vector<ChunkHash>& h) { return call(worker, transfer<StoreRequest>(h)); }
   // Stores many chunks, 50 per STORE (the blocks one request can name).
   void store_all(const std::vector<ChunkHash>& h) {
     for (std::size_t i = 0; i < h.size(); i += 50) {
@@ -777,8 +771,8 @@ TEST_CASE("admin connections are not instances: PING ok, no transfers, nothing l
   reg.ns = ns;
   reg.model = "test-model";
   reg.layout = layout();
-  const auto st = Fixture::store_request(hashes(1, 5));
-  const auto rt = Fixture::retrieve_request(hashes(1));
+  const auto st = Fixture::transfer<StoreRequest>(hashes(1, 5));
+  const auto rt = Fixture::transfer<RetrieveRequest>(hashes(1));
   for (auto e : {f.error(spy, reg), f.error(spy, st), f.error(spy, rt), f.error(spy, UnregisterKvCacheRequest{})}) {
     CHECK(e.code == code(errc::bad_request));
     CHECK(e.message.find("said HELLO as admin") != std::string::npos);
@@ -1021,8 +1015,8 @@ TEST_CASE("a data path down for good: PING says why, STORE and RETRIEVE are refu
   CHECK(f.call(f.worker, PingRequest{}).data_path_error == why);
   CHECK(f.call(f.scheduler, PingRequest{}).data_path_error == "");  // no registration: nothing to move
   const std::uint64_t jobs = f.null_engine.jobs();
-  const auto st = Fixture::store_request(hashes(2, 9));
-  const auto rt = Fixture::retrieve_request({h.begin(), h.begin() + 2});
+  const auto st = Fixture::transfer<StoreRequest>(hashes(2, 9));
+  const auto rt = Fixture::transfer<RetrieveRequest>({h.begin(), h.begin() + 2});
   for (const auto& e : {f.error(f.worker, st), f.error(f.worker, rt)}) {
     CHECK(e.code == code(errc::server_error));
     CHECK(e.message.find(why) != std::string::npos);
