@@ -150,6 +150,11 @@ void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
   auto c = connections_.find(instance);
   if (c == connections_.end() || --c->second > 0) return;  // another connection of this instance remains
   connections_.erase(c);
+  if (auto label = instance_labels_.find(instance); label != instance_labels_.end())
+    log::info("kvlink-server: {} disconnected{}", label->second,
+              liveness_.holds_registration(instance)
+                  ? "; its KV-cache registration is kept until it comes back, unregisters or is reaped"
+                  : "");
   // Locks and jobs belong to requests the engine can no longer finish over
   // this link: release them now. The registration (the engine's memory
   // layout) stays valid across a reconnect, so it waits for the instance
@@ -160,10 +165,12 @@ void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
     // made since is not in the registry, so no reaper would ever end it.
     registrations_.erase(instance);
     instance_secrets_.erase(instance);
+    instance_labels_.erase(instance);
     return;
   }
   if (liveness_.last_connection_closed(instance)) {
     instance_secrets_.erase(instance);
+    instance_labels_.erase(instance);
     log::debug("kvlink-server: instance {:016x} left (no KV cache registered): forgotten", instance);
   } else {
     log::debug("kvlink-server: instance {:016x} disconnected; its KV-cache registration is kept until it "
@@ -180,6 +187,9 @@ void RequestHandler::release_scheduler_state(std::uint64_t instance) {
 
 // Reaped: the instance is gone for good (a later HELLO starts afresh).
 void RequestHandler::release_instance(std::uint64_t instance) {
+  auto label = instance_labels_.extract(instance);
+  log::info("kvlink-server: reaped {}: silent past its reap timeout{}", label ? label.mapped() : "an instance",
+            registrations_.contains(instance) ? "; its KV-cache registration is dropped" : "");
   release_scheduler_state(instance);
   registrations_.erase(instance);
   instance_secrets_.erase(instance);
@@ -226,7 +236,7 @@ bool RequestHandler::refuse_transfer(const SessionState& session, const wire::Fr
 }
 
 void RequestHandler::tick(TimePoint now) {
-  if (std::size_t n = liveness_.reap(now); n > 0) log::info("kvlink-server: reaped {} silent instance(s)", n);
+  liveness_.reap(now);  // release_instance logs each one
   store_.tick(now);
   while (!job_queue_.empty()) {
     auto it = jobs_.find(job_queue_.front());
@@ -466,6 +476,7 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   }
   // A repeated HELLO of the same instance re-announces it after the server
   // forgot it (unknown_instance); the connection is counted once.
+  const bool first_hello = !session.hello_done;
   if (!admin && !session.counted) {
     session.counted = true;
     ++connections_[req.instance_id];
@@ -480,6 +491,11 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
     // A registration made while the reaper had forgotten this (connected)
     // instance: known again, it is kept and reaped like any other.
     liveness_.registered(req.instance_id, now, registrations_.contains(req.instance_id));
+    auto& label = instance_labels_[req.instance_id];
+    label = fmt::format("{} ({})", session.peer.text, req.client_name);
+    if (first_hello)
+      log::info("kvlink-server: {} connected as {}{}", label, wire::role_name(req.role),
+                registrations_.contains(req.instance_id) ? "; its KV-cache registration was kept" : "");
   }
   log::debug("kvlink-server: HELLO from {} {:016x} ({})", wire::role_name(req.role), req.instance_id, req.client_name);
   wire::HelloReply r;

@@ -639,3 +639,29 @@ TEST_CASE("lifecycle: a flood of malformed one-way messages is logged in summary
   CHECK(lines + summarised == flood);
   CHECK(stat(admin, "op_end_session_errors") == flood);
 }
+
+TEST_CASE("lifecycle: engines' connects, disconnects and reaps are logged with the peer; admin connections are not") {
+  TempDir dir;
+  LoggedServer server(dir, {"--listen", dir.socket(), "--log-level", "info", "--reap-timeout-s", "1",
+                            "--registration-grace-s", "1"});
+  const std::string peer = fmt::format("pid {} uid {} (server_lifecycle_test)", ::getpid(), ::getuid());
+  {
+    RawClient scheduler(dir.socket());
+    scheduler.hello(wire::Role::scheduler, 0x6101);
+    CHECK(server.wait_log(peer + " connected as scheduler", 5s));
+  }
+  CHECK(server.wait_log(peer + " disconnected", 5s));
+  {
+    RawClient admin(dir.socket());
+    admin.hello(wire::Role::admin, 0x6102);
+    admin.stat("connections_open");
+  }
+  // A silent worker: connected, then reaped after 1 s without traffic.
+  RawClient worker(dir.socket());
+  worker.hello(wire::Role::worker, 0x6103);
+  CHECK(server.wait_log(peer + " connected as worker", 5s));
+  CHECK(server.wait_log("reaped " + peer + ": silent past its reap timeout", 5s));
+  const std::string log = server.log();
+  CHECK(log.find("connected as admin") == std::string::npos);  // kvlink-cli polls would flood the log
+  CHECK(log.find("6101") == std::string::npos);                // instance ids only at debug level
+}

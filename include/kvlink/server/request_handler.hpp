@@ -294,6 +294,9 @@ class RequestHandler {
   // The secret each known instance id is bound to (its first HELLO's),
   // until the instance is forgotten (left, or reaped).
   std::unordered_map<std::uint64_t, std::string> instance_secrets_;
+  // "pid 1234 uid 1000 (client name)" of each known instance, for the
+  // connect, disconnect and reap log lines; forgotten with the instance.
+  std::unordered_map<std::uint64_t, std::string> instance_labels_;
   std::unordered_map<std::uint64_t, Job> jobs_;
   std::deque<std::uint64_t> job_queue_;  // job ids by expiry (the TTL is constant)
   std::uint64_t next_job_ = 1;
