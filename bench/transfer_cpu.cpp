@@ -36,6 +36,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <thread>
 #include <vector>
 
@@ -193,11 +194,18 @@ ServerThread* g_server = nullptr;
 template <class M>
 asio::awaitable<typename M::reply_type> call(std::shared_ptr<kvlink::net::Connection> c, M m, int fd = -1) {
   using asio::experimental::as_tuple;
-  auto [ec, r] = fd >= 0 ? co_await c->async_call_with_fd(std::move(m), fd, call_timeout, as_tuple(asio::use_awaitable))
-                         : co_await c->async_call(std::move(m), call_timeout, as_tuple(asio::use_awaitable));
+  // Two statements, not `fd >= 0 ? co_await a : co_await b`: g++ 12 copies
+  // the bytes of a conditional's co_await result, so a reply holding a
+  // short string (PING's) pointed into the freed coroutine frame.
+  std::tuple<std::error_code, typename M::reply_type> result;
+  if (fd >= 0)
+    result = co_await c->async_call_with_fd(std::move(m), fd, call_timeout, as_tuple(asio::use_awaitable));
+  else
+    result = co_await c->async_call(std::move(m), call_timeout, as_tuple(asio::use_awaitable));
+  auto& [ec, r] = result;
   if (ec) throw std::runtime_error(fmt::format("{} failed: {}", wire::opcode_name(static_cast<std::uint8_t>(M::opcode)),
                                                c->last_error_message().empty() ? ec.message() : c->last_error_message()));
-  co_return r;
+  co_return std::move(r);
 }
 
 // A worker: its memfd KV cache (filled), a registered connection, a prompt.
