@@ -44,6 +44,7 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <httplib.h>
 
 #include "bench_support.hpp"
 #include "kvlink/log.hpp"
@@ -146,12 +147,14 @@ void pin_this_thread(std::optional<int> cpu) {
 
 class ServerThread {
  public:
-  ServerThread() {
+  // `admin`: with the HTTP admin listener (--http 127.0.0.1:0).
+  explicit ServerThread(bool admin = false) {
     char tmpl[] = "/tmp/kvlink-bench-XXXXXX";
     if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
     dir_ = tmpl;
     kvlink::server::ServerConfig cfg;
     cfg.listen = {"unix:" + dir_ + "/kvlink.sock", "tcp:127.0.0.1:0"};
+    if (admin) cfg.http = "127.0.0.1:0";
     server_ = std::make_unique<kvlink::server::Server>(io_, cfg);
     server_->start();
     for (const auto& text : server_->endpoints()) {
@@ -171,6 +174,7 @@ class ServerThread {
     std::filesystem::remove_all(dir_, ignored);
   }
   const kvlink::net::Endpoint& endpoint(bool unix_socket) const { return unix_socket ? unix_ : tcp_; }
+  const std::string& admin_url() const { return server_->admin_url(); }
   // Pins the server's io thread (see pin_this_thread).
   void pin(std::optional<int> cpu) {
     std::promise<void> done;
@@ -201,13 +205,15 @@ using runtime_executor = asio::io_context::executor_type;
 // kvlink client helpers: everything runs on `io` in the calling thread.
 
 
-std::shared_ptr<kvlink::net::Connection> connect_client(asio::io_context& io, bool unix_socket) {
+std::shared_ptr<kvlink::net::Connection> connect_client(asio::io_context& io, bool unix_socket,
+                                                        ServerThread* server = nullptr) {
   kvlink::wire::HelloRequest hello;
   hello.role = kvlink::wire::Role::admin;
   hello.instance_id = kvlink::net::random_instance_id();
   hello.client_name = "bench-rpc";
   auto result = run_until_done(
-      io, kvlink::net::connect(io.get_executor(), g_server->endpoint(unix_socket), hello, seconds(5)));
+      io, kvlink::net::connect(io.get_executor(), (server ? server : g_server)->endpoint(unix_socket), hello,
+                               seconds(5)));
   if (result.ec) throw std::runtime_error(result.error);
   return result.connection;
 }
@@ -359,6 +365,103 @@ void kvlink_fan_in(benchmark::State& state, bool unix_socket) {
 }
 
 void BM_kvlink_fan_in_unix(benchmark::State& state) { kvlink_fan_in(state, true); }
+
+// ---------------------------------------------------------------------------
+// The admin plane's cost (issue 16): two servers in one run, one plain and
+// one with --http and a scraper fetching /metrics every 100 ms (what a
+// Prometheus with a short scrape interval does), driven alternately in
+// blocks, so both see the same background load. Unix sockets.
+
+// GETs /metrics from `url` every 100 ms on a thread of its own.
+class Scraper {
+ public:
+  explicit Scraper(const std::string& url) : thread_([this, url] { run(url); }) {}
+  ~Scraper() {
+    quit_ = true;
+    thread_.join();
+  }
+  std::uint64_t scrapes() const { return scrapes_; }
+
+ private:
+  void run(const std::string& url) {
+    httplib::Client c(url);
+    while (!quit_) {
+      auto r = c.Get("/metrics");
+      if (r && r->status == 200 && r->body.size() > 1000) ++scrapes_;
+      std::this_thread::sleep_for(milliseconds(100));
+    }
+  }
+  std::atomic<bool> quit_{false};
+  std::atomic<std::uint64_t> scrapes_{0};
+  std::thread thread_;
+};
+
+struct AdminOverheadRun {
+  double without = 0, with = 0;  // p50 us (ping_rtt) or req/s (fan_in)
+  std::uint64_t scrapes = 0;
+};
+std::map<std::string, std::vector<AdminOverheadRun>> g_admin_overhead;
+
+void BM_admin_overhead_ping_rtt(benchmark::State& state) {
+  ServerThread plain, admin(true);
+  Scraper scraper(admin.admin_url());
+  asio::io_context io(1);
+  auto a = connect_client(io, true, &plain), b = connect_client(io, true, &admin);
+  std::vector<double> without, with;
+  run_until_done(io, [&]() -> asio::awaitable<int> {
+    using asio::experimental::as_tuple;
+    std::int64_t i = 0;
+    for (auto _ : state) {
+      const bool admin_turn = (i++ / paired_block) % 2 == 1;
+      const auto t0 = Clock::now();
+      auto [ec, r] = co_await (admin_turn ? b : a)->async_call(kvlink::wire::PingRequest{}, call_timeout,
+                                                                 as_tuple(asio::use_awaitable));
+      if (ec) throw std::system_error(ec);
+      (admin_turn ? with : without).push_back(duration<double, std::micro>(Clock::now() - t0).count());
+    }
+    co_return 0;
+  }());
+  disconnect(io, a);
+  disconnect(io, b);
+  const Latency w = summarize(with), wo = summarize(without);
+  state.counters["ratio"] = wo.p50_us > 0 ? w.p50_us / wo.p50_us : 0;
+  g_admin_overhead["ping_rtt p50 (us)"].push_back({wo.p50_us, w.p50_us, scraper.scrapes()});
+}
+
+void BM_admin_overhead_fan_in(benchmark::State& state) {
+  constexpr std::size_t clients = 16, per_batch = 4096;
+  ServerThread plain, admin(true);
+  Scraper scraper(admin.admin_url());
+  asio::io_context io(1);
+  FanIn fans[2];
+  for (std::size_t c = 0; c < clients; ++c) {
+    fans[0].conns.push_back(connect_client(io, true, &plain));
+    fans[1].conns.push_back(connect_client(io, true, &admin));
+  }
+  double seconds_of[2] = {0, 0};
+  std::uint64_t batches[2] = {0, 0};
+  std::int64_t i = 0;
+  for (auto _ : state) {
+    const int side = static_cast<int>(i++ % 2);
+    FanIn& f = fans[side];
+    const auto t0 = Clock::now();
+    f.to_start = per_batch;
+    asio::post(io, [&] {
+      for (std::size_t c = 0; c < clients && f.to_start > 0; ++c) f.start_on(c);
+    });
+    io.run_one();
+    while (f.outstanding > 0 || f.to_start > 0) io.run_one();
+    if (f.failed) throw std::runtime_error("a fan-in call failed");
+    seconds_of[side] += duration<double>(Clock::now() - t0).count();
+    ++batches[side];
+  }
+  for (auto& f : fans)
+    for (auto& c : f.conns) disconnect(io, c);
+  const double without = static_cast<double>(batches[0] * per_batch) / seconds_of[0];
+  const double with = static_cast<double>(batches[1] * per_batch) / seconds_of[1];
+  state.counters["ratio"] = with / without;
+  g_admin_overhead["fan_in 16 connections (req/s)"].push_back({without, with, scraper.scrapes()});
+}
 
 // ---------------------------------------------------------------------------
 // Embedding: PING through a runtime::Runtime (kvlink's own io thread), from
@@ -643,6 +746,8 @@ BENCHMARK(BM_ping_rtt_paired_tcp)->ArgName("cpus")->Arg(1)->Arg(2)->UseRealTime(
 BENCHMARK(BM_kvlink_ping_pipelined_unix)->Arg(64)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
 BENCHMARK(BM_kvlink_ping_pipelined_tcp)->Arg(64)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
 BENCHMARK(BM_kvlink_fan_in_unix)->Arg(16)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
+BENCHMARK(BM_admin_overhead_ping_rtt)->UseRealTime()->Unit(benchmark::kMicrosecond)->Iterations(40000)->Repetitions(5);
+BENCHMARK(BM_admin_overhead_fan_in)->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(60)->Repetitions(5);
 BENCHMARK(BM_host_driven_ping_rtt_unix)->UseRealTime()->Unit(benchmark::kMicrosecond)->Iterations(20000)->Repetitions(5);
 
 void print_summary() {
@@ -675,6 +780,18 @@ void print_summary() {
   for (const auto& [name, rate] : g_rate)
     std::printf("ping_pipelined %s: kvlink %.0f req/s\n", name.c_str(), rate);
   for (const auto& [name, rate] : g_fan_in) std::printf("fan_in %s: kvlink %.0f req/s\n", name.c_str(), rate);
+  for (auto [name, runs] : g_admin_overhead) {
+    // Cost as a fraction: latency up, or throughput down; the median run.
+    const bool latency = name.starts_with("ping_rtt");
+    auto cost = [&](const AdminOverheadRun& r) { return latency ? r.with / r.without - 1 : 1 - r.with / r.without; };
+    std::sort(runs.begin(), runs.end(), [&](const auto& x, const auto& y) { return cost(x) < cost(y); });
+    const AdminOverheadRun& m = runs[runs.size() / 2];
+    std::printf(
+        "admin_overhead %s: without --http %.1f, with --http and a /metrics scrape every 100 ms %.1f (%llu scrapes): "
+        "cost %+.1f%% (target within 3%%) %s [paired, median of %zu runs; %+.1f%%..%+.1f%%]\n",
+        name.c_str(), m.without, m.with, static_cast<unsigned long long>(m.scrapes), 100 * cost(m),
+        std::abs(cost(m)) <= 0.03 ? "PASS" : "FAIL", runs.size(), 100 * cost(runs.front()), 100 * cost(runs.back()));
+  }
   if (!g_host_runs.empty()) {
     auto runs = g_host_runs;
     std::sort(runs.begin(), runs.end(), [](const auto& a, const auto& b) { return a.ratio() < b.ratio(); });

@@ -1,17 +1,47 @@
 #include "kvlink/log.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <mutex>
+
+#include "kvlink/json.hpp"
 
 namespace kvlink::log {
 namespace {
 
 std::atomic<Level> g_level{Level::info};
+std::atomic<Format> g_format{Format::text};
 Sink g_sink;
-std::mutex g_stderr_mutex;
+// Guards g_file and g_path, and serializes the lines written: one line is
+// one fwrite + fflush under it, so lines never interleave and reopen()
+// swaps the file between two lines.
+std::mutex g_out_mutex;
+std::FILE* g_file = nullptr;  // nullptr: stderr
+std::string g_path;
+
+// Opens `path` for appending (O_CLOEXEC: not inherited by children).
+std::FILE* open_append(const std::string& path, std::string& error) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+  if (fd < 0) {
+    error = fmt::format("cannot open log file {}: {}", path, std::strerror(errno));
+    return nullptr;
+  }
+  std::FILE* f = ::fdopen(fd, "a");
+  if (f == nullptr) {
+    error = fmt::format("cannot open log file {}: {}", path, std::strerror(errno));
+    ::close(fd);
+  }
+  return f;
+}
+
+}  // namespace
 
 const char* level_name(Level l) {
   switch (l) {
@@ -23,8 +53,6 @@ const char* level_name(Level l) {
   }
   return "?";
 }
-
-}  // namespace
 
 void set_level(Level l) { g_level.store(l, std::memory_order_relaxed); }
 Level level() { return g_level.load(std::memory_order_relaxed); }
@@ -39,21 +67,109 @@ bool parse_level(std::string_view text, Level& out) {
   return false;
 }
 
+void set_format(Format f) { g_format.store(f, std::memory_order_relaxed); }
+Format format() { return g_format.load(std::memory_order_relaxed); }
+
+bool parse_format(std::string_view text, Format& out) {
+  if (text == "text") {
+    out = Format::text;
+    return true;
+  }
+  if (text == "json") {
+    out = Format::json;
+    return true;
+  }
+  return false;
+}
+
+std::string open_file(const std::string& path) {
+  if (path.empty()) return "cannot open log file: the path is empty";
+  std::string error;
+  std::FILE* f = open_append(path, error);
+  if (f == nullptr) return error;
+  std::FILE* old = nullptr;
+  {
+    std::lock_guard lock(g_out_mutex);
+    old = g_file;
+    g_file = f;
+    g_path = path;
+  }
+  if (old != nullptr) std::fclose(old);
+  return {};
+}
+
+std::string reopen() {
+  std::string path;
+  {
+    std::lock_guard lock(g_out_mutex);
+    if (g_file == nullptr) return {};
+    path = g_path;
+  }
+  // Opened outside the lock: other threads keep logging to the old file
+  // meanwhile; the swap itself happens between two of their lines.
+  std::string error;
+  std::FILE* f = open_append(path, error);
+  if (f == nullptr) return error;
+  std::FILE* old = nullptr;
+  {
+    std::lock_guard lock(g_out_mutex);
+    if (g_file == nullptr || g_path != path) {
+      // close_file() or open_file() ran meanwhile: theirs wins.
+      old = f;
+    } else {
+      old = g_file;
+      g_file = f;
+    }
+  }
+  std::fclose(old);
+  return {};
+}
+
+std::string file_path() {
+  std::lock_guard lock(g_out_mutex);
+  return g_path;
+}
+
+void close_file() {
+  std::FILE* old = nullptr;
+  {
+    std::lock_guard lock(g_out_mutex);
+    old = g_file;
+    g_file = nullptr;
+    g_path.clear();
+  }
+  if (old != nullptr) std::fclose(old);
+}
+
 void set_sink(Sink sink) { g_sink = std::move(sink); }
+
+std::string iso8601_utc(std::chrono::system_clock::time_point when) {
+  using namespace std::chrono;
+  const auto ms_total = floor<milliseconds>(when.time_since_epoch());
+  const auto secs = floor<seconds>(ms_total);
+  const auto ms = (ms_total - secs).count();
+  const std::time_t t = static_cast<std::time_t>(secs.count());
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &tm);
+  return fmt::format("{}.{:03d}Z", stamp, static_cast<int>(ms));
+}
+
+std::string format_line(Format f, Level l, std::string_view message, std::chrono::system_clock::time_point when) {
+  if (f == Format::json)
+    return fmt::format("{{\"ts\":\"{}\",\"level\":\"{}\",\"msg\":{}}}\n", iso8601_utc(when), level_name(l),
+                       json_string(message));
+  return fmt::format("{} {:5} {}\n", iso8601_utc(when), level_name(l), message);
+}
 
 void write(Level l, std::string_view message) {
   if (g_sink) return g_sink(l, message);
-  using namespace std::chrono;
-  const auto now = system_clock::now();
-  const std::time_t t = system_clock::to_time_t(now);
-  const auto ms = duration_cast<milliseconds>(now.time_since_epoch()).count() % 1000;
-  std::tm tm{};
-  localtime_r(&t, &tm);
-  char stamp[32];
-  std::strftime(stamp, sizeof stamp, "%H:%M:%S", &tm);
-  std::lock_guard lock(g_stderr_mutex);
-  fmt::print(stderr, "{}.{:03d} {:5} {}\n", stamp, static_cast<int>(ms), level_name(l), message);
-  std::fflush(stderr);
+  const std::string line = format_line(format(), l, message, std::chrono::system_clock::now());
+  std::lock_guard lock(g_out_mutex);
+  std::FILE* out = g_file != nullptr ? g_file : stderr;
+  std::fwrite(line.data(), 1, line.size(), out);
+  std::fflush(out);
 }
 
 }  // namespace kvlink::log

@@ -6,11 +6,11 @@
 #include <string_view>
 
 #include "kvlink/health/monitor.hpp"
+#include "kvlink/json.hpp"
 
 namespace kvlink::tools {
 
-// A JSON string literal, escaped.
-std::string json_string(std::string_view s);
+using kvlink::json_string;
 
 // Wall-clock milliseconds since the Unix epoch (the lines' "ts_ms").
 long long unix_ms();

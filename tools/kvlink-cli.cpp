@@ -1,6 +1,12 @@
 // kvlink-cli: operator's tool. `ping` measures round trips to a server;
 // `stats` prints the server's counters as one JSON object on one line.
 // `watch` runs one health monitor and prints its events as JSON lines.
+// `health` is the probe: one HELLO and one PING within a deadline, one line.
+//
+// Exit codes, the same for every subcommand (kExitCodes, printed by --help):
+// 0 success; 1 the server did not answer, answered late, refused or is
+// unhealthy (draining); 2 bad usage or bad arguments (CLI11's parse errors
+// included: it would exit 105, 106, 109, ...).
 #include <asio/co_spawn.hpp>
 #include <asio/signal_set.hpp>
 #include <asio/io_context.hpp>
@@ -34,20 +40,29 @@ struct PingOptions {
   int interval_ms = 200;
 };
 
+constexpr int kExitOk = 0;
+constexpr int kExitServer = 1;  // no answer, late, refused, unhealthy
+constexpr int kExitUsage = 2;   // bad usage or arguments
+constexpr const char* kExitCodes =
+    "Exit codes (every subcommand): 0 success; 1 the server did not answer in time, refused (e.g. a wrong auth "
+    "token) or is unhealthy (draining); 2 bad usage or bad arguments.";
+
 // An admin connection for one subcommand, or the exit code saying why not
-// (the error is printed): 2 for a bad endpoint, 1 when the server is absent.
+// (and `error`, printed unless `quiet`): kExitUsage for a bad endpoint,
+// kExitServer when the server is absent, silent or refuses.
 struct AdminConnection {
-  int exit_code = 0;
+  int exit_code = kExitOk;
+  std::string error;
   kvlink::net::Endpoint endpoint;
   kvlink::net::ConnectResult connected;
 };
 
-asio::awaitable<AdminConnection> connect_admin(std::string server, int timeout_ms, std::string client_name) {
+asio::awaitable<AdminConnection> connect_admin(std::string server, Clock::duration timeout, std::string client_name,
+                                               bool quiet = false) {
   AdminConnection a;
-  std::string error;
-  if (!kvlink::net::parse_endpoint(server, a.endpoint, error)) {
-    fmt::print(stderr, "kvlink-cli: {}\n", error);
-    a.exit_code = 2;
+  if (!kvlink::net::parse_endpoint(server, a.endpoint, a.error)) {
+    fmt::print(stderr, "kvlink-cli: {}\n", a.error);
+    a.exit_code = kExitUsage;
     co_return a;
   }
   kvlink::wire::HelloRequest hello;
@@ -55,18 +70,18 @@ asio::awaitable<AdminConnection> connect_admin(std::string server, int timeout_m
   hello.instance_id = kvlink::net::random_instance_id();
   hello.client_name = std::move(client_name);
   hello.auth_token = g_auth_token;
-  a.connected = co_await kvlink::net::connect(co_await asio::this_coro::executor, a.endpoint, hello,
-                                              milliseconds(timeout_ms));
+  a.connected = co_await kvlink::net::connect(co_await asio::this_coro::executor, a.endpoint, hello, timeout);
   if (a.connected.ec) {
-    fmt::print(stderr, "kvlink-cli: {}\n", a.connected.error);
-    a.exit_code = 1;
+    a.error = a.connected.error;
+    if (!quiet) fmt::print(stderr, "kvlink-cli: {}\n", a.error);
+    a.exit_code = kExitServer;
   }
   co_return a;
 }
 
 asio::awaitable<int> run_ping(PingOptions opt) {
   auto ex = co_await asio::this_coro::executor;
-  auto admin = co_await connect_admin(opt.server, opt.timeout_ms, "kvlink-cli ping");
+  auto admin = co_await connect_admin(opt.server, milliseconds(opt.timeout_ms), "kvlink-cli ping");
   if (admin.exit_code != 0) co_return admin.exit_code;
   const auto& ep = admin.endpoint;
   const auto& connected = admin.connected;
@@ -106,9 +121,9 @@ asio::awaitable<int> run_ping(PingOptions opt) {
   }
   if (failures > 0) {
     fmt::print(stderr, "kvlink-cli: {} of {} pings to {} failed\n", failures, opt.count, ep.to_string());
-    co_return 1;
+    co_return kExitServer;
   }
-  co_return 0;
+  co_return kExitOk;
 }
 
 struct StatsOptions {
@@ -117,7 +132,7 @@ struct StatsOptions {
 };
 
 asio::awaitable<int> run_stats(StatsOptions opt) {
-  auto admin = co_await connect_admin(opt.server, opt.timeout_ms, "kvlink-cli stats");
+  auto admin = co_await connect_admin(opt.server, milliseconds(opt.timeout_ms), "kvlink-cli stats");
   if (admin.exit_code != 0) co_return admin.exit_code;
   const auto& ep = admin.endpoint;
   const auto& connected = admin.connected;
@@ -129,7 +144,7 @@ asio::awaitable<int> run_stats(StatsOptions opt) {
   if (ec) {
     fmt::print(stderr, "kvlink-cli: STATS to {} failed: {}{}\n", ep.to_string(), ec.message(),
                server_message.empty() ? "" : ": " + server_message);
-    co_return 1;
+    co_return kExitServer;
   }
   std::string line = "{";
   line += fmt::format("\"server\":{},\"boot_id\":\"{:016x}\",\"server_version\":{}", json_string(ep.to_string()),
@@ -137,25 +152,79 @@ asio::awaitable<int> run_stats(StatsOptions opt) {
   for (const auto& e : reply.entries) line += fmt::format(",{}:{}", json_string(e.name), e.value);
   line += "}";
   fmt::print("{}\n", line);
-  co_return 0;
+  co_return kExitOk;
 }
 
-// Runs a coroutine returning an exit code on a fresh io_context.
-int run(asio::awaitable<int> task) {
+struct HealthOptions {
+  std::string server = kvlink::net::default_endpoint();
+  double timeout_s = 2;
+};
+
+// The probe: connect, HELLO as an admin, one PING, all within timeout_s;
+// one line on stdout ("healthy: ..." or "unhealthy: ..."). A server that
+// accepts but never answers fails by the deadline like an absent one.
+asio::awaitable<int> run_health(HealthOptions opt) {
+  const auto timeout = duration_cast<Clock::duration>(duration<double>(opt.timeout_s));
+  const auto t0 = Clock::now();
+  const auto deadline = t0 + timeout;
+  auto admin = co_await connect_admin(opt.server, timeout, "kvlink-cli health", true);
+  if (admin.exit_code == kExitUsage) co_return admin.exit_code;
+  if (admin.exit_code != kExitOk) {
+    fmt::print("unhealthy: {}\n", admin.error);
+    co_return admin.exit_code;
+  }
+  const std::string ep = admin.endpoint.to_string();
+  const auto hello = admin.connected.hello;
+  auto conn = admin.connected.connection;
+  const auto left = std::max(deadline - Clock::now(), Clock::duration(milliseconds(1)));
+  auto [ec, reply] = co_await conn->async_call(kvlink::wire::PingRequest{}, left,
+                                               asio::experimental::as_tuple(asio::use_awaitable));
+  const double ms = duration<double, std::milli>(Clock::now() - t0).count();
+  conn->close();
+  if (ec) {
+    fmt::print("unhealthy: {}: PING failed after {:.1f} ms: {}\n", ep, ms, ec.message());
+    co_return kExitServer;
+  }
+  if (hello.draining != 0) {
+    fmt::print("unhealthy: {}: draining for a planned restart (boot id {:016x}, server {})\n", ep, hello.boot_id,
+               hello.server_version);
+    co_return kExitServer;
+  }
+  fmt::print("healthy: {} answered in {:.1f} ms (boot id {:016x}, server {})\n", ep, ms, hello.boot_id,
+             hello.server_version);
+  co_return kExitOk;
+}
+
+// Runs a coroutine returning an exit code on a fresh io_context; with a
+// `limit`, gives up after it (kExitServer): a hang guard behind the
+// coroutine's own deadlines.
+int run(asio::awaitable<int> task, Clock::duration limit = Clock::duration::zero()) {
   asio::io_context io(1);
-  int rc = 1;
+  int rc = kExitServer;
+  bool done = false;
   asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, int r) {
+    done = true;
     rc = r;
     if (e) {
       try {
         std::rethrow_exception(e);
       } catch (const std::exception& ex) {
         fmt::print(stderr, "kvlink-cli: {}\n", ex.what());
-        rc = 1;
+        rc = kExitServer;
       }
     }
   });
-  io.run();
+  if (limit > Clock::duration::zero()) {
+    io.run_for(limit);
+    if (!done) {
+      fmt::print("unhealthy: no answer within {:.1f} s\n", duration<double>(limit).count());
+      std::fflush(stdout);
+      // Abandons the coroutine where it hangs rather than unwinding it.
+      std::_Exit(kExitServer);
+    }
+  } else {
+    io.run();
+  }
   return rc;
 }
 
@@ -182,7 +251,7 @@ int run_watch(const WatchOptions& opt) {
   std::string error;
   if (!kvlink::net::parse_endpoint(opt.server, ep, error)) {
     fmt::print(stderr, "kvlink-cli: {}\n", error);
-    return 2;
+    return kExitUsage;
   }
   asio::io_context io(1);
   health::MonitorOptions o;
@@ -226,7 +295,7 @@ int run_watch(const WatchOptions& opt) {
              c.transitions, c.connects_ok, c.hellos_repeated);
   std::fflush(stdout);
   // A probe's answer: 1 when the server never answered a ping.
-  return c.pings_ok > 0 ? 0 : 1;
+  return c.pings_ok > 0 ? kExitOk : kExitServer;
 }
 
 }  // namespace
@@ -236,6 +305,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("kvlink-cli ") + kvlink::version_string);
   app.require_subcommand(1);
   app.fallthrough();  // --auth-token-file may follow the subcommand too
+  app.footer(kExitCodes);
   kvlink::log::set_level(kvlink::log::Level::warn);
 
   PingOptions ping;
@@ -248,6 +318,17 @@ int main(int argc, char** argv) {
   ping_cmd->add_option("--interval-ms", ping.interval_ms, "Pause between pings")
       ->capture_default_str()
       ->check(CLI::Range(0, 3600000));
+  ping_cmd->footer(kExitCodes);
+
+  HealthOptions health;
+  auto* health_cmd = app.add_subcommand(
+      "health", "Probe a server: HELLO and one PING within --timeout-s; print one line; exit 0 if it answered");
+  health_cmd->add_option("--server,-s", health.server, "Server endpoint (unix:/path or tcp:HOST:PORT)")
+      ->capture_default_str();
+  health_cmd->add_option("--timeout-s", health.timeout_s, "Deadline for the whole probe (connect, HELLO, PING), seconds")
+      ->capture_default_str()
+      ->check(CLI::Range(0.001, 3600.0));
+  health_cmd->footer(kExitCodes);
 
   StatsOptions stats;
   auto* stats_cmd = app.add_subcommand("stats", "Print the server's counters and gauges as one JSON line");
@@ -256,6 +337,7 @@ int main(int argc, char** argv) {
   stats_cmd->add_option("--timeout-ms", stats.timeout_ms, "Deadline for the connection and the request")
       ->capture_default_str()
       ->check(CLI::Range(1, 3600000));
+  stats_cmd->footer(kExitCodes);
 
   WatchOptions watch;
   auto* watch_cmd = app.add_subcommand("watch", "Run a health monitor; print one JSON object per event and line");
@@ -276,19 +358,31 @@ int main(int argc, char** argv) {
   watch_cmd->add_option("--duration-s", watch.duration_s, "Stop after this long (0: until SIGINT)")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1e9));
-
+  watch_cmd->footer(std::string("watch exits 0 if the server answered at least one ping, 1 if it never did. ") +
+                    kExitCodes);
 
   std::string token_file;
   app.add_option("--auth-token-file", token_file,
                  "File holding the server's shared secret (default: $KVLINK_AUTH_TOKEN, if set)");
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version exit 0; every parse error is bad usage (CLI11's
+    // own codes, 105 and up, would differ from error to error).
+    return app.exit(e) == 0 ? kExitOk : kExitUsage;
+  }
   if (auto why = kvlink::net::resolve_auth_token({}, token_file, g_auth_token); !why.empty()) {
     fmt::print(stderr, "kvlink-cli: --auth-token-file: {}\n", why);
-    return 2;
+    return kExitUsage;
   }
   if (*ping_cmd) return run(run_ping(ping));
+  if (*health_cmd) {
+    // The hang guard: the probe's own deadlines end it first.
+    const auto limit = duration_cast<Clock::duration>(duration<double>(health.timeout_s)) + milliseconds(500);
+    return run(run_health(health), limit);
+  }
   if (*stats_cmd) return run(run_stats(stats));
   if (*watch_cmd) return run_watch(watch);
-  return 2;
+  return kExitUsage;
 }

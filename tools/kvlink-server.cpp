@@ -1,11 +1,19 @@
 // kvlink-server: the KV-cache server. Prints one line containing "ready" and
-// its endpoints once it accepts connections. SIGINT/SIGTERM drain (a planned
-// restart: see Server::drain) and exit 0; a second signal exits at once.
+// its endpoints once it accepts connections (and tells systemd, under
+// Type=notify). SIGINT/SIGTERM drain (a planned restart: see Server::drain)
+// and exit 0; a second signal exits at once. SIGHUP reopens --log-file.
+// docs/operations.md is the operator's guide.
+#include <unistd.h>
+
 #include <asio/io_context.hpp>
 #include <asio/signal_set.hpp>
 #include <CLI/CLI.hpp>
+#include <systemd/sd-daemon.h>
+#include <cerrno>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fmt/format.h>
 #include <functional>
 
@@ -18,6 +26,20 @@
 #include "kvlink/transfer/routing_engine.hpp"
 #include "kvlink/version.hpp"
 
+namespace {
+
+// Tells systemd (Type=notify) how the server is doing: "READY=1",
+// "STOPPING=1", "STATUS=...", newline-separated, through libsystemd's
+// sd_notify (Debian libsystemd-dev). Without $NOTIFY_SOCKET (not started
+// by systemd as Type=notify) it does nothing.
+void notify_systemd(const std::string& state) {
+  if (const int rc = sd_notify(0, state.c_str()); rc < 0)
+    kvlink::log::warn("kvlink-server: cannot notify systemd at NOTIFY_SOCKET={}: {}",
+                      std::getenv("NOTIFY_SOCKET") ? std::getenv("NOTIFY_SOCKET") : "", std::strerror(-rc));
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   kvlink::server::ServerConfig cfg;
   std::string log_level = "info";
@@ -25,7 +47,6 @@ int main(int argc, char** argv) {
 
   CLI::App app{"kvlink-server: KV-cache server for LLM inference engines"};
   app.set_version_flag("--version", std::string("kvlink-server ") + kvlink::version_string);
-  app.set_version_flag("--version", kvlink::version_string);
   app.add_option("--listen,-l", cfg.listen,
                  "Endpoint to listen on, repeatable: unix:/path/to.sock or tcp:HOST:PORT (loopback unless an address "
                  "is given)")
@@ -77,6 +98,13 @@ int main(int argc, char** argv) {
   auto* unix_mode_opt =
       app.add_option("--unix-mode", unix_mode, "Permission bits of unix sockets (octal)")->capture_default_str();
   app.add_option("--log-level", log_level, "debug, info, warn, error or off")->capture_default_str();
+  std::string log_format = "text", log_file;
+  app.add_option("--log-format", log_format,
+                 "Log lines as text (timestamp level message) or json (one object per line: ts, level, msg)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"text", "json"}));
+  app.add_option("--log-file", log_file,
+                 "Append the log to this file instead of stderr; SIGHUP reopens it (rotation by rename)");
   std::string l1_size = "1GiB";
   app.add_option("--l1-size", l1_size, "L1 memory for KV chunks: 512MiB, 8GiB, or plain bytes")->capture_default_str();
   std::string l1_slab_size;
@@ -112,6 +140,10 @@ int main(int argc, char** argv) {
   app.add_option("--low-watermark", cfg.low_watermark, "Fraction of L1 eviction brings usage down to")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--http", cfg.http,
+                 "Serve the HTTP admin plane on HOST:PORT (port 0: any free one): /healthz, /readyz, /status, "
+                 "/metrics (Prometheus) and a live status page at /; loopback unless an auth token is set, which "
+                 "/status and /metrics then require as a bearer token (default: off)");
   app.add_option("--transfer-threads", cfg.transfer_threads,
                  "Threads copying KV data between the workers' memfds and L1 (CPU transfer engine)")
       ->capture_default_str()
@@ -132,7 +164,13 @@ int main(int argc, char** argv) {
                  "CUDA streams per direction (store, retrieve) and device")
       ->capture_default_str()
       ->check(CLI::Range(1u, 64u));
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help, --version: 0. A bad flag: 2, like the checks below (CLI11's
+    // own codes, 105 and up, differ from error to error).
+    return app.exit(e) == 0 ? 0 : 2;
+  }
 
   if (auto why = kvlink::store::parse_size(l1_size, cfg.l1_size); !why.empty()) {
     fmt::print(stderr, "kvlink-server: --l1-size: {}\n", why);
@@ -202,6 +240,15 @@ int main(int argc, char** argv) {
     return 2;
   }
   kvlink::log::set_level(level);
+  kvlink::log::Format format = kvlink::log::Format::text;
+  kvlink::log::parse_format(log_format, format);  // checked by CLI11
+  kvlink::log::set_format(format);
+  if (!log_file.empty()) {
+    if (auto why = kvlink::log::open_file(log_file); !why.empty()) {
+      fmt::print(stderr, "kvlink-server: --log-file: {}\n", why);
+      return 2;
+    }
+  }
   if (!reaper_warning.empty()) kvlink::log::warn("kvlink-server: {}", reaper_warning);
   if (cfg.reap_timeout_s == 0)
     kvlink::log::info("kvlink-server: --reap-timeout-s 0: no reaper; silent instances and their registrations stay "
@@ -227,6 +274,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   kvlink::log::info("kvlink-server: transfer engine: {}", engine_summary);
+  cfg.transfer_engine_summary = engine_summary;
   kvlink::server::Server server(io, cfg, *engine);
   try {
     server.start();
@@ -235,14 +283,22 @@ int main(int argc, char** argv) {
     return 1;
   }
   // First SIGTERM/SIGINT: a planned restart (drain, then exit 0). A second
-  // one while draining: the operator wants out now. SIGHUP (log rotation
-  // elsewhere) must not kill the server: the log goes to stderr, whose
-  // owner rotates it, so there is nothing to reopen.
+  // one while draining: the operator wants out now. SIGHUP is log rotation:
+  // with --log-file the file is reopened at its path (the old one was
+  // renamed; copy threads logging meanwhile write whole lines to one or the
+  // other); with stderr its owner rotates it, so there is nothing to reopen,
+  // and SIGHUP must not kill the server either way.
   asio::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
   std::function<void(std::error_code, int)> on_signal = [&](std::error_code ec, int sig) {
     if (ec) return;
     if (sig == SIGHUP) {
-      kvlink::log::info("kvlink-server: SIGHUP: the log goes to stderr, nothing to reopen; still serving");
+      if (log_file.empty()) {
+        kvlink::log::info("kvlink-server: SIGHUP: the log goes to stderr, nothing to reopen; still serving");
+      } else if (auto why = kvlink::log::reopen(); !why.empty()) {
+        kvlink::log::error("kvlink-server: SIGHUP: {}; still logging to the file opened before", why);
+      } else {
+        kvlink::log::info("kvlink-server: SIGHUP: reopened the log file {}", log_file);
+      }
       signals.async_wait(on_signal);
       return;
     }
@@ -255,12 +311,15 @@ int main(int argc, char** argv) {
       std::_Exit(0);
     }
     kvlink::log::info("kvlink-server: signal {} received", sig);
+    notify_systemd("STOPPING=1\nSTATUS=draining: finishing transfers in flight");
     server.drain(cfg.drain_timeout, [&](const kvlink::server::Server::DrainReport&) { signals.cancel(); });
     signals.async_wait(on_signal);
   };
   signals.async_wait(on_signal);
-  fmt::print("kvlink-server ready boot_id={:016x} listening on {}\n", server.boot_id(), fmt::join(server.endpoints(), " "));
+  fmt::print("kvlink-server ready boot_id={:016x} listening on {}{}\n", server.boot_id(),
+             fmt::join(server.endpoints(), " "), server.admin_url().empty() ? "" : " admin " + server.admin_url());
   std::fflush(stdout);
+  notify_systemd(fmt::format("READY=1\nSTATUS=serving on {}", fmt::join(server.endpoints(), " ")));
   io.run();
   return 0;
 }

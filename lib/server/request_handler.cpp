@@ -85,6 +85,11 @@ void RequestHandler::fail(const wire::Frame& frame, ReplySink& sink, std::error_
   reply_error(sink, frame.header, code, message);
 }
 
+void RequestHandler::refused(SessionState& session, TimePoint now, std::string line) {
+  if (log::level() <= log::Level::warn) warn(session, now, "kvlink-server: " + line);
+  events_.record(now, ServerEvent::Kind::refusal, session.instance_id, std::move(line));
+}
+
 void RequestHandler::warn(SessionState& session, TimePoint now, std::string_view line) {
   report_held_back(session, now, false);
   if (session.log_limiter.allow(now)) log::warn("{}", line);
@@ -150,11 +155,12 @@ void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
   auto c = connections_.find(instance);
   if (c == connections_.end() || --c->second > 0) return;  // another connection of this instance remains
   connections_.erase(c);
-  if (auto label = instance_labels_.find(instance); label != instance_labels_.end())
-    log::info("kvlink-server: {} disconnected{}", label->second,
-              liveness_.holds_registration(instance)
-                  ? "; its KV-cache registration is kept until it comes back, unregisters or is reaped"
-                  : "");
+  if (auto known = instances_.find(instance); known != instances_.end())
+    event(ServerEvent::Kind::disconnect, instance, now,
+          fmt::format("{} disconnected{}", known->second.label,
+                      liveness_.holds_registration(instance)
+                          ? "; its KV-cache registration is kept until it comes back, unregisters or is reaped"
+                          : ""));
   // Locks and jobs belong to requests the engine can no longer finish over
   // this link: release them now. The registration (the engine's memory
   // layout) stays valid across a reconnect, so it waits for the instance
@@ -164,13 +170,11 @@ void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
     // Reaped while connected and never said HELLO again: a registration it
     // made since is not in the registry, so no reaper would ever end it.
     registrations_.erase(instance);
-    instance_secrets_.erase(instance);
-    instance_labels_.erase(instance);
+    instances_.erase(instance);
     return;
   }
   if (liveness_.last_connection_closed(instance)) {
-    instance_secrets_.erase(instance);
-    instance_labels_.erase(instance);
+    instances_.erase(instance);
     log::debug("kvlink-server: instance {:016x} left (no KV cache registered): forgotten", instance);
   } else {
     log::debug("kvlink-server: instance {:016x} disconnected; its KV-cache registration is kept until it "
@@ -187,12 +191,32 @@ void RequestHandler::release_scheduler_state(std::uint64_t instance) {
 
 // Reaped: the instance is gone for good (a later HELLO starts afresh).
 void RequestHandler::release_instance(std::uint64_t instance) {
-  auto label = instance_labels_.extract(instance);
-  log::info("kvlink-server: reaped {}: silent past its reap timeout{}", label ? label.mapped() : "an instance",
-            registrations_.contains(instance) ? "; its KV-cache registration is dropped" : "");
+  auto known = instances_.extract(instance);
+  event(ServerEvent::Kind::reap, instance, reap_now_,
+        fmt::format("reaped {}: silent past its reap timeout{}",
+                    known ? known.mapped().label : fmt::format("instance {:016x}", instance),
+                    registrations_.contains(instance) ? "; its KV-cache registration is dropped" : ""));
   release_scheduler_state(instance);
   registrations_.erase(instance);
-  instance_secrets_.erase(instance);
+}
+
+void RequestHandler::transfer_started(std::uint64_t instance) {
+  ++transfers_in_flight_;
+  if (auto it = instances_.find(instance); it != instances_.end()) ++it->second.transfers_in_flight;
+}
+
+void RequestHandler::transfer_ended(std::uint64_t instance, std::uint8_t opcode, Duration took) {
+  --transfers_in_flight_;
+  // A reaped instance (forgotten while its copy ran) counts nothing more.
+  if (auto it = instances_.find(instance); it != instances_.end() && it->second.transfers_in_flight > 0)
+    --it->second.transfers_in_flight;
+  observe_latency(opcode, took);
+}
+
+void RequestHandler::event(ServerEvent::Kind kind, std::uint64_t instance, TimePoint now, std::string line) {
+  if (kind == ServerEvent::Kind::refusal) log::warn("kvlink-server: {}", line);
+  else log::info("kvlink-server: {}", line);
+  events_.record(now, kind, instance, std::move(line));
 }
 
 // ---- planned restart -------------------------------------------------------------
@@ -236,6 +260,7 @@ bool RequestHandler::refuse_transfer(const SessionState& session, const wire::Fr
 }
 
 void RequestHandler::tick(TimePoint now) {
+  reap_now_ = now;
   liveness_.reap(now);  // release_instance logs each one
   store_.tick(now);
   while (!job_queue_.empty()) {
@@ -352,7 +377,9 @@ bool RequestHandler::handle(SessionState& session, const wire::Frame& frame, Rep
     case wire::Opcode::unregister_kv_cache: {
       wire::UnregisterKvCacheRequest req;
       if (!parse(frame, sink, req) || refuse_admin(session, frame, sink)) return true;
-      registrations_.erase(session.instance_id);  // idempotent
+      if (registrations_.erase(session.instance_id) > 0)  // idempotent
+        event(ServerEvent::Kind::unregister, session.instance_id, now,
+              fmt::format("{} ({}) unregistered its KV cache", session.peer.text, session.client_name));
       liveness_.registered(session.instance_id, now, false);
       reply(sink, h, wire::Empty{});
       return true;
@@ -427,10 +454,9 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   }
   if (!config_.auth_token.empty() && !constant_time_equal(req.auth_token, config_.auth_token)) {
     ++counters_.auth_failures;
-    if (log::level() <= log::Level::warn)
-      warn(session, now,
-           fmt::format("kvlink-server: HELLO from {} ({}) refused: {} auth token", session.peer.text,
-                       req.client_name, req.auth_token.empty() ? "no" : "wrong"));
+    refused(session, now,
+            fmt::format("HELLO from {} ({}) refused: {} auth token", session.peer.text, req.client_name,
+                        req.auth_token.empty() ? "no" : "wrong"));
     fail(frame, sink, errc::unauthorized,
          fmt::format("{} auth token in HELLO: this server requires the shared secret of its --auth-token-file "
                      "(clients read it from KVLINK_AUTH_TOKEN or their token-file option); closing the connection",
@@ -452,13 +478,12 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   // no --max-instances slot, nothing left behind when they close.
   const bool admin = req.role == wire::Role::admin;
   if (!admin) {
-    auto bound = instance_secrets_.find(req.instance_id);
-    if (bound != instance_secrets_.end() && !constant_time_equal(bound->second, req.instance_secret)) {
+    auto bound = instances_.find(req.instance_id);
+    if (bound != instances_.end() && !constant_time_equal(bound->second.secret, req.instance_secret)) {
       ++counters_.instance_claims_refused;
-      if (log::level() <= log::Level::warn)
-        warn(session, now,
-             fmt::format("kvlink-server: HELLO from {} ({}) refused: it claims the instance id of another client",
-                         session.peer.text, req.client_name));
+      refused(session, now,
+              fmt::format("HELLO from {} ({}) refused: it claims the instance id of another client",
+                          session.peer.text, req.client_name));
       log::debug("kvlink-server: the refused claim was for instance {:016x}", req.instance_id);
       fail(frame, sink, errc::unauthorized,
            "HELLO refused: this instance id belongs to another client (its HELLO carried another instance secret); "
@@ -468,6 +493,9 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   }
   if (!admin && !liveness_.known(req.instance_id) && liveness_.size() >= config_.max_instances) {
     ++counters_.instances_refused;
+    refused(session, now,
+            fmt::format("HELLO from {} ({}) refused: the server already knows {} instances (--max-instances)",
+                        session.peer.text, req.client_name, liveness_.size()));
     fail(frame, sink, errc::limit_exceeded,
          fmt::format("HELLO refused: the server already knows {} instances, its limit (--max-instances); raise it, "
                      "or wait until silent instances are reaped; closing the connection",
@@ -486,16 +514,21 @@ bool RequestHandler::on_hello(SessionState& session, const wire::Frame& frame, R
   session.instance_id = req.instance_id;
   session.client_name = req.client_name;
   if (!admin) {
-    instance_secrets_.try_emplace(req.instance_id, req.instance_secret);
+    auto [known, fresh] = instances_.try_emplace(req.instance_id);
+    Instance& instance = known->second;
+    if (fresh) instance.secret = req.instance_secret;
     liveness_.hello(req.instance_id, now);
     // A registration made while the reaper had forgotten this (connected)
     // instance: known again, it is kept and reaped like any other.
     liveness_.registered(req.instance_id, now, registrations_.contains(req.instance_id));
-    auto& label = instance_labels_[req.instance_id];
-    label = fmt::format("{} ({})", session.peer.text, req.client_name);
+    instance.label = fmt::format("{} ({})", session.peer.text, req.client_name);
+    instance.role = req.role;
+    instance.client = req.client_name;
+    instance.peer = session.peer;
     if (first_hello)
-      log::info("kvlink-server: {} connected as {}{}", label, wire::role_name(req.role),
-                registrations_.contains(req.instance_id) ? "; its KV-cache registration was kept" : "");
+      event(ServerEvent::Kind::connect, req.instance_id, now,
+            fmt::format("{} connected as {}{}", instance.label, wire::role_name(req.role),
+                        registrations_.contains(req.instance_id) ? "; its KV-cache registration was kept" : ""));
   }
   log::debug("kvlink-server: HELLO from {} {:016x} ({})", wire::role_name(req.role), req.instance_id, req.client_name);
   wire::HelloReply r;
@@ -528,9 +561,13 @@ std::uint32_t RequestHandler::quota_slots(std::uint64_t slot_bytes) const {
 }
 
 void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
-  wire::StatsReply r;
+  reply(sink, frame.header, wire::StatsReply{stats()});
+}
+
+std::vector<wire::StatEntry> RequestHandler::stats() const {
+  std::vector<wire::StatEntry> r;
   auto add = [&](std::string name, std::uint64_t value) {
-    r.entries.push_back({std::move(name), static_cast<std::int64_t>(value)});
+    r.push_back({std::move(name), static_cast<std::int64_t>(value)});
   };
   add("connections_open", counters_.connections_open);
   add("connections_accepted", counters_.connections_accepted);
@@ -598,7 +635,45 @@ void RequestHandler::on_stats(const wire::Frame& frame, ReplySink& sink) {
   add("block_allocation_reports", block_reports_);
   add("engine_blocks_allocated", engine_blocks_allocated_);
   add("engine_blocks_total", engine_blocks_total_);
-  reply(sink, frame.header, r);
+  return r;
+}
+
+void RequestHandler::status(ServerStatus& out, TimePoint now) const {
+  out.draining = draining_;
+  out.transfers_in_flight = transfers_in_flight_;
+  out.jobs = jobs_.size();
+  out.sessions = sessions_.size();
+  out.stats = stats();
+  out.totals = totals_;
+  out.events.assign(events_.events().begin(), events_.events().end());
+  out.instances.clear();
+  for (const auto& [id, known] : instances_) {
+    InstanceStatus i;
+    i.id = id;
+    i.role = known.role;
+    i.client = known.client;
+    i.peer = known.peer;
+    if (auto c = connections_.find(id); c != connections_.end()) i.connections = c->second;
+    if (auto seen = liveness_.last_seen(id)) i.since_seen = now - *seen;
+    i.transfers_in_flight = known.transfers_in_flight;
+    if (auto r = registrations_.find(id); r != registrations_.end()) {
+      const auto& reg = *r->second;
+      const auto& l = reg.layout;
+      i.registration = InstanceStatus::Registration{
+          reg.model, reg.ns, reg.world_size, reg.kv_rank, reg.slot_bytes,
+          fmt::format("{} layers, {} planes, blocks of {} tokens x {} heads x {} x {} bytes", l.num_layers,
+                      l.num_planes, l.block_size, l.num_kv_heads, l.head_size, l.dtype_size),
+          engine_.fault(reg)};
+    }
+    out.instances.push_back(std::move(i));
+  }
+  out.namespaces.clear();
+  for (const auto& [ns, usage] : store_.namespaces()) out.namespaces.push_back({ns, {}, usage.chunks, usage.bytes});
+  for (const auto& [id, reg] : registrations_) {
+    auto it = std::find_if(out.namespaces.begin(), out.namespaces.end(), [&](const auto& n) { return n.ns == reg->ns; });
+    if (it == out.namespaces.end()) it = out.namespaces.insert(out.namespaces.end(), {reg->ns, {}, 0, 0});
+    it->model = reg->model;
+  }
 }
 
 // ---- store operations ----------------------------------------------------------
@@ -650,9 +725,9 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
   // Every refusal is in the server's log too, with who asked: the engine's
   // log is not the only place an operator looks.
   auto refuse = [&](std::string why) {
-    warn(session, now,
-         fmt::format("kvlink-server: refused a KV-cache registration from {} ({}): {}", session.peer.text,
-                     session.client_name, why));
+    refused(session, now,
+            fmt::format("refused a KV-cache registration from {} ({}): {}", session.peer.text, session.client_name,
+                        why));
     fail(frame, sink, errc::bad_request, why);
   };
   if (auto why = check_world_size(req.world_size); !why.empty()) return refuse(why);
@@ -686,9 +761,10 @@ void RequestHandler::on_register(SessionState& session, const wire::Frame& frame
   }
   if (auto why = engine_.use_l1(*reg, pool_.region(), pool_.region_bytes()); !why.empty())
     return refuse(why);
-  log::info("kvlink-server: {} ({}) registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
-            session.peer.text, session.client_name, reg->model, reg->kv_rank, reg->world_size,
-            reg->layout.num_layers, slot);
+  event(ServerEvent::Kind::register_kv_cache, session.instance_id, now,
+        fmt::format("{} ({}) registered a KV cache: model {}, rank {}/{}, {} layers, {} bytes per chunk",
+                    session.peer.text, session.client_name, reg->model, reg->kv_rank, reg->world_size,
+                    reg->layout.num_layers, slot));
   log::debug("kvlink-server: registration of {} is instance {:016x}", session.peer.text, session.instance_id);
   registrations_[session.instance_id] = std::move(reg);
   liveness_.registered(session.instance_id, now);
@@ -776,6 +852,8 @@ void RequestHandler::on_lookup(SessionState& session, const wire::Frame& frame, 
                if (!missed && next < n) return false;
                store_.record_lookup(next, n - next);
                const std::uint32_t matched = record_locks(key, holder, req.ns, req.world_size, req.hashes, next, at);
+               totals_.lookup_requested_tokens += std::uint64_t{n} * config_.chunk_size;
+               totals_.lookup_hit_tokens += std::uint64_t{matched} * config_.chunk_size;
                if (sync) {
                  reply(out, header, wire::LookupResult{matched});
                  return true;
@@ -984,17 +1062,23 @@ void RequestHandler::on_store(SessionState& session, const wire::Frame& frame, R
   std::weak_ptr<bool> alive = alive_;
   std::shared_ptr<std::uint32_t> in_flight = session.in_flight;
   ++*in_flight;
-  ++transfers_in_flight_;
+  transfer_started(session.instance_id);
+  const std::uint64_t bytes = reg->slot_bytes * reserved.size();
   engine_.submit(std::move(job), [this, alive, target, header, reserved = std::move(reserved), skipped,
-                                  in_flight](std::error_code ec) {
+                                  in_flight, instance = session.instance_id, started = now,
+                                  bytes](std::error_code ec) {
     --*in_flight;
     auto live = alive.lock();
     if (!live || !*live) return;  // the handler is gone
-    --transfers_in_flight_;
     const TimePoint done = Clock::now();
+    transfer_ended(instance, header.opcode, done - started);
     for (const auto& r : reserved) {
       if (ec) store_.abort(r.key, r.generation);
       else store_.commit(r.key, r.generation, done);
+    }
+    if (!ec) {
+      totals_.stored_bytes += bytes;
+      ++totals_.stores_completed;
     }
     if (ec) return target->with([&](ReplySink& s) { copy_failed(header, ec, s, "nothing was stored"); });
     target->with([&](ReplySink& s) {
@@ -1064,14 +1148,19 @@ bool RequestHandler::submit_retrieve(SessionState& session, const wire::Frame& f
   std::weak_ptr<bool> alive = alive_;
   std::shared_ptr<std::uint32_t> in_flight = session.in_flight;
   ++*in_flight;
-  ++transfers_in_flight_;
+  transfer_started(session.instance_id);
+  const std::uint64_t bytes = reg->slot_bytes * keys.size();
   engine_.submit(std::move(job), [this, alive, target, header, keys = std::move(keys), hashes = std::move(req.hashes),
-                                  ns = req.ns, rank = req.kv_rank, session_id = req.session_id,
-                                  in_flight](std::error_code ec) {
+                                  ns = req.ns, rank = req.kv_rank, session_id = req.session_id, in_flight,
+                                  instance = session.instance_id, started = now, bytes](std::error_code ec) {
     --*in_flight;
     auto live = alive.lock();
     if (!live || !*live) return;
-    --transfers_in_flight_;
+    transfer_ended(instance, header.opcode, Clock::now() - started);
+    if (!ec) {
+      totals_.retrieved_bytes += bytes;
+      ++totals_.retrieves_completed;
+    }
     for (const auto& k : keys) store_.release_one(k, store::transfer_holder);
     // Loaded or failed (the engine recomputes), the request's lookups need
     // these chunks no more.

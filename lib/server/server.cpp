@@ -22,6 +22,7 @@
 #include "kvlink/log.hpp"
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/net/frame_stream.hpp"
+#include "kvlink/server/admin_http.hpp"
 #include "kvlink/server/inbound_budget.hpp"
 
 namespace kvlink::server {
@@ -40,6 +41,9 @@ struct Session final : ReplySink, std::enable_shared_from_this<Session> {
   bool unix_socket = false;
   bool fd_reads = false;
   bool handler_closed = false;  // the handler asked to close (its error reply is queued)
+  // The request left unfinished (sliced): its opcode and when it came.
+  std::uint8_t unfinished_opcode = 0;
+  TimePoint unfinished_since{};
   InboundBudget::Claim inbound;  // of the server's --max-inbound-bytes
   bool inbound_refused = false;  // a frame was refused for it (the stream ended)
 
@@ -103,9 +107,17 @@ struct Server::Impl {
   RequestHandler handler;
   InboundBudget inbound;
   std::list<net::Acceptor> acceptors;
+  std::vector<std::string> bound;  // the endpoints, as Server::endpoints()
   std::vector<std::string> unix_paths;
   std::list<std::weak_ptr<Session>> sessions;
   bool stopped = false;
+  // The admin plane (--http): a snapshot published every publish_interval.
+  std::unique_ptr<AdminHttp> admin;
+  StatusHistory history;
+  WallClock::time_point started_at = WallClock::now();
+  TimePoint next_publish{};
+  static constexpr std::chrono::milliseconds publish_interval{250};
+  void publish(TimePoint now);
 
   asio::awaitable<void> accept_loop(net::Acceptor& acceptor, std::string name);
   asio::awaitable<void> serve(std::shared_ptr<Session> session);
@@ -143,9 +155,26 @@ asio::awaitable<void> Server::Impl::tick_loop() {
     timer.expires_after(RequestHandler::tick_interval);
     auto [ec] = co_await timer.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
     if (ec || stopped) co_return;
-    handler.tick(Clock::now());
+    const TimePoint now = Clock::now();
+    handler.tick(now);
     continue_releasing();
+    if (admin && now >= next_publish) publish(now);
   }
+}
+
+void Server::Impl::publish(TimePoint now) {
+  next_publish = now + publish_interval;
+  auto s = std::make_shared<ServerStatus>();
+  s->boot_id = handler.boot_id();
+  s->listeners = bound;
+  s->transfer_engine = config.transfer_engine_summary;
+  s->ready = !stopped;
+  s->started_at = started_at;
+  s->taken_at = WallClock::now();
+  s->taken_steady = now;
+  handler.status(*s, now);
+  history.update(*s, now);
+  admin->publish(std::move(s));
 }
 
 asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::string name) {
@@ -215,7 +244,9 @@ std::string Server::Impl::admit_inbound(Session& session, std::uint32_t pending_
 // connections' ready work (posted): their PINGs wait for one slice at most.
 void Server::Impl::continue_work(std::shared_ptr<Session> session) {
   asio::post(io, [this, session = std::move(session)]() mutable {
-    if (!handler.continue_work(session->state, *session, Clock::now())) return continue_work(std::move(session));
+    const TimePoint now = Clock::now();
+    if (!handler.continue_work(session->state, *session, now)) return continue_work(std::move(session));
+    handler.observe_latency(session->unfinished_opcode, now - session->unfinished_since);
     session->stream.release_hold();
   });
 }
@@ -235,13 +266,18 @@ void Server::Impl::continue_releasing() {
 asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   net::StreamEnd end = co_await session->stream.read_frames(
       [&](const wire::Frame& frame) {
-        const bool go_on = handler.handle(session->state, frame, *session, Clock::now());
+        const TimePoint received = Clock::now();
+        const bool go_on = handler.handle(session->state, frame, *session, received);
         session->after_frame();
         session->handler_closed = !go_on;
         if (go_on && session->state.unfinished) {
           // A large request goes on in slices: its later frames wait.
+          session->unfinished_opcode = frame.header.opcode;
+          session->unfinished_since = received;
           session->stream.hold();
           continue_work(session);
+        } else if (!RequestHandler::replies_later(frame.header.opcode)) {
+          handler.observe_latency(frame.header.opcode, Clock::now() - received);
         }
         return go_on;
       });
@@ -351,6 +387,15 @@ void Server::start() {
     }
     bound_.push_back(ep.to_string());
     asio::co_spawn(impl_->io, impl_->accept_loop(acceptor, ep.to_string()), asio::detached);
+  }
+  impl_->bound = bound_;
+  if (!cfg.http.empty()) {
+    AdminHttpConfig admin;
+    admin.address = cfg.http;
+    admin.auth_token = cfg.auth_token;
+    impl_->admin = std::make_unique<AdminHttp>(std::move(admin));
+    admin_url_ = impl_->admin->url();
+    impl_->publish(Clock::now());  // ready: L1 is mapped and every listener accepts
   }
   asio::co_spawn(impl_->io, impl_->tick_loop(), asio::detached);
 }

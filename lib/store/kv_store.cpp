@@ -179,6 +179,9 @@ void KvStore::commit(const ChunkKey& key, std::uint64_t generation, TimePoint) {
   write_queue_.erase(e.write);
   e.in_write = false;
   ++stats_.stores_committed;
+  auto& usage = namespaces_[key.ns];
+  ++usage.chunks;
+  usage.bytes += slot_bytes(e);
   update_lru(*it);
 }
 
@@ -266,6 +269,11 @@ void KvStore::drop(Node* n) {
   }
   read_locks_ -= e.read_locks;
   if (e.write_locked) --write_locks_;
+  if (e.state == State::present) {
+    auto usage = namespaces_.find(n->first.ns);
+    usage->second.bytes -= slot_bytes(e);
+    if (--usage->second.chunks == 0) namespaces_.erase(usage);
+  }
   at_slot(e.slot) = nullptr;
   pool_.free(e.slot);
   const ChunkKey key = n->first;

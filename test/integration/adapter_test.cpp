@@ -392,6 +392,7 @@ TEST_CASE("adapter: a cancelled async call completes at once with operation_abor
   f.server.start();
   f.make();
   REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  f.healthy();  // the first lookup must not find the scheduler still connecting
   const auto tokens = prompt(2 * chunk);
   // Runs one async lookup with a cancellation slot, on the adapters' thread;
   // `cancel_after` > 0 signals the slot then. Returns every completion.

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -35,6 +36,12 @@ std::string ServerProcess::binary(const char* env_var) {
 
 ServerProcess::ServerProcess(std::vector<std::string> args) : args_(std::move(args)) {}
 
+void ServerProcess::set_env(std::string name, std::string value) {
+  const std::string prefix = name + "=";
+  std::erase_if(env_, [&](const std::string& e) { return e.starts_with(prefix); });
+  env_.push_back(prefix + value);
+}
+
 ServerProcess::~ServerProcess() {
   if (pid_ > 0) {
     ::kill(pid_, SIGCONT);
@@ -51,6 +58,27 @@ void ServerProcess::start(std::chrono::milliseconds timeout) {
   argv.push_back(const_cast<char*>(exe.c_str()));
   for (auto& a : args_) argv.push_back(a.data());
   argv.push_back(nullptr);
+  // The environment, built before fork (the child only calls async-signal-
+  // safe functions): this process's, with env_ replacing or adding entries.
+  std::vector<std::string> env_strings = env_;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string entry = *e;
+    const std::string name = entry.substr(0, entry.find('=') + 1);
+    if (std::none_of(env_.begin(), env_.end(), [&](const std::string& o) { return o.starts_with(name); }))
+      env_strings.push_back(entry);
+  }
+  std::vector<char*> envp;
+  for (auto& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  int err_fd = fds[1];
+  if (!stderr_file_.empty()) {
+    err_fd = ::open(stderr_file_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (err_fd < 0) {
+      ::close(fds[0]);
+      ::close(fds[1]);
+      throw std::runtime_error("cannot open " + stderr_file_);
+    }
+  }
   const pid_t parent = ::getpid();
   pid_ = ::fork();
   if (pid_ < 0) throw std::runtime_error("fork failed");
@@ -59,11 +87,12 @@ void ServerProcess::start(std::chrono::milliseconds timeout) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (::getppid() != parent) ::_exit(127);
     ::dup2(fds[1], STDOUT_FILENO);
-    ::dup2(fds[1], STDERR_FILENO);  // errors end up in the test failure message
-    ::execv(exe.c_str(), argv.data());
+    ::dup2(err_fd, STDERR_FILENO);  // errors end up in the test failure message (or stderr_file_)
+    ::execve(exe.c_str(), argv.data(), envp.data());
     ::_exit(127);
   }
   ::close(fds[1]);
+  if (err_fd != fds[1]) ::close(err_fd);
   stdout_fd_ = fds[0];
 
   // Read stdout until the ready line, within the deadline.
@@ -81,7 +110,13 @@ void ServerProcess::start(std::chrono::milliseconds timeout) {
         auto at = line.find("listening on ");
         if (at != std::string::npos) {
           std::istringstream in(line.substr(at + 13));
-          for (std::string ep; in >> ep;) endpoints_.push_back(ep);
+          for (std::string ep; in >> ep;) {
+            if (ep == "admin") {  // then the HTTP admin listener's URL (--http)
+              in >> admin_url_;
+              break;
+            }
+            endpoints_.push_back(ep);
+          }
         }
         return;  // leave the pipe open: the server may print more
       }

@@ -40,6 +40,12 @@ struct ServerConfig {
   // chowned to that group (and the default mode becomes 0660).
   unsigned unix_socket_mode = 0600;
   std::string unix_group;
+  // The HTTP admin listener (HOST:PORT; "": none): /healthz, /readyz,
+  // /status, /metrics and the status page. Loopback unless auth_token is
+  // set, which /status and /metrics then require as a bearer token.
+  std::string http;
+  // What /status says of the transfer engine ("cpu, 2 threads", ...).
+  std::string transfer_engine_summary;
   // Shared secret every HELLO must carry when non-empty (compared in
   // constant time). Required when listening on a non-loopback address.
   std::string auth_token;

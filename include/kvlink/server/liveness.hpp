@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <functional>
 #include <unordered_map>
 
@@ -87,6 +88,12 @@ class LivenessRegistry {
   }
 
   bool known(std::uint64_t id) const { return instances_.contains(id); }
+  // When a known instance was last heard from; nothing if unknown.
+  std::optional<TimePoint> last_seen(std::uint64_t id) const {
+    auto it = instances_.find(id);
+    if (it == instances_.end()) return std::nullopt;
+    return it->second.last_seen;
+  }
   std::size_t size() const { return instances_.size(); }
   std::uint64_t reaped() const { return reaped_; }
   bool reaper_enabled() const { return config_.reap_timeout > Duration::zero(); }

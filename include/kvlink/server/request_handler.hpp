@@ -19,6 +19,7 @@
 #include "kvlink/store/kv_store.hpp"
 #include "kvlink/server/peer.hpp"
 #include "kvlink/server/sliced_work.hpp"
+#include "kvlink/server/status.hpp"
 #include "kvlink/store/l1_pool.hpp"
 #include "kvlink/transfer/transfer_engine.hpp"
 #include "kvlink/unique_fd.hpp"
@@ -192,6 +193,24 @@ class RequestHandler {
   // Which instances are alive; the store sets its release hook here.
   LivenessRegistry& liveness() { return liveness_; }
 
+  // ---- admin plane ----
+  // Every counter STATS shows, as (name, value).
+  std::vector<wire::StatEntry> stats() const;
+  // Fills the handler's part of `out` (see ServerStatus) at `now`.
+  void status(ServerStatus& out, TimePoint now) const;
+  // A request of `opcode` took `d` from receipt to reply. The network
+  // layer reports the requests answered inline; the handler itself those
+  // answered when their copy completes (STORE, RETRIEVE).
+  void observe_latency(std::uint8_t opcode, Duration d) {
+    if (opcode <= wire::max_opcode) totals_.latency[opcode].observe(d);
+  }
+  // Whether a request of `opcode` is answered when its copy completes.
+  static bool replies_later(std::uint8_t opcode) {
+    return opcode == static_cast<std::uint8_t>(wire::Opcode::store) ||
+           opcode == static_cast<std::uint8_t>(wire::Opcode::retrieve);
+  }
+  const EventLog& events() const { return events_; }
+
  private:
   // A prefetch job started by LOOKUP; reported once by QUERY_PREFETCH_STATUS.
   struct Job {
@@ -276,10 +295,13 @@ class RequestHandler {
   // held back past its share, summarised once its window ended (and at
   // the session's end).
   void warn(SessionState& session, TimePoint now, std::string_view line);
+  // A refusal: warned through the session's limiter, and an event.
+  void refused(SessionState& session, TimePoint now, std::string line);
   void report_held_back(SessionState& session, TimePoint now, bool final);
   // The session and time of the frame handle() works on (fail() logs with them).
   SessionState* turn_session_ = nullptr;
   TimePoint turn_now_{};
+  TimePoint reap_now_{};  // of the tick that reaps (release_instance)
 
   const ServerConfig& config_;
   std::uint64_t boot_id_;
@@ -291,12 +313,24 @@ class RequestHandler {
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // completions after destruction are dropped
   std::unordered_map<std::uint64_t, std::shared_ptr<const transfer::Registration>> registrations_;
   std::unordered_map<std::uint64_t, std::uint32_t> connections_;  // per instance id
-  // The secret each known instance id is bound to (its first HELLO's),
-  // until the instance is forgotten (left, or reaped).
-  std::unordered_map<std::uint64_t, std::string> instance_secrets_;
-  // "pid 1234 uid 1000 (client name)" of each known instance, for the
-  // connect, disconnect and reap log lines; forgotten with the instance.
-  std::unordered_map<std::uint64_t, std::string> instance_labels_;
+  // What the server knows of each instance until it is forgotten (left,
+  // or reaped).
+  struct Instance {
+    std::string secret;  // its first HELLO's: other clients cannot claim its id
+    std::string label;   // "pid 1234 uid 1000 (client name)", for the log
+    wire::Role role = wire::Role::scheduler;
+    std::string client;
+    Peer peer;
+    std::uint32_t transfers_in_flight = 0;
+  };
+  std::unordered_map<std::uint64_t, Instance> instances_;
+  // A STORE or RETRIEVE of `instance` was submitted to the engine / ended.
+  void transfer_started(std::uint64_t instance);
+  void transfer_ended(std::uint64_t instance, std::uint8_t opcode, Duration took);
+  // Logs `line` at info and records it as an event of `instance`.
+  void event(ServerEvent::Kind kind, std::uint64_t instance, TimePoint now, std::string line);
+  EventLog events_;
+  TrafficTotals totals_;
   std::unordered_map<std::uint64_t, Job> jobs_;
   std::deque<std::uint64_t> job_queue_;  // job ids by expiry (the TTL is constant)
   std::uint64_t next_job_ = 1;

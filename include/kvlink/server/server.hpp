@@ -53,6 +53,8 @@ class Server {
 
   // The endpoints actually bound (tcp port 0 resolved to the real port).
   const std::vector<std::string>& endpoints() const { return bound_; }
+  // The HTTP admin listener's URL (http://HOST:PORT), "" without --http.
+  const std::string& admin_url() const { return admin_url_; }
   std::uint64_t boot_id() const;
   RequestHandler& handler();
 
@@ -60,6 +62,7 @@ class Server {
   struct Impl;
   std::unique_ptr<Impl> impl_;
   std::vector<std::string> bound_;
+  std::string admin_url_;
 };
 
 // Why `config` must not be served as it is, or "": listening on a

@@ -156,6 +156,12 @@ class KvStore {
   std::uint64_t pinned_bytes() const { return pinned_bytes_; }
   std::uint64_t write_locks() const { return write_locks_; }
   const StoreStats& stats() const { return stats_; }
+  // Present chunks and their bytes per namespace (for the status page).
+  struct NamespaceUsage {
+    std::uint64_t chunks = 0;
+    std::uint64_t bytes = 0;
+  };
+  const std::unordered_map<std::uint64_t, NamespaceUsage>& namespaces() const { return namespaces_; }
   L1Pool& pool() { return pool_; }
   const L1Pool& pool() const { return pool_; }
   const StoreConfig& config() const { return config_; }
@@ -191,6 +197,7 @@ class KvStore {
   std::uint64_t pinned_bytes_ = 0;
   std::uint64_t write_locks_ = 0;
   StoreStats stats_;
+  std::unordered_map<std::uint64_t, NamespaceUsage> namespaces_;
 };
 
 }  // namespace kvlink::store
