@@ -53,7 +53,14 @@ void SchedulerAdapter::note_error(std::error_code ec) {
   if (ec == errc::timed_out) monitor_->report_deadline_missed();
 }
 
+AdapterMetrics SchedulerAdapter::metrics() const {
+  AdapterMetrics m = metrics_->copy();
+  m.health = monitor_->metrics();
+  return m;
+}
+
 void SchedulerAdapter::start_submit(std::string id, std::vector<store::Token> tokens, detail::Callback<Done> cb) {
+  cb = detail::timed(metrics_, Op::lookup, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), id = std::move(id), tokens = std::move(tokens), cb = std::move(cb)]() mutable {
     if (self->lookups_.contains(id)) return cb({}, Done{});  // duplicate submit: ignored
     if (self->config_.open_gate_on_first_lookup) self->monitor_->gate().open("first lookup");
@@ -74,6 +81,7 @@ void SchedulerAdapter::start_submit(std::string id, std::vector<store::Token> to
       l->final = true;
       return cb({}, Done{});
     }
+    self->metrics_->update([&](AdapterMetrics& m) { m.lookup_tokens += l->hashes.size() * l->chunk_size; });
     if (self->config_.lookup_mode == LookupMode::sync) {
       wire::SyncLookupRequest req{self->ns_, self->config_.world_size, l->session_id, l->hashes};
       conn->async_call(std::move(req), self->config_.call_timeout,
@@ -81,6 +89,8 @@ void SchedulerAdapter::start_submit(std::string id, std::vector<store::Token> to
                          self->note_error(ec);
                          l->final = true;
                          l->matched_tokens = ec ? 0 : r.matched_chunks * l->chunk_size;
+                         if (!ec)
+                           self->metrics_->update([&](AdapterMetrics& m) { m.lookup_hit_tokens += l->matched_tokens; });
                          cb(ec, Done{});
                        });
       return;
@@ -101,6 +111,7 @@ void SchedulerAdapter::start_submit(std::string id, std::vector<store::Token> to
 }
 
 void SchedulerAdapter::start_check(std::string id, detail::Callback<LookupStatus> cb) {
+  cb = detail::timed(metrics_, Op::check_lookup, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), id = std::move(id), cb = std::move(cb)]() mutable {
     auto it = self->lookups_.find(id);
     if (it == self->lookups_.end()) return cb(make_error_code(errc::not_found), LookupStatus{});
@@ -109,6 +120,9 @@ void SchedulerAdapter::start_check(std::string id, detail::Callback<LookupStatus
     auto conn = self->usable_connection();
     if (!conn) {
       l->final = true;  // degraded: 0 matched tokens
+      const auto st = self->monitor_->state();
+      if (st == health::State::degraded || st == health::State::stopped)
+        self->metrics_->update([](AdapterMetrics& m) { ++m.call(Op::check_lookup).degraded; });
       return cb({}, LookupStatus{true, 0});
     }
     if (!l->job_known || l->query_in_flight) return cb({}, LookupStatus{});  // pending
@@ -124,6 +138,8 @@ void SchedulerAdapter::start_check(std::string id, detail::Callback<LookupStatus
                          } else if (st.state == wire::PrefetchState::done) {
                            l->final = true;
                            l->matched_tokens = st.matched_chunks * l->chunk_size;
+                           self->metrics_->update(
+                               [&](AdapterMetrics& m) { m.lookup_hit_tokens += l->matched_tokens; });
                          }
                        }
                        cb({}, LookupStatus{l->final, l->matched_tokens});
@@ -133,6 +149,7 @@ void SchedulerAdapter::start_check(std::string id, detail::Callback<LookupStatus
 
 void SchedulerAdapter::start_free_locks(std::string id, std::uint32_t start, std::uint32_t end,
                                         detail::Callback<Done> cb) {
+  cb = detail::timed(metrics_, Op::free_lookup_locks, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), id = std::move(id), start, end, cb = std::move(cb)]() mutable {
     auto it = self->lookups_.find(id);
     if (it == self->lookups_.end()) return cb(make_error_code(errc::not_found), Done{});
@@ -148,6 +165,7 @@ void SchedulerAdapter::start_free_locks(std::string id, std::uint32_t start, std
 }
 
 void SchedulerAdapter::start_end_session(std::string id, detail::Callback<Done> cb) {
+  cb = detail::timed(metrics_, Op::end_session, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), id = std::move(id), cb = std::move(cb)]() mutable {
     auto it = self->lookups_.find(id);
     if (it == self->lookups_.end()) return cb(make_error_code(errc::not_found), Done{});
@@ -162,6 +180,7 @@ void SchedulerAdapter::start_end_session(std::string id, detail::Callback<Done> 
 
 void SchedulerAdapter::start_report(std::string id, std::uint32_t allocated, std::uint32_t total,
                                     detail::Callback<Done> cb) {
+  cb = detail::timed(metrics_, Op::report_block_allocation, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), id = std::move(id), allocated, total, cb = std::move(cb)]() mutable {
     auto conn = self->usable_connection();
     if (!conn) return cb(make_error_code(errc::unhealthy), Done{});  // dropped
@@ -171,6 +190,7 @@ void SchedulerAdapter::start_report(std::string id, std::uint32_t allocated, std
 }
 
 void SchedulerAdapter::start_cleanup(std::string id, detail::Callback<Done> cb) {
+  cb = detail::timed(metrics_, Op::cleanup, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), id = std::move(id), cb = std::move(cb)]() mutable {
     self->lookups_.erase(id);
     cb({}, Done{});

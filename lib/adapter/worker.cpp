@@ -92,6 +92,17 @@ void WorkerAdapter::note_error(std::error_code ec) {
   if (ec == errc::timed_out) monitor_->report_deadline_missed();
 }
 
+AdapterMetrics WorkerAdapter::metrics() const {
+  AdapterMetrics m = metrics_->copy();
+  m.health = monitor_->metrics();
+  return m;
+}
+
+void WorkerAdapter::count_load_errors(std::size_t before) {
+  const std::size_t added = tracker_.load_errors().size() - before;
+  if (added > 0) metrics_->update([added](AdapterMetrics& m) { m.load_error_blocks += added; });
+}
+
 // ---- registration -------------------------------------------------------------------
 
 void WorkerAdapter::on_monitor_event(const health::Event& e) {
@@ -117,6 +128,7 @@ void WorkerAdapter::act(health::RegistrationLifecycle::Action a, detail::Callbac
     case Kind::acknowledged:
       if (acked_since_request_) {
         ++reregistrations_;
+        metrics_->update([](AdapterMetrics& m) { ++m.reregistrations; });
         log::info("{}: KV cache registered again with the server", config_.name);
       }
       acked_since_request_ = true;
@@ -127,12 +139,14 @@ void WorkerAdapter::act(health::RegistrationLifecycle::Action a, detail::Callbac
       log::error("{}: REGISTER_KV_CACHE refused, registration dropped (register again to retry): {}", config_.name,
                  a.reason);
       refusal_ = a.reason;
+      metrics_->update([](AdapterMetrics& m) { ++m.registrations_refused; });
       monitor_->notice("registration refused by the server: " + a.reason);
       registration_.reset();
       complete_register_waiters(errc::bad_request);
       break;
   }
   if (unregister_cb) unregister_cb(make_error_code(errc::not_connected), Done{});
+  metrics_->update([held = lifecycle_.held()](AdapterMetrics& m) { m.registered = held; });
   monitor_->set_registration_pending(lifecycle_.pending());
   arm_registration_timer();
 }
@@ -200,6 +214,7 @@ void WorkerAdapter::send_unregister(detail::Callback<Done> cb) {
 }
 
 void WorkerAdapter::start_register(wire::KvLayout layout, UniqueFd memfd, detail::Callback<Done> cb) {
+  cb = detail::timed(metrics_, Op::register_kv_caches, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), l = std::move(layout), memfd = std::move(memfd), cb = std::move(cb)]() mutable {
     if (self->shutting_down_) return cb(make_error_code(errc::shutting_down), Done{});
     Registration r;
@@ -233,6 +248,7 @@ void WorkerAdapter::start_register(wire::KvLayout layout, UniqueFd memfd, detail
 }
 
 void WorkerAdapter::start_unregister(detail::Callback<Done> cb) {
+  cb = detail::timed(metrics_, Op::unregister_kv_caches, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), cb = std::move(cb)]() mutable {
     self->registration_.reset();
     self->complete_register_waiters(errc::shutting_down);
@@ -244,7 +260,7 @@ void WorkerAdapter::start_unregister(detail::Callback<Done> cb) {
 
 std::error_code WorkerAdapter::prepare(TransferSpec& spec) const {
   if (!registration_ || !lifecycle_.held()) return errc::not_registered;
-  const std::uint32_t chunk = config_.chunk_size ? config_.chunk_size : monitor_->server_chunk_size();
+  const std::uint32_t chunk = chunk_tokens();
   const std::uint32_t block = registration_->request.layout.block_size;
   if (chunk == 0) return errc::not_connected;
   if (block == 0 || chunk % block != 0) return errc::bad_request;
@@ -255,7 +271,18 @@ std::error_code WorkerAdapter::prepare(TransferSpec& spec) const {
   return {};
 }
 
+std::uint32_t WorkerAdapter::chunk_tokens() const {
+  return config_.chunk_size ? config_.chunk_size : monitor_->server_chunk_size();
+}
+
+std::uint64_t WorkerAdapter::token_bytes() const {
+  if (!registration_) return 0;
+  const wire::KvLayout& l = registration_->request.layout;
+  return std::uint64_t{l.num_layers} * l.num_planes * l.num_kv_heads * l.head_size * l.dtype_size;
+}
+
 void WorkerAdapter::start_store(TransferSpec spec, detail::Callback<wire::StoreResult> cb) {
+  cb = detail::timed(metrics_, Op::store, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), s = std::move(spec), cb = std::move(cb)]() mutable {
     self->do_store(std::move(s), std::move(cb));
   });
@@ -272,11 +299,19 @@ void WorkerAdapter::do_store(TransferSpec spec, detail::Callback<wire::StoreResu
   }
   const auto sent = sent_now();
   const auto ticket = tracker_.store_started(spec.request_id, sent);
+  const std::uint64_t chunk_bytes = chunk_tokens() * token_bytes();
   wire::StoreRequest req{ns_, config_.kv_rank, std::move(spec.hashes), std::move(spec.block_ids),
                          std::move(spec.engine_event), wire::fence_to_wire(wire_fence(sent))};
   conn->async_call(std::move(req), config_.transfer_timeout,
-                   [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::StoreResult r) {
+                   [self = shared_from_this(), ticket, chunk_bytes, cb = std::move(cb)](std::error_code ec,
+                                                                                       wire::StoreResult r) {
                      self->note_error(ec);
+                     if (!ec)
+                       self->metrics_->update([&](AdapterMetrics& m) {
+                         m.stored_chunks += r.stored_chunks;
+                         m.skipped_chunks += r.skipped_chunks;
+                         m.stored_bytes += r.stored_chunks * chunk_bytes;
+                       });
                      if (ec == errc::not_registered) self->act(self->lifecycle_.not_registered(Clock::now()));
                      if (answered(ec)) self->tracker_.store_done(ticket);
                      else self->tracker_.store_unanswered(ticket);
@@ -285,6 +320,7 @@ void WorkerAdapter::do_store(TransferSpec spec, detail::Callback<wire::StoreResu
 }
 
 void WorkerAdapter::start_retrieve(TransferSpec spec, detail::Callback<wire::RetrieveResult> cb) {
+  cb = detail::timed(metrics_, Op::retrieve, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), s = std::move(spec), cb = std::move(cb)]() mutable {
     self->do_retrieve(std::move(s), std::move(cb));
   });
@@ -303,11 +339,16 @@ void WorkerAdapter::do_retrieve(TransferSpec spec, detail::Callback<wire::Retrie
   const std::span<const std::uint32_t> blocks(spec.block_ids.data() + first, spec.block_ids.size() - first);
   if (ec || spec.hashes.empty()) {
     // Not sent: on error its blocks failed to load.
+    const std::size_t load_errors = tracker_.load_errors().size();
     tracker_.retrieve_done(tracker_.retrieve_started(spec.request_id, blocks), !ec);
+    count_load_errors(load_errors);
     return cb(ec, wire::RetrieveResult{});
   }
   const auto sent = sent_now();
   const auto ticket = tracker_.retrieve_started(spec.request_id, blocks, sent);
+  const std::uint64_t chunk = chunk_tokens();
+  const std::uint64_t bytes_per_token = token_bytes();
+  const std::uint64_t skip = spec.skip_first_n_tokens;
   wire::RetrieveRequest req{ns_,
                             config_.kv_rank,
                             std::move(spec.hashes),
@@ -317,17 +358,28 @@ void WorkerAdapter::do_retrieve(TransferSpec spec, detail::Callback<wire::Retrie
                             wire::fence_to_wire(wire_fence(sent)),
                             store::session_id_of(spec.request_id)};
   conn->async_call(std::move(req), config_.transfer_timeout,
-                   [self = shared_from_this(), ticket, cb = std::move(cb)](std::error_code ec, wire::RetrieveResult r) {
+                   [self = shared_from_this(), ticket, chunk, bytes_per_token, skip, cb = std::move(cb)](
+                       std::error_code ec, wire::RetrieveResult r) {
                      self->note_error(ec);
+                     if (!ec)
+                       self->metrics_->update([&](AdapterMetrics& m) {
+                         // The skipped prefix stays in the engine: not copied.
+                         const std::uint64_t tokens = r.retrieved_chunks * chunk;
+                         m.retrieved_chunks += r.retrieved_chunks;
+                         m.retrieved_bytes += (tokens - std::min(skip, tokens)) * bytes_per_token;
+                       });
                      if (ec == errc::not_registered) self->act(self->lifecycle_.not_registered(Clock::now()));
+                     const std::size_t load_errors = self->tracker_.load_errors().size();
                      if (answered(ec)) self->tracker_.retrieve_done(ticket, !ec);
                      else self->tracker_.retrieve_unanswered(ticket);
+                     self->count_load_errors(load_errors);
                      cb(ec, r);
                    });
 }
 
 void WorkerAdapter::start_batch(bool store, std::vector<TransferSpec> specs, detail::Callback<BatchResult> cb) {
-  asio::post(ex_, [self = shared_from_this(), store, specs = std::move(specs), cb = std::move(cb)]() mutable {
+  const TimePoint start = Clock::now();  // each spec's call is timed from the batch's start
+  asio::post(ex_, [self = shared_from_this(), store, specs = std::move(specs), cb = std::move(cb), start]() mutable {
     struct State {
       BatchResult results;
       std::size_t left = 0;
@@ -351,9 +403,15 @@ void WorkerAdapter::start_batch(bool store, std::vector<TransferSpec> specs, det
     if (specs.empty()) return st->cb({}, BatchResult{});
     for (std::size_t i = 0; i < specs.size(); ++i) {
       if (store)
-        self->do_store(std::move(specs[i]), [st, i](std::error_code ec, wire::StoreResult) { st->done(i, ec); });
+        self->do_store(std::move(specs[i]),
+                       detail::timed<wire::StoreResult>(
+                           self->metrics_, Op::store,
+                           [st, i](std::error_code ec, wire::StoreResult) { st->done(i, ec); }, start));
       else
-        self->do_retrieve(std::move(specs[i]), [st, i](std::error_code ec, wire::RetrieveResult) { st->done(i, ec); });
+        self->do_retrieve(std::move(specs[i]),
+                          detail::timed<wire::RetrieveResult>(
+                              self->metrics_, Op::retrieve,
+                              [st, i](std::error_code ec, wire::RetrieveResult) { st->done(i, ec); }, start));
     }
   });
 }
@@ -361,20 +419,25 @@ void WorkerAdapter::start_batch(bool store, std::vector<TransferSpec> specs, det
 // ---- bookkeeping and shutdown -----------------------------------------------------------
 
 void WorkerAdapter::start_get_finished(std::vector<std::string> finished, detail::Callback<FinishedSets> cb) {
+  cb = detail::timed(metrics_, Op::get_finished, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), f = std::move(finished), cb = std::move(cb)]() mutable {
     const auto s = self->monitor_->state();
     const bool unhealthy = s == health::State::degraded || s == health::State::stopped;
     const std::uint64_t boot_id = s == health::State::healthy ? self->monitor_->boot_id() : 0;
+    const std::size_t load_errors = self->tracker_.load_errors().size();
     auto r = self->tracker_.get_finished(f, unhealthy, {Clock::now(), boot_id});
+    self->count_load_errors(load_errors);
     cb({}, FinishedSets{std::move(r.stores), std::move(r.retrieves)});
   });
 }
 
 void WorkerAdapter::start_take_load_errors(detail::Callback<std::vector<std::uint32_t>> cb) {
+  cb = detail::timed(metrics_, Op::take_load_errors, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), cb = std::move(cb)]() mutable { cb({}, self->tracker_.take_load_errors()); });
 }
 
 void WorkerAdapter::start_shutdown(detail::Callback<Done> cb) {
+  cb = detail::timed(metrics_, Op::shutdown, std::move(cb));
   asio::post(ex_, [self = shared_from_this(), cb = std::move(cb)]() mutable {
     asio::co_spawn(self->ex_, do_shutdown(self, std::move(cb)), asio::detached);
   });
@@ -387,6 +450,7 @@ asio::awaitable<void> WorkerAdapter::do_shutdown(std::shared_ptr<WorkerAdapter> 
   self->shutting_down_ = true;
   const auto action = self->lifecycle_.shutdown_requested(Clock::now());
   self->registration_.reset();
+  self->metrics_->update([](AdapterMetrics& m) { m.registered = false; });
   self->registration_timer_.cancel();
   self->complete_register_waiters(errc::shutting_down);  // also stops their deadline
   auto conn = self->monitor_->take_connection_and_stop();

@@ -9,6 +9,7 @@
 #include <asio/this_coro.hpp>
 #include <asio/use_awaitable.hpp>
 #include <random>
+#include <utility>
 
 #include "kvlink/log.hpp"
 
@@ -31,7 +32,8 @@ Monitor::Monitor(asio::any_io_executor ex, MonitorOptions options)
       options_(std::move(options)),
       gate_(options_.gate ? options_.gate : std::make_shared<WarmupGate>()),
       policy_(options_.health, Clock::now(), options_.seed ? options_.seed : random_seed()),
-      wake_(ex, TimePoint::max()) {
+      wake_(ex, TimePoint::max()),
+      metrics_at_(Clock::now()) {
   if (options_.hello.instance_id == 0) options_.hello.instance_id = net::random_instance_id();
   if (options_.hello.instance_secret.empty()) options_.hello.instance_secret = net::random_instance_secret();
 }
@@ -102,6 +104,24 @@ void Monitor::on_event(std::function<void(const Event&)> callback) { callbacks_.
 
 Counters Monitor::counters() const { return policy_.counters(Clock::now()); }
 
+MonitorMetrics Monitor::metrics() const {
+  std::lock_guard lock(metrics_mutex_);
+  MonitorMetrics m = metrics_;
+  const TimePoint now = Clock::now();
+  if (now > metrics_at_) m.counters.time_in_state[static_cast<int>(m.state)] += now - metrics_at_;
+  return m;
+}
+
+void Monitor::publish_metrics(const Actions& a) {
+  const TimePoint now = Clock::now();
+  std::lock_guard lock(metrics_mutex_);
+  if (a.transition) ++metrics_.transitions_to[static_cast<int>(a.transition->to)];
+  if (answered_rtt_) metrics_.ping_rtt.observe(*std::exchange(answered_rtt_, std::nullopt));
+  metrics_.state = policy_.state();
+  metrics_.counters = policy_.counters(now);
+  metrics_at_ = now;
+}
+
 asio::awaitable<void> Monitor::run(std::shared_ptr<Monitor> self) {
   self->apply(self->policy_.start(Clock::now()));
   while (!self->stopped_) {
@@ -134,6 +154,7 @@ void Monitor::wake() {
 
 void Monitor::apply(Actions a) {
   draining_.store(policy_.draining(), std::memory_order_release);
+  publish_metrics(a);
   if (a.transition) {
     const Transition& t = *a.transition;
     state_.store(t.to, std::memory_order_release);
@@ -267,7 +288,10 @@ void Monitor::do_ping() {
                   if (!ec && !reply.data_path_error.empty())
                     return self->apply(self->policy_.ping_failed(
                         now, PingFailure::error, "the server's data path is down: " + reply.data_path_error));
-                  if (!ec) return self->apply(self->policy_.ping_ok(now, now - t0));
+                  if (!ec) {
+                    self->answered_rtt_ = now - t0;  // observed with the counters it changes
+                    return self->apply(self->policy_.ping_ok(now, now - t0));
+                  }
                   if (ec == errc::connection_lost) return self->on_lost(gen, "connection lost during a ping");
                   PingFailure kind = ec == errc::timed_out           ? PingFailure::timeout
                                      : ec == errc::unknown_instance ? PingFailure::unknown_instance

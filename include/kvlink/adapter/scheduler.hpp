@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "kvlink/adapter/call.hpp"
+#include "kvlink/adapter/metrics.hpp"
 #include "kvlink/health/monitor.hpp"
 #include "kvlink/store/keys.hpp"
 
@@ -151,6 +152,11 @@ class SchedulerAdapter : public std::enable_shared_from_this<SchedulerAdapter> {
   // For tests and stats, on the executor: requests with local state.
   std::size_t tracked_requests() const { return lookups_.size(); }
 
+  // A copy of this adapter's counters, latencies and its link's health
+  // (adapter/metrics.hpp; render() makes Prometheus text of it). From any
+  // thread, the executor's included: it never waits for the executor.
+  AdapterMetrics metrics() const;
+
  private:
   struct Lookup {
     std::uint64_t session_id = 0;
@@ -188,6 +194,7 @@ class SchedulerAdapter : public std::enable_shared_from_this<SchedulerAdapter> {
   std::shared_ptr<health::Monitor> monitor_;
   bool owns_monitor_ = false;
   std::unordered_map<std::string, std::shared_ptr<Lookup>> lookups_;
+  std::shared_ptr<detail::MetricsBox> metrics_ = std::make_shared<detail::MetricsBox>(AdapterRole::scheduler);
 };
 
 }  // namespace kvlink::adapter

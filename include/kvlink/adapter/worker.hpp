@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "kvlink/adapter/call.hpp"
+#include "kvlink/adapter/metrics.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "kvlink/adapter/finished_tracker.hpp"
 #include "kvlink/health/monitor.hpp"
@@ -211,6 +212,12 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   health::RegistrationLifecycle::Phase registration_phase() const { return lifecycle_.phase(); }
   const std::string& registration_refusal() const { return refusal_; }
 
+  // A copy of this adapter's counters, latencies, bytes moved, load errors
+  // and its link's health (adapter/metrics.hpp; render() makes Prometheus
+  // text of it). From any thread, the executor's included: it never waits
+  // for the executor.
+  AdapterMetrics metrics() const;
+
  private:
   struct Registration {
     wire::RegisterKvCacheRequest request;
@@ -250,6 +257,13 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   void do_retrieve(TransferSpec spec, detail::Callback<wire::RetrieveResult> cb);
   // Fills spec.hashes from tokens and trims block ids; "" or what is wrong.
   std::error_code prepare(TransferSpec& spec) const;
+  // Tokens per chunk (0 before the server said), and bytes of one token's
+  // KV over every layer and plane of the registered layout (0 if none).
+  std::uint32_t chunk_tokens() const;
+  std::uint64_t token_bytes() const;
+  // Counts the blocks a tracker call added to the load-error set, given its
+  // size before the call.
+  void count_load_errors(std::size_t before);
   // The connection transfers may use now, or null with why not.
   std::shared_ptr<net::Connection> usable_connection(std::error_code& why) const;
   void note_error(std::error_code ec);
@@ -287,6 +301,7 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   bool shutting_down_ = false;
   std::uint64_t reregistrations_ = 0;
   GetFinishedTracker tracker_;
+  std::shared_ptr<detail::MetricsBox> metrics_ = std::make_shared<detail::MetricsBox>(AdapterRole::worker);
 };
 
 }  // namespace kvlink::adapter

@@ -12,8 +12,8 @@
 //
 // Any number of monitors share one io_context; none owns a thread.
 // Thread-safety: start(), stop(), state(), draining(),
-// report_deadline_missed(), connection() and gate() may be called from any
-// thread; on_event(), counters(), changed(), wait_for(),
+// report_deadline_missed(), connection(), gate() and metrics() may be
+// called from any thread; on_event(), counters(), changed(), wait_for(),
 // set_registration_pending(), notice() and take_connection_and_stop()
 // belong to the monitor's executor.
 #pragma once
@@ -21,16 +21,19 @@
 #include <asio/any_io_executor.hpp>
 #include <asio/awaitable.hpp>
 #include <asio/steady_timer.hpp>
+#include <array>
 #include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "kvlink/health/policy.hpp"
 #include "kvlink/health/warmup_gate.hpp"
+#include "kvlink/metrics/histogram.hpp"
 #include "kvlink/net/connection.hpp"
 
 namespace kvlink::health {
@@ -62,6 +65,14 @@ struct Event {
   std::string notice;
   wire::HelloReply hello;  // kind == connected
   TimePoint at{};
+};
+
+// What a metrics scrape reads of a monitor (Monitor::metrics()).
+struct MonitorMetrics {
+  State state = State::warming;
+  Counters counters;  // time_in_state brought up to the moment of the copy
+  std::array<std::uint64_t, state_count> transitions_to{};  // transitions into each state
+  metrics::Histogram ping_rtt;                              // round trips of answered pings
 };
 
 class Monitor : public std::enable_shared_from_this<Monitor> {
@@ -98,6 +109,12 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   // UNREGISTER on it.
   std::shared_ptr<net::Connection> take_connection_and_stop();
   Counters counters() const;
+  // The state, the counters, transitions by target state and the ping
+  // round-trip histogram, from any thread (a host's metrics HTTP thread).
+  // A copy the executor refreshes under a mutex after every input (a few
+  // hundred bytes, about once per ping), so a scrape never waits for the
+  // executor and works on its thread too.
+  MonitorMetrics metrics() const;
   std::uint64_t boot_id() const { return policy_.boot_id(); }
   // The server's chunk size from the latest HELLO (0 before the first).
   std::uint32_t server_chunk_size() const { return server_chunk_size_.load(std::memory_order_acquire); }
@@ -132,6 +149,7 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   void publish_connected(const wire::HelloReply& hello, std::string what);
   void on_lost(std::uint64_t gen, std::string why);
   void publish(Event e);
+  void publish_metrics(const Actions& a);
 
   template <class Handler>
   void add_waiter(Handler handler) {
@@ -177,6 +195,10 @@ class Monitor : public std::enable_shared_from_this<Monitor> {
   std::vector<std::function<void(const Event&)>> callbacks_;
   std::unordered_map<std::uint64_t, Waiter> waiters_;
   std::uint64_t next_waiter_ = 1;
+  mutable std::mutex metrics_mutex_;
+  MonitorMetrics metrics_;  // guarded by metrics_mutex_; written on the executor
+  TimePoint metrics_at_;    // when metrics_.counters was taken
+  std::optional<Duration> answered_rtt_;  // a ping's round trip, for the next publish_metrics
 };
 
 }  // namespace kvlink::health
