@@ -33,7 +33,7 @@ std::string check_admin_address(const AdminHttpConfig& config) {
 }
 
 HttpAnswer admin_answer(std::string_view method, std::string_view path, std::string_view authorization,
-                        const ServerStatus* status, WallClock::time_point now, const AdminHttpConfig& config) {
+                        const ServerStatus* status, TimePoint now, const AdminHttpConfig& config) {
   if (method != "GET" && method != "HEAD")
     return {405, "text/plain; charset=utf-8", fmt::format("{} is not served here: every endpoint is GET\n", method)};
   if (path == "/") return {200, "text/html; charset=utf-8", std::string(status_page_html)};
@@ -49,7 +49,7 @@ HttpAnswer admin_answer(std::string_view method, std::string_view path, std::str
                         "(--auth-token-file or KVLINK_AUTH_TOKEN)\n",
                         authorization.empty() ? "missing" : "wrong")};
   if (!status) return {503, "text/plain; charset=utf-8", "starting: no status published yet\n"};
-  const auto age = now - status->taken_at;
+  const auto age = now - status->taken_steady;  // steady: a wall-clock step is no stall
   if (path == "/healthz") {
     if (age > config.stale_after)
       return {503, "text/plain; charset=utf-8",
@@ -80,7 +80,7 @@ struct AdminHttp::Impl {
   void serve(const httplib::Request& req, httplib::Response& res) {
     const auto snapshot = current();
     HttpAnswer a = admin_answer(req.method, req.path, req.get_header_value("Authorization"), snapshot.get(),
-                                WallClock::now(), config);
+                                Clock::now(), config);
     res.status = a.status;
     if (a.status == 401) res.set_header("WWW-Authenticate", "Bearer");
     res.set_header("Cache-Control", "no-store");

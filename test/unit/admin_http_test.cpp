@@ -11,17 +11,18 @@ using namespace std::chrono_literals;
 
 namespace {
 
-ServerStatus ready_status(WallClock::time_point taken) {
+ServerStatus ready_status(TimePoint taken) {
   ServerStatus s;
   s.ready = true;
-  s.taken_at = taken;
-  s.started_at = taken - 10s;
+  s.taken_steady = taken;
+  s.taken_at = WallClock::now();
+  s.started_at = s.taken_at - 10s;
   s.boot_id = 0xabc;
   s.stats = {{"l1_bytes_used", 4096}, {"op_ping_requests", 3}};
   return s;
 }
 
-HttpAnswer get(std::string_view path, const ServerStatus* s, WallClock::time_point now, const AdminHttpConfig& c,
+HttpAnswer get(std::string_view path, const ServerStatus* s, TimePoint now, const AdminHttpConfig& c,
                std::string_view auth = {}) {
   return admin_answer("GET", path, auth, s, now, c);
 }
@@ -30,7 +31,7 @@ HttpAnswer get(std::string_view path, const ServerStatus* s, WallClock::time_poi
 
 TEST_CASE("admin http: probes, pages and unknown paths") {
   const AdminHttpConfig config;
-  const auto now = WallClock::now();
+  const auto now = Clock::now();
   const ServerStatus s = ready_status(now);
   CHECK(get("/healthz", &s, now, config).status == 200);
   CHECK(get("/readyz", &s, now, config).status == 200);
@@ -48,7 +49,7 @@ TEST_CASE("admin http: probes, pages and unknown paths") {
 
 TEST_CASE("admin http: /readyz is 503 while starting and draining; /healthz while the io thread is stuck") {
   const AdminHttpConfig config;  // stale after 5 s
-  const auto now = WallClock::now();
+  const auto now = Clock::now();
   CHECK(get("/healthz", nullptr, now, config).status == 503);  // nothing published yet
   CHECK(get("/readyz", nullptr, now, config).status == 503);
   ServerStatus s = ready_status(now);
@@ -69,7 +70,7 @@ TEST_CASE("admin http: /readyz is 503 while starting and draining; /healthz whil
 TEST_CASE("admin http: with a token, /status and /metrics need it as a bearer token; probes and the page do not") {
   AdminHttpConfig config;
   config.auth_token = "s3cret";
-  const auto now = WallClock::now();
+  const auto now = Clock::now();
   const ServerStatus s = ready_status(now);
   for (const char* path : {"/status", "/metrics"}) {
     CAPTURE(path);
@@ -106,7 +107,7 @@ TEST_CASE("status: events keep the last ones; history one sample per interval; J
   CHECK(log.events().back().text == "4");
 
   StatusHistory history(5s, 15s);  // three samples at most
-  ServerStatus s = ready_status(WallClock::now());
+  ServerStatus s = ready_status(Clock::now());
   for (int i = 0; i < 20; ++i) {
     s.totals.stored_bytes = static_cast<std::uint64_t>(i);
     history.update(s, t0 + std::chrono::seconds(i));
@@ -135,7 +136,7 @@ TEST_CASE("status: events keep the last ones; history one sample per interval; J
 }
 
 TEST_CASE("status: metrics name instances by role and count them connected or not") {
-  ServerStatus s = ready_status(WallClock::now());
+  ServerStatus s = ready_status(Clock::now());
   InstanceStatus a, b;
   a.role = wire::Role::worker;
   a.connections = 1;

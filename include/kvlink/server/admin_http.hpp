@@ -31,10 +31,11 @@ struct HttpAnswer {
   std::string content_type = "text/plain; charset=utf-8";
   std::string body;
 };
-// `status` is the last snapshot (null before the first); `now` the wall
-// clock. `authorization` is the request's Authorization header.
+// `status` is the last snapshot (null before the first); `now` the io
+// thread's clock (steady). `authorization` is the request's Authorization
+// header.
 HttpAnswer admin_answer(std::string_view method, std::string_view path, std::string_view authorization,
-                        const ServerStatus* status, WallClock::time_point now, const AdminHttpConfig& config);
+                        const ServerStatus* status, TimePoint now, const AdminHttpConfig& config);
 
 // "" if `config` may be served as it is, or why not (a non-loopback
 // address without a token, an address that is not HOST:PORT).
