@@ -26,6 +26,7 @@
 #include "kvlink/runtime/runtime.hpp"
 #include "kvlink/transfer/kv_memfd.hpp"
 #include "kvlink/unique_fd.hpp"
+#include "adapter_fixture.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 
@@ -38,10 +39,11 @@ using kvlink::test::TempDir;
 
 namespace {
 
-constexpr std::uint32_t chunk = 32;  // server --chunk-size
-constexpr std::uint32_t block = 16;  // engine block size: 2 blocks per chunk
-
-wire::KvLayout layout() { return wire::paged_layout(2, 256, block, 2, 16, 2); }
+using test::block;
+using test::blocks;
+using test::chunk;
+using test::layout;
+using test::prompt;
 
 // Bytes of one token's KV over every layer and plane of layout().
 std::uint64_t token_bytes() {
@@ -49,72 +51,7 @@ std::uint64_t token_bytes() {
   return l.block_bytes() / l.block_size * l.num_planes * l.num_layers;
 }
 
-std::vector<store::Token> prompt(std::size_t tokens, std::uint32_t seed) {
-  std::vector<store::Token> t(tokens);
-  std::iota(t.begin(), t.end(), seed * 100000);
-  return t;
-}
-
-std::vector<std::uint32_t> blocks(std::uint32_t first, std::uint32_t n) {
-  std::vector<std::uint32_t> b(n);
-  std::iota(b.begin(), b.end(), first);
-  return b;
-}
-
-struct Fixture {
-  TempDir dir;
-  UniqueFd kv;
-  std::string endpoint = dir.socket();
-  ServerProcess server{{"--listen", endpoint, "--log-level", "warn", "--chunk-size", std::to_string(chunk),
-                        "--l1-size", "64MiB", "--no-huge-pages"}};
-  runtime::Runtime rt;
-  std::shared_ptr<WorkerAdapter> worker;
-  std::shared_ptr<SchedulerAdapter> scheduler;
-
-  Fixture() {
-    auto m = transfer::create_kv_memfd(layout(), {.name = "adapter_metrics_test-kv", .map = false});
-    REQUIRE_MESSAGE(m, m.detail);
-    kv = std::move(m.fd);
-  }
-  void make(LookupMode mode = LookupMode::sync) {
-    WorkerConfig w;
-    w.endpoint = endpoint;
-    w.model = "metrics-model";
-    w.health = test::fast_health();
-    w.call_timeout = 1s;
-    w.transfer_timeout = 1s;
-    w.blocking_deadline = 2s;
-    worker = WorkerAdapter::create(rt.executor(), w);
-    SchedulerConfig s;
-    s.endpoint = endpoint;
-    s.model = "metrics-model";
-    s.health = test::fast_health();
-    s.call_timeout = 1s;
-    s.blocking_deadline = 2s;
-    s.lookup_mode = mode;
-    scheduler = SchedulerAdapter::create(rt.executor(), s);
-  }
-  ~Fixture() {
-    if (worker) worker->shutdown(2s);
-    if (scheduler) scheduler->stop();
-    rt.stop();
-  }
-  TransferSpec spec(std::string id, const std::vector<store::Token>& tokens, std::uint32_t first_block) {
-    TransferSpec s;
-    s.request_id = std::move(id);
-    s.tokens = tokens;
-    s.block_ids = blocks(first_block, static_cast<std::uint32_t>((tokens.size() + block - 1) / block));
-    return s;
-  }
-  // The scheduler's connection is up (its first lookup would fail with
-  // not_connected before; slow under sanitizers).
-  void scheduler_connected() {
-    REQUIRE(eventually([&] { return scheduler->monitor().connection() != nullptr; }));
-  }
-  void healthy() {
-    REQUIRE(eventually([&] { return worker->monitor().state() == health::State::healthy; }));
-    REQUIRE(eventually([&] { return scheduler->monitor().state() == health::State::healthy; }));
-  }
+struct Fixture : test::AdapterFixture {
   // Both adapters' Prometheus text, as a host renders it for its /metrics.
   std::string text() {
     metrics::Exposition e;
