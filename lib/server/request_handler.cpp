@@ -669,10 +669,11 @@ void RequestHandler::status(ServerStatus& out, TimePoint now) const {
   }
   out.namespaces.clear();
   for (const auto& [ns, usage] : store_.namespaces()) out.namespaces.push_back({ns, {}, usage.chunks, usage.bytes});
-  for (const auto& [id, reg] : registrations_) {
-    auto it = std::find_if(out.namespaces.begin(), out.namespaces.end(), [&](const auto& n) { return n.ns == reg->ns; });
-    if (it == out.namespaces.end()) it = out.namespaces.insert(out.namespaces.end(), {reg->ns, {}, 0, 0});
-    it->model = reg->model;
+  for (const auto& entry : registrations_) {
+    const transfer::Registration& reg = *entry.second;
+    auto it = std::find_if(out.namespaces.begin(), out.namespaces.end(), [&](const auto& n) { return n.ns == reg.ns; });
+    if (it == out.namespaces.end()) it = out.namespaces.insert(out.namespaces.end(), {reg.ns, {}, 0, 0});
+    it->model = reg.model;
   }
 }
 
