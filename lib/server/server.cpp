@@ -107,7 +107,7 @@ struct Server::Impl {
   RequestHandler handler;
   InboundBudget inbound;
   std::list<net::Acceptor> acceptors;
-  std::vector<std::string> bound;  // the endpoints, as Server::endpoints()
+  std::vector<std::string> bound;  // the endpoints actually bound (Server::endpoints())
   std::vector<std::string> unix_paths;
   std::list<std::weak_ptr<Session>> sessions;
   bool stopped = false;
@@ -329,6 +329,7 @@ Server::~Server() {
 
 std::uint64_t Server::boot_id() const { return impl_->handler.boot_id(); }
 RequestHandler& Server::handler() { return impl_->handler; }
+const std::vector<std::string>& Server::endpoints() const { return impl_->bound; }
 
 void Server::start() {
   auto& cfg = impl_->config;
@@ -385,10 +386,9 @@ void Server::start() {
       std::memcpy(bound.data(), acceptor.local_endpoint().data(), acceptor.local_endpoint().size());
       ep.port = bound.port();
     }
-    bound_.push_back(ep.to_string());
+    impl_->bound.push_back(ep.to_string());
     asio::co_spawn(impl_->io, impl_->accept_loop(acceptor, ep.to_string()), asio::detached);
   }
-  impl_->bound = bound_;
   if (!cfg.http.empty()) {
     AdminHttpConfig admin;
     admin.address = cfg.http;

@@ -58,6 +58,16 @@ double unix_seconds(WallClock::time_point t) {
 }
 std::string hex16(std::uint64_t v) { return fmt::format("\"{:016x}\"", v); }
 
+// Every refusal counter of STATS, by the limit or check that refused:
+// /metrics labels them, /status sums them.
+constexpr std::pair<const char*, const char*> refusal_stats[] = {
+    {"max_in_flight", "in_flight_refused"},     {"max_instances", "instances_refused"},
+    {"auth_token", "auth_failures"},            {"instance_claim", "instance_claims_refused"},
+    {"max_connections", "connections_refused"}, {"max_payload", "frames_too_large"},
+    {"max_inbound_bytes", "inbound_refused"},   {"slow_reader", "slow_reader_closes"},
+    {"l1_quota", "quota_refusals"},             {"data_path", "transfers_refused_data_path"},
+};
+
 std::string instance_json(const InstanceStatus& i) {
   std::string out = fmt::format(
       R"({{"id":{},"role":"{}","client":{},"pid":{},"uid":{},"peer":{},"connected":{},"connections":{},)"
@@ -104,9 +114,8 @@ std::string status_json(const ServerStatus& s) {
     if (e.name.starts_with("op_") && e.name.ends_with("_requests")) requests += static_cast<std::uint64_t>(e.value);
     if (e.name.starts_with("op_") && e.name.ends_with("_errors")) errors += static_cast<std::uint64_t>(e.value);
   }
-  const std::int64_t refusals = s.stat("in_flight_refused") + s.stat("instances_refused") + s.stat("auth_failures") +
-                                s.stat("instance_claims_refused") + s.stat("connections_refused") +
-                                s.stat("inbound_refused") + s.stat("quota_refusals");
+  std::int64_t refusals = 0;
+  for (const auto& [limit, name] : refusal_stats) refusals += s.stat(name);
   out += fmt::format(
       R"(],"jobs":{},"sessions":{},"transfers_in_flight":{},"totals":{{"lookup_requested_tokens":{},)"
       R"("lookup_hit_tokens":{},"stored_bytes":{},"retrieved_bytes":{},"evictions":{},"requests":{},"errors":{},)"
@@ -203,14 +212,7 @@ std::string status_metrics(const ServerStatus& s) {
   m.gauge("kvlink_connections_open", "Client connections open (admin ones included)", stat("connections_open"));
   m.counter("kvlink_connections_accepted_total", "Client connections accepted", stat("connections_accepted"));
   m.counter("kvlink_protocol_errors_total", "Malformed frames or messages", stat("protocol_errors"));
-  const std::pair<const char*, const char*> refusals[] = {
-      {"max_in_flight", "in_flight_refused"},   {"max_instances", "instances_refused"},
-      {"auth_token", "auth_failures"},          {"instance_claim", "instance_claims_refused"},
-      {"max_connections", "connections_refused"}, {"max_payload", "frames_too_large"},
-      {"max_inbound_bytes", "inbound_refused"}, {"slow_reader", "slow_reader_closes"},
-      {"l1_quota", "quota_refusals"},           {"data_path", "transfers_refused_data_path"},
-  };
-  for (const auto& [limit, name] : refusals)
+  for (const auto& [limit, name] : refusal_stats)
     m.counter("kvlink_refusals_total", "Requests or connections refused, by the limit or check that refused them",
               stat(name), {{"limit", limit}});
   m.gauge("kvlink_prefetch_jobs", "Prefetch jobs not yet polled", static_cast<double>(s.jobs));

@@ -52,7 +52,7 @@ class Server {
   void drain(Duration timeout, std::function<void(const DrainReport&)> done = {});
 
   // The endpoints actually bound (tcp port 0 resolved to the real port).
-  const std::vector<std::string>& endpoints() const { return bound_; }
+  const std::vector<std::string>& endpoints() const;
   // The HTTP admin listener's URL (http://HOST:PORT), "" without --http.
   const std::string& admin_url() const { return admin_url_; }
   std::uint64_t boot_id() const;
@@ -61,7 +61,6 @@ class Server {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
-  std::vector<std::string> bound_;
   std::string admin_url_;
 };
 
