@@ -2,10 +2,10 @@
 
 #include <fmt/format.h>
 
-#include <ctime>
 #include <map>
 
 #include "kvlink/json.hpp"
+#include "kvlink/log.hpp"
 #include "kvlink/metrics/exposition.hpp"
 #include "kvlink/version.hpp"
 
@@ -38,16 +38,6 @@ void StatusHistory::update(ServerStatus& s, TimePoint now) {
                         s.totals.retrieved_bytes});
   }
   s.history.assign(samples_.begin(), samples_.end());
-}
-
-std::string iso_time(WallClock::time_point t) {
-  using namespace std::chrono;
-  const auto ms = duration_cast<milliseconds>(t.time_since_epoch()).count();
-  const std::time_t secs = static_cast<std::time_t>(ms / 1000);
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  return fmt::format("{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}.{:03d}Z", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
-                     tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms % 1000));
 }
 
 namespace {
@@ -91,7 +81,7 @@ std::string status_json(const ServerStatus& s) {
   std::string out = fmt::format(
       R"({{"version":{},"protocol_version":{},"boot_id":{},"started_at":"{}","uptime_seconds":{:.3f},)"
       R"("snapshot_age_seconds":{:.3f},"ready":{},"draining":{},"listeners":[)",
-      json_string(version_string), wire::protocol_version, hex16(s.boot_id), iso_time(s.started_at),
+      json_string(version_string), wire::protocol_version, hex16(s.boot_id), log::iso8601_utc(s.started_at),
       seconds(s.taken_at - s.started_at), seconds(WallClock::now() - s.taken_at), s.ready, s.draining);
   for (std::size_t i = 0; i < s.listeners.size(); ++i) out += (i ? "," : "") + json_string(s.listeners[i]);
   out += fmt::format(
@@ -135,7 +125,7 @@ std::string status_json(const ServerStatus& s) {
   for (std::size_t i = 0; i < s.events.size(); ++i) {
     const auto& e = s.events[i];
     out += fmt::format(R"({}{{"t":"{}","kind":"{}","instance":"{}","text":{}}})", i ? "," : "",
-                       iso_time(s.wall_time(e.at)), event_kind_name(e.kind),
+                       log::iso8601_utc(s.wall_time(e.at)), event_kind_name(e.kind),
                        e.instance ? fmt::format("{:016x}", e.instance) : "", json_string(e.text));
   }
   return out + "]}\n";

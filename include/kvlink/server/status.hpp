@@ -141,8 +141,6 @@ class StatusHistory {
   std::deque<HistorySample> samples_;
 };
 
-// ISO-8601 UTC with milliseconds: 2026-11-28T19:40:01.123Z.
-std::string iso_time(WallClock::time_point t);
 // GET /status.
 std::string status_json(const ServerStatus& s);
 // GET /metrics: Prometheus text format.
