@@ -50,3 +50,12 @@ std::error_code from_wire(std::uint16_t code) noexcept {
 }
 
 }  // namespace kvlink
+
+namespace kvlink {
+
+Error& Error::context(std::string_view where) {
+  if (*this) detail_ = std::string(where) + ": " + message();
+  return *this;
+}
+
+}  // namespace kvlink

@@ -3,8 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <system_error>
+#include <utility>
 
 namespace kvlink {
 
@@ -43,3 +46,67 @@ std::error_code from_wire(std::uint16_t code) noexcept;
 
 template <>
 struct std::is_error_code_enum<kvlink::errc> : std::true_type {};
+
+namespace kvlink {
+
+// kvlink's one way to say "failed": an error code (what kind of failure,
+// which a program tests) plus a detail (what exactly was wrong and what to
+// do, which a person reads). A default-constructed Error is success; like
+// std::error_code, it converts to true when it holds a failure:
+//
+//   if (auto err = check_layout(layout)) return err;
+//
+// Code decides, detail explains: never compare details.
+class [[nodiscard]] Error {
+ public:
+  Error() = default;
+  Error(std::error_code code, std::string detail = {}) : code_(code), detail_(std::move(detail)) {}
+  Error(errc code, std::string detail = {}) : Error(make_error_code(code), std::move(detail)) {}
+
+  explicit operator bool() const noexcept { return static_cast<bool>(code_); }
+  std::error_code code() const noexcept { return code_; }
+  // What was wrong and what to do; falls back to the code's own message.
+  const std::string& detail() const noexcept { return detail_; }
+  // The detail if there is one, else the code's message.
+  std::string message() const { return detail_.empty() ? code_.message() : detail_; }
+
+  // Prefixes the detail with where it happened ("chunk 3: ...").
+  Error& context(std::string_view where);
+
+  friend bool operator==(const Error& e, errc code) noexcept { return e.code_ == make_error_code(code); }
+
+ private:
+  std::error_code code_;
+  std::string detail_;
+};
+
+// A value or the Error that prevented it: std::expected<T, Error> in
+// C++23's terms, which kvlink's C++20 cannot use yet. Converts to true when
+// it holds a value.
+template <typename T>
+class [[nodiscard]] Result {
+ public:
+  Result(T value) : value_(std::move(value)) {}
+  Result(Error error) : error_(std::move(error)) {
+    if (!error_) error_ = Error(errc::server_error, "Result built from a success Error");
+  }
+  Result(errc code, std::string detail) : Result(Error(code, std::move(detail))) {}
+
+  bool has_value() const noexcept { return value_.has_value(); }
+  explicit operator bool() const noexcept { return has_value(); }
+  T& value() & { return *value_; }
+  const T& value() const& { return *value_; }
+  T&& value() && { return std::move(*value_); }
+  T& operator*() & { return *value_; }
+  const T& operator*() const& { return *value_; }
+  T* operator->() { return &*value_; }
+  const T* operator->() const { return &*value_; }
+  // The failure; a success Error when there is a value.
+  const Error& error() const noexcept { return error_; }
+
+ private:
+  std::optional<T> value_;
+  Error error_;
+};
+
+}  // namespace kvlink
