@@ -3,8 +3,12 @@
 
 #include <asio/co_spawn.hpp>
 #include <asio/io_context.hpp>
+#include <asio/post.hpp>
 #include <exception>
+#include <memory>
 #include <utility>
+
+#include "kvlink/net/connection.hpp"
 
 namespace kvlink::bench {
 
@@ -23,6 +27,18 @@ T run_until_done(asio::io_context& io, asio::awaitable<T> task) {
   while (!done) io.run_one();
   if (error) std::rethrow_exception(error);
   return result;
+}
+
+// Closes the connection and lets its reader finish.
+inline void disconnect(asio::io_context& io, std::shared_ptr<net::Connection>& conn) {
+  bool closed = false;
+  asio::post(io, [&] {
+    conn->on_close([&](const Error&) { closed = true; });
+    conn->close();
+  });
+  while (!closed) io.run_one();
+  conn.reset();
+  io.poll();
 }
 
 }  // namespace kvlink::bench

@@ -120,8 +120,9 @@ std::shared_ptr<Monitor> make_monitor(asio::io_context& io, const std::string& e
   MonitorOptions o;
   o.health = c;
   o.seed = seed;
-  std::string error;
-  if (!net::parse_endpoint(ep, o.endpoint, error)) throw std::runtime_error(error);
+  auto endpoint = net::parse_endpoint(ep);
+  if (!endpoint) throw std::runtime_error(endpoint.error().message());
+  o.endpoint = *endpoint;
   o.hello.role = wire::Role::worker;
   o.hello.client_name = "bench-health";
   o.name = "bench";
@@ -505,7 +506,7 @@ class Engine {
   explicit Engine(const std::string& endpoint)
       : kv_(transfer::create_kv_memfd(engine_layout(), {.name = "bench-health-kv", .map = false})) {
     const auto layout = engine_layout();
-    if (!kv_) throw std::runtime_error("cannot create the KV cache memfd: " + kv_.detail);
+    if (!kv_) throw std::runtime_error("cannot create the KV cache memfd: " + kv_.error().message());
     adapter::WorkerConfig wc;
     wc.endpoint = endpoint;
     wc.model = "bench-health";
@@ -527,13 +528,13 @@ class Engine {
     });
     attached.get_future().wait();
     // Kept and retried by the adapter until a server holds it.
-    worker_->async_register_kv_caches(layout, kv_.fd.get(), [](std::error_code, adapter::Done) {});
+    worker_->async_register_kv_caches(layout, kv_->fd.get(), [](std::error_code, adapter::Done) {});
     loop_ = std::thread([this] { run(); });
   }
   ~Engine() {
     stop_.store(true);
     loop_.join();
-    worker_->shutdown(1s);
+    (void)worker_->shutdown(1s);  // best effort at teardown
     scheduler_->stop();
     rt_.stop();
   }
@@ -590,15 +591,16 @@ class Engine {
         s.tokens = prompt;
         s.block_ids = blocks;
         auto r = worker_->submit_store(std::move(s), 2s);
-        if (r.ec == errc::not_registered) not_registered_.fetch_add(1);
-        stored = !r.ec;
-        worker_->get_finished({fmt::format("s-{}", n)}, 2s);
+        if (r.error() == errc::not_registered) not_registered_.fetch_add(1);
+        stored = r.has_value();
+        (void)worker_->get_finished({fmt::format("s-{}", n)}, 2s);  // the answer is not needed
       }
       const std::string id = fmt::format("l-{}", n);
-      scheduler_->submit_lookup(id, prompt, 2s);
+      // A failed lookup or end_session shows as a miss below.
+      (void)scheduler_->submit_lookup(id, prompt, 2s);
       auto st = scheduler_->check_lookup(id, 2s);
-      scheduler_->end_session(id, 2s);
-      if (!st.ec && st.value.ready && st.value.matched_tokens > 0) {
+      (void)scheduler_->end_session(id, 2s);
+      if (st && st->ready && st->matched_tokens > 0) {
         hits_.fetch_add(1);
         if (stored && started >= mark_.load() && hit_at_.load() == 0)
           hit_at_.store(Clock::now().time_since_epoch().count());
@@ -608,7 +610,7 @@ class Engine {
   }
 
   runtime::Runtime rt_;
-  transfer::KvMemfd kv_;
+  Result<transfer::KvMemfd> kv_;
   std::shared_ptr<adapter::WorkerAdapter> worker_;
   std::shared_ptr<adapter::SchedulerAdapter> scheduler_;
   std::atomic<bool> stop_{false};
@@ -804,11 +806,10 @@ std::shared_ptr<net::Connection> connect_as(asio::io_context& io, const std::str
   h.role = role;
   h.instance_id = net::random_instance_id();
   h.client_name = "bench-health";
-  net::Endpoint endpoint;
-  std::string error;
-  if (!net::parse_endpoint(ep, endpoint, error)) throw std::runtime_error(error);
-  auto r = asio::co_spawn(io, net::connect(io.get_executor(), endpoint, h, 5s), asio::use_future).get();
-  if (r.ec) throw std::runtime_error("ping_under_abuse: cannot connect: " + r.error);
+  auto endpoint = net::parse_endpoint(ep);
+  if (!endpoint) throw std::runtime_error(endpoint.error().message());
+  auto r = asio::co_spawn(io, net::connect(io.get_executor(), *endpoint, h, 5s), asio::use_future).get();
+  if (r.error) throw std::runtime_error("ping_under_abuse: cannot connect: " + r.error.message());
   return r.connection;
 }
 

@@ -53,6 +53,7 @@
 #include "kvlink/server/server.hpp"
 #include "kvlink/wire/frame.hpp"
 
+using kvlink::bench::disconnect;
 using kvlink::bench::run_until_done;
 
 namespace {
@@ -158,10 +159,9 @@ class ServerThread {
     server_ = std::make_unique<kvlink::server::Server>(io_, cfg);
     server_->start();
     for (const auto& text : server_->endpoints()) {
-      kvlink::net::Endpoint ep;
-      std::string error;
-      if (!kvlink::net::parse_endpoint(text, ep, error)) throw std::runtime_error(error);
-      (ep.is_unix() ? unix_ : tcp_) = ep;
+      auto ep = kvlink::net::parse_endpoint(text);
+      if (!ep) throw std::runtime_error(ep.error().message());
+      (ep->is_unix() ? unix_ : tcp_) = *ep;
     }
     thread_ = std::thread([this] { io_.run(); });
   }
@@ -214,20 +214,8 @@ std::shared_ptr<kvlink::net::Connection> connect_client(asio::io_context& io, bo
   auto result = run_until_done(
       io, kvlink::net::connect(io.get_executor(), (server ? server : g_server)->endpoint(unix_socket), hello,
                                seconds(5)));
-  if (result.ec) throw std::runtime_error(result.error);
+  if (result.error) throw std::runtime_error(result.error.message());
   return result.connection;
-}
-
-// Closes the connection and lets its reader finish.
-void disconnect(asio::io_context& io, std::shared_ptr<kvlink::net::Connection>& conn) {
-  bool closed = false;
-  asio::post(io, [&] {
-    conn->on_close([&](const kvlink::net::StreamEnd&) { closed = true; });
-    conn->close();
-  });
-  while (!closed) io.run_one();
-  conn.reset();
-  io.poll();
 }
 
 asio::awaitable<int> ping_loop(benchmark::State& state, std::shared_ptr<kvlink::net::Connection> conn,
@@ -478,7 +466,7 @@ std::shared_ptr<kvlink::net::Connection> connect_on(runtime_executor ex, bool un
   auto f = asio::co_spawn(ex, kvlink::net::connect(ex, g_server->endpoint(unix_socket), hello, seconds(5)),
                           asio::use_future);
   auto result = f.get();
-  if (result.ec) throw std::runtime_error(result.error);
+  if (result.error) throw std::runtime_error(result.error.message());
   return result.connection;
 }
 

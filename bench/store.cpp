@@ -108,9 +108,7 @@ struct Rig {
     }
   }
   std::shared_ptr<net::Connection> connect(wire::Role role) {
-    net::Endpoint ep;
-    std::string error;
-    net::parse_endpoint(config.listen[0], ep, error);
+    net::Endpoint ep = net::parse_endpoint(config.listen[0]).value();  // the server parsed it
     wire::HelloRequest h;
     h.role = role;
     h.instance_id = net::random_instance_id();
@@ -120,8 +118,8 @@ struct Rig {
                    [&](std::exception_ptr, net::ConnectResult r) { result = std::move(r); });
     client_io.restart();
     while (!result) client_io.run_one();
-    if (result->ec) {
-      std::fprintf(stderr, "bench: %s\n", result->error.c_str());
+    if (result->error) {
+      std::fprintf(stderr, "bench: %s\n", result->error.message().c_str());
       std::exit(1);
     }
     return result->connection;

@@ -163,8 +163,7 @@ class ServerThread {
     cfg_.chunk_size = chunk_tokens;
     server_ = std::make_unique<kvlink::server::Server>(io_, cfg_, engine_);
     server_->start();
-    std::string error;
-    if (!kvlink::net::parse_endpoint(server_->endpoints().at(0), endpoint_, error)) throw std::runtime_error(error);
+    endpoint_ = kvlink::net::parse_endpoint(server_->endpoints().at(0)).value();
     thread_ = std::thread([this] { io_.run(); });
   }
   ~ServerThread() {
@@ -218,8 +217,9 @@ struct Worker {
   std::vector<wire::ChunkHash> hashes;
 
   Worker() {
-    kv = kvlink::transfer::create_kv_memfd(layout, {.name = "bench-kv-cache"});
-    if (!kv) throw std::runtime_error(kv.detail);
+    auto created = kvlink::transfer::create_kv_memfd(layout, {.name = "bench-kv-cache"});
+    if (!created) throw std::runtime_error(created.error().message());
+    kv = std::move(*created);
     std::byte* base = kv.memory.get();
     for (std::uint64_t i = 0; i < layout.region_bytes; i += 64) base[i] = static_cast<std::byte>(i / 64);
     wire::HelloRequest hello;
@@ -227,7 +227,7 @@ struct Worker {
     hello.instance_id = kvlink::net::random_instance_id();
     hello.client_name = "bench-transfer-cpu";
     auto r = run_until_done(io, kvlink::net::connect(io.get_executor(), g_server->endpoint(), hello, seconds(5)));
-    if (r.ec) throw std::runtime_error(r.error);
+    if (r.error) throw std::runtime_error(r.error.message());
     conn = r.connection;
     wire::RegisterKvCacheRequest reg;
     reg.ns = ns;
@@ -238,16 +238,7 @@ struct Worker {
     for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<kvlink::store::Token>(i);
     hashes = kvlink::store::chunk_hashes(tokens, chunk_tokens);
   }
-  ~Worker() {
-    bool closed = false;
-    asio::post(io, [&] {
-      conn->on_close([&](const kvlink::net::StreamEnd&) { closed = true; });
-      conn->close();
-    });
-    while (!closed) io.run_one();
-    conn.reset();
-    io.poll();
-  }
+  ~Worker() { kvlink::bench::disconnect(io, conn); }
   std::vector<std::uint32_t> blocks(std::uint32_t first, std::uint32_t chunks) const {
     std::vector<std::uint32_t> v(chunks * blocks_per_chunk);
     for (std::uint32_t i = 0; i < v.size(); ++i) v[i] = first + i;
@@ -343,8 +334,9 @@ struct AdapterEngine {
   std::shared_ptr<kvlink::adapter::SchedulerAdapter> scheduler;
 
   AdapterEngine() {
-    kv = kvlink::transfer::create_kv_memfd(layout, {.name = "bench-adapter-kv"});
-    if (!kv) throw std::runtime_error(kv.detail);
+    auto created = kvlink::transfer::create_kv_memfd(layout, {.name = "bench-adapter-kv"});
+    if (!created) throw std::runtime_error(created.error().message());
+    kv = std::move(*created);
     std::memset(kv.memory.get(), 7, layout.region_bytes);  // faulted in, like a live KV cache
     kvlink::adapter::WorkerConfig w;
     w.endpoint = g_server->endpoint().to_string();
@@ -358,15 +350,15 @@ struct AdapterEngine {
     s.lookup_mode = kvlink::adapter::LookupMode::sync;
     s.blocking_deadline = call_timeout;
     scheduler = kvlink::adapter::SchedulerAdapter::create(rt.executor(), s);
-    check(worker->register_kv_caches(layout, kv.fd.get()).ec, "REGISTER_KV_CACHE");
+    check(worker->register_kv_caches(layout, kv.fd.get()).error(), "REGISTER_KV_CACHE");
   }
   ~AdapterEngine() {
-    worker->shutdown(seconds(5));
+    (void)worker->shutdown(seconds(5));  // best effort: the server reaps it anyway
     scheduler->stop();
     rt.stop();
   }
-  static void check(std::error_code ec, const char* what) {
-    if (ec) throw std::runtime_error(fmt::format("{} through the adapter failed: {}", what, ec.message()));
+  static void check(const kvlink::Error& err, const char* what) {
+    if (err) throw std::runtime_error(fmt::format("{} through the adapter failed: {}", what, err.message()));
   }
   static std::vector<kvlink::store::Token> prompt(std::uint32_t chunks, std::uint32_t seed) {
     std::vector<kvlink::store::Token> t(std::size_t{chunks} * chunk_tokens);
@@ -385,20 +377,20 @@ struct AdapterEngine {
   // One request: lookup; retrieve what matched; store; get_finished; end.
   // Returns the matched chunks.
   std::uint32_t request(const std::string& id, const std::vector<kvlink::store::Token>& tokens) {
-    check(scheduler->submit_lookup(id, tokens).ec, "lookup");
+    check(scheduler->submit_lookup(id, tokens).error(), "lookup");
     auto st = scheduler->check_lookup(id);
-    check(st.ec, "check_lookup");
-    const std::uint32_t matched = st.value.matched_tokens / chunk_tokens;
+    check(st.error(), "check_lookup");
+    const std::uint32_t matched = st->matched_tokens / chunk_tokens;
     if (matched > 0) {
       auto hit = std::vector<kvlink::store::Token>(tokens.begin(), tokens.begin() + std::ptrdiff_t{matched} * chunk_tokens);
       auto r = worker->submit_retrieve(spec(id, hit, num_blocks / 2));
-      check(r.ec, "RETRIEVE");
+      check(r.error(), "RETRIEVE");
     }
-    check(worker->submit_store(spec(id, tokens, 0)).ec, "STORE");
+    check(worker->submit_store(spec(id, tokens, 0)).error(), "STORE");
     auto fin = worker->get_finished({id});
-    check(fin.ec, "get_finished");
-    if (fin.value.stores.size() != 1) throw std::runtime_error("get_finished did not report the store");
-    check(scheduler->end_session(id).ec, "end_session");
+    check(fin.error(), "get_finished");
+    if (fin->stores.size() != 1) throw std::runtime_error("get_finished did not report the store");
+    check(scheduler->end_session(id).error(), "end_session");
     return matched;
   }
 };

@@ -52,6 +52,9 @@ namespace {
 
 namespace wire = kvlink::wire;
 namespace transfer = kvlink::transfer;
+using kvlink::errc;
+using kvlink::Error;
+using kvlink::Result;
 using Clock = std::chrono::steady_clock;
 
 constexpr std::uint32_t layers = 32, block_size = 16, head_size = 128, dtype = 2;
@@ -102,18 +105,17 @@ void write_line(int fd, const std::string& line) {
 // Then "compute MS" runs the compute loop (its launch count fixed by the
 // first call to take about MS) and answers "ms ELAPSED"; EOF ends it.
 int engine_process(int in, int out) {
-  int count = 0;
-  if (auto why = transfer::cuda_device_count(count); !why.empty()) {
-    write_line(out, "nogpu " + why);
+  if (auto count = transfer::cuda_device_count(); !count) {
+    write_line(out, "nogpu " + count.error().message());
     return 0;
   }
   std::vector<void*> allocations;
-  auto make = [&](std::uint32_t heads, wire::KvLayout& layout) -> std::string {
+  auto make = [&](std::uint32_t heads) -> Result<wire::KvLayout> {
     transfer::cuda::PagedKvCache c;
     for (std::uint32_t l = 0; l < layers; ++l) {
       void* p = nullptr;
       if (auto e = cudaMalloc(&p, 2 * block_bytes(heads) * num_blocks); e != cudaSuccess)
-        return fmt::format("cudaMalloc: {}", cudaGetErrorString(e));
+        return Error(errc::server_error, fmt::format("cudaMalloc: {}", cudaGetErrorString(e)));
       cudaMemset(p, 0x11, 2 * block_bytes(heads) * num_blocks);
       allocations.push_back(p);
       c.layers.push_back(p);
@@ -123,17 +125,20 @@ int engine_process(int in, int out) {
     c.num_kv_heads = heads;
     c.head_size = head_size;
     c.dtype_size = dtype;
-    return transfer::cuda::export_kv_cache(c, layout);
+    return transfer::cuda::export_kv_cache(c);
   };
-  wire::KvLayout l32, l8;
-  std::string why = make(8, l32);
-  if (why.empty()) why = make(2, l8);
-  if (!why.empty()) {
-    write_line(out, "nogpu engine process: " + why);
+  auto l32 = make(8);
+  if (!l32) {
+    write_line(out, "nogpu engine process: " + l32.error().message());
+    return 1;
+  }
+  auto l8 = make(2);
+  if (!l8) {
+    write_line(out, "nogpu engine process: " + l8.error().message());
     return 1;
   }
   if (cudaDeviceSynchronize() != cudaSuccess) return 1;
-  write_line(out, "ok " + to_hex(wire::encode(l32)) + " " + to_hex(wire::encode(l8)));
+  write_line(out, "ok " + to_hex(wire::encode(*l32)) + " " + to_hex(wire::encode(*l8)));
 
   constexpr std::size_t n = 1u << 22;
   void* buffer = nullptr;
@@ -212,8 +217,8 @@ struct Server {
     r->layout = l;
     r->blocks_per_chunk = blocks_per_chunk;
     r->slot_bytes = std::uint64_t{layers} * 2 * blocks_per_chunk * l.block_bytes();
-    if (auto why = engine->attach(*r, {}); !why.empty()) error = why;
-    else if (auto why2 = engine->use_l1(*r, l1, l1_bytes); !why2.empty()) error = why2;
+    if (auto err = engine->attach(*r, {})) error = err.message();
+    else if (auto err2 = engine->use_l1(*r, l1, l1_bytes)) error = err2.message();
     return r;
   }
 
@@ -224,8 +229,12 @@ struct Server {
     reg8.reset();
     engine.reset();
     error.clear();
-    engine = transfer::CudaTransferEngine::create(io.get_executor(), c, error);
-    if (!engine) return false;
+    auto created = transfer::CudaTransferEngine::create(io.get_executor(), c);
+    if (!created) {
+      error = created.error().message();
+      return false;
+    }
+    engine = std::move(*created);
     config = c;
     reg32 = attach(layout32);
     if (error.empty()) reg8 = attach(layout8);
@@ -570,7 +579,7 @@ int main(int argc, char** argv) {
     const auto space = line.find(' ', 3);
     wire::Bytes b32, b8;
     if (space == std::string::npos || !from_hex(line.substr(3, space - 3), b32) || !from_hex(line.substr(space + 1), b8) ||
-        !wire::decode(b32, server->layout32, "layout").empty() || !wire::decode(b8, server->layout8, "layout").empty()) {
+        wire::decode(b32, server->layout32, "layout") || wire::decode(b8, server->layout8, "layout")) {
       std::printf("bench-transfer-gpu: the engine process sent a malformed layout\n");
       finish_child();
       return 1;

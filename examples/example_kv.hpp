@@ -42,12 +42,12 @@ inline std::vector<std::uint32_t> block_range(std::uint32_t first, std::uint32_t
 class KvCache {
  public:
   KvCache() : layout_(layout()), kv_(kvlink::transfer::create_kv_memfd(layout_, {.name = "example-kv"})) {
-    if (!kv_) throw std::runtime_error("cannot create the KV cache memfd: " + kv_.detail);
+    if (!kv_) throw std::runtime_error("cannot create the KV cache memfd: " + kv_.error().message());
   }
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
 
-  int fd() const { return kv_.fd.get(); }
+  int fd() const { return kv_->fd.get(); }
   const kvlink::wire::KvLayout& kv_layout() const { return layout_; }
 
   // "Prefill": writes a pattern derived from `seed` into `blocks`.
@@ -61,7 +61,7 @@ class KvCache {
     for (std::uint32_t layer = 0; layer < l.num_layers; ++layer)
       for (std::uint32_t plane = 0; plane < l.num_planes; ++plane)
         for (std::uint32_t j = 0; j < blocks.size(); ++j) {
-          std::byte* b = kv_.memory.get() + l.layers[layer].offset + plane * l.plane_stride + blocks[j] * l.block_stride;
+          std::byte* b = kv_->memory.get() + l.layers[layer].offset + plane * l.plane_stride + blocks[j] * l.block_stride;
           for (std::size_t i = 0; i < l.block_bytes(); ++i) {
             const auto want = static_cast<std::byte>((seed * 31 + layer * 7 + plane * 3 + j * 5 + i) % 251);
             if (write) b[i] = want;
@@ -72,7 +72,7 @@ class KvCache {
   }
 
   kvlink::wire::KvLayout layout_;
-  kvlink::transfer::KvMemfd kv_;
+  kvlink::Result<kvlink::transfer::KvMemfd> kv_;
 };
 
 inline kvlink::adapter::TransferSpec spec(std::string request_id, std::uint32_t seed, std::uint32_t first_block) {

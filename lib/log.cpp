@@ -27,16 +27,19 @@ std::FILE* g_file = nullptr;  // nullptr: stderr
 std::string g_path;
 
 // Opens `path` for appending (O_CLOEXEC: not inherited by children).
-std::FILE* open_append(const std::string& path, std::string& error) {
+Result<std::FILE*> open_append(const std::string& path) {
+  auto failed = [&path] {
+    const int e = errno;
+    return Error(std::error_code(e, std::generic_category()),
+                 fmt::format("cannot open log file {}: {}", path, std::strerror(e)));
+  };
   const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
-  if (fd < 0) {
-    error = fmt::format("cannot open log file {}: {}", path, std::strerror(errno));
-    return nullptr;
-  }
+  if (fd < 0) return failed();
   std::FILE* f = ::fdopen(fd, "a");
   if (f == nullptr) {
-    error = fmt::format("cannot open log file {}: {}", path, std::strerror(errno));
+    Error err = failed();
     ::close(fd);
+    return err;
   }
   return f;
 }
@@ -57,36 +60,26 @@ const char* level_name(Level l) {
 void set_level(Level l) { g_level.store(l, std::memory_order_relaxed); }
 Level level() { return g_level.load(std::memory_order_relaxed); }
 
-bool parse_level(std::string_view text, Level& out) {
-  for (Level l : {Level::debug, Level::info, Level::warn, Level::error, Level::off}) {
-    if (text == level_name(l)) {
-      out = l;
-      return true;
-    }
-  }
-  return false;
+Result<Level> parse_level(std::string_view text) {
+  for (Level l : {Level::debug, Level::info, Level::warn, Level::error, Level::off})
+    if (text == level_name(l)) return l;
+  return Error(errc::bad_request, fmt::format("log level '{}': use debug, info, warn, error or off", text));
 }
 
 void set_format(Format f) { g_format.store(f, std::memory_order_relaxed); }
 Format format() { return g_format.load(std::memory_order_relaxed); }
 
-bool parse_format(std::string_view text, Format& out) {
-  if (text == "text") {
-    out = Format::text;
-    return true;
-  }
-  if (text == "json") {
-    out = Format::json;
-    return true;
-  }
-  return false;
+Result<Format> parse_format(std::string_view text) {
+  if (text == "text") return Format::text;
+  if (text == "json") return Format::json;
+  return Error(errc::bad_request, fmt::format("log format '{}': use text or json", text));
 }
 
-std::string open_file(const std::string& path) {
-  if (path.empty()) return "cannot open log file: the path is empty";
-  std::string error;
-  std::FILE* f = open_append(path, error);
-  if (f == nullptr) return error;
+Error open_file(const std::string& path) {
+  if (path.empty()) return Error(errc::bad_request, "cannot open log file: the path is empty");
+  auto opened = open_append(path);
+  if (!opened) return opened.error();
+  std::FILE* f = *opened;
   std::FILE* old = nullptr;
   {
     std::lock_guard lock(g_out_mutex);
@@ -98,7 +91,7 @@ std::string open_file(const std::string& path) {
   return {};
 }
 
-std::string reopen() {
+Error reopen() {
   std::string path;
   {
     std::lock_guard lock(g_out_mutex);
@@ -107,9 +100,9 @@ std::string reopen() {
   }
   // Opened outside the lock: other threads keep logging to the old file
   // meanwhile; the swap itself happens between two of their lines.
-  std::string error;
-  std::FILE* f = open_append(path, error);
-  if (f == nullptr) return error;
+  auto opened = open_append(path);
+  if (!opened) return opened.error();
+  std::FILE* f = *opened;
   std::FILE* old = nullptr;
   {
     std::lock_guard lock(g_out_mutex);

@@ -60,19 +60,22 @@ struct AdminConnection {
 asio::awaitable<AdminConnection> connect_admin(std::string server, Clock::duration timeout, std::string client_name,
                                                bool quiet = false) {
   AdminConnection a;
-  if (!kvlink::net::parse_endpoint(server, a.endpoint, a.error)) {
+  auto endpoint = kvlink::net::parse_endpoint(server);
+  if (!endpoint) {
+    a.error = endpoint.error().message();
     fmt::print(stderr, "kvlink-cli: {}\n", a.error);
     a.exit_code = kExitUsage;
     co_return a;
   }
+  a.endpoint = *endpoint;
   kvlink::wire::HelloRequest hello;
   hello.role = kvlink::wire::Role::admin;
   hello.instance_id = kvlink::net::random_instance_id();
   hello.client_name = std::move(client_name);
   hello.auth_token = g_auth_token;
   a.connected = co_await kvlink::net::connect(co_await asio::this_coro::executor, a.endpoint, hello, timeout);
-  if (a.connected.ec) {
-    a.error = a.connected.error;
+  if (a.connected.error) {
+    a.error = a.connected.error.message();
     if (!quiet) fmt::print(stderr, "kvlink-cli: {}\n", a.error);
     a.exit_code = kExitServer;
   }
@@ -247,12 +250,12 @@ void print_event(const kvlink::health::Event& e) {
 
 int run_watch(const WatchOptions& opt) {
   namespace health = kvlink::health;
-  kvlink::net::Endpoint ep;
-  std::string error;
-  if (!kvlink::net::parse_endpoint(opt.server, ep, error)) {
-    fmt::print(stderr, "kvlink-cli: {}\n", error);
+  auto parsed = kvlink::net::parse_endpoint(opt.server);
+  if (!parsed) {
+    fmt::print(stderr, "kvlink-cli: {}\n", parsed.error().message());
     return kExitUsage;
   }
+  const kvlink::net::Endpoint& ep = *parsed;
   asio::io_context io(1);
   health::MonitorOptions o;
   o.endpoint = ep;
@@ -372,8 +375,10 @@ int main(int argc, char** argv) {
     // own codes, 105 and up, would differ from error to error).
     return app.exit(e) == 0 ? kExitOk : kExitUsage;
   }
-  if (auto why = kvlink::net::resolve_auth_token({}, token_file, g_auth_token); !why.empty()) {
-    fmt::print(stderr, "kvlink-cli: --auth-token-file: {}\n", why);
+  if (auto token = kvlink::net::resolve_auth_token({}, token_file); token) {
+    g_auth_token = std::move(*token);
+  } else {
+    fmt::print(stderr, "kvlink-cli: --auth-token-file: {}\n", token.error().message());
     return kExitUsage;
   }
   if (*ping_cmd) return run(run_ping(ping));

@@ -154,9 +154,9 @@ class Engine {
         alloc_(kv.layout().num_blocks, o.workload.seed),
         deadline_(milliseconds(o.deadline_ms)) {}
 
-  // Runs the workload for the configured time, then drains. Returns why it
-  // stopped early ("" when it did not): the server refused the KV cache.
-  std::string run() {
+  // Runs the workload for the configured time, then drains; or says why it
+  // stopped early: the server refused the KV cache.
+  Error run() {
     const auto start = steady_clock::now();
     const auto end = start + duration_cast<steady_clock::duration>(duration<double>(o_.duration_s));
     auto next_admit = start;
@@ -170,9 +170,9 @@ class Engine {
       if (!admitting && !drain_until)
         drain_until = now + milliseconds(o_.transfer_timeout_ms + 2 * o_.deadline_ms + 1000);
       if (!admitting && (active_.empty() || now >= *drain_until)) break;
-      if (auto why = refused(); !why.empty()) {
+      if (auto err = refused()) {
         abandoned_ = active_.size();
-        return why;
+        return err;
       }
       while (admitting && active_.size() < o_.concurrency && now >= next_admit &&
              (o_.max_requests == 0 || admitted_ < o_.max_requests)) {
@@ -217,11 +217,13 @@ class Engine {
   // Why the engine cannot use the server at all, or "": the server's chunk
   // size (known once it answered HELLO) does not fit the engine's blocks, or
   // it refused the registration (sent by the adapter when the server came).
-  std::string refused() const {
+  Error refused() const {
     const auto chunk = worker_->monitor().server_chunk_size();
     if (chunk != 0 && chunk % o_.block_size != 0)
-      return fmt::format("the server's chunk size {} is not a multiple of --block-size {}", chunk, o_.block_size);
-    if (!refusal_.empty()) return "stopping: registration refused by the server: " + refusal_;
+      return Error(errc::bad_request, fmt::format("the server's chunk size {} is not a multiple of --block-size {}",
+                                                  chunk, o_.block_size));
+    if (!refusal_.empty())
+      return Error(errc::bad_request, "stopping: registration refused by the server: " + refusal_);
     return {};
   }
 
@@ -237,7 +239,7 @@ class Engine {
     const std::string id = a.req.id;
     // Degraded: not sent, 0 matched (check_lookup says so). Either way the
     // request goes on; the engine computes what is not loaded.
-    timed([&] { return scheduler_->submit_lookup(id, a.req.tokens, deadline_); });
+    (void)timed([&] { return scheduler_->submit_lookup(id, a.req.tokens, deadline_); });
     active_.emplace(id, std::move(a));
   }
 
@@ -245,11 +247,11 @@ class Engine {
     for (auto& [id, a] : active_) {
       if (a.phase == Active::Phase::lookup) {
         auto r = timed([&] { return scheduler_->check_lookup(id, deadline_); });
-        if (r.ec) {  // timed out, or lost: treat as a miss
+        if (!r) {  // timed out, or lost: treat as a miss
           a.matched = 0;
           a.phase = Active::Phase::blocks;
-        } else if (r.value.ready) {
-          a.matched = std::min<std::uint32_t>(r.value.matched_tokens, static_cast<std::uint32_t>(a.req.tokens.size()));
+        } else if (r->ready) {
+          a.matched = std::min<std::uint32_t>(r->matched_tokens, static_cast<std::uint32_t>(a.req.tokens.size()));
           t_.lookup_tokens += a.matched;
           a.phase = Active::Phase::blocks;
         }
@@ -308,18 +310,18 @@ class Engine {
   // get_finished: verify loaded blocks, free the blocks of stored requests.
   void finish_step() {
     auto fin = timed([&] { return worker_->get_finished(report_, deadline_); });
-    if (fin.ec) return;  // try again next step (report_ is kept)
+    if (!fin) return;  // try again next step (report_ is kept)
     report_.clear();
     auto errors = timed([&] { return worker_->take_load_errors(deadline_); });
-    if (!errors.ec) {
-      t_.load_error_blocks += errors.value.size();
-      load_errors_.insert(errors.value.begin(), errors.value.end());
+    if (errors) {
+      t_.load_error_blocks += errors->size();
+      load_errors_.insert(errors->begin(), errors->end());
     }
-    for (const auto& id : fin.value.retrieves) {
+    for (const auto& id : fin->retrieves) {
       auto it = active_.find(id);
       if (it != active_.end() && it->second.phase == Active::Phase::loading) verify_loaded(id, it->second);
     }
-    for (const auto& id : fin.value.stores) {
+    for (const auto& id : fin->stores) {
       auto it = active_.find(id);
       if (it != active_.end()) it->second.store_done = true;
     }
@@ -329,7 +331,7 @@ class Engine {
       // the server can no longer read its blocks, so they are reused at once.
       if (a.phase == Active::Phase::storing && a.store_done) {
         alloc_.release(a.blocks);
-        timed([&] { return scheduler_->end_session(it->first, deadline_); });  // degraded: dropped, state freed
+        (void)timed([&] { return scheduler_->end_session(it->first, deadline_); });  // degraded: dropped, state freed
         ++t_.requests;
         it = active_.erase(it);
       } else {
@@ -405,10 +407,10 @@ int fail_start(const std::string& why) {
 }
 
 int run(const Options& o) {
-  if (auto why = sim::check(o.workload); !why.empty()) return fail_start(why);
-  net::Endpoint ep;
-  std::string error;
-  if (!net::parse_endpoint(o.server, ep, error)) return fail_start(error);
+  if (auto err = sim::check(o.workload)) return fail_start(err.message());
+  auto parsed = net::parse_endpoint(o.server);
+  if (!parsed) return fail_start(parsed.error().message());
+  const net::Endpoint& ep = *parsed;
   if (!ep.is_unix())
     return fail_start(fmt::format("--server {} is not a unix socket: the CPU KV cache (a memfd) can only be passed "
                                   "over unix:/path endpoints", o.server));
@@ -425,10 +427,10 @@ int run(const Options& o) {
     return fail_start(fmt::format("--num-blocks {} cannot hold one prompt of --max-prompt-tokens {} ({} blocks of {})",
                                   num_blocks, o.workload.max_prompt_tokens, per_request, o.block_size));
   const auto lay = wire::paged_layout(o.layers, num_blocks, o.block_size, o.kv_heads, o.head_size, o.dtype_bytes);
-  if (auto why = lay.check(); !why.empty()) return fail_start("KV layout: " + why);
+  if (auto err = lay.check()) return fail_start("KV layout: " + err.message());
 
   auto kv = transfer::create_kv_memfd(lay, {.name = "kvlink-engine-sim-kv"});
-  if (!kv) return fail_start(fmt::format("cannot create the {} byte KV cache: {}", lay.region_bytes, kv.detail));
+  if (!kv) return fail_start(fmt::format("cannot create the {} byte KV cache: {}", lay.region_bytes, kv.error().message()));
 
   runtime::Runtime rt;
   adapter::WorkerConfig wc;
@@ -482,25 +484,25 @@ int run(const Options& o) {
   // The adapter keeps the registration and sends it to the server as soon as
   // one answers (also when the engine starts before the server); the
   // worker's gate opens on its acknowledgement. Only a refusal is final.
-  auto r = worker->register_kv_caches(lay, kv.fd.get(), milliseconds(o.deadline_ms));
-  if (r.ec == errc::bad_request) {
-    worker->shutdown(milliseconds(o.deadline_ms));
+  auto r = worker->register_kv_caches(lay, kv->fd.get(), milliseconds(o.deadline_ms));
+  if (r.error() == errc::bad_request) {
+    (void)worker->shutdown(milliseconds(o.deadline_ms));  // best effort: we are failing anyway
     scheduler->stop();
     const auto why = on_io(rt, [&] { return worker->registration_refusal(); });
     return fail_start(fmt::format("could not register the KV cache ({}): registration refused by the server: {}",
-                                  r.ec.message(), why));
+                                  r.error().message(), why));
   }
-  if (r.ec)
+  if (!r)
     emit(fmt::format(R"({{"ts_ms":{},"event":"register_pending","error":{},"call_timeout_ms":{}}})", unix_ms(),
-                     json_string(r.ec.message()), o.call_timeout_ms));
+                     json_string(r.error().message()), o.call_timeout_ms));
   else
     emit(fmt::format(R"({{"ts_ms":{},"event":"registered","kv_bytes":{},"chunk_size":{}}})", unix_ms(),
                      lay.region_bytes, worker->monitor().server_chunk_size()));
 
-  Engine engine(o, rt, worker, scheduler, sim::KvView(kv.memory.get(), lay));
-  const std::string fatal = engine.run();
+  Engine engine(o, rt, worker, scheduler, sim::KvView(kv->memory.get(), lay));
+  const Error fatal = engine.run();
   const auto rereg = on_io(rt, [&] { return worker->reregistrations(); });
-  worker->shutdown(milliseconds(o.deadline_ms));
+  (void)worker->shutdown(milliseconds(o.deadline_ms));  // a failure is logged; the server reaps the rest
   scheduler->stop();
   const auto& t = engine.totals();
   emit(fmt::format(R"({{"ts_ms":{},"event":"summary","requests":{},"hit_tokens":{},"stored_chunks":{},)"
@@ -512,7 +514,7 @@ int run(const Options& o) {
                    o.deadline_ms, engine.shared().max_transfer_us.load() / 1000.0, o.transfer_timeout_ms,
                    t.lookup_tokens, t.recomputed_blocks, rereg, engine.abandoned()));
   rt.stop();
-  if (!fatal.empty()) return fail_start(fatal);
+  if (fatal) return fail_start(fatal.message());
   return t.verify_failures > 0 ? 1 : 0;
 }
 
@@ -591,10 +593,9 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", o.log_level, "Library log level on stderr: debug, info, warn, error or off")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
-  log::Level level;
-  if (!log::parse_level(o.log_level, level))
-    return fail_start(fmt::format("--log-level '{}' is not one of debug, info, warn, error, off", o.log_level));
-  log::set_level(level);
+  auto level = log::parse_level(o.log_level);
+  if (!level) return fail_start("--log-level: " + level.error().message());
+  log::set_level(*level);
   try {
     return run(o);
   } catch (const std::exception& e) {

@@ -38,6 +38,18 @@ void notify_systemd(const std::string& state) {
                       std::getenv("NOTIFY_SOCKET") ? std::getenv("NOTIFY_SOCKET") : "", std::strerror(-rc));
 }
 
+// A size flag's bytes: parse_size's, refused below `min` with `too_small`.
+kvlink::Result<std::uint64_t> size_flag(const std::string& text, std::uint64_t min = 0, const char* too_small = "") {
+  auto bytes = kvlink::store::parse_size(text);
+  if (bytes && *bytes < min) return kvlink::Error(kvlink::errc::bad_request, too_small);
+  return bytes;
+}
+
+int usage_error(std::string_view flag, const kvlink::Error& err) {
+  fmt::print(stderr, "kvlink-server: {}: {}\n", flag, err.message());
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -172,32 +184,20 @@ int main(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
 
-  if (auto why = kvlink::store::parse_size(l1_size, cfg.l1_size); !why.empty()) {
-    fmt::print(stderr, "kvlink-server: --l1-size: {}\n", why);
-    return 2;
-  }
+  if (auto bytes = size_flag(l1_size)) cfg.l1_size = *bytes;
+  else return usage_error("--l1-size", bytes.error());
   if (!l1_slab_size.empty()) {
-    if (auto why = kvlink::store::parse_size(l1_slab_size, cfg.l1_slab_size); !why.empty() || cfg.l1_slab_size == 0) {
-      fmt::print(stderr, "kvlink-server: --l1-slab-size: {}\n", why.empty() ? "must be more than 0 bytes" : why);
-      return 2;
-    }
+    if (auto bytes = size_flag(l1_slab_size, 1, "must be more than 0 bytes")) cfg.l1_slab_size = *bytes;
+    else return usage_error("--l1-slab-size", bytes.error());
   }
-  if (auto why = kvlink::store::parse_size(max_outbound, cfg.max_outbound_bytes); !why.empty() || cfg.max_outbound_bytes < 65536) {
-    fmt::print(stderr, "kvlink-server: --max-outbound-bytes: {}\n", why.empty() ? "must be at least 64KiB" : why);
-    return 2;
-  }
+  if (auto bytes = size_flag(max_outbound, 65536, "must be at least 64KiB")) cfg.max_outbound_bytes = *bytes;
+  else return usage_error("--max-outbound-bytes", bytes.error());
   if (!max_inbound.empty()) {
-    if (auto why = kvlink::store::parse_size(max_inbound, cfg.max_inbound_bytes); !why.empty()) {
-      fmt::print(stderr, "kvlink-server: --max-inbound-bytes: {}\n", why);
-      return 2;
-    }
-    if (cfg.max_inbound_bytes == 0) {
-      fmt::print(stderr, "kvlink-server: --max-inbound-bytes: must not be 0\n");
-      return 2;
-    }
+    if (auto bytes = size_flag(max_inbound, 1, "must not be 0")) cfg.max_inbound_bytes = *bytes;
+    else return usage_error("--max-inbound-bytes", bytes.error());
   }
-  if (auto why = kvlink::server::check_inbound(cfg); !why.empty()) {
-    fmt::print(stderr, "kvlink-server: {}\n", why);
+  if (auto err = kvlink::server::check_inbound(cfg)) {
+    fmt::print(stderr, "kvlink-server: {}\n", err.message());
     return 2;
   }
   if (!quota.empty()) {
@@ -210,17 +210,16 @@ int main(int argc, char** argv) {
         return 2;
       }
       cfg.instance_l1_quota_fraction = fraction;
-    } else if (auto why = kvlink::store::parse_size(quota, cfg.instance_l1_quota_bytes);
-               !why.empty() || cfg.instance_l1_quota_bytes == 0) {
+    } else if (auto bytes = size_flag(quota, 1, "must not be 0")) {
+      cfg.instance_l1_quota_bytes = *bytes;
+    } else {
       fmt::print(stderr, "kvlink-server: --instance-l1-quota: {} (give bytes such as 4GiB or a fraction such as 0.25)\n",
-                 why.empty() ? "must not be 0" : why);
+                 bytes.error().message());
       return 2;
     }
   }
-  if (auto why = kvlink::net::resolve_auth_token({}, token_file, cfg.auth_token); !why.empty()) {
-    fmt::print(stderr, "kvlink-server: --auth-token-file: {}\n", why);
-    return 2;
-  }
+  if (auto token = kvlink::net::resolve_auth_token({}, token_file)) cfg.auth_token = std::move(*token);
+  else return usage_error("--auth-token-file", token.error());
   if (!cfg.unix_group.empty() && unix_mode_opt->count() == 0) unix_mode = "0660";
   cfg.huge_pages = !no_huge_pages;
   if (cfg.low_watermark > cfg.high_watermark) {
@@ -229,25 +228,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::string reaper_warning;
-  if (auto why = kvlink::server::check_reaper(cfg, reaper_warning); !why.empty()) {
-    fmt::print(stderr, "kvlink-server: {}\n", why);
+  if (auto err = kvlink::server::check_reaper(cfg, reaper_warning)) {
+    fmt::print(stderr, "kvlink-server: {}\n", err.message());
     return 2;
   }
 
-  kvlink::log::Level level;
-  if (!kvlink::log::parse_level(log_level, level)) {
-    fmt::print(stderr, "kvlink-server: --log-level '{}' is not one of debug, info, warn, error, off\n", log_level);
-    return 2;
-  }
-  kvlink::log::set_level(level);
-  kvlink::log::Format format = kvlink::log::Format::text;
-  kvlink::log::parse_format(log_format, format);  // checked by CLI11
-  kvlink::log::set_format(format);
+  if (auto level = kvlink::log::parse_level(log_level)) kvlink::log::set_level(*level);
+  else return usage_error("--log-level", level.error());
+  kvlink::log::set_format(kvlink::log::parse_format(log_format).value());  // checked by CLI11
   if (!log_file.empty()) {
-    if (auto why = kvlink::log::open_file(log_file); !why.empty()) {
-      fmt::print(stderr, "kvlink-server: --log-file: {}\n", why);
-      return 2;
-    }
+    if (auto err = kvlink::log::open_file(log_file)) return usage_error("--log-file", err);
   }
   if (!reaper_warning.empty()) kvlink::log::warn("kvlink-server: {}", reaper_warning);
   if (cfg.reap_timeout_s == 0)
@@ -264,15 +254,17 @@ int main(int argc, char** argv) {
 
   asio::io_context io(1);
   // Declared before the server, so it outlives it: the server's jobs run here.
-  kvlink::transfer::parse_engine_choice(engine_choice, engine_options.choice);
-  kvlink::transfer::parse_copy_method(cuda_copy, engine_options.cuda.method);
+  // Both checked by CLI11.
+  engine_options.choice = kvlink::transfer::parse_engine_choice(engine_choice).value();
+  engine_options.cuda.method = kvlink::transfer::parse_copy_method(cuda_copy).value();
   engine_options.cpu_threads = cfg.transfer_threads;
-  std::string engine_error, engine_summary;
-  auto engine = kvlink::transfer::make_transfer_engine(io.get_executor(), engine_options, engine_error, engine_summary);
-  if (!engine) {
-    fmt::print(stderr, "kvlink-server: {}\n", engine_error);
+  std::string engine_summary;
+  auto made = kvlink::transfer::make_transfer_engine(io.get_executor(), engine_options, engine_summary);
+  if (!made) {
+    fmt::print(stderr, "kvlink-server: {}\n", made.error().message());
     return 2;
   }
+  auto& engine = *made;
   kvlink::log::info("kvlink-server: transfer engine: {}", engine_summary);
   cfg.transfer_engine_summary = engine_summary;
   kvlink::server::Server server(io, cfg, *engine);
@@ -294,8 +286,8 @@ int main(int argc, char** argv) {
     if (sig == SIGHUP) {
       if (log_file.empty()) {
         kvlink::log::info("kvlink-server: SIGHUP: the log goes to stderr, nothing to reopen; still serving");
-      } else if (auto why = kvlink::log::reopen(); !why.empty()) {
-        kvlink::log::error("kvlink-server: SIGHUP: {}; still logging to the file opened before", why);
+      } else if (auto err = kvlink::log::reopen()) {
+        kvlink::log::error("kvlink-server: SIGHUP: {}; still logging to the file opened before", err.message());
       } else {
         kvlink::log::info("kvlink-server: SIGHUP: reopened the log file {}", log_file);
       }

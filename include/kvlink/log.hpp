@@ -16,14 +16,16 @@
 #include <string>
 #include <string_view>
 
+#include "kvlink/error.hpp"
+
 namespace kvlink::log {
 
 enum class Level { debug = 0, info = 1, warn = 2, error = 3, off = 4 };
 
 void set_level(Level level);
 Level level();
-// Parses "debug", "info", "warn", "error", "off"; false if unknown.
-bool parse_level(std::string_view text, Level& out);
+// Parses "debug", "info", "warn", "error", "off" (bad_request otherwise).
+Result<Level> parse_level(std::string_view text);
 // "debug", "info", ...
 const char* level_name(Level level);
 
@@ -31,19 +33,18 @@ enum class Format { text, json };
 // The default sink's line format (text unless set). Set it at start-up.
 void set_format(Format format);
 Format format();
-// Parses "text" or "json"; false if unknown.
-bool parse_format(std::string_view text, Format& out);
+// Parses "text" or "json" (bad_request otherwise).
+Result<Format> parse_format(std::string_view text);
 
 // The default sink writes to this file (opened for appending, created 0640)
-// instead of stderr. Returns "" or why not (the path and the errno text);
-// on failure the previous destination stays.
-std::string open_file(const std::string& path);
+// instead of stderr. On failure (the errno's code, the path and its text)
+// the previous destination stays.
+Error open_file(const std::string& path);
 // Opens the file's path again, for log rotation by rename: lines written
 // before go to the renamed file, lines after to a new file at the path.
-// Safe against threads logging meanwhile. Returns "" or why not (the old
-// file then stays in use); without a file (stderr) does nothing and
-// returns "".
-std::string reopen();
+// Safe against threads logging meanwhile. On failure the old file stays in
+// use; without a file (stderr) does nothing.
+Error reopen();
 // The path given to open_file, "" while logging to stderr.
 std::string file_path();
 // Back to stderr (closes the file).

@@ -20,12 +20,13 @@ std::shared_ptr<SchedulerAdapter> SchedulerAdapter::create(asio::any_io_executor
   } else {
     health::MonitorOptions o;
     o.health = self->config_.health;
-    std::string error;
-    if (!net::parse_endpoint(self->config_.endpoint, o.endpoint, error)) throw std::invalid_argument(error);
+    auto endpoint = net::parse_endpoint(self->config_.endpoint);
+    if (!endpoint) throw std::invalid_argument(endpoint.error().message());
+    o.endpoint = *endpoint;
     o.hello.role = wire::Role::scheduler;
-    if (auto why = net::resolve_auth_token(self->config_.auth_token, self->config_.auth_token_file, o.hello.auth_token);
-        !why.empty())
-      throw std::invalid_argument(why);
+    auto token = net::resolve_auth_token(self->config_.auth_token, self->config_.auth_token_file);
+    if (!token) throw std::invalid_argument(token.error().message());
+    o.hello.auth_token = std::move(*token);
     o.hello.client_name = self->config_.name;
     o.name = self->config_.name;
     self->monitor_ = health::Monitor::create(ex, std::move(o));

@@ -56,12 +56,13 @@ std::shared_ptr<WorkerAdapter> WorkerAdapter::create(asio::any_io_executor ex, W
   self->ns_ = store::namespace_id(spec);  // throws on an invalid namespace
   health::MonitorOptions o;
   o.health = self->config_.health;
-  std::string error;
-  if (!net::parse_endpoint(self->config_.endpoint, o.endpoint, error)) throw std::invalid_argument(error);
+  auto endpoint = net::parse_endpoint(self->config_.endpoint);
+  if (!endpoint) throw std::invalid_argument(endpoint.error().message());
+  o.endpoint = *endpoint;
   o.hello.role = wire::Role::worker;
-  if (auto why = net::resolve_auth_token(self->config_.auth_token, self->config_.auth_token_file, o.hello.auth_token);
-      !why.empty())
-    throw std::invalid_argument(why);
+  auto token = net::resolve_auth_token(self->config_.auth_token, self->config_.auth_token_file);
+  if (!token) throw std::invalid_argument(token.error().message());
+  o.hello.auth_token = std::move(*token);
   o.hello.client_name = self->config_.name;
   o.name = self->config_.name;
   self->monitor_ = health::Monitor::create(ex, std::move(o));
@@ -490,15 +491,21 @@ Result<wire::RetrieveResult> WorkerAdapter::submit_retrieve(TransferSpec spec, D
     start_retrieve(std::move(spec), std::move(cb));
   });
 }
+// A batch that ran returns its per-spec codes as the value, failed specs
+// included: a Result cannot hold both a value and an error, and the codes
+// say more than the first error the async form adds. Only a batch that did
+// not finish (its deadline passed) is an error.
 Result<WorkerAdapter::BatchResult> WorkerAdapter::submit_stores(std::vector<TransferSpec> specs, Duration deadline) {
   return wait_for<BatchResult>(deadline, [&](detail::Callback<BatchResult> cb) {
-    start_batch(true, std::move(specs), std::move(cb));
+    start_batch(true, std::move(specs),
+                [cb = std::move(cb)](std::error_code, BatchResult r) { cb({}, std::move(r)); });
   });
 }
 Result<WorkerAdapter::BatchResult> WorkerAdapter::submit_retrieves(std::vector<TransferSpec> specs,
                                                                    Duration deadline) {
   return wait_for<BatchResult>(deadline, [&](detail::Callback<BatchResult> cb) {
-    start_batch(false, std::move(specs), std::move(cb));
+    start_batch(false, std::move(specs),
+                [cb = std::move(cb)](std::error_code, BatchResult r) { cb({}, std::move(r)); });
   });
 }
 Result<FinishedSets> WorkerAdapter::get_finished(std::vector<std::string> engine_finished, Duration deadline) {

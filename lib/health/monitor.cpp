@@ -198,10 +198,7 @@ void Monitor::do_connect() {
   auto self = shared_from_this();
   asio::co_spawn(ex_, net::connect(ex_, options_.endpoint, options_.hello, policy_.config().connect_timeout),
                  [self](std::exception_ptr ep, net::ConnectResult r) {
-                   if (ep) {
-                     r.ec = errc::server_error;
-                     r.error = "connect threw";
-                   }
+                   if (ep) r.error = Error(errc::server_error, "connect threw");
                    self->on_connected(std::move(r));
                  });
 }
@@ -212,8 +209,8 @@ void Monitor::on_connected(net::ConnectResult r) {
     return;
   }
   const auto now = Clock::now();
-  if (r.ec) {
-    apply(policy_.connect_failed(now, r.error));
+  if (r.error) {
+    apply(policy_.connect_failed(now, r.error.message()));
     return;
   }
   const std::uint64_t gen = ++gen_;
@@ -221,8 +218,8 @@ void Monitor::on_connected(net::ConnectResult r) {
     std::lock_guard lock(conn_mutex_);
     conn_ = r.connection;
   }
-  r.connection->on_close([weak = weak_from_this(), gen](const net::StreamEnd& end) {
-    if (auto self = weak.lock()) self->on_lost(gen, end.reason);
+  r.connection->on_close([weak = weak_from_this(), gen](const Error& end) {
+    if (auto self = weak.lock()) self->on_lost(gen, end.message());
   });
   r.connection->on_notice([weak = weak_from_this(), gen](const wire::ServerNotice& n) {
     auto self = weak.lock();

@@ -18,26 +18,26 @@ std::string trim(std::string s) {
 }
 }  // namespace
 
-std::string read_auth_token_file(const std::string& path, std::string& token) {
+Result<std::string> read_auth_token_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) return fmt::format("auth token file '{}' cannot be read: {}", path, std::strerror(errno));
+  if (!in) {
+    const int e = errno;
+    return Error(std::error_code(e, std::generic_category()),
+                 fmt::format("auth token file '{}' cannot be read: {}", path, std::strerror(e)));
+  }
   std::ostringstream content;
   content << in.rdbuf();
-  std::string t = trim(content.str());
-  if (t.empty()) return fmt::format("auth token file '{}' is empty; put the shared secret in it", path);
-  token = std::move(t);
-  return {};
+  std::string token = trim(content.str());
+  if (token.empty())
+    return Error(errc::bad_request, fmt::format("auth token file '{}' is empty; put the shared secret in it", path));
+  return token;
 }
 
-std::string resolve_auth_token(const std::string& explicit_token, const std::string& file, std::string& token) {
-  if (!explicit_token.empty()) {
-    token = explicit_token;
-    return {};
-  }
-  if (!file.empty()) return read_auth_token_file(file, token);
+Result<std::string> resolve_auth_token(const std::string& explicit_token, const std::string& file) {
+  if (!explicit_token.empty()) return explicit_token;
+  if (!file.empty()) return read_auth_token_file(file);
   const char* env = std::getenv(auth_token_env);
-  token = env ? trim(env) : std::string();
-  return {};
+  return env ? trim(env) : std::string();
 }
 
 }  // namespace kvlink::net

@@ -44,7 +44,7 @@ void Connection::set_limits(std::uint32_t max_payload, std::uint32_t max_in_flig
 
 asio::awaitable<void> Connection::read_loop() {
   auto self = shared_from_this();  // alive until the reader ends
-  StreamEnd end = co_await stream_.read_frames([this](const wire::Frame& f) { return on_frame(f); });
+  Error end = co_await stream_.read_frames([this](const wire::Frame& f) { return on_frame(f); });
   stream_.close();
   fail_all(end);
 }
@@ -53,8 +53,8 @@ bool Connection::on_frame(const wire::Frame& frame) {
   const wire::Header& h = frame.header;
   if (!h.is_response() && h.opcode == static_cast<std::uint8_t>(wire::Opcode::server_notice) && h.is_one_way()) {
     wire::ServerNotice notice;
-    if (std::string why = wire::decode(frame.payload, notice, "server notice"); !why.empty()) {
-      log::warn("kvlink: malformed SERVER_NOTICE ignored: {}", why);
+    if (Error err = wire::decode(frame.payload, notice, "server notice")) {
+      log::warn("kvlink: malformed SERVER_NOTICE ignored: {}", err.message());
       return true;
     }
     if (on_notice_) on_notice_(notice);
@@ -67,7 +67,7 @@ bool Connection::on_frame(const wire::Frame& frame) {
   auto it = pending_.find(h.id);
   if (it == pending_.end()) {
     wire::ErrorReply err;
-    if (h.is_error() && h.id == 0 && wire::decode(frame.payload, err, "error reply").empty()) {
+    if (h.is_error() && h.id == 0 && !wire::decode(frame.payload, err, "error reply")) {
       // A connection-level error (a refused connection, bytes the server
       // could not parse): it closes next, and the calls then failing with
       // connection_lost say why through last_error_message().
@@ -84,9 +84,8 @@ bool Connection::on_frame(const wire::Frame& frame) {
   if (h.is_error()) {
     ++stats_.error_replies;
     wire::ErrorReply err;
-    std::string why = wire::decode(frame.payload, err, "error reply");
-    if (!why.empty()) {
-      log::warn("kvlink: malformed error reply to {}: {}", wire::opcode_name(h.opcode), why);
+    if (Error malformed = wire::decode(frame.payload, err, "error reply")) {
+      log::warn("kvlink: malformed error reply to {}: {}", wire::opcode_name(h.opcode), malformed.message());
       call->complete(errc::protocol_error, {});
     } else {
       log::debug("kvlink: server rejected {} #{}: {}", wire::opcode_name(h.opcode), h.id, err.message);
@@ -147,7 +146,7 @@ void Connection::on_deadline_timer() {
   rearm_deadline_timer();
 }
 
-void Connection::fail_all(const StreamEnd& end) {
+void Connection::fail_all(const Error& end) {
   if (closed_) return;
   closed_ = true;
   deadline_timer_.cancel();
@@ -170,8 +169,7 @@ asio::awaitable<ConnectResult> connect(asio::any_io_executor ex, Endpoint endpoi
   try {
     asio_ep = endpoint.asio_endpoint();
   } catch (const std::system_error& e) {
-    result.ec = errc::bad_request;
-    result.error = fmt::format("{}: {}", endpoint.to_string(), e.what());
+    result.error = Error(errc::bad_request, fmt::format("{}: {}", endpoint.to_string(), e.what()));
     co_return result;
   }
 
@@ -182,14 +180,12 @@ asio::awaitable<ConnectResult> connect(asio::any_io_executor ex, Endpoint endpoi
           .async_wait(asio::experimental::wait_for_one(), asio::use_awaitable);
   (void)timer_ec;
   if (order[0] != 0) {
-    result.ec = errc::timed_out;
-    result.error = fmt::format("connecting to {} timed out", endpoint.to_string());
+    result.error = Error(errc::timed_out, fmt::format("connecting to {} timed out", endpoint.to_string()));
     co_return result;
   }
   if (connect_ec) {
-    result.ec = errc::not_connected;
-    result.error = fmt::format("cannot connect to {}: {} (is kvlink-server running there?)", endpoint.to_string(),
-                               connect_ec.message());
+    result.error = Error(errc::not_connected, fmt::format("cannot connect to {}: {} (is kvlink-server running there?)",
+                                                         endpoint.to_string(), connect_ec.message()));
     co_return result;
   }
   if (!endpoint.is_unix()) {
@@ -202,9 +198,8 @@ asio::awaitable<ConnectResult> connect(asio::any_io_executor ex, Endpoint endpoi
   auto [ec, reply] = co_await conn->async_call(hello, left, asio::experimental::as_tuple(asio::use_awaitable));
   if (ec) {
     conn->close();
-    result.ec = ec;
-    result.error = fmt::format("HELLO to {} failed: {}", endpoint.to_string(),
-                               conn->last_error_message().empty() ? ec.message() : conn->last_error_message());
+    result.error = Error(ec, fmt::format("HELLO to {} failed: {}", endpoint.to_string(),
+                                         conn->last_error_message().empty() ? ec.message() : conn->last_error_message()));
     co_return result;
   }
   conn->set_limits(reply.max_payload, reply.max_in_flight);

@@ -14,22 +14,16 @@
 
 namespace kvlink::server {
 
-namespace {
-bool parse_address(const std::string& address, net::Endpoint& ep, std::string& error) {
-  return net::parse_endpoint("tcp:" + address, ep, error);
-}
-}  // namespace
-
-std::string check_admin_address(const AdminHttpConfig& config) {
-  net::Endpoint ep;
-  std::string error;
-  if (!parse_address(config.address, ep, error))
-    return fmt::format("--http {}: {}; give HOST:PORT, e.g. 127.0.0.1:9100", config.address, error);
-  if (!ep.is_loopback() && config.auth_token.empty())
-    return fmt::format("--http {} is not a loopback address: anyone who can reach it could read the server's "
+Result<net::Endpoint> admin_endpoint(const AdminHttpConfig& config) {
+  auto ep = net::parse_endpoint("tcp:" + config.address);
+  if (!ep)
+    return Error(errc::bad_request, fmt::format("--http {}: {}; give HOST:PORT, e.g. 127.0.0.1:9100", config.address,
+                                                ep.error().message()));
+  if (!ep->is_loopback() && config.auth_token.empty())
+    return Error(errc::unauthorized, fmt::format("--http {} is not a loopback address: anyone who can reach it could read the server's "
                        "status, so it needs the shared secret; give --auth-token-file PATH or set KVLINK_AUTH_TOKEN",
-                       config.address);
-  return {};
+                       config.address));
+  return ep;
 }
 
 HttpAnswer admin_answer(std::string_view method, std::string_view path, std::string_view authorization,
@@ -89,10 +83,9 @@ struct AdminHttp::Impl {
 };
 
 AdminHttp::AdminHttp(AdminHttpConfig config) : impl_(std::make_unique<Impl>()) {
-  if (auto why = check_admin_address(config); !why.empty()) throw std::runtime_error(why);
-  net::Endpoint ep;
-  std::string error;
-  parse_address(config.address, ep, error);
+  auto parsed = admin_endpoint(config);
+  if (!parsed) throw std::runtime_error(parsed.error().message());
+  const net::Endpoint& ep = *parsed;
   impl_->config = std::move(config);
   auto& http = impl_->http;
   const unsigned threads = impl_->config.threads;

@@ -84,16 +84,16 @@ gid_t group_id(const std::string& name) {
 
 }  // namespace
 
-std::string check_access(const ServerConfig& config) {
+Error check_access(const ServerConfig& config) {
   if (!config.auth_token.empty()) return {};
   for (const auto& text : config.listen) {
-    net::Endpoint ep;
-    std::string error;
-    if (!net::parse_endpoint(text, ep, error)) continue;  // start() reports it
-    if (!ep.is_loopback())
-      return fmt::format("{} is not a loopback address: anyone who can reach it could connect, so it needs a "
-                         "shared secret; give --auth-token-file PATH or set KVLINK_AUTH_TOKEN",
-                         text);
+    auto ep = net::parse_endpoint(text);
+    if (!ep) continue;  // start() reports it
+    if (!ep->is_loopback())
+      return Error(errc::unauthorized,
+                   fmt::format("{} is not a loopback address: anyone who can reach it could connect, so it needs a "
+                               "shared secret; give --auth-token-file PATH or set KVLINK_AUTH_TOKEN",
+                               text));
   }
   return {};
 }
@@ -124,7 +124,7 @@ struct Server::Impl {
   void continue_work(std::shared_ptr<Session> session);
   void continue_releasing();
   bool releasing_posted = false;
-  std::string admit_inbound(Session& session, std::uint32_t pending_payload);
+  Error admit_inbound(Session& session, std::uint32_t pending_payload);
   void release_inbound(Session& session) {
     inbound.release(session.inbound);
     handler.counters().inbound_buffered_bytes = inbound.held();
@@ -230,14 +230,14 @@ asio::awaitable<void> Server::Impl::accept_loop(net::Acceptor& acceptor, std::st
 // that may never finish their frames, and a paused half-sent frame would
 // hang its sender with no reason given; refused, it gets one at once and
 // can send again later.
-std::string Server::Impl::admit_inbound(Session& session, std::uint32_t pending_payload) {
-  std::string why = inbound.hold(session.inbound, pending_payload);
+Error Server::Impl::admit_inbound(Session& session, std::uint32_t pending_payload) {
+  Error err = inbound.hold(session.inbound, pending_payload);
   handler.counters().inbound_buffered_bytes = inbound.held();
-  if (!why.empty()) {
+  if (err) {
     ++handler.counters().inbound_refused;
     session.inbound_refused = true;
   }
-  return why;
+  return err;
 }
 
 // The next slice of a request handle() left unfinished, after the other
@@ -264,7 +264,7 @@ void Server::Impl::continue_releasing() {
 }
 
 asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
-  net::StreamEnd end = co_await session->stream.read_frames(
+  Error end = co_await session->stream.read_frames(
       [&](const wire::Frame& frame) {
         const TimePoint received = Clock::now();
         const bool go_on = handler.handle(session->state, frame, *session, received);
@@ -288,28 +288,29 @@ asio::awaitable<void> Server::Impl::serve(std::shared_ptr<Session> session) {
   } else if (session->inbound_refused) {
     // Answer the refused request (its header is in; a one-way one as the
     // connection's error, id 0), then close.
-    log::warn("kvlink-server: closing the connection of {}: {}", session->state.peer.text, end.reason);
+    log::warn("kvlink-server: closing the connection of {}: {}", session->state.peer.text, end.detail());
     wire::Header h = session->stream.parser().peek().value_or(wire::Header{});
     if (h.is_one_way()) h = wire::Header{};
-    reply_error(*session, h, errc::limit_exceeded, end.reason);
+    reply_error(*session, h, errc::limit_exceeded, end.detail());
     asio::post(io, [session] { session->stream.close(); });
-  } else if (end.ec == errc::limit_exceeded) {
+  } else if (end == errc::limit_exceeded) {
     // A slow reader: its queue is full, so no error reply could reach it.
     ++handler.counters().slow_reader_closes;
-    log::warn("kvlink-server: closing the connection of {}: {}", session->state.peer.text, end.reason);
+    log::warn("kvlink-server: closing the connection of {}: {}", session->state.peer.text, end.detail());
     session->stream.close();
-  } else if (end.ec == errc::protocol_error || end.ec == errc::version_mismatch) {
+  } else if (end == errc::protocol_error || end == errc::version_mismatch) {
     // Say why before closing: the bytes were not a frame we could answer.
     ++handler.counters().protocol_errors;
-    std::error_code code = end.ec;
+    std::error_code code = end.code();
+    std::string why = end.detail();
     if (session->stream.parser().too_large()) {
       ++handler.counters().frames_too_large;
       code = errc::frame_too_large;
-      end.reason += " (the server's --max-payload, announced in HELLO); split the request or raise --max-payload";
+      why += " (the server's --max-payload, announced in HELLO); split the request or raise --max-payload";
     }
-    log::warn("kvlink-server: closing the connection of {}: {}", session->state.peer.text, end.reason);
+    log::warn("kvlink-server: closing the connection of {}: {}", session->state.peer.text, why);
     wire::Header h{};
-    reply_error(*session, h, code, end.reason);
+    reply_error(*session, h, code, why);
     asio::post(io, [session] { session->stream.close(); });
   } else {
     session->stream.close();
@@ -334,16 +335,16 @@ const std::vector<std::string>& Server::endpoints() const { return impl_->bound;
 void Server::start() {
   auto& cfg = impl_->config;
   if (cfg.listen.empty()) cfg.listen.push_back(net::default_endpoint());
-  if (auto why = check_access(cfg); !why.empty()) throw std::runtime_error(why);
+  if (auto err = check_access(cfg)) throw std::runtime_error(err.message());
   std::string warning;  // kvlink-server prints it; embedders get the error only
-  if (auto why = check_reaper(cfg, warning); !why.empty()) throw std::runtime_error(why);
-  if (auto why = check_inbound(cfg); !why.empty()) throw std::runtime_error(why);
-  if (auto why = impl_->handler.map_l1(); !why.empty()) throw std::runtime_error(why);
+  if (auto err = check_reaper(cfg, warning)) throw std::runtime_error(err.message());
+  if (auto err = check_inbound(cfg)) throw std::runtime_error(err.message());
+  if (auto err = impl_->handler.map_l1()) throw std::runtime_error(err.message());
   const std::optional<gid_t> group = cfg.unix_group.empty() ? std::nullopt : std::optional(group_id(cfg.unix_group));
   for (const auto& text : cfg.listen) {
-    net::Endpoint ep;
-    std::string error;
-    if (!net::parse_endpoint(text, ep, error)) throw std::runtime_error(error);
+    auto parsed = net::parse_endpoint(text);
+    if (!parsed) throw std::runtime_error(parsed.error().message());
+    net::Endpoint ep = *parsed;
     if (ep.is_unix()) {
       struct stat st {};
       if (::lstat(ep.path.c_str(), &st) == 0) {

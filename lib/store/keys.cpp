@@ -10,11 +10,13 @@ namespace kvlink::store {
 
 static_assert(sizeof(Token) == 4);
 
-std::string check_namespace(const NamespaceSpec& spec) {
-  if (spec.model.empty()) return "model name is empty; pass the engine's model name (e.g. its HF repo id)";
-  if (spec.world_size == 0) return "world_size must be at least 1";
+Error check_namespace(const NamespaceSpec& spec) {
+  if (spec.model.empty())
+    return Error(errc::bad_request, "model name is empty; pass the engine's model name (e.g. its HF repo id)");
+  if (spec.world_size == 0) return Error(errc::bad_request, "world_size must be at least 1");
   if (spec.cache_salt.size() > max_salt_bytes)
-    return fmt::format("cache salt is {} bytes; at most {} are allowed", spec.cache_salt.size(), max_salt_bytes);
+    return Error(errc::bad_request,
+                 fmt::format("cache salt is {} bytes; at most {} are allowed", spec.cache_salt.size(), max_salt_bytes));
   return {};
 }
 
@@ -24,7 +26,7 @@ std::uint64_t session_id_of(std::string_view request_id) {
 }
 
 std::uint64_t namespace_id(const NamespaceSpec& spec) {
-  if (auto why = check_namespace(spec); !why.empty()) throw std::invalid_argument(why);
+  if (auto err = check_namespace(spec)) throw std::invalid_argument(err.message());
   // Length-prefixed fields so ("ab","c") and ("a","bc") differ.
   std::string buf = "kvlink-ns-v1";
   auto add_u64 = [&](std::uint64_t v) {
@@ -39,12 +41,13 @@ std::uint64_t namespace_id(const NamespaceSpec& spec) {
   return id == 0 ? 1 : id;
 }
 
-std::string check_chunk_size(std::uint32_t chunk_size, std::uint32_t block_size) {
-  if (block_size == 0) return "engine block size is 0";
+Error check_chunk_size(std::uint32_t chunk_size, std::uint32_t block_size) {
+  if (block_size == 0) return Error(errc::bad_request, "engine block size is 0");
   if (chunk_size == 0 || chunk_size % block_size != 0)
-    return fmt::format("chunk size {} is not a multiple of the engine block size {}; start the server with "
-                       "--chunk-size set to a multiple of {}",
-                       chunk_size, block_size, block_size);
+    return Error(errc::bad_request,
+                 fmt::format("chunk size {} is not a multiple of the engine block size {}; start the server with "
+                             "--chunk-size set to a multiple of {}",
+                             chunk_size, block_size, block_size));
   return {};
 }
 

@@ -133,7 +133,7 @@ KvStore::Reserve KvStore::reserve(const ChunkKey& key, const Writer& writer, Tim
     return Reserve::present;
   }
   LayoutClass cls = 0;
-  if (!pool_.class_for(writer.slot_bytes, cls).empty()) return Reserve::no_room;
+  if (pool_.class_for(writer.slot_bytes, cls)) return Reserve::no_room;
   if (writer.quota > 0 && owned_slots(owner) >= writer.quota) {
     // At its quota: the owner's oldest evictable entry makes room.
     Queue& mine = owners_[owner];

@@ -13,16 +13,17 @@
 
 namespace kvlink::store {
 
-std::string parse_size(std::string_view text, std::uint64_t& bytes) {
-  const std::string shown(text);
+Result<std::uint64_t> parse_size(std::string_view text) {
+  auto bad = [text](std::string_view what) {
+    return Error(errc::bad_request, fmt::format("size '{}' {}", text, what));
+  };
   std::size_t i = 0;
   while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
-  if (i == 0)
-    return fmt::format("size '{}' does not start with a number; write e.g. 512MiB, 8GiB or 1073741824", shown);
+  if (i == 0) return bad("does not start with a number; write e.g. 512MiB, 8GiB or 1073741824");
   double value = 0;
   auto [ptr, ec] = std::from_chars(text.data(), text.data() + i, value);
   if (ec != std::errc{} || ptr != text.data() + i)
-    return fmt::format("size '{}' has a malformed number; write e.g. 512MiB, 8GiB or 1073741824", shown);
+    return bad("has a malformed number; write e.g. 512MiB, 8GiB or 1073741824");
   std::string unit(text.substr(i));
   for (char& c : unit) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   double mult = 0;
@@ -36,12 +37,11 @@ std::string parse_size(std::string_view text, std::uint64_t& bytes) {
   else if (unit == "gb") mult = 1e9;
   else if (unit == "tb") mult = 1e12;
   else
-    return fmt::format("size '{}' has unknown unit '{}'; use B, KiB, MiB, GiB, TiB (or k, M, G, T), KB, MB, GB, TB",
-                       shown, text.substr(i));
+    return bad(fmt::format("has unknown unit '{}'; use B, KiB, MiB, GiB, TiB (or k, M, G, T), KB, MB, GB, TB",
+                           text.substr(i)));
   const double total = std::floor(value * mult);
-  if (!(total < 0x1p63)) return fmt::format("size '{}' is too large", shown);
-  bytes = static_cast<std::uint64_t>(total);
-  return {};
+  if (!(total < 0x1p63)) return bad("is too large");
+  return static_cast<std::uint64_t>(total);
 }
 
 std::uint64_t default_slab_bytes(std::uint64_t capacity_bytes) {
@@ -60,20 +60,26 @@ L1Pool::~L1Pool() {
   if (base_) ::munmap(base_, mapped_);
 }
 
-std::string L1Pool::map(bool lock) {
+Error L1Pool::map(bool lock) {
   if (base_) return {};
-  if (capacity_ == 0) return "--l1-size is 0: L1 needs room for at least one KV chunk; give e.g. --l1-size 8GiB";
+  if (capacity_ == 0)
+    return Error(errc::bad_request,
+                 "--l1-size is 0: L1 needs room for at least one KV chunk; give e.g. --l1-size 8GiB");
   if (slab_bytes_ > capacity_)
-    return fmt::format("--l1-slab-size of {} bytes is more than --l1-size ({} bytes); lower --l1-slab-size or leave "
-                       "it out",
-                       slab_bytes_, capacity_);
+    return Error(
+        errc::bad_request,
+        fmt::format("--l1-slab-size of {} bytes is more than --l1-size ({} bytes); lower --l1-slab-size or leave "
+                    "it out",
+                    slab_bytes_, capacity_));
   const long pages = ::sysconf(_SC_PHYS_PAGES);
   const long page_size = ::sysconf(_SC_PAGESIZE);
   if (pages > 0 && page_size > 0) {
     const auto ram = static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page_size);
     if (capacity_ > ram)
-      return fmt::format("--l1-size of {:.1f} GiB is more than this machine's memory ({:.1f} GiB); lower --l1-size",
-                         static_cast<double>(capacity_) / 0x1p30, static_cast<double>(ram) / 0x1p30);
+      return Error(
+          errc::bad_request,
+          fmt::format("--l1-size of {:.1f} GiB is more than this machine's memory ({:.1f} GiB); lower --l1-size",
+                      static_cast<double>(capacity_) / 0x1p30, static_cast<double>(ram) / 0x1p30));
   }
   std::uint64_t len = capacity_;
   void* p = MAP_FAILED;
@@ -94,16 +100,19 @@ std::string L1Pool::map(bool lock) {
     // refuses the size now, not with an OOM kill under load.
     p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
-      return fmt::format("cannot map the L1 region of {} bytes: {}; lower --l1-size", len, std::strerror(errno));
+      return Error(errc::bad_request,
+                   fmt::format("cannot map the L1 region of {} bytes: {}; lower --l1-size", len, std::strerror(errno)));
     if (try_huge_) ::madvise(p, len, MADV_HUGEPAGE);
   }
   if (lock && ::mlock(p, len) != 0) {
     const int err = errno;
     ::munmap(p, len);
     huge_ = false;
-    return fmt::format("cannot lock the L1 region of {} bytes in RAM: {}; raise the locked-memory limit (ulimit -l, "
-                       "systemd LimitMEMLOCK=), lower --l1-size, or drop --l1-lock",
-                       len, std::strerror(err));
+    return Error(
+        errc::bad_request,
+        fmt::format("cannot lock the L1 region of {} bytes in RAM: {}; raise the locked-memory limit (ulimit -l, "
+                    "systemd LimitMEMLOCK=), lower --l1-size, or drop --l1-lock",
+                    len, std::strerror(err)));
   }
   base_ = static_cast<std::byte*>(p);
   mapped_ = len;
@@ -113,22 +122,25 @@ std::string L1Pool::map(bool lock) {
   return {};
 }
 
-std::string L1Pool::check_layout(std::uint64_t slot_bytes) const {
-  if (slot_bytes == 0) return "the layout's chunk is 0 bytes";
+Error L1Pool::check_layout(std::uint64_t slot_bytes) const {
+  if (slot_bytes == 0) return Error(errc::bad_request, "the layout's chunk is 0 bytes");
   if (slot_bytes > capacity_)
-    return fmt::format("a chunk of this layout is {} bytes, more than all of L1 ({} bytes); raise --l1-size to a "
-                       "multiple of it, or use a smaller chunk size",
-                       slot_bytes, capacity_);
+    return Error(errc::bad_request,
+                 fmt::format("a chunk of this layout is {} bytes, more than all of L1 ({} bytes); raise --l1-size to a "
+                             "multiple of it, or use a smaller chunk size",
+                             slot_bytes, capacity_));
   if (slot_bytes > slab_bytes_)
-    return fmt::format("a chunk of this layout is {} bytes, more than an L1 slab ({} bytes); raise --l1-slab-size "
-                       "(and --l1-size) to at least {} bytes, or use a smaller chunk size",
-                       slot_bytes, slab_bytes_, slot_bytes);
+    return Error(
+        errc::bad_request,
+        fmt::format("a chunk of this layout is {} bytes, more than an L1 slab ({} bytes); raise --l1-slab-size "
+                    "(and --l1-size) to at least {} bytes, or use a smaller chunk size",
+                    slot_bytes, slab_bytes_, slot_bytes));
   return {};
 }
 
-std::string L1Pool::class_for(std::uint64_t slot_bytes, LayoutClass& cls) {
-  if (auto why = check_layout(slot_bytes); !why.empty()) return why;
-  if (auto why = map(); !why.empty()) return why;
+Error L1Pool::class_for(std::uint64_t slot_bytes, LayoutClass& cls) {
+  if (auto err = check_layout(slot_bytes)) return err;
+  if (auto err = map()) return err;
   std::optional<LayoutClass> idle;
   for (LayoutClass c = 0; c < classes_.size(); ++c) {
     if (classes_[c].slot_bytes == slot_bytes) {

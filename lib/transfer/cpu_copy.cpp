@@ -18,64 +18,77 @@ Mapping::~Mapping() {
   if (base_ && size_ > 0) ::munmap(base_, size_);
 }
 
-std::string check_memfd_seals(int fd) {
+Error check_memfd_seals(int fd) {
   const int seals = ::fcntl(fd, F_GET_SEALS);
   if (seals < 0)
-    return fmt::format("the fd received with REGISTER_KV_CACHE cannot be sealed (F_GET_SEALS: {}): a regular file or "
-                       "another non-memfd can be shrunk under the server's mapping; pass a memfd created with "
-                       "MFD_ALLOW_SEALING and sealed with F_SEAL_SHRINK|F_SEAL_GROW, e.g. with "
-                       "kvlink::transfer::create_kv_memfd",
-                       std::strerror(errno));
+    return Error(errc::bad_request,
+                 fmt::format("the fd received with REGISTER_KV_CACHE cannot be sealed (F_GET_SEALS: {}): a regular "
+                             "file or another non-memfd can be shrunk under the server's mapping; pass a memfd "
+                             "created with MFD_ALLOW_SEALING and sealed with F_SEAL_SHRINK|F_SEAL_GROW, e.g. with "
+                             "kvlink::transfer::create_kv_memfd",
+                             std::strerror(errno)));
   const bool shrink_sealed = (seals & F_SEAL_SHRINK) != 0, grow_sealed = (seals & F_SEAL_GROW) != 0;
   if (!shrink_sealed || !grow_sealed)
-    return fmt::format("the KV memfd is not sealed against resizing (it lacks {}): an engine that shrank it would "
-                       "crash the server's copies; seal the memfd with F_SEAL_SHRINK|F_SEAL_GROW, e.g. with "
-                       "kvlink::transfer::create_kv_memfd (a memfd takes seals only if created with MFD_ALLOW_SEALING)",
-                       !shrink_sealed && !grow_sealed ? "F_SEAL_SHRINK and F_SEAL_GROW"
-                       : !shrink_sealed               ? "F_SEAL_SHRINK"
-                                                      : "F_SEAL_GROW");
+    return Error(errc::bad_request,
+                 fmt::format("the KV memfd is not sealed against resizing (it lacks {}): an engine that shrank it "
+                             "would crash the server's copies; seal the memfd with F_SEAL_SHRINK|F_SEAL_GROW, e.g. "
+                             "with kvlink::transfer::create_kv_memfd (a memfd takes seals only if created with "
+                             "MFD_ALLOW_SEALING)",
+                             !shrink_sealed && !grow_sealed ? "F_SEAL_SHRINK and F_SEAL_GROW"
+                             : !shrink_sealed               ? "F_SEAL_SHRINK"
+                                                            : "F_SEAL_GROW"));
   return {};
 }
 
-std::string map_memfd(UniqueFd fd, std::uint64_t region_bytes, std::shared_ptr<const Mapping>& out) {
-  if (!fd) return "no memfd received with REGISTER_KV_CACHE";
-  if (region_bytes == 0) return "the layout's region_bytes is 0; it must be the memfd's size";
+Result<std::shared_ptr<const Mapping>> map_memfd(UniqueFd fd, std::uint64_t region_bytes) {
+  auto bad = [](std::string detail) { return Error(errc::bad_request, std::move(detail)); };
+  // A failed system call: its errno is the code.
+  auto sys = [](int e, std::string_view what) {
+    return Error(std::error_code(e, std::system_category()), fmt::format("{} failed: {}", what, std::strerror(e)));
+  };
+  if (!fd) return bad("no memfd received with REGISTER_KV_CACHE");
+  if (region_bytes == 0) return bad("the layout's region_bytes is 0; it must be the memfd's size");
   // Seals first: once the size is sealed, the fstat below stays true for as
   // long as the mapping lives (seals cannot be removed).
-  if (auto why = check_memfd_seals(fd.get()); !why.empty()) return why;
+  if (auto err = check_memfd_seals(fd.get())) return err;
   struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return fmt::format("fstat of the received memfd failed: {}", std::strerror(errno));
+  if (::fstat(fd.get(), &st) != 0) return sys(errno, "fstat of the received memfd");
   if (static_cast<std::uint64_t>(st.st_size) < region_bytes)
-    return fmt::format("memfd is {} bytes, layout needs {} (region_bytes); a sealed memfd cannot grow: create it at "
-                       "region_bytes, e.g. with kvlink::transfer::create_kv_memfd(layout)",
-                       st.st_size, region_bytes);
+    return bad(fmt::format("memfd is {} bytes, layout needs {} (region_bytes); a sealed memfd cannot grow: create it "
+                           "at region_bytes, e.g. with kvlink::transfer::create_kv_memfd(layout)",
+                           st.st_size, region_bytes));
   if (region_bytes > std::numeric_limits<std::size_t>::max() / 2)
-    return fmt::format("region_bytes {} is too large to map", region_bytes);
+    return bad(fmt::format("region_bytes {} is too large to map", region_bytes));
   void* p = ::mmap(nullptr, region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
-  if (p == MAP_FAILED) return fmt::format("mmap of {} bytes of the memfd failed: {}", region_bytes, std::strerror(errno));
-  out = std::make_shared<const Mapping>(static_cast<std::byte*>(p), static_cast<std::size_t>(region_bytes));
-  return {};
+  if (p == MAP_FAILED) {
+    const int e = errno;  // before the formatting below
+    return sys(e, fmt::format("mmap of {} bytes of the memfd", region_bytes));
+  }
+  return std::make_shared<const Mapping>(static_cast<std::byte*>(p), static_cast<std::size_t>(region_bytes));
 }
 
-std::string copy_chunk(Direction direction, const Registration& reg, const Mapping& memory, const ChunkCopy& chunk,
+Error copy_chunk(Direction direction, const Registration& reg, const Mapping& memory, const ChunkCopy& chunk,
                        std::uint32_t skip_tokens, TimePoint fence) {
   const wire::KvLayout& l = reg.layout;
   const std::uint64_t bb = l.block_bytes();
   const std::uint32_t bpc = reg.blocks_per_chunk;
   if (chunk.block_ids.size() != bpc)
-    return fmt::format("{} block ids for a chunk of {} blocks", chunk.block_ids.size(), bpc);
-  if (l.layers.size() != l.num_layers) return "the layout's layer list does not match num_layers";
+    return Error(errc::bad_request, fmt::format("{} block ids for a chunk of {} blocks", chunk.block_ids.size(), bpc));
+  if (l.layers.size() != l.num_layers)
+    return Error(errc::bad_request, "the layout's layer list does not match num_layers");
   // Check first, copy after: a bad id fails the chunk before any byte moves.
   const std::uint64_t last_plane = l.num_planes - 1;
   for (std::size_t j = 0; j < bpc; ++j) {
     const std::uint32_t id = chunk.block_ids[j];
     if (id >= l.num_blocks)
-      return fmt::format("block id {} is not below the registered num_blocks {}", id, l.num_blocks);
+      return Error(errc::bad_request,
+                   fmt::format("block id {} is not below the registered num_blocks {}", id, l.num_blocks));
     for (std::uint32_t layer = 0; layer < l.num_layers; ++layer) {
       std::uint64_t end = 0;
       if (__builtin_add_overflow(engine_offset(l, layer, static_cast<std::uint32_t>(last_plane), id), bb, &end) ||
           end > memory.size())
-        return fmt::format("block id {} of layer {} lies outside the {} mapped bytes", id, layer, memory.size());
+        return Error(errc::bad_request,
+                     fmt::format("block id {} of layer {} lies outside the {} mapped bytes", id, layer, memory.size()));
     }
   }
   const std::uint64_t token_bytes = bb / l.block_size;
@@ -89,7 +102,7 @@ std::string copy_chunk(Direction direction, const Registration& reg, const Mappi
     const std::uint64_t from = skip * token_bytes;
     const std::uint64_t n = bb - from;
     for (std::uint32_t layer = 0; layer < l.num_layers; ++layer) {
-      if (fence != TimePoint::max() && Clock::now() >= fence) return std::string(fence_passed);
+      if (fence != TimePoint::max() && Clock::now() >= fence) return fence_passed();
       for (std::uint32_t plane = 0; plane < l.num_planes; ++plane) {
         std::byte* engine = base + engine_offset(l, layer, plane, chunk.block_ids[j]) + from;
         std::byte* slot = chunk.slot + slot_offset(l, bpc, layer, plane, j) + from;
@@ -101,10 +114,11 @@ std::string copy_chunk(Direction direction, const Registration& reg, const Mappi
   return {};
 }
 
-std::string copy_chunks(const TransferJob& job, std::size_t first, std::size_t last) {
-  if (!job.registration) return "the job has no registration";
+Error copy_chunks(const TransferJob& job, std::size_t first, std::size_t last) {
+  if (!job.registration) return Error(errc::bad_request, "the job has no registration");
   const Registration& reg = *job.registration;
-  if (!reg.memory) return "the registered KV cache has no mapped memory (registered without a memfd?)";
+  if (!reg.memory)
+    return Error(errc::bad_request, "the registered KV cache has no mapped memory (registered without a memfd?)");
   const std::uint64_t chunk_tokens = std::uint64_t{reg.blocks_per_chunk} * reg.layout.block_size;
   for (std::size_t i = first; i < last && i < job.chunks.size(); ++i) {
     std::uint32_t skip = 0;
@@ -114,8 +128,8 @@ std::string copy_chunks(const TransferJob& job, std::size_t first, std::size_t l
         skip = static_cast<std::uint32_t>(std::min<std::uint64_t>(job.skip_first_n_tokens - chunk_first, chunk_tokens));
     }
     if (skip == chunk_tokens) continue;
-    if (auto why = copy_chunk(job.direction, reg, *reg.memory, job.chunks[i], skip, job.fence); !why.empty())
-      return why == fence_passed ? why : fmt::format("chunk {}: {}", i, why);
+    if (auto err = copy_chunk(job.direction, reg, *reg.memory, job.chunks[i], skip, job.fence))
+      return err == errc::timed_out ? err : err.context(fmt::format("chunk {}", i));
   }
   return {};
 }

@@ -43,13 +43,19 @@ void CpuTransferEngine::worker() {
   }
 }
 
-std::string CpuTransferEngine::attach(Registration& reg, UniqueFd fd) {
+Error CpuTransferEngine::attach(Registration& reg, UniqueFd fd) {
   if (reg.layout.backend != wire::KvBackend::cpu_memfd)
-    return "this server runs the CPU transfer engine: register a cpu_memfd layout (cuda_ipc needs a CUDA server)";
+    return Error(
+        errc::bad_request,
+        "this server runs the CPU transfer engine: register a cpu_memfd layout (cuda_ipc needs a CUDA server)");
   if (!fd)
-    return "no memfd received with REGISTER_KV_CACHE: the CPU engine needs the KV cache's memfd, passed with "
-           "SCM_RIGHTS over a unix: endpoint (Connection::async_call_with_fd)";
-  return map_memfd(std::move(fd), reg.layout.region_bytes, reg.memory);
+    return Error(errc::bad_request,
+                 "no memfd received with REGISTER_KV_CACHE: the CPU engine needs the KV cache's memfd, passed with "
+                 "SCM_RIGHTS over a unix: endpoint (Connection::async_call_with_fd)");
+  auto mapped = map_memfd(std::move(fd), reg.layout.region_bytes);
+  if (!mapped) return mapped.error();
+  reg.memory = std::move(*mapped);
+  return {};
 }
 
 namespace {
@@ -63,7 +69,7 @@ struct JobState {
   asio::any_io_executor work;
   std::atomic<std::size_t> parts_left{0};
   std::mutex mutex;
-  std::string error;  // the first part's failure
+  Error error;  // the first part's failure
   bool fenced = false;
 };
 }  // namespace
@@ -85,18 +91,17 @@ void CpuTransferEngine::submit(TransferJob job, TransferDone done) {
     for (std::size_t p = 0; p < parts; ++p) {
       const std::size_t first = chunks * p / parts, last = chunks * (p + 1) / parts;
       tasks_.emplace_back([this, state, first, last] {
-        std::string why = copy_chunks(state->job, first, last);
-        if (!why.empty()) {
+        if (Error err = copy_chunks(state->job, first, last)) {
           std::lock_guard l(state->mutex);
-          if (why == fence_passed) state->fenced = true;
-          else if (state->error.empty()) state->error = std::move(why);
+          if (err == errc::timed_out) state->fenced = true;
+          else if (!state->error) state->error = std::move(err);
         }
         if (state->parts_left.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
         const bool store = state->job.direction == Direction::store;
         std::error_code ec;
-        if (!state->error.empty()) {
-          log::warn("kvlink-server: {} copy failed: {}", store ? "STORE" : "RETRIEVE", state->error);
-          ec = errc::bad_request;
+        if (state->error) {
+          log::warn("kvlink-server: {} copy failed: {}", store ? "STORE" : "RETRIEVE", state->error.message());
+          ec = state->error.code();
         } else if (state->fenced || (store && Clock::now() >= state->job.fence)) {
           // Every read of a store happened before this check: when it passes,
           // the engine had not been told to reuse the blocks yet.

@@ -21,21 +21,20 @@
 
 namespace kvlink::transfer {
 
-std::string cuda_device_count(int& count) {
-  count = 0;
+Result<int> cuda_device_count() {
   int n = 0;
   if (auto e = cudaGetDeviceCount(&n); e != cudaSuccess) {
     cudaGetLastError();  // not sticky; leave no error behind
-    return cuda::error("cudaGetDeviceCount", e);
+    return cuda::failure("cudaGetDeviceCount", e);
   }
-  if (n <= 0) return "cudaGetDeviceCount found no CUDA device";
-  count = n;
-  return {};
+  if (n <= 0) return Error(errc::not_found, "cudaGetDeviceCount found no CUDA device");
+  return n;
 }
 
 namespace {
 
 using cuda::error;
+using cuda::failure;
 
 // A descriptor table for the kernel method: pinned host staging and its
 // device copy, reused across jobs (returned when a job's copy completed).
@@ -60,7 +59,7 @@ struct Device {
   // Set once a failed copy left the context answering every call with an
   // error (a sticky fault: illegal address, ECC, Xid...): why. Nothing on
   // this device copies again until the server restarts.
-  std::string fault;
+  Error fault;
 
   ~Device() {
     if (cudaSetDevice(ordinal) != cudaSuccess) return;
@@ -75,19 +74,19 @@ struct Device {
     }
   }
 
-  std::string create_streams(unsigned per_direction) {
-    if (auto e = cudaSetDevice(ordinal); e != cudaSuccess) return error("cudaSetDevice", ordinal, e);
+  Error create_streams(unsigned per_direction) {
+    if (auto e = cudaSetDevice(ordinal); e != cudaSuccess) return failure("cudaSetDevice", ordinal, e);
     int least = 0, greatest = 0;  // numerically: greatest is the highest priority
     if (auto e = cudaDeviceGetStreamPriorityRange(&least, &greatest); e != cudaSuccess)
-      return error("cudaDeviceGetStreamPriorityRange", ordinal, e);
+      return failure("cudaDeviceGetStreamPriorityRange", ordinal, e);
     for (unsigned i = 0; i < per_direction; ++i) {
       cudaStream_t s = nullptr;
       if (auto e = cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, least); e != cudaSuccess)
-        return error("cudaStreamCreateWithPriority (store)", ordinal, e);
+        return failure("cudaStreamCreateWithPriority (store)", ordinal, e);
       store_streams.push_back(s);
       // Retrieves feed a forward step that is waiting: highest priority.
       if (auto e = cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest); e != cudaSuccess)
-        return error("cudaStreamCreateWithPriority (retrieve)", ordinal, e);
+        return failure("cudaStreamCreateWithPriority (retrieve)", ordinal, e);
       retrieve_streams.push_back(s);
     }
     return {};
@@ -97,13 +96,14 @@ struct Device {
   // every call fail, a cheap non-blocking one included. Sets `fault` (and
   // logs it, once) when it does not.
   void check_context() {
-    if (!fault.empty()) return;
+    if (fault) return;
     cudaError_t e = cudaSetDevice(ordinal);
     if (e == cudaSuccess && !store_streams.empty()) e = cudaStreamQuery(store_streams.front());
     if (e == cudaSuccess || e == cudaErrorNotReady) return;
-    fault = error("the server's CUDA context", ordinal, e) +
-            ": it is lost and no copy on this device can work again; restart kvlink-server";
-    log::error("kvlink-server: CUDA device {} ({}): {}", ordinal, cuda::uuid_string(uuid), fault);
+    fault = Error(errc::server_error,
+                  error("the server's CUDA context", ordinal, e) +
+                      ": it is lost and no copy on this device can work again; restart kvlink-server");
+    log::error("kvlink-server: CUDA device {} ({}): {}", ordinal, cuda::uuid_string(uuid), fault.message());
   }
 
   cudaStream_t next_stream(Direction d) {
@@ -112,23 +112,22 @@ struct Device {
   }
 
   // A buffer of at least `bytes` (called with this device current).
-  std::string acquire(std::size_t bytes, DescriptorBuffer& out) {
+  Result<DescriptorBuffer> acquire(std::size_t bytes) {
     auto it = std::find_if(free_buffers.begin(), free_buffers.end(), [&](auto& b) { return b.capacity >= bytes; });
     if (it != free_buffers.end()) {
-      out = *it;
+      DescriptorBuffer b = *it;
       free_buffers.erase(it);
-      return {};
+      return b;
     }
     DescriptorBuffer b;
     b.capacity = std::max<std::size_t>(std::bit_ceil(bytes), 64u << 10);
     if (auto e = cudaHostAlloc(&b.host, b.capacity, cudaHostAllocPortable); e != cudaSuccess)
-      return error("cudaHostAlloc (copy descriptors)", ordinal, e);
+      return failure("cudaHostAlloc (copy descriptors)", ordinal, e);
     if (auto e = cudaMalloc(&b.device, b.capacity); e != cudaSuccess) {
       cudaFreeHost(b.host);
-      return error("cudaMalloc (copy descriptors)", ordinal, e);
+      return failure("cudaMalloc (copy descriptors)", ordinal, e);
     }
-    out = b;
-    return {};
+    return b;
   }
 };
 
@@ -148,17 +147,15 @@ struct CudaRegistration final : EngineState {
   }
 
   // The engine's event for `bytes` (an IPC event handle), opened once.
-  std::string event(const wire::Bytes& bytes, cudaEvent_t& out) {
+  Result<cudaEvent_t> event(const wire::Bytes& bytes) {
     std::array<std::byte, CUDA_IPC_HANDLE_SIZE> key{};
     if (bytes.size() != key.size())
-      return fmt::format("engine_event is {} bytes; a CUDA IPC event handle (cudaIpcGetEventHandle of an event "
-                         "created with cudaEventInterprocess | cudaEventDisableTiming) is {}",
-                         bytes.size(), key.size());
+      return Error(errc::bad_request,
+                   fmt::format("engine_event is {} bytes; a CUDA IPC event handle (cudaIpcGetEventHandle of an event "
+                               "created with cudaEventInterprocess | cudaEventDisableTiming) is {}",
+                               bytes.size(), key.size()));
     std::memcpy(key.data(), bytes.data(), key.size());
-    if (auto it = events.find(key); it != events.end()) {
-      out = it->second;
-      return {};
-    }
+    if (auto it = events.find(key); it != events.end()) return it->second;
     // An engine records into a few events; more distinct ones than this
     // means it creates one per step: drop the oldest opened (destroying an
     // event a stream still waits on is safe).
@@ -171,11 +168,11 @@ struct CudaRegistration final : EngineState {
     std::memcpy(&h, key.data(), sizeof h);
     cudaEvent_t ev = nullptr;
     if (auto e = cudaIpcOpenEventHandle(&ev, h); e != cudaSuccess)
-      return error("cudaIpcOpenEventHandle", device->ordinal, e) +
-             "; the engine_event must come from cudaIpcGetEventHandle in the live engine process";
+      return Error(errc::bad_request,
+                   error("cudaIpcOpenEventHandle", device->ordinal, e) +
+                       "; the engine_event must come from cudaIpcGetEventHandle in the live engine process");
     events.emplace(key, ev);
-    out = ev;
-    return {};
+    return ev;
   }
 };
 
@@ -195,7 +192,7 @@ struct JobState {
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<std::size_t> sizes;
-  std::string enqueue_error;  // queued work exists but something after it failed
+  Error enqueue_error;  // queued work exists but something after it failed
   cudaError_t status = cudaSuccess;
   TimePoint ended{};  // when the stream callback ran: the copy was done by then
 };
@@ -205,8 +202,8 @@ const char* op_name(Direction d) { return d == Direction::store ? "STORE" : "RET
 void finish(const std::shared_ptr<JobState>& js) {
   if (js->buffer.host) js->device->free_buffers.push_back(std::exchange(js->buffer, {}));
   std::error_code ec;
-  if (js->status != cudaSuccess || !js->enqueue_error.empty()) {
-    std::string why = js->enqueue_error;
+  if (js->status != cudaSuccess || js->enqueue_error) {
+    std::string why = js->enqueue_error.message();
     if (js->status != cudaSuccess) {
       // A device fault (e.g. cudaErrorIllegalAddress) poisons the whole
       // context: every later call fails with it too.
@@ -251,28 +248,27 @@ struct CudaTransferEngine::Impl {
   std::byte* l1_base = nullptr;
   std::uint64_t l1_bytes = 0;
 
-  std::string device(int ordinal, std::shared_ptr<Device>& out) {
+  Result<std::shared_ptr<Device>> device(int ordinal) {
     if (!devices[ordinal]) {
       auto d = std::make_shared<Device>();
       d->ordinal = ordinal;
       d->uuid = uuids[ordinal];
-      if (auto e = cudaSetDevice(ordinal); e != cudaSuccess) return error("cudaSetDevice", ordinal, e);
+      if (auto e = cudaSetDevice(ordinal); e != cudaSuccess) return failure("cudaSetDevice", ordinal, e);
       if (auto e = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, ordinal); e != cudaSuccess)
-        return error("cudaDeviceGetAttribute(MultiProcessorCount)", ordinal, e);
-      if (auto why = d->create_streams(config.streams_per_direction); !why.empty()) return why;
+        return failure("cudaDeviceGetAttribute(MultiProcessorCount)", ordinal, e);
+      if (auto err = d->create_streams(config.streams_per_direction)) return err;
       devices[ordinal] = std::move(d);
     }
-    out = devices[ordinal];
-    return {};
+    return devices[ordinal];
   }
 
   // L1's device-side address on `d` (kernel method), once L1 is pinned.
-  std::string map_l1(Device& d) {
+  Error map_l1(Device& d) {
     if (d.l1_offset_known || !l1_base) return {};
-    if (auto e = cudaSetDevice(d.ordinal); e != cudaSuccess) return error("cudaSetDevice", d.ordinal, e);
+    if (auto e = cudaSetDevice(d.ordinal); e != cudaSuccess) return failure("cudaSetDevice", d.ordinal, e);
     void* dev = nullptr;
     if (auto e = cudaHostGetDevicePointer(&dev, l1_base, 0); e != cudaSuccess)
-      return error("cudaHostGetDevicePointer (L1)", d.ordinal, e);
+      return failure("cudaHostGetDevicePointer (L1)", d.ordinal, e);
     d.l1_offset = reinterpret_cast<std::intptr_t>(dev) - reinterpret_cast<std::intptr_t>(l1_base);
     d.l1_offset_known = true;
     return {};
@@ -284,21 +280,23 @@ struct CudaTransferEngine::Impl {
   }
 
   // Queues the copies of `js` (a job in `direction`; js.job is not set yet)
-  // on `stream`; "" or why not.
-  std::string enqueue(JobState& js, Direction direction, cudaStream_t stream) {
+  // on `stream`.
+  Error enqueue(JobState& js, Direction direction, cudaStream_t stream) {
     Device& d = *js.device;
     if (config.method == CudaCopyMethod::kernel) {
       const std::size_t bytes = js.plan.size() * sizeof(CopySegment);
-      if (auto why = d.acquire(bytes, js.buffer); !why.empty()) return why;
+      auto buffer = d.acquire(bytes);
+      if (!buffer) return buffer.error();
+      js.buffer = *buffer;
       std::memcpy(js.buffer.host, js.plan.data(), bytes);
       if (auto e = cudaMemcpyAsync(js.buffer.device, js.buffer.host, bytes, cudaMemcpyHostToDevice, stream);
           e != cudaSuccess)
-        return error("cudaMemcpyAsync (copy descriptors)", d.ordinal, e);
+        return failure("cudaMemcpyAsync (copy descriptors)", d.ordinal, e);
       const unsigned grid = config.kernel_blocks ? config.kernel_blocks : static_cast<unsigned>(d.sms);
       if (auto e = cuda::launch_copy_segments(js.buffer.device, static_cast<std::uint32_t>(js.plan.size()), grid,
                                               config.kernel_threads, stream);
           e != cudaSuccess) {
-        js.enqueue_error = error("the copy kernel's launch", d.ordinal, e);
+        js.enqueue_error = failure("the copy kernel's launch", d.ordinal, e);
         return {};  // the descriptor copy is queued: the callback must still run
       }
       return {};
@@ -330,20 +328,18 @@ struct CudaTransferEngine::Impl {
     auto e = cudaMemcpyBatchAsync(js.dsts.data(), const_cast<void**>(js.srcs.data()), js.sizes.data(), n, &attr,
                                   &attr_index, 1, &failed, stream);
 #endif
-    if (e != cudaSuccess) return error("cudaMemcpyBatchAsync", d.ordinal, e);
+    if (e != cudaSuccess) return failure("cudaMemcpyBatchAsync", d.ordinal, e);
     return {};
   }
 };
 
 CudaTransferEngine::CudaTransferEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-std::unique_ptr<CudaTransferEngine> CudaTransferEngine::create(asio::any_io_executor completions,
-                                                               CudaEngineConfig config, std::string& why) {
-  int count = 0;
-  if (why = cuda_device_count(count); !why.empty()) {
-    why = "no CUDA device: " + why;
-    return nullptr;
-  }
+Result<std::unique_ptr<CudaTransferEngine>> CudaTransferEngine::create(asio::any_io_executor completions,
+                                                                       CudaEngineConfig config) {
+  auto found = cuda_device_count();
+  if (!found) return Error(found.error()).context("no CUDA device");
+  const int count = *found;
   config.streams_per_direction = std::max(config.streams_per_direction, 1u);
   config.kernel_threads = std::clamp(config.kernel_threads, 32u, 1024u) / 32 * 32;
   auto impl = std::make_unique<Impl>();
@@ -351,8 +347,11 @@ std::unique_ptr<CudaTransferEngine> CudaTransferEngine::create(asio::any_io_exec
   impl->config = config;
   impl->devices.resize(static_cast<std::size_t>(count));
   impl->uuids.resize(static_cast<std::size_t>(count));
-  for (int d = 0; d < count; ++d)
-    if (why = cuda::device_uuid(d, impl->uuids[d]); !why.empty()) return nullptr;
+  for (int d = 0; d < count; ++d) {
+    auto uuid = cuda::device_uuid(d);
+    if (!uuid) return uuid.error();
+    impl->uuids[d] = *uuid;
+  }
   return std::unique_ptr<CudaTransferEngine>(new CudaTransferEngine(std::move(impl)));
 }
 
@@ -376,11 +375,13 @@ CudaTransferEngine::~CudaTransferEngine() {
 const CudaEngineConfig& CudaTransferEngine::config() const { return impl_->config; }
 int CudaTransferEngine::devices() const { return static_cast<int>(impl_->devices.size()); }
 
-std::string CudaTransferEngine::attach(Registration& reg, UniqueFd fd) {
+Error CudaTransferEngine::attach(Registration& reg, UniqueFd fd) {
   fd.reset();
   const wire::KvLayout& l = reg.layout;
   if (l.backend != wire::KvBackend::cuda_ipc)
-    return "the CUDA transfer engine takes cuda_ipc layouts only (register a cpu_memfd layout with a CPU server)";
+    return Error(
+        errc::bad_request,
+        "the CUDA transfer engine takes cuda_ipc layouts only (register a cpu_memfd layout with a CPU server)");
   // The device with the registered UUID.
   int ordinal = -1;
   for (std::size_t d = 0; d < impl_->uuids.size(); ++d)
@@ -389,13 +390,15 @@ std::string CudaTransferEngine::attach(Registration& reg, UniqueFd fd) {
     std::string seen;
     for (std::size_t d = 0; d < impl_->uuids.size(); ++d)
       seen += fmt::format("{}{}: {}", d ? ", " : "", d, cuda::uuid_string(impl_->uuids[d]));
-    return fmt::format("the KV cache is on CUDA device {}, which this server does not see (it sees {}); run the "
-                       "server on the engine's host with that GPU visible (CUDA_VISIBLE_DEVICES)",
-                       cuda::uuid_string(l.device_uuid), seen);
+    return Error(errc::bad_request,
+                 fmt::format("the KV cache is on CUDA device {}, which this server does not see (it sees {}); run the "
+                             "server on the engine's host with that GPU visible (CUDA_VISIBLE_DEVICES)",
+                             cuda::uuid_string(l.device_uuid), seen));
   }
-  std::shared_ptr<Device> device;
-  if (auto why = impl_->device(ordinal, device); !why.empty()) return why;
-  if (auto e = cudaSetDevice(ordinal); e != cudaSuccess) return error("cudaSetDevice", ordinal, e);
+  auto opened_device = impl_->device(ordinal);
+  if (!opened_device) return opened_device.error();
+  const std::shared_ptr<Device>& device = *opened_device;
+  if (auto e = cudaSetDevice(ordinal); e != cudaSuccess) return failure("cudaSetDevice", ordinal, e);
 
   auto state = std::make_shared<CudaRegistration>();
   state->device = device;
@@ -408,8 +411,9 @@ std::string CudaTransferEngine::attach(Registration& reg, UniqueFd fd) {
   for (std::uint32_t i = 0; i < l.num_layers; ++i) {
     const wire::Bytes& h = l.layers[i].ipc_handle;
     if (h.size() != sizeof(cudaIpcMemHandle_t))
-      return fmt::format("layer {}: ipc_handle is {} bytes; a CUDA IPC memory handle (cudaIpcGetMemHandle) is {}", i,
-                         h.size(), sizeof(cudaIpcMemHandle_t));
+      return Error(errc::bad_request,
+                   fmt::format("layer {}: ipc_handle is {} bytes; a CUDA IPC memory handle (cudaIpcGetMemHandle) is {}",
+                               i, h.size(), sizeof(cudaIpcMemHandle_t)));
     auto [it, fresh] = by_handle.emplace(h, state->opened.size());
     if (fresh) {
       cudaIpcMemHandle_t handle;
@@ -417,23 +421,27 @@ std::string CudaTransferEngine::attach(Registration& reg, UniqueFd fd) {
       void* p = nullptr;
       if (auto e = cudaIpcOpenMemHandle(&p, handle, cudaIpcMemLazyEnablePeerAccess); e != cudaSuccess) {
         cudaGetLastError();
-        return fmt::format("layer {}: {}; the handle must come from cudaIpcGetMemHandle in a live engine process "
-                           "(not this server) whose memory is still allocated with cudaMalloc (not cudaMallocAsync "
-                           "or cuMemCreate)",
-                           i, error("cudaIpcOpenMemHandle", ordinal, e));
+        return Error(
+            errc::bad_request,
+            fmt::format("layer {}: {}; the handle must come from cudaIpcGetMemHandle in a live engine process "
+                        "(not this server) whose memory is still allocated with cudaMalloc (not cudaMallocAsync "
+                        "or cuMemCreate)",
+                        i, error("cudaIpcOpenMemHandle", ordinal, e)));
       }
       state->opened.push_back(p);
-      std::uint64_t base = 0, size = 0;
-      if (auto why = cuda::allocation_range(p, base, size); !why.empty()) return fmt::format("layer {}: {}", i, why);
+      auto range = cuda::allocation_range(p);
+      if (!range) return Error(range.error()).context(fmt::format("layer {}", i));
       // The handle names an allocation; p is where it was opened.
-      sizes.push_back(base + size - reinterpret_cast<std::uintptr_t>(p));
+      sizes.push_back(range->base + range->size - reinterpret_cast<std::uintptr_t>(p));
     }
     const std::uint64_t size = sizes[it->second];
     const std::uint64_t off = l.layers[i].offset;
     if (off > size || size - off < blocks_span)
-      return fmt::format("layer {}: the layout needs {} bytes from offset {} but the shared allocation is {} bytes; "
-                         "the registered shape or strides do not match the tensor",
-                         i, blocks_span, off, size);
+      return Error(
+          errc::bad_request,
+          fmt::format("layer {}: the layout needs {} bytes from offset {} but the shared allocation is {} bytes; "
+                      "the registered shape or strides do not match the tensor",
+                      i, blocks_span, off, size));
     state->layers.push_back({reinterpret_cast<std::uintptr_t>(state->opened[it->second]), size});
   }
   reg.engine_state = std::move(state);
@@ -442,21 +450,23 @@ std::string CudaTransferEngine::attach(Registration& reg, UniqueFd fd) {
   return {};
 }
 
-std::string CudaTransferEngine::use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) {
+Error CudaTransferEngine::use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) {
   if (impl_->l1_base && impl_->l1_base != base)
-    return "L1 moved after it was pinned (internal error: L1 is mapped once)";
+    return Error(errc::server_error, "L1 moved after it was pinned (internal error: L1 is mapped once)");
   if (!impl_->l1_base) {
     if (auto e = cudaHostRegister(base, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped); e != cudaSuccess) {
       cudaGetLastError();
-      return error("cudaHostRegister of L1", e) +
-             fmt::format(" ({} bytes); lower --l1-size or raise the locked-memory limit", bytes);
+      return Error(errc::server_error, error("cudaHostRegister of L1", e) +
+                                           fmt::format(" ({} bytes); lower --l1-size or raise the locked-memory limit",
+                                                       bytes));
     }
     impl_->l1_base = base;
     impl_->l1_bytes = bytes;
     log::info("kvlink-server: L1 ({} bytes) pinned for CUDA copies", bytes);
   }
   auto* state = dynamic_cast<CudaRegistration*>(reg.engine_state.get());
-  if (state && impl_->config.method == CudaCopyMethod::kernel) return impl_->map_l1(*state->device);
+  if (state && impl_->config.method == CudaCopyMethod::kernel)
+    if (auto err = impl_->map_l1(*state->device)) return err;
   return {};
 }
 
@@ -473,13 +483,13 @@ void CudaTransferEngine::submit(TransferJob job, TransferDone done) {
   if (!state) return fail("the KV cache was not opened by the CUDA engine");
   if (!impl_->l1_base) return fail("L1 is not pinned");
   Device& d = *state->device;
-  if (!d.fault.empty()) return fail(d.fault);
+  if (d.fault) return fail(d.fault.message());
   if (impl_->config.method == CudaCopyMethod::kernel && !d.l1_offset_known) return fail("L1 is not mapped on the device");
 
   auto js = std::make_unique<JobState>();
   js->device = state->device;
   const PlanOptions options{impl_->config.method == CudaCopyMethod::kernel ? d.l1_offset : 0, impl_->merge_limit()};
-  if (auto why = plan_copies(job, state->layers, options, js->plan); !why.empty()) return fail(why);
+  if (auto err = plan_copies(job, state->layers, options, js->plan)) return fail(err.message());
   if (js->plan.empty()) {  // e.g. a retrieve skipping every token
     asio::post(impl_->completions, [done = std::move(done)] { done({}); });
     return;
@@ -490,16 +500,16 @@ void CudaTransferEngine::submit(TransferJob job, TransferDone done) {
   }
   const cudaStream_t stream = d.next_stream(job.direction);
   if (!job.engine_event.empty()) {
-    cudaEvent_t ev = nullptr;
-    if (auto why = state->event(job.engine_event, ev); !why.empty()) return fail(why);
-    if (auto e = cudaStreamWaitEvent(stream, ev, 0); e != cudaSuccess)
+    auto ev = state->event(job.engine_event);
+    if (!ev) return fail(ev.error().message());
+    if (auto e = cudaStreamWaitEvent(stream, *ev, 0); e != cudaSuccess)
       return fail(error("cudaStreamWaitEvent (the engine's event)", d.ordinal, e));
   }
   // Nothing is queued before this point, so failures above need no callback.
-  if (auto why = impl_->enqueue(*js, job.direction, stream); !why.empty()) {
+  if (auto err = impl_->enqueue(*js, job.direction, stream)) {
     if (js->buffer.host) d.free_buffers.push_back(js->buffer);  // nothing reads it: its copy was not queued
     d.check_context();
-    return fail(why);
+    return fail(err.message());
   }
   js->job = std::move(job);
   js->done = std::move(done);
@@ -507,7 +517,8 @@ void CudaTransferEngine::submit(TransferJob job, TransferDone done) {
   if (auto e = cudaStreamAddCallback(stream, on_stream_done, js.get(), 0); e != cudaSuccess) {
     // Queued copies may still read the descriptor buffer: never reuse it.
     js->buffer = {};
-    js->enqueue_error = error("cudaStreamAddCallback", d.ordinal, e) + "; the copy may still be running";
+    js->enqueue_error =
+        Error(errc::server_error, error("cudaStreamAddCallback", d.ordinal, e) + "; the copy may still be running");
     std::shared_ptr<JobState> owned(std::move(js));
     asio::post(owned->work, [owned] { finish(owned); });
     return;
@@ -515,9 +526,9 @@ void CudaTransferEngine::submit(TransferJob job, TransferDone done) {
   js.release();  // owned by on_stream_done now
 }
 
-std::string CudaTransferEngine::fault(const Registration& reg) const {
+Error CudaTransferEngine::fault(const Registration& reg) const {
   auto* state = dynamic_cast<const CudaRegistration*>(reg.engine_state.get());
-  return state && state->device ? state->device->fault : std::string{};
+  return state && state->device ? state->device->fault : Error{};
 }
 
 }  // namespace kvlink::transfer

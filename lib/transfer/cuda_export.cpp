@@ -9,10 +9,11 @@
 
 namespace kvlink::transfer::cuda {
 
-std::string export_kv_cache(const PagedKvCache& c, wire::KvLayout& out) {
-  if (c.layers.empty()) return "no layers given";
+Result<wire::KvLayout> export_kv_cache(const PagedKvCache& c) {
+  auto bad = [](std::string detail) { return Error(errc::bad_request, std::move(detail)); };
+  if (c.layers.empty()) return bad("no layers given");
   if (c.num_blocks == 0 || c.block_size == 0 || c.num_kv_heads == 0 || c.head_size == 0 || c.dtype_size == 0)
-    return "num_blocks, block_size, num_kv_heads, head_size and dtype_size must all be positive";
+    return bad("num_blocks, block_size, num_kv_heads, head_size and dtype_size must all be positive");
   wire::KvLayout l;
   l.backend = wire::KvBackend::cuda_ipc;
   l.num_layers = static_cast<std::uint32_t>(c.layers.size());
@@ -34,25 +35,26 @@ std::string export_kv_cache(const PagedKvCache& c, wire::KvLayout& out) {
     cudaPointerAttributes attr{};
     if (auto e = cudaPointerGetAttributes(&attr, c.layers[i]); e != cudaSuccess) {
       cudaGetLastError();
-      return fmt::format("layer {}: {}", i, error("cudaPointerGetAttributes", e));
+      return failure("cudaPointerGetAttributes", e).context(fmt::format("layer {}", i));
     }
     if (attr.type != cudaMemoryTypeDevice)
-      return fmt::format("layer {}: {} is not device memory (cudaMalloc)", i, c.layers[i]);
+      return bad(fmt::format("layer {}: {} is not device memory (cudaMalloc)", i, c.layers[i]));
     if (device < 0) device = attr.device;
     if (attr.device != device)
-      return fmt::format("layer {} is on CUDA device {} but layer 0 on device {}: one registration per device",
-                         i, attr.device, device);
-    if (auto e = cudaSetDevice(device); e != cudaSuccess) return error("cudaSetDevice", device, e);
-    std::uint64_t base = 0, size = 0;
-    if (auto why = allocation_range(c.layers[i], base, size); !why.empty()) return fmt::format("layer {}: {}", i, why);
+      return bad(fmt::format("layer {} is on CUDA device {} but layer 0 on device {}: one registration per device",
+                             i, attr.device, device));
+    if (auto e = cudaSetDevice(device); e != cudaSuccess) return failure("cudaSetDevice", device, e);
+    auto range = allocation_range(c.layers[i]);
+    if (!range) return Error(range.error()).context(fmt::format("layer {}", i));
+    const auto [base, size] = *range;
     auto& h = handles[base];
     if (h.empty()) {
       cudaIpcMemHandle_t handle;
       if (auto e = cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base)); e != cudaSuccess) {
         cudaGetLastError();
-        return fmt::format("layer {}: {}; legacy CUDA IPC needs cudaMalloc memory (with PyTorch: no "
-                           "expandable_segments, no cudaMallocAsync backend)",
-                           i, error("cudaIpcGetMemHandle", device, e));
+        return bad(fmt::format("layer {}: {}; legacy CUDA IPC needs cudaMalloc memory (with PyTorch: no "
+                               "expandable_segments, no cudaMallocAsync backend)",
+                               i, error("cudaIpcGetMemHandle", device, e)));
       }
       h.resize(sizeof handle);
       std::memcpy(h.data(), &handle, sizeof handle);
@@ -64,16 +66,15 @@ std::string export_kv_cache(const PagedKvCache& c, wire::KvLayout& out) {
     const std::uint64_t span = std::uint64_t{l.num_blocks - 1} * l.block_stride +
                                std::uint64_t{l.num_planes - 1} * l.plane_stride + bb;
     if (l.layers[i].offset + span > size)
-      return fmt::format("layer {}: the layout spans {} bytes but only {} of its allocation follow the pointer; "
-                         "check num_blocks, the shape and the strides",
-                         i, span, size - l.layers[i].offset);
+      return bad(fmt::format("layer {}: the layout spans {} bytes but only {} of its allocation follow the pointer; "
+                             "check num_blocks, the shape and the strides",
+                             i, span, size - l.layers[i].offset));
   }
-  Uuid uuid{};
-  if (auto why = device_uuid(device, uuid); !why.empty()) return why;
-  l.device_uuid = uuid;
-  if (auto why = l.check(); !why.empty()) return why;
-  out = std::move(l);
-  return {};
+  auto uuid = device_uuid(device);
+  if (!uuid) return uuid.error();
+  l.device_uuid = *uuid;
+  if (auto err = l.check()) return err;
+  return l;
 }
 
 EngineEvent::~EngineEvent() {
@@ -92,16 +93,16 @@ EngineEvent& EngineEvent::operator=(EngineEvent&& o) noexcept {
   return *this;
 }
 
-std::string EngineEvent::create() {
+Error EngineEvent::create() {
   int device = 0;
   cudaGetDevice(&device);
   cudaEvent_t ev = nullptr;
   if (auto e = cudaEventCreateWithFlags(&ev, cudaEventInterprocess | cudaEventDisableTiming); e != cudaSuccess)
-    return error("cudaEventCreateWithFlags(cudaEventInterprocess | cudaEventDisableTiming)", device, e);
+    return failure("cudaEventCreateWithFlags(cudaEventInterprocess | cudaEventDisableTiming)", device, e);
   cudaIpcEventHandle_t h;
   if (auto e = cudaIpcGetEventHandle(&h, ev); e != cudaSuccess) {
     cudaEventDestroy(ev);
-    return error("cudaIpcGetEventHandle", device, e);
+    return failure("cudaIpcGetEventHandle", device, e);
   }
   if (event_) cudaEventDestroy(event_);
   event_ = ev;
@@ -110,9 +111,9 @@ std::string EngineEvent::create() {
   return {};
 }
 
-std::string EngineEvent::record(cudaStream_t stream) {
-  if (!event_) return "the event was not created (EngineEvent::create)";
-  if (auto e = cudaEventRecord(event_, stream); e != cudaSuccess) return error("cudaEventRecord", e);
+Error EngineEvent::record(cudaStream_t stream) {
+  if (!event_) return Error(errc::bad_request, "the event was not created (EngineEvent::create)");
+  if (auto e = cudaEventRecord(event_, stream); e != cudaSuccess) return failure("cudaEventRecord", e);
   return {};
 }
 

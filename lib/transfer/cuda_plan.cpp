@@ -9,20 +9,23 @@ namespace kvlink::transfer {
 
 namespace {
 
-std::string check_chunk(const Registration& reg, std::span<const DeviceAllocation> layers, const ChunkCopy& chunk) {
+Error check_chunk(const Registration& reg, std::span<const DeviceAllocation> layers, const ChunkCopy& chunk) {
   const wire::KvLayout& l = reg.layout;
   if (chunk.block_ids.size() != reg.blocks_per_chunk)
-    return fmt::format("{} block ids for a chunk of {} blocks", chunk.block_ids.size(), reg.blocks_per_chunk);
+    return Error(errc::bad_request,
+                 fmt::format("{} block ids for a chunk of {} blocks", chunk.block_ids.size(), reg.blocks_per_chunk));
   const std::uint64_t bb = l.block_bytes();
   const auto last_plane = static_cast<std::uint32_t>(l.num_planes - 1);
   for (const std::uint32_t id : chunk.block_ids) {
     if (id >= l.num_blocks)
-      return fmt::format("block id {} is not below the registered num_blocks {}", id, l.num_blocks);
+      return Error(errc::bad_request,
+                   fmt::format("block id {} is not below the registered num_blocks {}", id, l.num_blocks));
     for (std::uint32_t layer = 0; layer < l.num_layers; ++layer) {
       std::uint64_t end = 0;
       if (__builtin_add_overflow(engine_offset(l, layer, last_plane, id), bb, &end) || end > layers[layer].size)
-        return fmt::format("block id {} of layer {} lies outside the layer's {}-byte allocation", id, layer,
-                           layers[layer].size);
+        return Error(errc::bad_request,
+                     fmt::format("block id {} of layer {} lies outside the layer's {}-byte allocation", id, layer,
+                                 layers[layer].size));
     }
   }
   return {};
@@ -42,17 +45,19 @@ void add(std::vector<CopySegment>& out, std::uint64_t dst, std::uint64_t src, st
 
 }  // namespace
 
-std::string plan_copies(const TransferJob& job, std::span<const DeviceAllocation> layers, const PlanOptions& options,
-                        std::vector<CopySegment>& out) {
-  if (!job.registration) return "the job has no registration";
+Error plan_copies(const TransferJob& job, std::span<const DeviceAllocation> layers, const PlanOptions& options,
+                  std::vector<CopySegment>& out) {
+  if (!job.registration) return Error(errc::bad_request, "the job has no registration");
   const Registration& reg = *job.registration;
   const wire::KvLayout& l = reg.layout;
   if (l.layers.size() != l.num_layers || layers.size() != l.num_layers)
-    return fmt::format("the layout has {} layers but {} layer locations and {} opened allocations", l.num_layers,
-                       l.layers.size(), layers.size());
-  if (l.block_size == 0 || reg.blocks_per_chunk == 0) return "the layout has no blocks per chunk";
+    return Error(errc::bad_request,
+                 fmt::format("the layout has {} layers but {} layer locations and {} opened allocations",
+                             l.num_layers, l.layers.size(), layers.size()));
+  if (l.block_size == 0 || reg.blocks_per_chunk == 0)
+    return Error(errc::bad_request, "the layout has no blocks per chunk");
   for (std::size_t i = 0; i < job.chunks.size(); ++i)
-    if (auto why = check_chunk(reg, layers, job.chunks[i]); !why.empty()) return fmt::format("chunk {}: {}", i, why);
+    if (auto err = check_chunk(reg, layers, job.chunks[i])) return err.context(fmt::format("chunk {}", i));
 
   const std::size_t first = out.size();
   const std::uint64_t bb = l.block_bytes();

@@ -15,6 +15,10 @@ std::string error(const char* call, cudaError_t e) {
   return fmt::format("{} failed: {} ({})", call, cudaGetErrorName(e), cudaGetErrorString(e));
 }
 
+Error failure(const char* call, int device, cudaError_t e) { return Error(errc::server_error, error(call, device, e)); }
+
+Error failure(const char* call, cudaError_t e) { return Error(errc::server_error, error(call, e)); }
+
 std::string uuid_string(const Uuid& u) {
   auto b = [&](std::size_t i) { return static_cast<unsigned>(u[i]); };
   return fmt::format("GPU-{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
@@ -22,16 +26,17 @@ std::string uuid_string(const Uuid& u) {
                      b(15));
 }
 
-std::string device_uuid(int ordinal, Uuid& out) {
+Result<Uuid> device_uuid(int ordinal) {
   cudaDeviceProp prop{};
   if (auto e = cudaGetDeviceProperties(&prop, ordinal); e != cudaSuccess)
-    return error("cudaGetDeviceProperties", ordinal, e);
+    return failure("cudaGetDeviceProperties", ordinal, e);
   static_assert(sizeof(prop.uuid) == sizeof(Uuid));
+  Uuid out{};
   std::memcpy(out.data(), &prop.uuid, out.size());
-  return {};
+  return out;
 }
 
-std::string allocation_range(const void* p, std::uint64_t& base, std::uint64_t& size) {
+Result<AllocationRange> allocation_range(const void* p) {
   using GetAddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
   // Looked up once; the 12.0 ABI of cuMemGetAddressRange (the _v2 one).
   static GetAddressRange fn = [] {
@@ -43,17 +48,17 @@ std::string allocation_range(const void* p, std::uint64_t& base, std::uint64_t& 
     return reinterpret_cast<GetAddressRange>(f);
   }();
   if (!fn)
-    return "cuMemGetAddressRange is not available from the CUDA driver (cudaGetDriverEntryPointByVersion failed); "
-           "the driver is older than CUDA 12.0";
+    return Error(errc::server_error,
+                 "cuMemGetAddressRange is not available from the CUDA driver (cudaGetDriverEntryPointByVersion "
+                 "failed); the driver is older than CUDA 12.0");
   CUdeviceptr b = 0;
   size_t n = 0;
   if (CUresult r = fn(&b, &n, reinterpret_cast<CUdeviceptr>(p)); r != CUDA_SUCCESS)
-    return fmt::format("cuMemGetAddressRange of {} failed with CUresult {}: not a pointer into device memory of the "
-                       "current device",
-                       p, static_cast<int>(r));
-  base = b;
-  size = n;
-  return {};
+    return Error(errc::bad_request,
+                 fmt::format("cuMemGetAddressRange of {} failed with CUresult {}: not a pointer into device memory of "
+                             "the current device",
+                             p, static_cast<int>(r)));
+  return AllocationRange{b, n};
 }
 
 }  // namespace kvlink::transfer::cuda

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <string>
 
+#include "kvlink/error.hpp"
+
 namespace kvlink::transfer::cuda {
 
 using Uuid = std::array<std::byte, 16>;
@@ -18,15 +20,25 @@ using Uuid = std::array<std::byte, 16>;
 std::string error(const char* call, int device, cudaError_t e);
 // Without a device (e.g. cudaGetDeviceCount).
 std::string error(const char* call, cudaError_t e);
+// The same text as a server_error: a CUDA call failed.
+Error failure(const char* call, int device, cudaError_t e);
+Error failure(const char* call, cudaError_t e);
 
 // "GPU-8f1c2b3a-..." as nvidia-smi -L prints it.
 std::string uuid_string(const Uuid& uuid);
 
-// The UUID of device `ordinal`; "" or why not.
-std::string device_uuid(int ordinal, Uuid& out);
+// The UUID of device `ordinal`.
+Result<Uuid> device_uuid(int ordinal);
+
+// An allocation: its base address and size in bytes.
+struct AllocationRange {
+  std::uint64_t base = 0;
+  std::uint64_t size = 0;
+};
 
 // The allocation containing device pointer `p` (cuMemGetAddressRange,
-// reached through the runtime so nothing links libcuda); "" or why not.
-std::string allocation_range(const void* p, std::uint64_t& base, std::uint64_t& size);
+// reached through the runtime so nothing links libcuda); bad_request when
+// `p` is not device memory of the current device.
+Result<AllocationRange> allocation_range(const void* p);
 
 }  // namespace kvlink::transfer::cuda

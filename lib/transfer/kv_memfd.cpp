@@ -16,27 +16,20 @@ void Unmap::operator()(std::byte* base) const noexcept {
 }
 
 namespace {
-KvMemfd failed(std::error_code ec, std::string detail) {
-  KvMemfd r;
-  r.ec = ec;
-  r.detail = std::move(detail);
-  return r;
-}
-
 // `what` failed with `error` (its errno, read before `what` was formatted).
-KvMemfd failed_call(int error, const std::string& what) {
-  return failed(std::error_code(error, std::system_category()), fmt::format("{} failed: {}", what, std::strerror(error)));
+Error failed_call(int error, const std::string& what) {
+  return Error(std::error_code(error, std::system_category()), fmt::format("{} failed: {}", what, std::strerror(error)));
 }
 }  // namespace
 
-KvMemfd create_kv_memfd(const wire::KvLayout& layout, const KvMemfdOptions& options) {
+Result<KvMemfd> create_kv_memfd(const wire::KvLayout& layout, const KvMemfdOptions& options) {
   if (layout.backend != wire::KvBackend::cpu_memfd)
-    return failed(errc::bad_request, "create_kv_memfd is for cpu_memfd layouts; this one is a cuda_ipc layout");
+    return Error(errc::bad_request, "create_kv_memfd is for cpu_memfd layouts; this one is a cuda_ipc layout");
   const std::uint64_t bytes = layout.region_bytes;
-  if (bytes == 0) return failed(errc::bad_request, "the layout's region_bytes is 0: nothing to create");
+  if (bytes == 0) return Error(errc::bad_request, "the layout's region_bytes is 0: nothing to create");
   if (bytes > static_cast<std::uint64_t>(std::numeric_limits<off_t>::max()) ||
       bytes > std::numeric_limits<std::size_t>::max() / 2)
-    return failed(errc::bad_request, fmt::format("the layout's region_bytes {} is too large for a memfd", bytes));
+    return Error(errc::bad_request, fmt::format("the layout's region_bytes {} is too large for a memfd", bytes));
 
   KvMemfd r;
   r.fd = UniqueFd(::memfd_create(options.name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));

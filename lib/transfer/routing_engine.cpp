@@ -17,11 +17,12 @@ TransferEngine* RoutingTransferEngine::engine_for(const Registration& reg) const
   return reg.layout.backend == wire::KvBackend::cuda_ipc ? cuda_.get() : cpu_.get();
 }
 
-std::string RoutingTransferEngine::attach(Registration& reg, UniqueFd fd) {
+Error RoutingTransferEngine::attach(Registration& reg, UniqueFd fd) {
   if (auto* e = engine_for(reg)) return e->attach(reg, std::move(fd));
-  return fmt::format("this server has no CUDA device, so it cannot open a cuda_ipc KV cache ({}); register a "
-                     "cpu_memfd layout or run kvlink-server on a host with the engine's GPU",
-                     no_cuda_);
+  return Error(errc::bad_request,
+               fmt::format("this server has no CUDA device, so it cannot open a cuda_ipc KV cache ({}); register a "
+                           "cpu_memfd layout or run kvlink-server on a host with the engine's GPU",
+                           no_cuda_));
 }
 
 void RoutingTransferEngine::submit(TransferJob job, TransferDone done) {
@@ -33,14 +34,14 @@ void RoutingTransferEngine::submit(TransferJob job, TransferDone done) {
   e->submit(std::move(job), std::move(done));
 }
 
-std::string RoutingTransferEngine::use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) {
+Error RoutingTransferEngine::use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) {
   if (auto* e = engine_for(reg)) return e->use_l1(reg, base, bytes);
   return {};
 }
 
-std::string RoutingTransferEngine::fault(const Registration& reg) const {
+Error RoutingTransferEngine::fault(const Registration& reg) const {
   const TransferEngine* e = engine_for(reg);
-  return e ? e->fault(reg) : std::string{};
+  return e ? e->fault(reg) : Error{};
 }
 
 std::uint64_t RoutingTransferEngine::capabilities() const {
@@ -51,39 +52,37 @@ std::uint64_t RoutingTransferEngine::capabilities() const {
 // --cuda-copy too.
 const char* copy_method_name(CudaCopyMethod m) { return m == CudaCopyMethod::kernel ? "kernel" : "batch"; }
 
-bool parse_copy_method(const std::string& text, CudaCopyMethod& out) {
-  if (text == "batch") out = CudaCopyMethod::batch;
-  else if (text == "kernel") out = CudaCopyMethod::kernel;
-  else return false;
-  return true;
+Result<CudaCopyMethod> parse_copy_method(std::string_view text) {
+  if (text == "batch") return CudaCopyMethod::batch;
+  if (text == "kernel") return CudaCopyMethod::kernel;
+  return Error(errc::bad_request, fmt::format("CUDA copy method '{}': use batch or kernel", text));
 }
 
-bool parse_engine_choice(const std::string& text, EngineChoice& out) {
-  if (text == "auto") out = EngineChoice::automatic;
-  else if (text == "cpu") out = EngineChoice::cpu;
-  else if (text == "cuda") out = EngineChoice::cuda;
-  else return false;
-  return true;
+Result<EngineChoice> parse_engine_choice(std::string_view text) {
+  if (text == "auto") return EngineChoice::automatic;
+  if (text == "cpu") return EngineChoice::cpu;
+  if (text == "cuda") return EngineChoice::cuda;
+  return Error(errc::bad_request, fmt::format("transfer engine '{}': use auto, cpu or cuda", text));
 }
 
-std::unique_ptr<RoutingTransferEngine> make_transfer_engine(asio::any_io_executor completions,
-                                                            const TransferEngineOptions& options, std::string& why,
-                                                            std::string& summary) {
+Result<std::unique_ptr<RoutingTransferEngine>> make_transfer_engine(asio::any_io_executor completions,
+                                                                    const TransferEngineOptions& options,
+                                                                    std::string& summary) {
   auto cpu = std::make_unique<CpuTransferEngine>(completions, options.cpu_threads);
   std::unique_ptr<TransferEngine> cuda;
   std::string no_cuda;
   if (options.choice == EngineChoice::cpu) {
     no_cuda = "started with --transfer-engine cpu";
   } else {
+    Error failed;  // why there is no CUDA engine
 #ifdef KVLINK_HAVE_CUDA
-    cuda = CudaTransferEngine::create(completions, options.cuda, no_cuda);
+    if (auto created = CudaTransferEngine::create(completions, options.cuda)) cuda = std::move(*created);
+    else failed = created.error();
 #else
-    no_cuda = "kvlink was built without CUDA (no nvcc, or -Dcuda=disabled)";
+    failed = Error(errc::not_found, "kvlink was built without CUDA (no nvcc, or -Dcuda=disabled)");
 #endif
-    if (!cuda && options.choice == EngineChoice::cuda) {
-      why = "--transfer-engine cuda: " + no_cuda;
-      return nullptr;
-    }
+    if (failed) no_cuda = failed.message();
+    if (!cuda && options.choice == EngineChoice::cuda) return failed.context("--transfer-engine cuda");
   }
   if (cuda) {
 #ifdef KVLINK_HAVE_CUDA

@@ -13,45 +13,56 @@ const char* role_name(Role r) {
   return "unknown";
 }
 
-std::string HelloRequest::check() const {
+Error HelloRequest::check() const {
   if (protocol_version != wire::protocol_version)
-    return fmt::format("protocol version {} is not supported (this side speaks {}); upgrade the older side",
-                       protocol_version, wire::protocol_version);
+    return Error(errc::version_mismatch,
+                 fmt::format("protocol version {} is not supported (this side speaks {}); upgrade the older side",
+                             protocol_version, wire::protocol_version));
   if (role != Role::scheduler && role != Role::worker && role != Role::admin)
-    return fmt::format("role {} is not scheduler (1), worker (2) or admin (3)", static_cast<int>(role));
+    return Error(errc::bad_request,
+                 fmt::format("role {} is not scheduler (1), worker (2) or admin (3)", static_cast<int>(role)));
   if (instance_id == 0 || (instance_id >> 63) != 0)
-    return "instance_id must be a non-zero 63-bit number";
+    return Error(errc::bad_request, "instance_id must be a non-zero 63-bit number");
   if (!instance_secret.empty() && instance_secret.size() < min_instance_secret)
-    return fmt::format("instance_secret is {} bytes; send none or {} to {} random bytes (net::random_instance_secret)",
-                       instance_secret.size(), min_instance_secret, max_instance_secret);
+    return Error(
+        errc::bad_request,
+        fmt::format("instance_secret is {} bytes; send none or {} to {} random bytes (net::random_instance_secret)",
+                    instance_secret.size(), min_instance_secret, max_instance_secret));
   return {};
 }
 
-std::string KvLayout::check() const {
+Error KvLayout::check() const {
   if (backend != KvBackend::cpu_memfd && backend != KvBackend::cuda_ipc)
-    return fmt::format("backend {} is not cpu_memfd (1) or cuda_ipc (2)", static_cast<int>(backend));
+    return Error(errc::bad_request,
+                 fmt::format("backend {} is not cpu_memfd (1) or cuda_ipc (2)", static_cast<int>(backend)));
   if (num_layers == 0 || num_blocks == 0 || block_size == 0 || num_kv_heads == 0 || head_size == 0 ||
       dtype_size == 0)
-    return "num_layers, num_blocks, block_size, num_kv_heads, head_size and dtype_size must all be positive";
-  if (num_planes != 1 && num_planes != 2) return fmt::format("num_planes is {}; it must be 1 (MLA) or 2 (K and V)", num_planes);
+    return Error(errc::bad_request,
+                 "num_layers, num_blocks, block_size, num_kv_heads, head_size and dtype_size must all be positive");
+  if (num_planes != 1 && num_planes != 2)
+    return Error(errc::bad_request, fmt::format("num_planes is {}; it must be 1 (MLA) or 2 (K and V)", num_planes));
   if (layers.size() != num_layers)
-    return fmt::format("{} layer locations given for num_layers = {}", layers.size(), num_layers);
+    return Error(errc::bad_request,
+                 fmt::format("{} layer locations given for num_layers = {}", layers.size(), num_layers));
   const std::uint64_t bb = block_bytes();
-  if (block_stride < bb) return fmt::format("block_stride {} is smaller than one block ({} bytes)", block_stride, bb);
+  if (block_stride < bb)
+    return Error(errc::bad_request,
+                 fmt::format("block_stride {} is smaller than one block ({} bytes)", block_stride, bb));
   if (num_planes == 2 && plane_stride < bb)
-    return fmt::format("plane_stride {} is smaller than one block ({} bytes)", plane_stride, bb);
+    return Error(errc::bad_request,
+                 fmt::format("plane_stride {} is smaller than one block ({} bytes)", plane_stride, bb));
   // The last byte of each layer must lie inside the registered region;
   // overflow-checked so huge strides cannot wrap around.
   std::uint64_t blocks_span = 0, planes_span = 0, span = 0;
   if (__builtin_mul_overflow(std::uint64_t{num_blocks - 1}, block_stride, &blocks_span) ||
       __builtin_mul_overflow(std::uint64_t{num_planes - 1}, plane_stride, &planes_span) ||
       __builtin_add_overflow(blocks_span, planes_span, &span) || __builtin_add_overflow(span, bb, &span))
-    return "block_stride / plane_stride are so large the layout overflows 64-bit offsets";
+    return Error(errc::bad_request, "block_stride / plane_stride are so large the layout overflows 64-bit offsets");
   for (std::size_t i = 0; i < layers.size(); ++i) {
     std::uint64_t end = 0;
     if (__builtin_add_overflow(layers[i].offset, span, &end) || end > region_bytes)
-      return fmt::format("layer {} (offset {}) extends past the registered region of {} bytes", i, layers[i].offset,
-                         region_bytes);
+      return Error(errc::bad_request, fmt::format("layer {} (offset {}) extends past the registered region of {} bytes",
+                                                  i, layers[i].offset, region_bytes));
   }
   return {};
 }
@@ -79,10 +90,11 @@ KvLayout paged_layout(std::uint32_t num_layers, std::uint32_t num_blocks, std::u
   return l;
 }
 
-std::string RegisterKvCacheRequest::check() const {
-  if (model.empty()) return "model name is empty";
-  if (world_size == 0) return "world_size must be at least 1";
-  if (kv_rank >= world_size) return fmt::format("kv_rank {} is not below world_size {}", kv_rank, world_size);
+Error RegisterKvCacheRequest::check() const {
+  if (model.empty()) return Error(errc::bad_request, "model name is empty");
+  if (world_size == 0) return Error(errc::bad_request, "world_size must be at least 1");
+  if (kv_rank >= world_size)
+    return Error(errc::bad_request, fmt::format("kv_rank {} is not below world_size {}", kv_rank, world_size));
   return layout.check();
 }
 

@@ -56,8 +56,8 @@ if [ "$packages" != kvlink ]; then
 #include <kvlink/transfer/cuda_export.hpp>
 int main() {
   kvlink::transfer::cuda::EngineEvent event;
-  const std::string why = event.create();
-  std::printf("gpu_engine: %s\n", why.empty() ? "event created on a CUDA device" : why.c_str());
+  const kvlink::Error err = event.create();
+  std::printf("gpu_engine: %s\n", err ? err.message().c_str() : "event created on a CUDA device");
 }
 CPP
   g++ -o "$tmp/gpu_engine" "$tmp/gpu_engine.cpp" $(pkgconf --cflags --libs kvlink-cuda)

@@ -9,17 +9,14 @@
 
 namespace kvlink::gpu_test {
 
-const std::string& no_gpu_reason() {
-  static const std::string reason = [] {
-    int n = 0;
-    return transfer::cuda_device_count(n);
-  }();
+const Error& no_gpu_reason() {
+  static const Error reason = transfer::cuda_device_count().error();
   return reason;
 }
 
 namespace {
-std::string cuda_error(const char* call, cudaError_t e) {
-  return fmt::format("{} failed: {} ({})", call, cudaGetErrorName(e), cudaGetErrorString(e));
+Error cuda_error(const char* call, cudaError_t e) {
+  return Error(errc::server_error, fmt::format("{} failed: {} ({})", call, cudaGetErrorName(e), cudaGetErrorString(e)));
 }
 }  // namespace
 
@@ -54,21 +51,23 @@ DeviceKv::DeviceKv(const KvShape& s) {
   c.head_size = s.head_size;
   c.dtype_size = s.dtype_size;
   c.order = s.order;
-  error_ = transfer::cuda::export_kv_cache(c, layout_);
+  auto layout = transfer::cuda::export_kv_cache(c);
+  if (layout) layout_ = *layout;
+  else error_ = layout.error();
 }
 
 DeviceKv::~DeviceKv() {
   for (void* p : allocations_) cudaFree(p);
 }
 
-std::string DeviceKv::fill(std::uint32_t seed, cudaStream_t stream) {
+Error DeviceKv::fill(std::uint32_t seed, cudaStream_t stream) {
   for (std::uint32_t l = 0; l < layers_.size(); ++l)
     if (auto e = launch_fill_pattern(layers_[l], layer_bytes_, seed, l * layer_bytes_, stream); e != cudaSuccess)
       return cuda_error("the fill kernel's launch", e);
   return {};
 }
 
-std::string DeviceKv::snapshot(std::vector<std::uint8_t>& out) const {
+Error DeviceKv::snapshot(std::vector<std::uint8_t>& out) const {
   out.resize(layers_.size() * layer_bytes_);
   for (std::size_t l = 0; l < layers_.size(); ++l)
     if (auto e = cudaMemcpy(out.data() + l * layer_bytes_, layers_[l], layer_bytes_, cudaMemcpyDeviceToHost);
@@ -99,9 +98,10 @@ void expect_retrieve(const wire::KvLayout& l, std::uint64_t layer_bytes, std::ve
   }
 }
 
-std::string compare(const wire::KvLayout& l, std::uint64_t layer_bytes, const std::vector<std::uint8_t>& want,
-                    const std::vector<std::uint8_t>& got) {
-  if (want.size() != got.size()) return fmt::format("sizes differ: {} vs {}", want.size(), got.size());
+Error compare(const wire::KvLayout& l, std::uint64_t layer_bytes, const std::vector<std::uint8_t>& want,
+              const std::vector<std::uint8_t>& got) {
+  auto differ = [](std::string detail) { return Error(errc::server_error, std::move(detail)); };
+  if (want.size() != got.size()) return differ(fmt::format("sizes differ: {} vs {}", want.size(), got.size()));
   for (std::size_t i = 0; i < want.size(); ++i) {
     if (want[i] == got[i]) continue;
     const std::uint64_t layer = i / layer_bytes, in_layer = i % layer_bytes;
@@ -111,9 +111,9 @@ std::string compare(const wire::KvLayout& l, std::uint64_t layer_bytes, const st
                                                                 : in_layer / l.block_stride;
     std::size_t wrong = 0;
     for (std::size_t k = i; k < want.size(); ++k) wrong += want[k] != got[k];
-    return fmt::format("{} byte(s) differ; the first: layer {} plane {} block {} byte {} of the block is {:#04x}, "
-                       "expected {:#04x}",
-                       wrong, layer, plane, block, in_layer % l.block_bytes(), got[i], want[i]);
+    return differ(fmt::format("{} byte(s) differ; the first: layer {} plane {} block {} byte {} of the block is "
+                              "{:#04x}, expected {:#04x}",
+                              wrong, layer, plane, block, in_layer % l.block_bytes(), got[i], want[i]));
   }
   return {};
 }
@@ -124,13 +124,13 @@ std::vector<store::Token> tokens(std::uint32_t seed, std::size_t chunks, std::ui
   return t;
 }
 
-std::string round_trip(adapter::WorkerAdapter& worker, DeviceKv& kv, transfer::cuda::EngineEvent& event,
-                       std::uint32_t seed, std::span<const std::uint32_t> from, std::span<const std::uint32_t> to,
-                       std::uint32_t skip_tokens, std::uint32_t chunk_tokens) {
+Error round_trip(adapter::WorkerAdapter& worker, DeviceKv& kv, transfer::cuda::EngineEvent& event, std::uint32_t seed,
+                 std::span<const std::uint32_t> from, std::span<const std::uint32_t> to, std::uint32_t skip_tokens,
+                 std::uint32_t chunk_tokens) {
   const std::uint32_t bpc = chunk_tokens / kv.layout().block_size;
   const std::size_t chunks = from.size() / bpc;
-  if (auto why = kv.fill(seed, nullptr); !why.empty()) return why;
-  if (auto why = event.record(nullptr); !why.empty()) return why;  // the fill, then the STORE's copies
+  if (auto err = kv.fill(seed, nullptr)) return err;
+  if (auto err = event.record(nullptr)) return err;  // the fill, then the STORE's copies
 
   adapter::TransferSpec store;
   store.request_id = fmt::format("store-{}", seed);
@@ -138,16 +138,16 @@ std::string round_trip(adapter::WorkerAdapter& worker, DeviceKv& kv, transfer::c
   store.block_ids.assign(from.begin(), from.end());
   store.engine_event = event.handle();
   auto stored = worker.submit_store(store, std::chrono::seconds(30));
-  if (stored.ec) return fmt::format("STORE failed: {}", stored.ec.message());
-  if (stored.value.stored_chunks != chunks)
-    return fmt::format("STORE stored {} of {} chunks ({} skipped)", stored.value.stored_chunks, chunks,
-                       stored.value.skipped_chunks);
+  if (!stored) return Error(stored.error()).context("STORE failed");
+  if (stored->stored_chunks != chunks)
+    return Error(errc::server_error, fmt::format("STORE stored {} of {} chunks ({} skipped)", stored->stored_chunks,
+                                                 chunks, stored->skipped_chunks));
 
   std::vector<std::uint8_t> want, got;
-  if (auto why = kv.snapshot(want); !why.empty()) return why;
+  if (auto err = kv.snapshot(want)) return err;
   expect_retrieve(kv.layout(), kv.layer_bytes(), want, from, to, skip_tokens);
 
-  if (auto why = event.record(nullptr); !why.empty()) return why;
+  if (auto err = event.record(nullptr)) return err;
   adapter::TransferSpec retrieve;
   retrieve.request_id = fmt::format("retrieve-{}", seed);
   retrieve.tokens = store.tokens;
@@ -155,11 +155,12 @@ std::string round_trip(adapter::WorkerAdapter& worker, DeviceKv& kv, transfer::c
   retrieve.skip_first_n_tokens = skip_tokens;
   retrieve.engine_event = event.handle();
   auto retrieved = worker.submit_retrieve(retrieve, std::chrono::seconds(30));
-  if (retrieved.ec) return fmt::format("RETRIEVE failed: {}", retrieved.ec.message());
-  if (retrieved.value.retrieved_chunks != chunks)
-    return fmt::format("RETRIEVE returned {} of {} chunks", retrieved.value.retrieved_chunks, chunks);
+  if (!retrieved) return Error(retrieved.error()).context("RETRIEVE failed");
+  if (retrieved->retrieved_chunks != chunks)
+    return Error(errc::server_error,
+                 fmt::format("RETRIEVE returned {} of {} chunks", retrieved->retrieved_chunks, chunks));
   // The reply came after the copy completed: the blocks must hold the data now.
-  if (auto why = kv.snapshot(got); !why.empty()) return why;
+  if (auto err = kv.snapshot(got)) return err;
   return compare(kv.layout(), kv.layer_bytes(), want, got);
 }
 

@@ -11,13 +11,14 @@
 #include <vector>
 
 #include "kvlink/adapter/worker.hpp"
+#include "kvlink/error.hpp"
 #include "kvlink/transfer/cuda_export.hpp"
 
 namespace kvlink::gpu_test {
 
-// "" when a CUDA device is usable, otherwise why not (asked once).
-const std::string& no_gpu_reason();
-inline bool gpu_available() { return no_gpu_reason().empty(); }
+// Success when a CUDA device is usable, otherwise why not (asked once).
+const Error& no_gpu_reason();
+inline bool gpu_available() { return !no_gpu_reason(); }
 
 // 4 MiB per layer: cudaMalloc may carve small allocations out of a shared
 // block, which CUDA IPC then shares whole; engines' KV tensors are large.
@@ -40,19 +41,19 @@ class DeviceKv {
   DeviceKv(const DeviceKv&) = delete;
   DeviceKv& operator=(const DeviceKv&) = delete;
 
-  const std::string& error() const { return error_; }  // "" if created and exported
+  const Error& error() const { return error_; }  // success if created and exported
   const wire::KvLayout& layout() const { return layout_; }
   std::uint64_t layer_bytes() const { return layer_bytes_; }
   void* layer(std::uint32_t i) const { return layers_[i]; }
 
   // Every byte of layer l is pattern_byte(seed, l * layer_bytes + offset),
   // written by a kernel on `stream` (not waited for).
-  std::string fill(std::uint32_t seed, cudaStream_t stream);
+  Error fill(std::uint32_t seed, cudaStream_t stream);
   // All layers to the host, one after the other (synchronous).
-  std::string snapshot(std::vector<std::uint8_t>& out) const;
+  Error snapshot(std::vector<std::uint8_t>& out) const;
 
  private:
-  std::string error_;
+  Error error_;
   std::uint64_t layer_bytes_ = 0;
   std::vector<void*> allocations_;
   std::vector<void*> layers_;
@@ -66,9 +67,10 @@ void expect_retrieve(const wire::KvLayout& layout, std::uint64_t layer_bytes, st
                      std::span<const std::uint32_t> from, std::span<const std::uint32_t> to,
                      std::uint32_t skip_tokens);
 
-// "" if equal, else where the first difference is (layer, plane, block, byte).
-std::string compare(const wire::KvLayout& layout, std::uint64_t layer_bytes, const std::vector<std::uint8_t>& want,
-                    const std::vector<std::uint8_t>& got);
+// Success if equal, else where the first difference is (layer, plane, block,
+// byte).
+Error compare(const wire::KvLayout& layout, std::uint64_t layer_bytes, const std::vector<std::uint8_t>& want,
+              const std::vector<std::uint8_t>& got);
 
 // Tokens of `chunks` full chunks, unique per seed.
 std::vector<store::Token> tokens(std::uint32_t seed, std::size_t chunks, std::uint32_t chunk_tokens);
@@ -76,9 +78,9 @@ std::vector<store::Token> tokens(std::uint32_t seed, std::size_t chunks, std::ui
 // Fills `kv` with `seed`, STOREs the chunks of tokens(seed) from blocks
 // `from`, RETRIEVEs them into blocks `to` skipping `skip_tokens`, each call
 // carrying `event` recorded on the default stream, and compares the whole
-// cache with what it must hold. "" or what went wrong.
-std::string round_trip(adapter::WorkerAdapter& worker, DeviceKv& kv, transfer::cuda::EngineEvent& event,
-                       std::uint32_t seed, std::span<const std::uint32_t> from, std::span<const std::uint32_t> to,
-                       std::uint32_t skip_tokens, std::uint32_t chunk_tokens);
+// cache with what it must hold. Success or what went wrong.
+Error round_trip(adapter::WorkerAdapter& worker, DeviceKv& kv, transfer::cuda::EngineEvent& event, std::uint32_t seed,
+                 std::span<const std::uint32_t> from, std::span<const std::uint32_t> to, std::uint32_t skip_tokens,
+                 std::uint32_t chunk_tokens);
 
 }  // namespace kvlink::gpu_test

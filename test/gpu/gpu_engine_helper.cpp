@@ -42,23 +42,22 @@ adapter::WorkerConfig worker_config(const std::string& endpoint, const char* mod
 
 int round_trips(const std::string& endpoint, std::uint32_t seed, std::uint32_t rounds, std::uint32_t chunk_tokens) {
   gpu_test::DeviceKv kv(gpu_test::KvShape{});
-  if (!kv.error().empty()) return fail(kv.error());
+  if (kv.error()) return fail(kv.error().message());
   transfer::cuda::EngineEvent event;
-  if (auto why = event.create(); !why.empty()) return fail(why);
+  if (auto err = event.create()) return fail(err.message());
   runtime::Runtime rt;
   auto worker = adapter::WorkerAdapter::create(rt.executor(), worker_config(endpoint, "gpu-concurrent-helper"));
   int rc = 0;
-  if (auto r = worker->register_kv_caches(kv.layout(), -1, 10s); r.ec)
-    rc = fail("REGISTER_KV_CACHE failed: " + r.ec.message());
+  if (auto r = worker->register_kv_caches(kv.layout(), -1, 10s); !r)
+    rc = fail("REGISTER_KV_CACHE failed: " + r.error().message());
   // The same block ids as the parent process, in its own cache: the copies
   // of both processes interleave on the server's streams.
   const std::vector<std::uint32_t> from{8, 9, 10, 2, 50, 51, 52, 1}, to{20, 21, 22, 23, 101, 102, 103, 104};
   for (std::uint32_t round = 0; rc == 0 && round < rounds; ++round) {
-    if (auto why = gpu_test::round_trip(*worker, kv, event, seed + round, from, to, (round * 5) % 64, chunk_tokens);
-        !why.empty())
-      rc = fail("round " + std::to_string(round) + ": " + why);
+    if (auto err = gpu_test::round_trip(*worker, kv, event, seed + round, from, to, (round * 5) % 64, chunk_tokens))
+      rc = fail("round " + std::to_string(round) + ": " + err.message());
   }
-  worker->shutdown(5s);
+  (void)worker->shutdown(5s);  // teardown: its answer does not matter
   rt.stop();
   return rc;
 }
@@ -67,19 +66,20 @@ int hold(const std::string& endpoint, std::uint64_t mib, bool unregister) {
   gpu_test::KvShape shape;  // 2 planes x 16 tokens x 2 heads x 64 x 2 bytes = 8 KiB per block and layer
   shape.num_blocks = static_cast<std::uint32_t>((mib << 20) / shape.layers / 8192);
   gpu_test::DeviceKv kv(shape);
-  if (!kv.error().empty()) return fail(kv.error());
+  if (kv.error()) return fail(kv.error().message());
   runtime::Runtime rt;
   auto worker = adapter::WorkerAdapter::create(rt.executor(), worker_config(endpoint, "gpu-memory-helper"));
-  if (auto r = worker->register_kv_caches(kv.layout(), -1, 10s); r.ec)
-    return fail("REGISTER_KV_CACHE failed: " + r.ec.message());
+  if (auto r = worker->register_kv_caches(kv.layout(), -1, 10s); !r)
+    return fail("REGISTER_KV_CACHE failed: " + r.error().message());
   if (unregister)
-    if (auto r = worker->unregister_kv_caches(10s); r.ec) return fail("UNREGISTER_KV_CACHE failed: " + r.ec.message());
+    if (auto r = worker->unregister_kv_caches(10s); !r)
+      return fail("UNREGISTER_KV_CACHE failed: " + r.error().message());
   std::printf("ready\n");
   std::fflush(stdout);
   char c = 0;
   while (::read(STDIN_FILENO, &c, 1) > 0) {
   }
-  worker->shutdown(5s);
+  (void)worker->shutdown(5s);  // teardown: its answer does not matter
   rt.stop();
   return 0;
 }
@@ -87,7 +87,7 @@ int hold(const std::string& endpoint, std::uint64_t mib, bool unregister) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (!gpu_test::gpu_available()) return fail(gpu_test::no_gpu_reason());
+  if (!gpu_test::gpu_available()) return fail(gpu_test::no_gpu_reason().message());
   if (argc == 5 && std::strcmp(argv[1], "hold") == 0)
     return hold(argv[2], std::strtoull(argv[3], nullptr, 10), std::strcmp(argv[4], "1") == 0);
   if (argc == 5)

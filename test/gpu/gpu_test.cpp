@@ -14,7 +14,7 @@
 #include <thread>
 
 #include "../integration/server_process.hpp"
-#include "../integration/stats_client.hpp"
+#include "../integration/client.hpp"
 #include "gpu_engine.hpp"
 #include "gpu_kernels.hpp"
 #include "kvlink/runtime/runtime.hpp"
@@ -31,7 +31,8 @@ namespace {
 
 // Evaluated while test cases register (static initialisation).
 const bool no_gpu = [] {
-  if (!gpu_available()) std::fprintf(stderr, "gpu-tests: every case is skipped: %s\n", no_gpu_reason().c_str());
+  if (!gpu_available())
+    std::fprintf(stderr, "gpu-tests: every case is skipped: %s\n", no_gpu_reason().message().c_str());
   return !gpu_available();
 }();
 
@@ -65,14 +66,16 @@ struct Engine {
     c.transfer_timeout = 30s;
     c.blocking_deadline = 30s;
     worker = adapter::WorkerAdapter::create(rt.executor(), c);
-    REQUIRE(event.create() == "");
+    REQUIRE_FALSE(event.create());
   }
   ~Engine() {
-    worker->shutdown(5s);
+    (void)worker->shutdown(5s);  // teardown: its answer is not under test
     rt.stop();
   }
-  // "" or the server's refusal.
-  std::error_code register_kv(const DeviceKv& kv) { return worker->register_kv_caches(kv.layout(), -1, 10s).ec; }
+  // Success or the server's refusal.
+  std::error_code register_kv(const DeviceKv& kv) {
+    return worker->register_kv_caches(kv.layout(), -1, 10s).error().code();
+  }
 };
 
 std::vector<std::uint32_t> ids(std::initializer_list<std::uint32_t> v) { return v; }
@@ -97,13 +100,13 @@ TEST_CASE("gpu: STORE -> RETRIEVE is byte-exact for both vLLM layouts, per-layer
         shape.order = order;
         shape.one_allocation = one_allocation;
         DeviceKv kv(shape);
-        REQUIRE_MESSAGE(kv.error() == "", kv.error());
+        REQUIRE_MESSAGE(!kv.error(), kv.error().message());
         Engine engine(server.process.endpoint(), fmt::format("gpu-test-{}", seed));
         auto ec = engine.register_kv(kv);
         REQUIRE_MESSAGE(!ec, ec.message());
-        const std::string why =
+        const Error err =
             round_trip(*engine.worker, kv, engine.event, seed++, from_blocks, to_blocks, 0, chunk_tokens);
-        CHECK_MESSAGE(why == "", why);
+        CHECK_MESSAGE(!err, err.message());
       }
     }
   }
@@ -114,7 +117,7 @@ TEST_CASE("gpu: RETRIEVE leaves the first skip_first_n_tokens tokens untouched, 
   for (const char* method : {"batch", "kernel"}) {
     Server server(method);
     DeviceKv kv(KvShape{});
-    REQUIRE_MESSAGE(kv.error() == "", kv.error());
+    REQUIRE_MESSAGE(!kv.error(), kv.error().message());
     std::uint32_t seed = 100;
     // Inside the first block, at a block edge, mid-chunk, into the second chunk.
     for (std::uint32_t skip : {1u, 16u, 37u, 64u + 21u}) {
@@ -122,9 +125,9 @@ TEST_CASE("gpu: RETRIEVE leaves the first skip_first_n_tokens tokens untouched, 
       CAPTURE(skip);
       Engine engine(server.process.endpoint(), fmt::format("gpu-skip-{}", seed));
       REQUIRE(!engine.register_kv(kv));
-      const std::string why = round_trip(*engine.worker, kv, engine.event, seed++, from_blocks, to_blocks, skip,
-                                         chunk_tokens);
-      CHECK_MESSAGE(why == "", why);
+      const Error err = round_trip(*engine.worker, kv, engine.event, seed++, from_blocks, to_blocks, skip,
+                                   chunk_tokens);
+      CHECK_MESSAGE(!err, err.message());
     }
   }
 }
@@ -133,42 +136,42 @@ TEST_CASE("gpu: STORE waits for the engine's event: a kernel's writes just befor
           doctest::skip(no_gpu)) {
   Server server("batch");
   DeviceKv kv(KvShape{});
-  REQUIRE_MESSAGE(kv.error() == "", kv.error());
+  REQUIRE_MESSAGE(!kv.error(), kv.error().message());
   Engine engine(server.process.endpoint(), "gpu-event");
   REQUIRE(!engine.register_kv(kv));
   cudaStream_t stream = nullptr;
   REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess);
-  REQUIRE(kv.fill(1, stream) == "");
+  REQUIRE_FALSE(kv.fill(1, stream));
   REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
   // The "forward step": 300 ms of work, then the blocks are written. The
   // STORE goes out at once, without waiting: only the event orders the
   // server's copy after the writes.
   REQUIRE(launch_spin(300'000'000, stream) == cudaSuccess);
-  REQUIRE(kv.fill(2, stream) == "");
-  REQUIRE(engine.event.record(stream) == "");
+  REQUIRE_FALSE(kv.fill(2, stream));
+  REQUIRE_FALSE(engine.event.record(stream));
   adapter::TransferSpec store;
   store.request_id = "event-store";
   store.tokens = tokens(77, from_blocks.size() / 4, chunk_tokens);
   store.block_ids = from_blocks;
   store.engine_event = engine.event.handle();
   auto stored = engine.worker->submit_store(store, 30s);
-  REQUIRE_MESSAGE(!stored.ec, stored.ec.message());
-  REQUIRE(stored.value.stored_chunks == from_blocks.size() / 4);
+  REQUIRE_MESSAGE(stored, stored.error().message());
+  REQUIRE(stored->stored_chunks == from_blocks.size() / 4);
   REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
 
   // Read the stored chunks back into other blocks: they hold fill(2).
   std::vector<std::uint8_t> want, got;
-  REQUIRE(kv.snapshot(want) == "");
+  REQUIRE_FALSE(kv.snapshot(want));
   expect_retrieve(kv.layout(), kv.layer_bytes(), want, from_blocks, to_blocks, 0);
   adapter::TransferSpec retrieve = store;
   retrieve.request_id = "event-retrieve";
   retrieve.block_ids = to_blocks;
-  REQUIRE(engine.event.record(stream) == "");
+  REQUIRE_FALSE(engine.event.record(stream));
   auto r = engine.worker->submit_retrieve(retrieve, 30s);
-  REQUIRE_MESSAGE(!r.ec, r.ec.message());
-  REQUIRE(kv.snapshot(got) == "");
-  const std::string why = compare(kv.layout(), kv.layer_bytes(), want, got);
-  CHECK_MESSAGE(why == "", why);
+  REQUIRE_MESSAGE(r, r.error().message());
+  REQUIRE_FALSE(kv.snapshot(got));
+  const Error err = compare(kv.layout(), kv.layer_bytes(), want, got);
+  CHECK_MESSAGE(!err, err.message());
   cudaStreamDestroy(stream);
 }
 
@@ -184,14 +187,14 @@ TEST_CASE("gpu: two engine processes store and retrieve at the same time, each g
   REQUIRE(::posix_spawn(&pid, helper.c_str(), nullptr, nullptr, argv.data(), environ) == 0);
 
   DeviceKv kv(KvShape{});
-  REQUIRE_MESSAGE(kv.error() == "", kv.error());
+  REQUIRE_MESSAGE(!kv.error(), kv.error().message());
   Engine engine(server.process.endpoint(), "gpu-concurrent-parent");
   REQUIRE(!engine.register_kv(kv));
   for (std::uint32_t round = 0; round < 20; ++round) {
     CAPTURE(round);
-    const std::string why =
+    const Error err =
         round_trip(*engine.worker, kv, engine.event, 6000 + round, from_blocks, to_blocks, round % 7, chunk_tokens);
-    REQUIRE_MESSAGE(why == "", why);
+    REQUIRE_MESSAGE(!err, err.message());
   }
   // The helper's verdict: exit status 0 only if all its round trips matched.
   int status = 0;
@@ -210,7 +213,7 @@ TEST_CASE("gpu: two engine processes store and retrieve at the same time, each g
 TEST_CASE("gpu: registrations that cannot be opened are refused, saying why" * doctest::skip(no_gpu)) {
   Server server("batch");
   DeviceKv kv(KvShape{});
-  REQUIRE_MESSAGE(kv.error() == "", kv.error());
+  REQUIRE_MESSAGE(!kv.error(), kv.error().message());
   struct Bad {
     const char* what;
     std::function<void(wire::KvLayout&)> change;
@@ -233,7 +236,7 @@ TEST_CASE("gpu: registrations that cannot be opened are refused, saying why" * d
     Engine engine(server.process.endpoint(), "gpu-bad");
     // The adapter logs the server's message; the error code says refused.
     auto r = engine.worker->register_kv_caches(l, -1, 10s);
-    CHECK(r.ec == errc::bad_request);
+    CHECK(r.error() == errc::bad_request);
   }
   // And the good layout still registers afterwards.
   Engine engine(server.process.endpoint(), "gpu-good");
@@ -350,7 +353,7 @@ TEST_CASE("gpu: device memory returns to the baseline after unregister, after SI
   constexpr double slack_mib = 64;  // allocator granularity; a leak is a whole KV cache
   Server server("batch", {"--reap-timeout-s", "2", "--registration-grace-s", "2"});
   asio::io_context io;
-  kvlink::test::StatsClient stats(io, server.process.endpoint());
+  kvlink::test::Client stats(io, server.process.endpoint());
   REQUIRE(stats.stat("registrations") == 0);
   const double before = device_used_mib();
   double baseline = before;

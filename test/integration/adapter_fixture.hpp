@@ -43,8 +43,8 @@ inline std::vector<std::uint32_t> blocks(std::uint32_t first, std::uint32_t n) {
 // The engine's KV memory for layout(): a sealed memfd of the layout's size.
 inline UniqueFd kv_memfd() {
   auto kv = transfer::create_kv_memfd(layout(), {.name = "adapter_test-kv", .map = false});
-  REQUIRE_MESSAGE(kv, kv.detail);
-  return std::move(kv.fd);
+  REQUIRE_MESSAGE(kv, kv.error().message());
+  return std::move(kv->fd);
 }
 
 // An adapter's configuration in these tests (WorkerConfig or
@@ -57,6 +57,18 @@ Config config_for(const std::string& endpoint, Duration call_timeout) {
   c.health = test::fast_health();
   c.call_timeout = call_timeout;
   return c;
+}
+
+// The final matched tokens of lookup `id` (polls two-phase jobs).
+inline std::uint32_t final_match(SchedulerAdapter& scheduler, const std::string& id) {
+  LookupStatus st;
+  REQUIRE(eventually([&] {
+    auto r = scheduler.check_lookup(id);
+    REQUIRE_MESSAGE(r, r.error().message());
+    st = *r;
+    return st.ready;
+  }));
+  return st.matched_tokens;
 }
 
 struct AdapterFixture {
@@ -88,7 +100,7 @@ struct AdapterFixture {
     scheduler = SchedulerAdapter::create(rt.executor(), s);
   }
   ~AdapterFixture() {
-    if (worker) worker->shutdown(2s);
+    if (worker) (void)worker->shutdown(2s);  // teardown: its answer is not under test
     if (scheduler) scheduler->stop();
     rt.stop();
   }
@@ -100,17 +112,7 @@ struct AdapterFixture {
     s.block_ids = blocks(first_block, static_cast<std::uint32_t>((tokens.size() + block - 1) / block));
     return s;
   }
-  // Final matched tokens of a lookup (polls two-phase jobs).
-  std::uint32_t matched(const std::string& id) {
-    LookupStatus st;
-    REQUIRE(eventually([&] {
-      auto r = scheduler->check_lookup(id);
-      REQUIRE_MESSAGE(!r.ec, r.ec.message());
-      st = r.value;
-      return st.ready;
-    }));
-    return st.matched_tokens;
-  }
+  std::uint32_t matched(const std::string& id) { return final_match(*scheduler, id); }
   std::int64_t stat(const std::string& name) { return test::server_stat(endpoint, name); }
   void healthy() {
     worker_healthy();

@@ -150,25 +150,25 @@ TEST_CASE("adapter metrics: known traffic -> exact counts, bytes, latency counts
     }
   } join{stop, scraper};
 
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
   f.scheduler_connected();
   const auto t1 = prompt(2 * chunk, 1), t2 = prompt(chunk, 2), t3 = prompt(2 * chunk + 5, 3), t4 = prompt(chunk, 4);
 
   // M = 5 stores: blocking, use_future, a batch of two, the first again.
   auto s1 = f.worker->submit_store(f.spec("s1", t1, 0));
-  REQUIRE_MESSAGE(!s1.ec, s1.ec.message());
+  REQUIRE_MESSAGE(s1, s1.error().message());
   auto s2 = f.worker->async_submit_store(f.spec("s2", t2, 8), asio::use_future);
   REQUIRE(s2.wait_for(5s) == std::future_status::ready);
   CHECK(s2.get().stored_chunks == 1);
   auto batch = f.worker->submit_stores({f.spec("s3", t3, 16), f.spec("s4", t4, 24)});
-  REQUIRE_MESSAGE(!batch.ec, batch.ec.message());
+  REQUIRE_MESSAGE(batch, batch.error().message());
   auto again = f.worker->submit_store(f.spec("s1-again", t1, 0));
-  REQUIRE(!again.ec);
-  CHECK(again.value.skipped_chunks == 2);  // already held: nothing moved
+  REQUIRE(again);
+  CHECK(again->skipped_chunks == 2);  // already held: nothing moved
 
   // N = 5 lookups: blocking (a hit, a miss), use_future, a callback, a coroutine.
-  REQUIRE(!f.scheduler->submit_lookup("l1", t1).ec);
-  REQUIRE(!f.scheduler->submit_lookup("l2", prompt(2 * chunk, 9)).ec);
+  REQUIRE(f.scheduler->submit_lookup("l1", t1));
+  REQUIRE(f.scheduler->submit_lookup("l2", prompt(2 * chunk, 9)));
   auto l3 = f.scheduler->async_submit_lookup("l3", t3, asio::use_future);
   REQUIRE(l3.wait_for(5s) == std::future_status::ready);
   l3.get();
@@ -180,7 +180,11 @@ TEST_CASE("adapter metrics: known traffic -> exact counts, bytes, latency counts
   auto l5 = asio::co_spawn(f.rt.executor(), awaited_lookup(f.scheduler, t4), asio::use_future);
   REQUIRE(l5.wait_for(5s) == std::future_status::ready);
   CHECK(l5.get());
-  for (const char* id : {"l1", "l2", "l3", "l4", "l5"}) CHECK(f.scheduler->check_lookup(id).value.ready);
+  for (const char* id : {"l1", "l2", "l3", "l4", "l5"}) {
+    auto st = f.scheduler->check_lookup(id);
+    REQUIRE(st);
+    CHECK(st->ready);
+  }
 
   // K = 3 retrieves that succeed (one skipping a 20-token prefix, one in a
   // batch) and one of chunks never stored: a load error of 2 blocks.
@@ -189,14 +193,15 @@ TEST_CASE("adapter metrics: known traffic -> exact counts, bytes, latency counts
     s.skip_first_n_tokens = 20;
     return s;
   }());
-  REQUIRE_MESSAGE(!r1.ec, r1.ec.message());
-  REQUIRE(!f.worker->submit_retrieve(f.spec("r2", t2, 50)).ec);
+  REQUIRE_MESSAGE(r1, r1.error().message());
+  REQUIRE(f.worker->submit_retrieve(f.spec("r2", t2, 50)));
   auto rb = f.worker->submit_retrieves({f.spec("r3", t3, 60), f.spec("r-miss", prompt(chunk, 8), 70)});
-  REQUIRE(rb.value.size() == 2);
-  CHECK(!rb.value[0]);
-  CHECK(rb.value[1] == errc::not_found);
-  CHECK(f.worker->get_finished({}).value.retrieves.size() == 4);
-  CHECK(f.worker->take_load_errors().value == blocks(70, 2));
+  REQUIRE_MESSAGE(rb, rb.error().message());  // the batch ran; each spec's code is in its value
+  REQUIRE(rb->size() == 2);
+  CHECK(!(*rb)[0]);
+  CHECK((*rb)[1] == errc::not_found);
+  CHECK(f.worker->get_finished({})->retrieves.size() == 4);
+  CHECK(f.worker->take_load_errors().value() == blocks(70, 2));
 
   f.healthy();
   // Pings answered: their round trips are in the histogram, one per answer.
@@ -301,7 +306,7 @@ TEST_CASE("adapter metrics: known traffic -> exact counts, bytes, latency counts
   CHECK(sample(p, "kvlink_engine_ping_rtt_seconds_count{" + wp.substr(0, wp.size() - 1) + wr) >= 2);
 
   // Shutdown is a call too, and the link is stopped after it.
-  REQUIRE(!f.worker->shutdown(2s).ec);
+  REQUIRE(f.worker->shutdown(2s));
   const AdapterMetrics after = f.worker->metrics();
   CHECK(after.call(Op::shutdown).calls == 1);
   CHECK(after.health.state == health::State::stopped);
@@ -314,11 +319,11 @@ TEST_CASE("adapter metrics: health state and transitions across a server kill an
   Fixture f;
   f.server.start();
   f.make(LookupMode::two_phase);  // "warm" stays pending until checked
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
   f.scheduler_connected();
   const auto tokens = prompt(2 * chunk, 5);
-  REQUIRE(!f.worker->submit_store(f.spec("s", tokens, 0)).ec);
-  REQUIRE(!f.scheduler->submit_lookup("warm", tokens).ec);
+  REQUIRE(f.worker->submit_store(f.spec("s", tokens, 0)));
+  REQUIRE(f.scheduler->submit_lookup("warm", tokens));
   f.healthy();
   CHECK(f.worker->metrics().health.transitions_to[state_index(health::State::healthy)] == 1);
 
@@ -326,13 +331,14 @@ TEST_CASE("adapter metrics: health state and transitions across a server kill an
   REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::degraded; }, 5s));
   REQUIRE(eventually([&] { return f.scheduler->monitor().state() == health::State::degraded; }, 5s));
   // Not sent while degraded: counted as degraded calls and unhealthy errors.
-  CHECK(f.worker->submit_store(f.spec("s-d", tokens, 10)).ec == errc::unhealthy);
-  CHECK(f.worker->submit_retrieve(f.spec("r-d", tokens, 20)).ec == errc::unhealthy);
-  CHECK(f.scheduler->submit_lookup("during", tokens).ec == errc::unhealthy);
+  CHECK(f.worker->submit_store(f.spec("s-d", tokens, 10)).error() == errc::unhealthy);
+  CHECK(f.worker->submit_retrieve(f.spec("r-d", tokens, 20)).error() == errc::unhealthy);
+  CHECK(f.scheduler->submit_lookup("during", tokens).error() == errc::unhealthy);
   auto warm = f.scheduler->check_lookup("warm");  // answered here: 0 tokens
-  CHECK(warm.value.ready);
-  CHECK(warm.value.matched_tokens == 0);
-  CHECK(f.scheduler->end_session("warm").ec == errc::unhealthy);
+  REQUIRE(warm);
+  CHECK(warm->ready);
+  CHECK(warm->matched_tokens == 0);
+  CHECK(f.scheduler->end_session("warm").error() == errc::unhealthy);
   std::this_thread::sleep_for(50ms);  // some time spent degraded
 
   const AdapterMetrics w = f.worker->metrics();
@@ -384,7 +390,7 @@ TEST_CASE("adapter metrics: health state and transitions across a server kill an
   REQUIRE(late.wait_for(5s) == std::future_status::ready);
   CHECK_THROWS(late.get());
   REQUIRE(eventually([&] {
-    auto r = f.worker->get_finished({}).value.retrieves;
+    auto r = f.worker->get_finished({})->retrieves;
     return std::find(r.begin(), r.end(), "r-late") != r.end();
   }, 5s));
   const AdapterMetrics hung = f.worker->metrics();
@@ -393,6 +399,6 @@ TEST_CASE("adapter metrics: health state and transitions across a server kill an
   const auto& errors = hung.call(Op::retrieve).errors;
   CHECK(hung.call(Op::retrieve).failed == 2);
   CHECK((errors.contains("timed_out") || errors.at("unhealthy") == 2));
-  CHECK(f.worker->take_load_errors().value.size() == hung.load_error_blocks);
+  CHECK(f.worker->take_load_errors()->size() == hung.load_error_blocks);
   f.server.resume();
 }

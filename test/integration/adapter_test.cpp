@@ -109,60 +109,60 @@ TEST_CASE("adapter: store, then sync and two-phase lookups; get_finished bookkee
     f.make(mode);
     CHECK(!f.worker->monitor().gate().is_open());
     auto reg = f.worker->register_kv_caches(layout(), f.kv.get());
-    REQUIRE_MESSAGE(!reg.ec, reg.ec.message());
+    REQUIRE_MESSAGE(reg, reg.error().message());
     CHECK(f.worker->monitor().gate().is_open());  // opens on the register ack
     CHECK(f.stat("registrations") == 1);
 
     const auto tokens = prompt(4 * chunk + 5);  // 4 full chunks and a tail
     auto st = f.worker->submit_store(f.spec("req-1", tokens));
-    REQUIRE_MESSAGE(!st.ec, st.ec.message());
-    CHECK(st.value.stored_chunks == 4);
+    REQUIRE_MESSAGE(st, st.error().message());
+    CHECK(st->stored_chunks == 4);
     auto fin = f.worker->get_finished({});
-    REQUIRE(!fin.ec);
-    CHECK(fin.value.stores.empty());  // the engine has not finished req-1
+    REQUIRE(fin);
+    CHECK(fin->stores.empty());  // the engine has not finished req-1
     fin = f.worker->get_finished({"req-1", "req-1"});
-    CHECK(fin.value.stores == std::vector<std::string>{"req-1"});
-    CHECK(f.worker->get_finished({"req-1"}).value.stores.empty());  // a repeated report: once
+    CHECK(fin->stores == std::vector<std::string>{"req-1"});
+    CHECK(f.worker->get_finished({"req-1"})->stores.empty());  // a repeated report: once
 
     CHECK(!f.scheduler->monitor().gate().is_open());
-    REQUIRE(!f.scheduler->submit_lookup("a", tokens).ec);
+    REQUIRE(f.scheduler->submit_lookup("a", tokens));
     CHECK(f.scheduler->monitor().gate().is_open());  // the first lookup starts the heartbeat
     CHECK(f.matched("a") == 4 * chunk);
     CHECK(f.matched("a") == 4 * chunk);  // cached (a two-phase job answers once)
 
     auto diverging = tokens;
     diverging[2 * chunk + 1] += 1;  // the third chunk differs
-    REQUIRE(!f.scheduler->submit_lookup("b", diverging).ec);
+    REQUIRE(f.scheduler->submit_lookup("b", diverging));
     CHECK(f.matched("b") == 2 * chunk);
     // A duplicate submit is ignored: the first answer stands.
-    REQUIRE(!f.scheduler->submit_lookup("b", tokens).ec);
+    REQUIRE(f.scheduler->submit_lookup("b", tokens));
     CHECK(f.matched("b") == 2 * chunk);
 
-    REQUIRE(!f.scheduler->submit_lookup("miss", prompt(2 * chunk, 7)).ec);
+    REQUIRE(f.scheduler->submit_lookup("miss", prompt(2 * chunk, 7)));
     CHECK(f.matched("miss") == 0);
 
     const auto locks = f.stat("read_locks_held");
     CHECK(locks > 0);
-    CHECK(!f.scheduler->free_lookup_locks("b", 0, 2).ec);
+    CHECK(f.scheduler->free_lookup_locks("b", 0, 2));
     // One-way: wait for the server to have applied it.
     CHECK(eventually([&] { return f.stat("read_locks_held") < locks; }, 5s));
-    CHECK(!f.scheduler->report_block_allocation("a", 8, 256).ec);
+    CHECK(f.scheduler->report_block_allocation("a", 8, 256));
     const auto sessions = f.stat("sessions");
-    CHECK(!f.scheduler->end_session("b").ec);
+    CHECK(f.scheduler->end_session("b"));
     CHECK(eventually([&] { return f.stat("sessions") == sessions - 1; }, 5s));
     CHECK(eventually([&] { return f.stat("block_allocation_reports") == 1; }, 5s));
-    CHECK(f.scheduler->check_lookup("b").ec == errc::not_found);  // state dropped
+    CHECK(f.scheduler->check_lookup("b").error() == errc::not_found);  // state dropped
 
     auto rt = f.worker->submit_retrieve(f.spec("req-2", tokens, 20));
-    REQUIRE_MESSAGE(!rt.ec, rt.ec.message());
-    CHECK(rt.value.retrieved_chunks == 4);
+    REQUIRE_MESSAGE(rt, rt.error().message());
+    CHECK(rt->retrieved_chunks == 4);
     fin = f.worker->get_finished({});
-    CHECK(fin.value.retrieves == std::vector<std::string>{"req-2"});
-    CHECK(f.worker->take_load_errors().value.empty());
+    CHECK(fin->retrieves == std::vector<std::string>{"req-2"});
+    CHECK(f.worker->take_load_errors()->empty());
     // The worker's retrieve for request "a" releases exactly the locks the
     // scheduler's lookups for "a" took: nothing stays pinned.
     CHECK(f.stat("read_locks_held") > 0);
-    REQUIRE(!f.worker->submit_retrieve(f.spec("a", tokens, 40)).ec);
+    REQUIRE(f.worker->submit_retrieve(f.spec("a", tokens, 40)));
     CHECK(f.stat("read_locks_held") == 0);
     CHECK(f.stat("l1_pinned_bytes") == 0);
     CHECK(f.worker->monitor().state() == health::State::healthy);
@@ -189,13 +189,15 @@ TEST_CASE("adapter: the async forms work with use_future and callbacks; batches"
   REQUIRE(fut.wait_for(5s) == std::future_status::ready);
   CHECK(fut.get() == std::vector<std::string>{"s1", "s2"});
   auto rb = f.worker->submit_retrieves({f.spec("r1", prompt(2 * chunk, 1), 30), f.spec("r2", prompt(chunk, 9), 40)});
-  REQUIRE(rb.value.size() == 2);
-  CHECK(!rb.value[0]);
-  CHECK(rb.value[1] == errc::not_found);  // never stored: its blocks failed to load
-  CHECK(rb.ec == errc::not_found);
+  // The batch ran: its value holds each spec's code, failed ones included.
+  REQUIRE_MESSAGE(rb, rb.error().message());
+  REQUIRE(rb->size() == 2);
+  CHECK(!(*rb)[0]);
+  CHECK((*rb)[1] == errc::not_found);  // never stored: its blocks failed to load
   auto fin = f.worker->get_finished({});
-  CHECK(fin.value.retrieves.size() == 2);
-  CHECK(f.worker->take_load_errors().value == blocks(40, 2));
+  REQUIRE(fin);
+  CHECK(fin->retrieves.size() == 2);
+  CHECK(f.worker->take_load_errors().value() == blocks(40, 2));
   auto co = asio::co_spawn(f.rt.executor(), awaited_lookup(f.scheduler, prompt(2 * chunk + 3, 1)), asio::use_future);
   REQUIRE(co.wait_for(5s) == std::future_status::ready);
   CHECK(co.get() == 2 * chunk);
@@ -206,10 +208,10 @@ TEST_CASE("adapter: SIGKILL mid-workload -> calls return in time, retrieves fail
   Fixture f;
   f.server.start();
   f.make();
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
   const auto tokens = prompt(3 * chunk);
-  REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
-  REQUIRE(!f.scheduler->submit_lookup("warm", tokens).ec);
+  REQUIRE(f.worker->submit_store(f.spec("s", tokens)));
+  REQUIRE(f.scheduler->submit_lookup("warm", tokens));
   f.healthy();
 
   // In flight when the server dies: a store and a retrieve it never answers.
@@ -223,43 +225,44 @@ TEST_CASE("adapter: SIGKILL mid-workload -> calls return in time, retrieves fail
 
   const auto t0 = std::chrono::steady_clock::now();
   auto rr = f.worker->submit_retrieve(f.spec("r-degraded", tokens, 60));
-  CHECK(rr.ec == errc::unhealthy);  // not sent
+  CHECK(rr.error() == errc::unhealthy);  // not sent
   auto ss = f.worker->submit_store(f.spec("s-degraded", tokens, 70));
-  CHECK(ss.ec == errc::unhealthy);
+  CHECK(ss.error() == errc::unhealthy);
   REQUIRE(eventually([&] { return f.scheduler->monitor().state() == health::State::degraded; }, 5s));
-  CHECK(f.scheduler->submit_lookup("during", tokens).ec == errc::unhealthy);
+  CHECK(f.scheduler->submit_lookup("during", tokens).error() == errc::unhealthy);
   auto during = f.scheduler->check_lookup("during");
-  CHECK(during.value.ready);
-  CHECK(during.value.matched_tokens == 0);
-  CHECK(f.scheduler->end_session("warm").ec == errc::unhealthy);  // dropped
+  REQUIRE(during);
+  CHECK(during->ready);
+  CHECK(during->matched_tokens == 0);
+  CHECK(f.scheduler->end_session("warm").error() == errc::unhealthy);  // dropped
   CHECK(std::chrono::steady_clock::now() - t0 < 2s);
 
   // What was never sent is finished at once. What was sent and never
   // answered waits for its fence (transfer_timeout after sending): the
   // adapter cannot tell a dead server from a stopped one that may still copy.
   auto fin = f.worker->get_finished({"s-late", "s-degraded", "r-late"});
-  REQUIRE(!fin.ec);
-  CHECK(fin.value.retrieves == std::vector<std::string>{"r-degraded"});
-  CHECK(fin.value.stores == std::vector<std::string>{"s-degraded"});
-  CHECK(f.worker->take_load_errors().value == blocks(60, 6));
+  REQUIRE(fin);
+  CHECK(fin->retrieves == std::vector<std::string>{"r-degraded"});
+  CHECK(fin->stores == std::vector<std::string>{"s-degraded"});
+  CHECK(f.worker->take_load_errors().value() == blocks(60, 6));
   std::vector<std::string> late_retrieves, late_stores;
   REQUIRE(eventually([&] {
-    auto more = f.worker->get_finished({}).value;
+    auto more = f.worker->get_finished({}).value();
     late_retrieves.insert(late_retrieves.end(), more.retrieves.begin(), more.retrieves.end());
     late_stores.insert(late_stores.end(), more.stores.begin(), more.stores.end());
     return !late_retrieves.empty() && !late_stores.empty();
   }, 5s));
   CHECK(late_retrieves == std::vector<std::string>{"r-late"});
   CHECK(late_stores == std::vector<std::string>{"s-late"});
-  CHECK(f.worker->take_load_errors().value == blocks(50, 6));
-  CHECK(f.worker->get_finished({"s-late", "r-late"}).value.stores.empty());  // once only
+  CHECK(f.worker->take_load_errors().value() == blocks(50, 6));
+  CHECK(f.worker->get_finished({"s-late", "r-late"})->stores.empty());  // once only
 
   // Restart: the worker re-registers by itself, then lookups work again.
   f.server.start();
   f.healthy();
   CHECK(f.stat("registrations") == 1);
-  REQUIRE(!f.worker->submit_store(f.spec("s2", tokens)).ec);
-  REQUIRE(!f.scheduler->submit_lookup("after", tokens).ec);
+  REQUIRE(f.worker->submit_store(f.spec("s2", tokens)));
+  REQUIRE(f.scheduler->submit_lookup("after", tokens));
   CHECK(f.matched("after") == 3 * chunk);
 }
 
@@ -267,17 +270,17 @@ TEST_CASE("adapter: SIGSTOP -> blocking calls return within their deadline") {
   Fixture f;
   f.server.start();
   f.make(LookupMode::two_phase);
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
   const auto tokens = prompt(2 * chunk);
-  REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
-  REQUIRE(!f.scheduler->submit_lookup("x", tokens).ec);
+  REQUIRE(f.worker->submit_store(f.spec("s", tokens)));
+  REQUIRE(f.scheduler->submit_lookup("x", tokens));
   f.healthy();
   stop_server(f.server);
   for (int i = 0; i < 3; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     auto r = f.worker->submit_retrieve(f.spec("r" + std::to_string(i), tokens, 10), 300ms);
     const auto took = std::chrono::steady_clock::now() - t0;
-    CHECK(r.ec);  // timed_out while the link looks healthy, unhealthy after
+    CHECK(!r);  // timed_out while the link looks healthy, unhealthy after
     CHECK(took < 1s);
     const auto t1 = std::chrono::steady_clock::now();
     auto l = f.scheduler->submit_lookup("y" + std::to_string(i), tokens, 300ms);
@@ -290,7 +293,7 @@ TEST_CASE("adapter: SIGSTOP -> blocking calls return within their deadline") {
   // Drained, each once, when their fence (transfer_timeout 1 s) has passed.
   std::vector<std::string> drained;
   CHECK(eventually([&] {
-    auto more = f.worker->get_finished({}).value.retrieves;
+    auto more = f.worker->get_finished({})->retrieves;
     drained.insert(drained.end(), more.begin(), more.end());
     return drained.size() >= 3;
   }, 5s));
@@ -305,7 +308,7 @@ TEST_CASE("adapter: a cancelled async call completes at once with operation_abor
   Fixture f;
   f.server.start();
   f.make();
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
   f.scheduler_connected();  // the first lookup must not find it still connecting (it is healthy only once a lookup opens its gate)
   const auto tokens = prompt(2 * chunk);
   // Runs one async lookup with a cancellation slot, on the adapters' thread;
@@ -364,18 +367,20 @@ TEST_CASE("adapter: no server -> degraded; nothing hangs, everything reports the
   f.scheduler->ready();
   REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::degraded; }, 5s));
   REQUIRE(eventually([&] { return f.scheduler->monitor().state() == health::State::degraded; }, 5s));
-  CHECK(f.worker->register_kv_caches(layout(), f.kv.get()).ec == errc::unhealthy);
-  CHECK(f.worker->submit_store(f.spec("s", prompt(chunk))).ec == errc::unhealthy);
-  CHECK(f.worker->submit_retrieve(f.spec("r", prompt(chunk), 3)).ec == errc::unhealthy);
+  CHECK(f.worker->register_kv_caches(layout(), f.kv.get()).error() == errc::unhealthy);
+  CHECK(f.worker->submit_store(f.spec("s", prompt(chunk))).error() == errc::unhealthy);
+  CHECK(f.worker->submit_retrieve(f.spec("r", prompt(chunk), 3)).error() == errc::unhealthy);
   auto fin = f.worker->get_finished({"s"});
-  CHECK(fin.value.stores == std::vector<std::string>{"s"});
-  CHECK(fin.value.retrieves == std::vector<std::string>{"r"});
-  CHECK(f.worker->take_load_errors().value == blocks(3, 2));
-  CHECK(f.scheduler->submit_lookup("l", prompt(chunk)).ec == errc::unhealthy);
+  REQUIRE(fin);
+  CHECK(fin->stores == std::vector<std::string>{"s"});
+  CHECK(fin->retrieves == std::vector<std::string>{"r"});
+  CHECK(f.worker->take_load_errors().value() == blocks(3, 2));
+  CHECK(f.scheduler->submit_lookup("l", prompt(chunk)).error() == errc::unhealthy);
   auto st = f.scheduler->check_lookup("l");
-  CHECK(st.value.ready);
-  CHECK(st.value.matched_tokens == 0);
-  CHECK(f.scheduler->report_block_allocation("l", 1, 2).ec == errc::unhealthy);
+  REQUIRE(st);
+  CHECK(st->ready);
+  CHECK(st->matched_tokens == 0);
+  CHECK(f.scheduler->report_block_allocation("l", 1, 2).error() == errc::unhealthy);
 
   // The server appears: the registration that was never acknowledged is
   // sent once the link is healthy, and transfers work.
@@ -383,8 +388,8 @@ TEST_CASE("adapter: no server -> degraded; nothing hangs, everything reports the
   f.healthy();
   REQUIRE(eventually([&] { return f.stat("registrations") == 1; }, 5s));
   auto st2 = f.worker->submit_store(f.spec("s2", prompt(chunk)));
-  CHECK_MESSAGE(!st2.ec, st2.ec.message());
-  CHECK(st2.value.stored_chunks == 1);
+  CHECK_MESSAGE(st2, st2.error().message());
+  CHECK(st2->stored_chunks == 1);
 }
 
 TEST_CASE("adapter: worker gate triggers; unregister") {
@@ -392,9 +397,9 @@ TEST_CASE("adapter: worker gate triggers; unregister") {
     Fixture f;
     f.server.start();
     f.make(LookupMode::sync, GateTrigger::first_transfer);
-    REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+    REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
     CHECK(!f.worker->monitor().gate().is_open());
-    REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
+    REQUIRE(f.worker->submit_store(f.spec("s", prompt(chunk))));
     CHECK(f.worker->monitor().gate().is_open());
     CHECK(f.worker->monitor().gate().reason() == "first store");
   }
@@ -402,17 +407,17 @@ TEST_CASE("adapter: worker gate triggers; unregister") {
     Fixture f;
     f.server.start();
     f.make(LookupMode::sync, GateTrigger::explicit_ready);
-    REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
-    REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
+    REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
+    REQUIRE(f.worker->submit_store(f.spec("s", prompt(chunk))));
     CHECK(!f.worker->monitor().gate().is_open());
     CHECK(f.worker->monitor().state() == health::State::warming);
     f.worker->ready();
     CHECK(f.worker->monitor().gate().is_open());
     REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::healthy; }));
     CHECK(f.stat("registrations") == 1);
-    REQUIRE(!f.worker->unregister_kv_caches().ec);
+    REQUIRE(f.worker->unregister_kv_caches());
     CHECK(f.stat("registrations") == 0);
-    CHECK(f.worker->submit_store(f.spec("s2", prompt(chunk, 2))).ec == errc::not_registered);
+    CHECK(f.worker->submit_store(f.spec("s2", prompt(chunk, 2))).error() == errc::not_registered);
   }
 }
 
@@ -421,7 +426,7 @@ TEST_CASE("adapter: reaped by the server (unknown_instance) -> HELLO again, re-r
   f.server.start();
   f.make(LookupMode::sync, GateTrigger::explicit_ready);
   auto events = record_events(f);
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
   CHECK(f.stat("registrations") == 1);
   // Gate closed, no pings: the server reaps the silent instance.
   REQUIRE(eventually([&] { return f.stat("registrations") == 0; }, 10s));
@@ -430,7 +435,7 @@ TEST_CASE("adapter: reaped by the server (unknown_instance) -> HELLO again, re-r
   // server holds nothing), REGISTER again, then healthy.
   REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::healthy; }, 10s));
   REQUIRE(eventually([&] { return f.stat("registrations") == 1; }, 5s));
-  REQUIRE(!f.worker->submit_store(f.spec("s", prompt(chunk))).ec);
+  REQUIRE(f.worker->submit_store(f.spec("s", prompt(chunk))));
   CHECK(events->count("worker", "degraded") == 0);
   CHECK(events->notices("worker", "saying HELLO again") == 1);
 }
@@ -439,22 +444,23 @@ TEST_CASE("adapter: a scheduler can share the worker's monitor (one connection, 
   Fixture f;
   f.server.start();
   f.make();
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
   const auto tokens = prompt(2 * chunk, 3);
-  REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
+  REQUIRE(f.worker->submit_store(f.spec("s", tokens)));
   SchedulerConfig c;
   c.model = "adapter-model";
   c.monitor = f.worker->shared_monitor();
   auto shared = SchedulerAdapter::create(f.rt.executor(), c);
   CHECK(&shared->monitor() == &f.worker->monitor());
-  REQUIRE(!shared->submit_lookup("q", tokens).ec);
+  REQUIRE(shared->submit_lookup("q", tokens));
   auto st = shared->check_lookup("q");
-  CHECK(st.value.ready);
-  CHECK(st.value.matched_tokens == 2 * chunk);
+  REQUIRE(st);
+  CHECK(st->ready);
+  CHECK(st->matched_tokens == 2 * chunk);
   shared->stop();  // leaves the shared monitor alone
   shared.reset();
   CHECK(f.worker->monitor().state() != health::State::stopped);
-  CHECK(!f.worker->submit_store(f.spec("s2", prompt(chunk, 4))).ec);
+  CHECK(f.worker->submit_store(f.spec("s2", prompt(chunk, 4))));
 }
 
 // ---- self-healing in the orders reality produces -------------------------------------
@@ -465,9 +471,9 @@ namespace {
 std::uint32_t store_then_lookup(Fixture& f, const std::vector<store::Token>& tokens, int round) {
   (void)f.worker->submit_store(f.spec("store-" + std::to_string(round), tokens));
   const std::string id = "lookup-" + std::to_string(round);
-  if (f.scheduler->submit_lookup(id, tokens).ec) return 0;
+  if (!f.scheduler->submit_lookup(id, tokens)) return 0;
   auto st = f.scheduler->check_lookup(id);
-  return st.ec || !st.value.ready ? 0 : st.value.matched_tokens;
+  return !st || !st->ready ? 0 : st->matched_tokens;
 }
 
 // Runs store_then_lookup until it hits; the time it took (or `limit`).
@@ -488,8 +494,8 @@ TEST_CASE("self-heal: engine before server: hits within 2 s of the server listen
   f.make();  // default gate trigger (register_ack); nobody calls ready()
   // No server yet: the call says so at its deadline; the registration stays.
   const auto r = f.worker->register_kv_caches(layout(), f.kv.get());
-  CHECK(r.ec == errc::not_connected);
-  CHECK(f.worker->submit_store(f.spec("early", prompt(chunk))).ec);  // nothing to serve it yet
+  CHECK(r.error() == errc::not_connected);
+  CHECK(!f.worker->submit_store(f.spec("early", prompt(chunk))));  // nothing to serve it yet
   std::this_thread::sleep_for(300ms);
   f.server.start();  // returns once it listens
   const Duration took = until_hit(f, prompt(2 * chunk, 7));
@@ -505,7 +511,7 @@ TEST_CASE("self-heal: a connection dropped with the server alive: healthy again,
   f.server.start();
   f.make();
   auto events = record_events(f);
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
   const auto tokens = prompt(2 * chunk, 8);
   REQUIRE(until_hit(f, tokens) < 2s);  // the lookup opens the scheduler's gate
   f.healthy();
@@ -532,12 +538,12 @@ TEST_CASE("self-heal: an idle scheduler past the reap timeout: its first lookup 
   f.server.start();
   f.make();
   auto events = record_events(f);
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);  // the worker's gate opens: it pings
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));  // the worker's gate opens: it pings
   const auto tokens = prompt(2 * chunk, 10);
-  REQUIRE(!f.worker->submit_store(f.spec("s", tokens)).ec);
+  REQUIRE(f.worker->submit_store(f.spec("s", tokens)));
   // The scheduler's gate stays closed (no lookup yet): silent, it is reaped.
   REQUIRE(eventually([&] { return f.stat("instances_reaped") >= 1; }, 10s));
-  REQUIRE(!f.scheduler->submit_lookup("first", tokens).ec);
+  REQUIRE(f.scheduler->submit_lookup("first", tokens));
   CHECK(f.matched("first") == 2 * chunk);
   REQUIRE(eventually([&] { return f.scheduler->monitor().state() == health::State::healthy; }, 5s));
   CHECK(events->count("scheduler", "degraded") == 0);
@@ -548,17 +554,18 @@ TEST_CASE("self-heal: a preempted request loaded again under its id is reported 
   Fixture f;
   f.server.start();
   f.make();
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
   const auto tokens = prompt(2 * chunk, 11);
-  REQUIRE(!f.worker->submit_store(f.spec("writer", tokens)).ec);
+  REQUIRE(f.worker->submit_store(f.spec("writer", tokens)));
   // vLLM: load, report finished, preempt, load again under the same id.
   for (int load = 1; load <= 2; ++load) {
     CAPTURE(load);
     auto r = f.worker->submit_retrieve(f.spec("req-p", tokens, 8));
-    REQUIRE_MESSAGE(!r.ec, r.ec.message());
+    REQUIRE_MESSAGE(r, r.error().message());
     auto fin = f.worker->get_finished({});
-    CHECK(fin.value.retrieves == std::vector<std::string>{"req-p"});
-    CHECK(f.worker->get_finished({}).value.retrieves.empty());  // a round is reported once
+    REQUIRE(fin);
+    CHECK(fin->retrieves == std::vector<std::string>{"req-p"});
+    CHECK(f.worker->get_finished({})->retrieves.empty());  // a round is reported once
   }
 }
 
@@ -577,7 +584,7 @@ TEST_CASE("self-heal: a refused re-registration is dropped with one error, not r
   f.server.start();
   f.make();
   auto events = record_events(f);
-  REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
   f.worker_healthy();
   // The replacement cannot take this layout: 24-token chunks are not whole
   // 16-token blocks, so it refuses the registration.
@@ -595,7 +602,7 @@ TEST_CASE("self-heal: a refused re-registration is dropped with one error, not r
         }) == 1);
   // The link itself is fine, and the worker says what it lacks.
   REQUIRE(eventually([&] { return f.worker->monitor().state() == health::State::healthy; }, 5s));
-  CHECK(f.worker->submit_store(f.spec("s", prompt(chunk))).ec == errc::not_registered);
+  CHECK(f.worker->submit_store(f.spec("s", prompt(chunk))).error() == errc::not_registered);
   other.kill();
 }
 
@@ -604,14 +611,14 @@ TEST_CASE("self-heal: shutdown stops the heartbeat, then unregisters; bounded wh
     Fixture f;
     f.server.start();
     f.make();
-    REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+    REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
     f.worker_healthy();
     REQUIRE(f.stat("registrations") == 1);
     const auto r = f.worker->shutdown(3s);
-    CHECK_MESSAGE(!r.ec, r.ec.message());
+    CHECK_MESSAGE(r, r.error().message());
     CHECK(f.worker->monitor().state() == health::State::stopped);
     CHECK(f.stat("registrations") == 0);
-    CHECK(f.worker->submit_store(f.spec("late", prompt(chunk))).ec == errc::shutting_down);
+    CHECK(f.worker->submit_store(f.spec("late", prompt(chunk))).error() == errc::shutting_down);
   }
   SUBCASE("server hung") {
     auto warnings = std::make_shared<std::atomic<int>>(0);
@@ -625,13 +632,13 @@ TEST_CASE("self-heal: shutdown stops the heartbeat, then unregisters; bounded wh
     Fixture f;
     f.server.start();
     f.make();
-    REQUIRE(!f.worker->register_kv_caches(layout(), f.kv.get()).ec);
+    REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
     f.worker_healthy();
     stop_server(f.server);
     const auto t0 = Clock::now();
     const auto r = f.worker->shutdown(5s);
     const auto took = Clock::now() - t0;
-    CHECK(r.ec == errc::timed_out);
+    CHECK(r.error() == errc::timed_out);
     CHECK(took < 1500ms);  // call_timeout (1 s) and a margin, well before the 5 s deadline
     CHECK(warnings->load() == 1);
     CHECK(f.worker->monitor().state() == health::State::stopped);  // no degraded verdict on the way out

@@ -19,7 +19,7 @@
 #include "kvlink/net/connection.hpp"
 #include "kvlink/store/keys.hpp"
 #include "server_process.hpp"
-#include "stats_client.hpp"
+#include "client.hpp"
 #include "test_support.hpp"
 
 using namespace kvlink;
@@ -39,7 +39,7 @@ wire::HelloRequest hello(wire::Role role = wire::Role::admin) {
   return h;
 }
 
-using Admin = test::StatsClient;
+using Admin = test::Client;
 
 // A unix socket client that sends HELLO, then STATS requests as fast as
 // the kernel takes them, and never reads.
@@ -146,8 +146,8 @@ TEST_CASE("limits: --max-instances refuses HELLO of one more instance, naming th
   Admin b(io, server.endpoint(), wire::Role::scheduler);
   Admin admin(io, server.endpoint());
   auto r = run(io, net::connect(io.get_executor(), test::parse(server.endpoint()), hello(wire::Role::scheduler), 5s));
-  CHECK(r.ec == errc::limit_exceeded);
-  CHECK(r.error.find("--max-instances") != std::string::npos);
+  CHECK(r.error == errc::limit_exceeded);
+  CHECK(r.error.message().find("--max-instances") != std::string::npos);
   CHECK(admin.stat("instances_refused") == 1);
   CHECK_FALSE(b.ping());
 }
@@ -160,8 +160,8 @@ TEST_CASE("limits: --max-connections refuses one more connection, naming the fla
   Admin a(io, server.endpoint());
   auto r = run(io, net::connect(io.get_executor(), test::parse(server.endpoint()), hello(), 5s));
   // Refused before HELLO is read: the connection-level error says why.
-  CHECK(r.ec == errc::connection_lost);
-  CHECK(r.error.find("server is at its limit of 1 connections (--max-connections)") != std::string::npos);
+  CHECK(r.error == errc::connection_lost);
+  CHECK(r.error.message().find("server is at its limit of 1 connections (--max-connections)") != std::string::npos);
   CHECK(a.stat("connections_refused") == 1);
 }
 

@@ -34,6 +34,7 @@
 #include "kvlink/runtime/runtime.hpp"
 #include "kvlink/transfer/kv_memfd.hpp"
 #include "kvlink/unique_fd.hpp"
+#include "adapter_fixture.hpp"
 #include "child.hpp"
 #include "server_process.hpp"
 #include "sim/workload.hpp"
@@ -49,9 +50,9 @@ using kvlink::test::eventually;
 
 namespace {
 
-constexpr std::uint32_t chunk = 32;  // server --chunk-size
-constexpr std::uint32_t block = 16;  // 2 blocks per chunk
-constexpr std::uint32_t num_blocks = 256;
+using test::block;
+using test::chunk;
+constexpr std::uint32_t num_blocks = 256;  // test::layout()'s
 // Engine threads use blocks below this; tests' own probes use the rest.
 constexpr std::uint32_t engine_blocks = 192;
 // Deadlines: transfers give up (1 s) before the engine's blocking calls (2 s).
@@ -59,21 +60,14 @@ constexpr auto transfer_timeout = 1s;
 constexpr auto deadline = 2s;
 
 // 2 layers, 2 heads x 16 x 2 bytes: 64 bytes per token, 1 KiB per block.
-wire::KvLayout layout() { return wire::paged_layout(2, num_blocks, block, 2, 16, 2); }
-
-
-std::vector<std::uint32_t> range(std::uint32_t first, std::uint32_t n) {
-  std::vector<std::uint32_t> b(n);
-  for (std::uint32_t i = 0; i < n; ++i) b[i] = first + i;
-  return b;
-}
+using test::layout;
 
 // The engine's KV memory: a sealed memfd of the layout's size, mapped here.
 struct KvMemory {
   wire::KvLayout lay = layout();
-  transfer::KvMemfd memfd = transfer::create_kv_memfd(lay, {.name = "e2e_test-kv"});
-  KvMemory() { REQUIRE_MESSAGE(memfd, memfd.detail); }
-  sim::KvView view() const { return sim::KvView(memfd.memory.get(), lay); }
+  Result<transfer::KvMemfd> memfd = transfer::create_kv_memfd(lay, {.name = "e2e_test-kv"});
+  KvMemory() { REQUIRE_MESSAGE(memfd, memfd.error().message()); }
+  sim::KvView view() const { return sim::KvView(memfd->memory.get(), lay); }
 };
 
 std::uint64_t mismatches(const sim::KvView& kv, const std::vector<store::Token>& tokens,
@@ -96,44 +90,28 @@ struct Fixture {
       : server({"--listen", endpoint, "--log-level", "warn", "--chunk-size", std::to_string(chunk), "--l1-size", l1,
                 "--no-huge-pages"}) {}
   ~Fixture() {
-    if (worker) worker->shutdown(2s);
+    if (worker) (void)worker->shutdown(2s);  // teardown: its answer is not under test
     if (scheduler) scheduler->stop();
     rt.stop();
   }
   void make(LookupMode mode = LookupMode::sync) {
-    const health::Config h = test::fast_health();
-    WorkerConfig w;
-    w.endpoint = endpoint;
-    w.model = "e2e-model";
-    w.health = h;
-    w.call_timeout = 1s;
+    WorkerConfig w = test::config_for<WorkerConfig>(endpoint, 1s);
     w.transfer_timeout = transfer_timeout;
     w.blocking_deadline = deadline;
     worker = WorkerAdapter::create(rt.executor(), w);
-    SchedulerConfig s;
-    s.endpoint = endpoint;
-    s.model = "e2e-model";
+    SchedulerConfig s = test::config_for<SchedulerConfig>(endpoint, 1s);
     s.lookup_mode = mode;
-    s.health = h;
-    s.call_timeout = 1s;
     s.blocking_deadline = deadline;
     scheduler = SchedulerAdapter::create(rt.executor(), s);
-    auto r = worker->register_kv_caches(kv.lay, kv.memfd.fd.get());
-    REQUIRE_MESSAGE(!r.ec, r.ec.message());
+    auto r = worker->register_kv_caches(kv.lay, kv.memfd->fd.get());
+    REQUIRE_MESSAGE(r, r.error().message());
   }
   bool state_is(health::State s) {
     return worker->monitor().state() == s && scheduler->monitor().state() == s;
   }
   std::uint32_t matched(const std::string& id, const std::vector<store::Token>& tokens) {
-    REQUIRE(!scheduler->submit_lookup(id, tokens).ec);
-    LookupStatus st;
-    REQUIRE(eventually([&] {
-      auto r = scheduler->check_lookup(id);
-      REQUIRE_MESSAGE(!r.ec, r.ec.message());
-      st = r.value;
-      return st.ready;
-    }));
-    return st.matched_tokens;
+    REQUIRE(scheduler->submit_lookup(id, tokens));
+    return test::final_match(*scheduler, id);
   }
   TransferSpec spec(std::string id, const std::vector<store::Token>& tokens, const std::vector<std::uint32_t>& blocks) {
     TransferSpec s;
@@ -201,9 +179,9 @@ class Engine {
   void one_request() {
     auto req = gen_.next();
     const auto n = static_cast<std::uint32_t>(req.tokens.size());
-    timed([&] { return f_.scheduler->submit_lookup(req.id, req.tokens, deadline); });
+    (void)timed([&] { return f_.scheduler->submit_lookup(req.id, req.tokens, deadline); });  // a failure: a miss
     auto st = timed([&] { return f_.scheduler->check_lookup(req.id, deadline); });
-    const std::uint32_t matched = !st.ec && st.value.ready ? std::min(st.value.matched_tokens, n) : 0;
+    const std::uint32_t matched = st && st->ready ? std::min(st->matched_tokens, n) : 0;
     auto blocks = alloc_.allocate(sim::blocks_for(n, block));
     if (!blocks) return problem("out of blocks");
     std::vector<bool> loaded(blocks->size(), false);
@@ -214,12 +192,13 @@ class Engine {
       auto r = timed([&] { return f_.worker->submit_retrieve(f_.spec(req.id, prefix, hit), deadline); });
       auto fin = timed([&] { return f_.worker->get_finished({}, deadline); });
       auto errors = timed([&] { return f_.worker->take_load_errors(deadline); });
-      const std::set<std::uint32_t> failed(errors.value.begin(), errors.value.end());
+      std::set<std::uint32_t> failed;
+      if (errors) failed.insert(errors->begin(), errors->end());
       load_error_blocks += failed.size();
       for (std::uint32_t b = 0; b < hit.size(); ++b) {
-        if (failed.contains(hit[b]) || unanswered(r.ec)) continue;  // not loaded: computed below
-        if (r.ec) {
-          problem(req.id + ": retrieve failed (" + r.ec.message() + ") but block " + std::to_string(hit[b]) +
+        if (failed.contains(hit[b]) || unanswered(r.error().code())) continue;  // not loaded: computed below
+        if (!r) {
+          problem(req.id + ": retrieve failed (" + r.error().message() + ") but block " + std::to_string(hit[b]) +
                   " is not a load error");
           continue;
         }
@@ -239,10 +218,10 @@ class Engine {
     held_.emplace(req.id, std::move(*blocks));
     report_.push_back(req.id);
     auto fin = timed([&] { return f_.worker->get_finished(report_, deadline); });
-    if (!fin.ec) {
+    if (fin) {
       report_.clear();
-      const auto& done = fin.value.stores;
-      if (!stored.ec && std::find(done.begin(), done.end(), req.id) == done.end())
+      const auto& done = fin->stores;
+      if (stored && std::find(done.begin(), done.end(), req.id) == done.end())
         problem(req.id + ": store answered but not reported finished");
       for (const auto& id : done)
         if (auto it = held_.find(id); it != held_.end()) {
@@ -250,7 +229,7 @@ class Engine {
           held_.erase(it);
         }
     }
-    timed([&] { return f_.scheduler->end_session(req.id, deadline); });
+    (void)timed([&] { return f_.scheduler->end_session(req.id, deadline); });  // under chaos it may fail
     ++requests;
   }
 
@@ -339,18 +318,18 @@ TEST_CASE("e2e: store, lookup, retrieve returns identical bytes (sync and two-ph
     f.make(mode);
     const auto kv = f.kv.view();
     const auto tokens = prompt(4 * chunk + 5, 7);  // 4 full chunks and a tail
-    const auto src = range(10, 9);
+    const auto src = test::blocks(10, 9);
     sim::fill_tokens(kv, tokens, src, 0, static_cast<std::uint32_t>(tokens.size()));
     auto st = f.worker->submit_store(f.spec("a", tokens, src));
-    REQUIRE_MESSAGE(!st.ec, st.ec.message());
-    CHECK(st.value.stored_chunks == 4);
+    REQUIRE_MESSAGE(st, st.error().message());
+    CHECK(st->stored_chunks == 4);
     CHECK(f.matched("lookup-a", tokens) == 4 * chunk);
 
     const std::vector<std::uint32_t> dst{200, 31, 77, 5, 150, 64, 2, 99};  // scattered on purpose
     sim::poison_blocks(kv, dst);
     auto rt = f.worker->submit_retrieve(f.spec("b", std::vector<store::Token>(tokens.begin(), tokens.begin() + 4 * chunk), dst));
-    REQUIRE_MESSAGE(!rt.ec, rt.ec.message());
-    CHECK(rt.value.retrieved_chunks == 4);
+    REQUIRE_MESSAGE(rt, rt.error().message());
+    CHECK(rt->retrieved_chunks == 4);
     CHECK(mismatches(kv, tokens, dst, 0, 4 * chunk) == 0);
     for (std::uint32_t i = 0; i < 8; ++i)  // byte for byte the same as the source blocks
       for (std::uint32_t layer = 0; layer < 2; ++layer)
@@ -363,7 +342,7 @@ TEST_CASE("e2e: store, lookup, retrieve returns identical bytes (sync and two-ph
     auto spec = f.spec("c", std::vector<store::Token>(tokens.begin(), tokens.begin() + 4 * chunk), dst);
     spec.skip_first_n_tokens = chunk + block;  // one chunk and one block
     CHECK(f.matched("lookup-c", tokens) == 4 * chunk);
-    REQUIRE(!f.worker->submit_retrieve(spec).ec);
+    REQUIRE(f.worker->submit_retrieve(spec));
     CHECK(mismatches(kv, tokens, dst, 0, chunk + block) == (chunk + block) * 2 * 2);  // still poisoned
     CHECK(mismatches(kv, tokens, dst, chunk + block, 4 * chunk) == 0);
   }
@@ -378,24 +357,24 @@ TEST_CASE("e2e: requests sharing a prefix hit it, and only it") {
   auto first = prefix, second = prefix;
   for (auto t : prompt(chunk + 3, 500)) first.push_back(t);
   for (auto t : prompt(chunk + 3, 600)) second.push_back(t);
-  const auto b1 = range(0, 9);
+  const auto b1 = test::blocks(0, 9);
   sim::fill_tokens(kv, first, b1, 0, static_cast<std::uint32_t>(first.size()));
-  REQUIRE(!f.worker->submit_store(f.spec("r1", first, b1)).ec);
+  REQUIRE(f.worker->submit_store(f.spec("r1", first, b1)));
   CHECK(f.matched("r1-again", first) == 4 * chunk);
   CHECK(f.matched("r2", second) == 3 * chunk);  // the shared prefix, not the other tail
-  const auto b2 = range(100, 9);
+  const auto b2 = test::blocks(100, 9);
   sim::poison_blocks(kv, b2);
   const std::vector<std::uint32_t> hit(b2.begin(), b2.begin() + 6);
   auto r = f.worker->submit_retrieve(f.spec("r2", prefix, hit));
-  REQUIRE_MESSAGE(!r.ec, r.ec.message());
+  REQUIRE_MESSAGE(r, r.error().message());
   CHECK(mismatches(kv, second, b2, 0, 3 * chunk) == 0);
   CHECK(mismatches(kv, second, b2, 3 * chunk, 3 * chunk + block) == block * 2 * 2);  // not retrieved
   // The engine computes its tail and stores: now the second tail hits too.
   sim::fill_tokens(kv, second, b2, 3 * chunk, static_cast<std::uint32_t>(second.size()));
   auto s = f.worker->submit_store(f.spec("r2", second, b2));
-  REQUIRE(!s.ec);
-  CHECK(s.value.stored_chunks == 1);  // the prefix was there already
-  CHECK(s.value.skipped_chunks == 3);
+  REQUIRE(s);
+  CHECK(s->stored_chunks == 1);  // the prefix was there already
+  CHECK(s->skipped_chunks == 3);
   CHECK(f.matched("r2-again", second) == 4 * chunk);
 }
 
@@ -443,9 +422,9 @@ TEST_CASE("e2e: server SIGKILL mid-workload -> the engine keeps running, retriev
   const auto kv = f.kv.view();
   // A probe the test retrieves itself once the server is gone.
   const auto probe = prompt(2 * chunk, 900);
-  const auto probe_src = range(engine_blocks, 4);
+  const auto probe_src = test::blocks(engine_blocks, 4);
   sim::fill_tokens(kv, probe, probe_src, 0, 2 * chunk);
-  REQUIRE(!f.worker->submit_store(f.spec("probe", probe, probe_src)).ec);
+  REQUIRE(f.worker->submit_store(f.spec("probe", probe, probe_src)));
   CHECK(f.matched("probe-lookup", probe) == 2 * chunk);
 
   Engine e(f, shared_prefixes());
@@ -458,16 +437,16 @@ TEST_CASE("e2e: server SIGKILL mid-workload -> the engine keeps running, retriev
   CHECK(f.state_is(health::State::degraded));
   e.stop();
 
-  const auto probe_dst = range(engine_blocks + 10, 4);
+  const auto probe_dst = test::blocks(engine_blocks + 10, 4);
   sim::poison_blocks(kv, probe_dst);
   const auto t0 = std::chrono::steady_clock::now();
   auto r = f.worker->submit_retrieve(f.spec("probe-late", probe, probe_dst));
   CHECK(std::chrono::steady_clock::now() - t0 < deadline);
-  CHECK(r.ec == errc::unhealthy);
+  CHECK(r.error() == errc::unhealthy);
   auto fin = f.worker->get_finished({});
-  REQUIRE(!fin.ec);
-  CHECK(fin.value.retrieves == std::vector<std::string>{"probe-late"});
-  CHECK(f.worker->take_load_errors().value == probe_dst);
+  REQUIRE(fin);
+  CHECK(fin->retrieves == std::vector<std::string>{"probe-late"});
+  CHECK(f.worker->take_load_errors().value() == probe_dst);
   CHECK(mismatches(kv, probe, probe_dst, 0, 2 * chunk) == 2 * chunk * 2 * 2);  // untouched
 
   f.server.start();  // a new process on the same socket
@@ -548,12 +527,13 @@ TEST_CASE("e2e: a STORE that timed out during SIGSTOP must not copy the engine's
   f.server.stop();
   REQUIRE(eventually([&] { return test::process_stopped(f.server.pid()); }, 5s));
   const auto c = prompt(2 * chunk, 300);
-  const auto blocks = range(40, 4);
+  const auto blocks = test::blocks(40, 4);
   sim::fill_tokens(kv, c, blocks, 0, 2 * chunk);
   auto s = f.worker->submit_store(f.spec("c", c, blocks));
-  REQUIRE(s.ec == errc::timed_out);  // the engine may reuse its blocks now
+  REQUIRE(s.error() == errc::timed_out);  // the engine may reuse its blocks now
   auto fin = f.worker->get_finished({"c"});
-  REQUIRE(fin.value.stores == std::vector<std::string>{"c"});
+  REQUIRE(fin);
+  REQUIRE(fin->stores == std::vector<std::string>{"c"});
   const auto d = prompt(2 * chunk, 700);
   sim::fill_tokens(kv, d, blocks, 0, 2 * chunk);  // reused for another request
   f.server.resume();
@@ -562,10 +542,10 @@ TEST_CASE("e2e: a STORE that timed out during SIGSTOP must not copy the engine's
   CHECK(m == 0);  // dropped at its fence
   CHECK(f.stat("transfers_fenced") == 1);
   if (m > 0) {  // if it had been stored, what the server returns for c must still be c's bytes
-    const auto dst = range(100, m / block);
+    const auto dst = test::blocks(100, m / block);
     sim::poison_blocks(kv, dst);
     auto r = f.worker->submit_retrieve(f.spec("c-read", std::vector<store::Token>(c.begin(), c.begin() + m), dst));
-    REQUIRE(!r.ec);
+    REQUIRE(r);
     CHECK(mismatches(kv, c, dst, 0, m) == 0);
   }
 }

@@ -280,7 +280,7 @@ TEST_CASE("health: a busy server (thousands of pipelined requests) does not make
   asio::co_spawn(f.io, net::connect(f.io.get_executor(), parse(f.endpoint), hello, 5s),
                  [&](std::exception_ptr, net::ConnectResult x) { r = std::move(x); });
   REQUIRE(run_until(f.io, [&] { return r.has_value(); }));
-  REQUIRE(!r->ec);
+  REQUIRE(!r->error);
   auto stop = std::make_shared<bool>(false);
   auto done = std::make_shared<std::uint64_t>(0);
   auto active = std::make_shared<int>(0);
@@ -371,8 +371,8 @@ TEST_CASE("health: a server alive but unable to move KV data makes the worker's 
   auto worker = adapter::WorkerAdapter::create(rt.executor(), w);
   const auto layout = wire::paged_layout(2, 64, 16, 2, 16, 2);
   auto kv = transfer::create_kv_memfd(layout, {.name = "health_test-kv", .map = false});
-  REQUIRE_MESSAGE(kv, kv.detail);
-  REQUIRE_FALSE(worker->register_kv_caches(layout, kv.fd.release(), 5s).ec);
+  REQUIRE_MESSAGE(kv, kv.error().message());
+  REQUIRE(worker->register_kv_caches(layout, kv->fd.release(), 5s));
   auto wait = [&](State s) {
     const auto end = Clock::now() + 5s;
     while (worker->monitor().state() != s && Clock::now() < end) std::this_thread::sleep_for(5ms);
@@ -395,15 +395,17 @@ TEST_CASE("health: a server alive but unable to move KV data makes the worker's 
   spec.request_id = "r";
   spec.tokens.assign(cfg.chunk_size, 7);  // one full chunk
   for (std::uint32_t b = 0; b < cfg.chunk_size / 16; ++b) spec.block_ids.push_back(b);
-  CHECK(worker->submit_store(spec, 2s).ec == errc::unhealthy);
+  CHECK(worker->submit_store(spec, 2s).error() == errc::unhealthy);
 
   auto healthy = next_transition();
   set_fault("");
   REQUIRE(healthy.wait_for(5s) == std::future_status::ready);
   CHECK(healthy.get().to == State::healthy);
-  CHECK(worker->submit_store(spec, 2s).value.stored_chunks == 1);
+  auto stored = worker->submit_store(spec, 2s);
+  REQUIRE_MESSAGE(stored, stored.error().message());
+  CHECK(stored->stored_chunks == 1);
 
-  worker->shutdown(2s);
+  (void)worker->shutdown(2s);  // teardown: its answer is not under test
   rt.stop();
   asio::post(server_io, [&] { server.stop(); });
   guard.reset();

@@ -16,7 +16,7 @@
 
 #include "kvlink/net/connection.hpp"
 #include "server_process.hpp"
-#include "stats_client.hpp"
+#include "client.hpp"
 #include "test_support.hpp"
 
 using namespace kvlink;
@@ -69,7 +69,7 @@ struct Trickler {
     while (std::chrono::steady_clock::now() < end) {
       if (auto f = parser.next()) {
         wire::ErrorReply e;
-        if (f->header.is_error()) REQUIRE(wire::decode(f->payload, e, "error") == "");
+        if (f->header.is_error()) REQUIRE_FALSE(wire::decode(f->payload, e, "error"));
         return std::pair{f->header, e};
       }
       REQUIRE_FALSE(parser.failed());
@@ -110,7 +110,7 @@ TEST_CASE("memory limits: a frame trickled at --max-payload is held while it arr
   ServerProcess server({"--listen", dir.socket(), "--l1-size", "16MiB", "--log-level", "off"});
   server.start();
   asio::io_context io;
-  test::StatsClient admin(io, server.endpoint());
+  test::Client admin(io, server.endpoint());
   const std::uint32_t max_payload = 64 * MiB;
   CHECK(admin.stat("inbound_buffered_bytes") == 0);
   CHECK(admin.stat("inbound_limit_bytes") == 4 * std::int64_t{max_payload});
@@ -160,7 +160,7 @@ TEST_CASE("memory limits: past --max-inbound-bytes a large frame is refused nami
                         "--max-inbound-bytes", "12MiB", "--l1-size", "16MiB", "--log-level", "off"});
   server.start();
   asio::io_context io;
-  test::StatsClient admin(io, server.endpoint());
+  test::Client admin(io, server.endpoint());
   CHECK_FALSE(admin.ping());
   CHECK(admin.stat("inbound_limit_bytes") == 12 * MiB);
 

@@ -185,11 +185,11 @@ struct RawClient {
     auto f = call(m, pass_fd);
     if (f.first.is_error()) {
       wire::ErrorReply e;
-      wire::decode(f.second, e, "error");
+      (void)wire::decode(f.second, e, "error");  // best effort: the message, if any, for FAIL
       FAIL("unexpected error " << e.code << ": " << e.message);
     }
     typename M::reply_type r;
-    REQUIRE(wire::decode(f.second, r, "reply") == "");
+    REQUIRE_FALSE(wire::decode(f.second, r, "reply"));
     return r;
   }
   wire::HelloReply hello(wire::Role role, std::uint64_t instance_id, std::string secret = {}) {
@@ -216,7 +216,7 @@ struct RawClient {
       CHECK_FALSE(f.first.is_response());
       CHECK(f.first.id == 0);
       wire::ServerNotice n;
-      REQUIRE(wire::decode(f.second, n, "notice") == "");
+      REQUIRE_FALSE(wire::decode(f.second, n, "notice"));
       return n;
     };
     for (auto it = others.begin(); it != others.end(); ++it)
@@ -246,7 +246,7 @@ struct RawClient {
 wire::ErrorReply error_of(const Frame& f) {
   REQUIRE(f.first.is_error());
   wire::ErrorReply e;
-  REQUIRE(wire::decode(f.second, e, "error") == "");
+  REQUIRE_FALSE(wire::decode(f.second, e, "error"));
   return e;
 }
 
@@ -262,9 +262,9 @@ struct KvMemory {
   UniqueFd fd;
   explicit KvMemory(const wire::KvLayout& l) {
     auto kv = transfer::create_kv_memfd(l, {.name = "kvlink-lifecycle"});
-    REQUIRE_MESSAGE(kv, kv.detail);
-    std::memset(kv.memory.get(), 0x5a, l.region_bytes);
-    fd = std::move(kv.fd);  // kv unmaps; the pages stay in the memfd
+    REQUIRE_MESSAGE(kv, kv.error().message());
+    std::memset(kv->memory.get(), 0x5a, l.region_bytes);
+    fd = std::move(kv->fd);  // kv unmaps; the pages stay in the memfd
   }
 };
 
@@ -462,7 +462,7 @@ TEST_CASE("lifecycle: SIGTERM drains: notice, refusals, the in-flight STORE comp
   auto r = worker.reply(big);
   REQUIRE_FALSE(r.first.is_error());
   wire::StoreResult sr;
-  REQUIRE(wire::decode(r.second, sr, "store") == "");
+  REQUIRE_FALSE(wire::decode(r.second, sr, "store"));
   CHECK(sr.stored_chunks == 64);
   CHECK(server.log().find("drained in") == std::string::npos);  // the staller's replies still wait
 

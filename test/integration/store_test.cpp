@@ -18,6 +18,7 @@
 #include "kvlink/net/connection.hpp"
 #include "kvlink/store/keys.hpp"
 #include "kvlink/transfer/kv_memfd.hpp"
+#include "client.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 
@@ -29,47 +30,15 @@ using kvlink::test::run;
 
 namespace {
 
-template <class R>
-struct Result {
-  std::error_code ec;
-  R reply;
-  std::string message;  // the server's error message
-};
-
-struct Client {
-  asio::io_context& io;
-  std::shared_ptr<net::Connection> conn;
-
-  Client(asio::io_context& io, const std::string& endpoint, wire::Role role) : io(io) {
-    net::Endpoint ep;
-    std::string error;
-    REQUIRE(net::parse_endpoint(endpoint, ep, error));
-    wire::HelloRequest h;
-    h.role = role;
-    h.instance_id = net::random_instance_id();
-    h.client_name = "store_test";
-    auto r = run(io, net::connect(io.get_executor(), ep, h, 5s));
-    REQUIRE_MESSAGE(!r.ec, r.error);
-    conn = r.connection;
-  }
-  ~Client() { conn->close(); }
+// A client whose REGISTER_KV_CACHE passes the worker's KV cache memfd
+// (sealed, created here for the first layout, again for a larger one: a
+// sealed memfd cannot grow); everything else is a plain call.
+struct Client : test::Client {
+  Client(asio::io_context& io, const std::string& endpoint, wire::Role role)
+      : test::Client(io, endpoint, role, "store_test") {}
 
   template <class M>
-  static asio::awaitable<Result<typename M::reply_type>> call_co(std::shared_ptr<net::Connection> c, M m) {
-    auto [ec, r] = co_await c->async_call(std::move(m), 5s, asio::experimental::as_tuple(asio::use_awaitable));
-    co_return Result<typename M::reply_type>{ec, std::move(r), ec ? c->last_error_message() : std::string()};
-  }
-  template <class M>
-  static asio::awaitable<Result<typename M::reply_type>> call_fd_co(std::shared_ptr<net::Connection> c, M m, int fd) {
-    auto [ec, r] =
-        co_await c->async_call_with_fd(std::move(m), fd, 5s, asio::experimental::as_tuple(asio::use_awaitable));
-    co_return Result<typename M::reply_type>{ec, std::move(r), ec ? c->last_error_message() : std::string()};
-  }
-  // REGISTER_KV_CACHE passes the KV cache's memfd (sealed, created here
-  // for the first layout, again for a larger one: a sealed memfd cannot
-  // grow); everything else is a call.
-  template <class M>
-  Result<typename M::reply_type> call(M m) {
+  test::Reply<typename M::reply_type> call(M m) {
     if constexpr (std::is_same_v<M, wire::RegisterKvCacheRequest>) {
       if (memfd) {
         struct stat st {};
@@ -78,30 +47,24 @@ struct Client {
       }
       if (!memfd) {
         auto kv = transfer::create_kv_memfd(m.layout, {.name = "store_test-kv", .map = false});
-        REQUIRE_MESSAGE(kv, kv.detail);
-        memfd = std::move(kv.fd);
+        REQUIRE_MESSAGE(kv, kv.error().message());
+        memfd = std::move(kv->fd);
       }
-      return call_with_fd(std::move(m), memfd.get());
+      return test::Client::call(std::move(m), memfd.get());
     }
-    return run(io, call_co(conn, std::move(m)));
+    return test::Client::call(std::move(m));
   }
   template <class M>
-  Result<typename M::reply_type> call_with_fd(M m, int fd) {
-    return run(io, call_fd_co(conn, std::move(m), fd));
+  test::Reply<typename M::reply_type> call_with_fd(M m, int fd) {
+    return test::Client::call(std::move(m), fd);
   }
-  UniqueFd memfd;  // the worker's KV cache
   template <class M>
   typename M::reply_type ok(M m) {
     auto r = call(std::move(m));
     REQUIRE_MESSAGE(!r.ec, r.ec.message() << ": " << r.message);
     return r.reply;
   }
-  std::int64_t stat(const std::string& name) {
-    for (auto& e : ok(wire::StatsRequest{}).entries)
-      if (e.name == name) return e.value;
-    FAIL("no stat named " << name);
-    return -1;
-  }
+  UniqueFd memfd;  // the worker's KV cache
 };
 
 const std::uint64_t ns = store::namespace_id({"integration-model", 1, ""});
@@ -393,9 +356,9 @@ struct EngineMemory {
   std::size_t size = 0;
   explicit EngineMemory(const wire::KvLayout& l) : size(l.region_bytes) {
     auto kv = transfer::create_kv_memfd(l, {.name = "kv-cache"});
-    REQUIRE_MESSAGE(kv, kv.detail);
-    fd = std::move(kv.fd);
-    mapping = std::move(kv.memory);
+    REQUIRE_MESSAGE(kv, kv.error().message());
+    fd = std::move(kv->fd);
+    mapping = std::move(kv->memory);
     base = mapping.get();
   }
   std::byte* block(const wire::KvLayout& l, std::uint32_t layer, std::uint32_t plane, std::uint32_t id) const {

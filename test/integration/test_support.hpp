@@ -84,10 +84,9 @@ inline health::Config fast_health() {
 }
 
 inline net::Endpoint parse(const std::string& text) {
-  net::Endpoint ep;
-  std::string error;
-  REQUIRE_MESSAGE(net::parse_endpoint(text, ep, error), error);
-  return ep;
+  auto ep = net::parse_endpoint(text);
+  REQUIRE_MESSAGE(ep, ep.error().message());
+  return *ep;
 }
 
 // A blocking connection to the unix socket of `endpoint` ("unix:/path"), for
@@ -145,7 +144,7 @@ inline std::int64_t server_stat(const std::string& endpoint, const std::string& 
   h.role = wire::Role::admin;
   h.instance_id = net::random_instance_id();
   auto c = run(io, net::connect(io.get_executor(), parse(endpoint), h, 5s));
-  REQUIRE_MESSAGE(!c.ec, c.error);
+  REQUIRE_MESSAGE(!c.error, c.error.message());
   auto f = c.connection->async_call(wire::StatsRequest{}, 5s, asio::use_future);
   REQUIRE(run_until(io, [&] { return f.wait_for(0s) == std::future_status::ready; }));
   auto reply = f.get();

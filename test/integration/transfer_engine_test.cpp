@@ -33,7 +33,7 @@ struct Worker {
     h.instance_id = net::random_instance_id();
     h.client_name = "transfer_engine_test";
     link = run(io, net::connect(io.get_executor(), test::parse(endpoint), h, std::chrono::seconds(5)));
-    REQUIRE_MESSAGE(!link.ec, link.error);
+    REQUIRE_MESSAGE(!link.error, link.error.message());
   }
   ~Worker() { link.connection->close(); }
 
@@ -67,15 +67,15 @@ wire::KvLayout fake_cuda_layout() {
   l.backend = wire::KvBackend::cuda_ipc;
   for (auto& layer : l.layers) layer.ipc_handle = wire::Bytes(64);
   l.region_bytes = l.layers.back().offset + l.region_bytes / l.num_layers;
-  REQUIRE(l.check() == "");
+  REQUIRE_FALSE(l.check());
   return l;
 }
 
 std::string register_memfd(Worker& w) {
   wire::KvLayout l = wire::paged_layout(2, 64, 16, 2, 64, 2);
   auto kv = transfer::create_kv_memfd(l, {.name = "transfer_engine_test", .map = false});
-  REQUIRE_MESSAGE(kv, kv.detail);
-  return w.register_kv(l, kv.fd.get());
+  REQUIRE_MESSAGE(kv, kv.error().message());
+  return w.register_kv(l, kv->fd.get());
 }
 
 }  // namespace

@@ -69,21 +69,22 @@ void check_message(const M& m) {
   const Bytes bytes = encode(m);
   CAPTURE(typeid(M).name());
   M back{};
-  REQUIRE(decode(bytes, back, "MSG") == "");
+  REQUIRE_FALSE(decode(bytes, back, "MSG"));
   CHECK(encode(back) == bytes);  // every field survived
 
   // Every strict prefix is rejected, never read past.
   for (std::size_t n = 0; n < bytes.size(); ++n) {
     M partial{};
-    std::string why = decode(std::span(bytes.data(), n), partial, "MSG");
-    CHECK_MESSAGE(!why.empty(), "prefix of " << n << " bytes accepted");
-    if (!why.empty()) CHECK(why.starts_with("MSG: "));
+    kvlink::Error err = decode(std::span(bytes.data(), n), partial, "MSG");
+    CHECK_MESSAGE(err, "prefix of " << n << " bytes accepted");
+    if (err) CHECK(err.message().starts_with("MSG: "));
+    if (err) CHECK(err == kvlink::errc::protocol_error);
   }
   // Trailing garbage is rejected.
   Bytes longer = bytes;
   longer.push_back(std::byte{0});
   M extra{};
-  CHECK(decode(longer, extra, "MSG").find("trailing") != std::string::npos);
+  CHECK(decode(longer, extra, "MSG").message().find("trailing") != std::string::npos);
 }
 
 }  // namespace
@@ -99,13 +100,13 @@ TEST_CASE("a huge element count is rejected without allocating") {
   const std::uint32_t huge = 0xFFFF'FFFF;
   std::memcpy(bytes.data() + 20, &huge, 4);
   LookupRequest back;
-  std::string why = decode(bytes, back);
+  std::string why = decode(bytes, back).message();
   CHECK(why.find("hashes") != std::string::npos);
   CHECK(why.find("limit") != std::string::npos);
 
   const std::uint32_t plausible = 1000;  // under the limit but more than the bytes left
   std::memcpy(bytes.data() + 20, &plausible, 4);
-  why = decode(bytes, back);
+  why = decode(bytes, back).message();
   CHECK(why.find("truncated at field 'hashes'") != std::string::npos);
 }
 
@@ -113,15 +114,16 @@ TEST_CASE("HELLO validation names what is wrong") {
   HelloRequest h;
   h.instance_id = 0;
   HelloRequest back;
-  CHECK(decode(encode(h), back).find("instance_id") != std::string::npos);
+  CHECK(decode(encode(h), back).message().find("instance_id") != std::string::npos);
   h.instance_id = 1;
   h.protocol_version = 99;
-  CHECK(decode(encode(h), back).find("protocol version 99") != std::string::npos);
+  CHECK(decode(encode(h), back).message().find("protocol version 99") != std::string::npos);
+  CHECK(decode(encode(h), back) == kvlink::errc::version_mismatch);
   h.protocol_version = protocol_version;
   h.role = static_cast<Role>(9);
-  CHECK(decode(encode(h), back).find("role 9") != std::string::npos);
+  CHECK(decode(encode(h), back).message().find("role 9") != std::string::npos);
   h.role = Role::worker;
-  CHECK(decode(encode(h), back) == "");
+  CHECK_FALSE(decode(encode(h), back));
 }
 
 TEST_CASE("KV layout validation rejects layouts that do not fit their region") {
@@ -129,26 +131,26 @@ TEST_CASE("KV layout validation rejects layouts that do not fit their region") {
   r.model = "m";
   r.layout = sample_layout();
   RegisterKvCacheRequest back;
-  CHECK(decode(encode(r), back) == "");
+  CHECK_FALSE(decode(encode(r), back));
 
   auto bad = r;
   bad.layout.region_bytes -= 1;
-  CHECK(decode(encode(bad), back).find("extends past the registered region") != std::string::npos);
+  CHECK(decode(encode(bad), back).message().find("extends past the registered region") != std::string::npos);
   bad = r;
   bad.layout.block_stride = 1;
-  CHECK(decode(encode(bad), back).find("block_stride") != std::string::npos);
+  CHECK(decode(encode(bad), back).message().find("block_stride") != std::string::npos);
   bad = r;
   bad.layout.layers.pop_back();
-  CHECK(decode(encode(bad), back).find("layer locations") != std::string::npos);
+  CHECK(decode(encode(bad), back).message().find("layer locations") != std::string::npos);
   bad = r;
   bad.model.clear();
-  CHECK(decode(encode(bad), back).find("model name is empty") != std::string::npos);
+  CHECK(decode(encode(bad), back).message().find("model name is empty") != std::string::npos);
   bad = r;
   bad.kv_rank = 5;
-  CHECK(decode(encode(bad), back).find("kv_rank 5") != std::string::npos);
+  CHECK(decode(encode(bad), back).message().find("kv_rank 5") != std::string::npos);
   bad = r;
   bad.layout.block_stride = ~0ull;  // would wrap 64-bit arithmetic
-  CHECK(decode(encode(bad), back).find("overflows") != std::string::npos);
+  CHECK(decode(encode(bad), back).message().find("overflows") != std::string::npos);
 }
 
 TEST_CASE("a boolean field only accepts 0 or 1") {
@@ -165,7 +167,7 @@ TEST_CASE("paged_layout derives strides, layer offsets and the region for both o
     const KvLayout l = paged_layout(3, 10, 16, 2, 8, 2, order);
     const std::uint64_t bb = 16 * 2 * 8 * 2;
     CHECK(l.block_bytes() == bb);
-    CHECK(l.check() == "");
+    CHECK_FALSE(l.check());
     CHECK(l.region_bytes == 3 * 2 * 10 * bb);
     CHECK(l.layers.at(2).offset == 2 * 2 * 10 * bb);  // layers follow each other
     if (order == PagedOrder::planes_first) {

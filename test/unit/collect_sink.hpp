@@ -11,6 +11,7 @@
 
 #include "kvlink/server/request_handler.hpp"
 #include "kvlink/wire/frame.hpp"
+#include "kvlink/wire/messages.hpp"
 
 namespace kvlink::test {
 
@@ -28,6 +29,25 @@ struct CollectSink final : server::ReplySink, std::enable_shared_from_this<Colle
     while (auto f = p.next()) v.emplace_back(f->header, wire::Bytes(f->payload.begin(), f->payload.end()));
     REQUIRE_FALSE(p.failed());
     return v;
+  }
+  // The one frame collected: a reply of type R, decoded.
+  template <class R>
+  R only_reply() {
+    auto f = frames();
+    REQUIRE(f.size() == 1);
+    REQUIRE_FALSE(f[0].first.is_error());
+    R r;
+    REQUIRE_FALSE(wire::decode(f[0].second, r, "reply"));
+    return r;
+  }
+  // The one frame collected: an error reply, decoded.
+  wire::ErrorReply only_error() {
+    auto f = frames();
+    REQUIRE(f.size() == 1);
+    REQUIRE(f[0].first.is_error());
+    wire::ErrorReply e;
+    REQUIRE_FALSE(wire::decode(f[0].second, e, "error"));
+    return e;
   }
 };
 

@@ -24,7 +24,7 @@ namespace {
 // 16 per block; a chunk is 2 blocks (8 tokens).
 wire::KvLayout small_layout(bool block_first) {
   wire::KvLayout l = wire::paged_layout(3, 8, 4, 1, 2, 2, block_first ? wire::PagedOrder::blocks_first : wire::PagedOrder::planes_first);
-  REQUIRE(l.check() == "");
+  REQUIRE_FALSE(l.check());
   return l;
 }
 
@@ -72,7 +72,7 @@ TEST_CASE("slot layout is [layer][plane][block] and both vLLM layouts gather and
     fill(*reg);
     std::vector<std::byte> slot(reg->slot_bytes);
     ChunkCopy c{slot.data(), {5, 2}};
-    REQUIRE(copy_chunk(Direction::store, *reg, *reg->memory, c, 0) == "");
+    REQUIRE_FALSE(copy_chunk(Direction::store, *reg, *reg->memory, c, 0));
     CHECK(slot_offset(l, 2, 2, 1, 1) + l.block_bytes() == reg->slot_bytes);  // the last block ends the slot
     for (std::uint32_t layer = 0; layer < l.num_layers; ++layer)
       for (std::uint32_t plane = 0; plane < 2; ++plane)
@@ -83,7 +83,7 @@ TEST_CASE("slot layout is [layer][plane][block] and both vLLM layouts gather and
     // Scatter into other blocks of zeroed memory: exactly those blocks change.
     std::memset(reg->memory->base(), 0, reg->memory->size());
     ChunkCopy back{slot.data(), {1, 7}};
-    REQUIRE(copy_chunk(Direction::retrieve, *reg, *reg->memory, back, 0) == "");
+    REQUIRE_FALSE(copy_chunk(Direction::retrieve, *reg, *reg->memory, back, 0));
     std::size_t nonzero = 0;
     for (std::size_t i = 0; i < reg->memory->size(); ++i) nonzero += reg->memory->base()[i] != std::byte{0};
     for (std::uint32_t layer = 0; layer < l.num_layers; ++layer)
@@ -106,7 +106,7 @@ TEST_CASE("retrieve leaves the first skip_first_n_tokens untouched: whole blocks
   store.direction = Direction::store;
   store.registration = reg;
   store.chunks = {{s0.data(), {0, 1}}, {s1.data(), {2, 3}}};
-  REQUIRE(copy_chunks(store, 0, 2) == "");
+  REQUIRE_FALSE(copy_chunks(store, 0, 2));
   std::memset(reg->memory->base(), 0, reg->memory->size());
   // Retrieve into 4,5,6,7 skipping 10 tokens: chunk 0 entirely (8), then 2
   // tokens (8 bytes) of block 6.
@@ -115,7 +115,7 @@ TEST_CASE("retrieve leaves the first skip_first_n_tokens untouched: whole blocks
   ret.registration = reg;
   ret.skip_first_n_tokens = 10;
   ret.chunks = {{s0.data(), {4, 5}}, {s1.data(), {6, 7}}};
-  REQUIRE(copy_chunks(ret, 0, 2) == "");
+  REQUIRE_FALSE(copy_chunks(ret, 0, 2));
   for (std::uint32_t layer = 0; layer < l.num_layers; ++layer)
     for (std::uint32_t plane = 0; plane < 2; ++plane)
       for (std::uint64_t i = 0; i < l.block_bytes(); ++i) {
@@ -126,7 +126,7 @@ TEST_CASE("retrieve leaves the first skip_first_n_tokens untouched: whole blocks
       }
   // Splitting a job by chunk gives the same bytes as one part.
   std::memset(reg->memory->base(), 0, reg->memory->size());
-  REQUIRE(copy_chunks(ret, 1, 2) == "");
+  REQUIRE_FALSE(copy_chunks(ret, 1, 2));
   CHECK(engine_byte(*reg, 0, 0, 6, 7) == std::byte{0});
   CHECK(engine_byte(*reg, 0, 0, 6, 8) == pattern(0, 0, 2, 8));
 }
@@ -135,20 +135,20 @@ TEST_CASE("out-of-range block ids and missing memory fail before anything is wri
   auto reg = make_reg(true);
   std::vector<std::byte> slot(reg->slot_bytes, std::byte{0x5a});
   ChunkCopy bad{slot.data(), {1, 8}};
-  auto why = copy_chunk(Direction::retrieve, *reg, *reg->memory, bad, 0);
+  auto why = copy_chunk(Direction::retrieve, *reg, *reg->memory, bad, 0).message();
   CHECK(why.find("block id 8 is not below the registered num_blocks 8") != std::string::npos);
   for (std::size_t i = 0; i < reg->memory->size(); ++i) REQUIRE(reg->memory->base()[i] == std::byte{0});
   // A mapping smaller than the layout claims: refused, not overrun.
   auto small = anonymous(reg->layout.region_bytes / 2);
   ChunkCopy last{slot.data(), {6, 7}};
-  why = copy_chunk(Direction::retrieve, *reg, *small, last, 0);
+  why = copy_chunk(Direction::retrieve, *reg, *small, last, 0).message();
   CHECK(why.find("outside the") != std::string::npos);
   ChunkCopy wrong_count{slot.data(), {1}};
-  CHECK(copy_chunk(Direction::store, *reg, *reg->memory, wrong_count, 0) != "");
+  CHECK(copy_chunk(Direction::store, *reg, *reg->memory, wrong_count, 0) == errc::bad_request);
   TransferJob job;
   job.registration = std::make_shared<Registration>(Registration{});
   job.chunks = {{slot.data(), {0, 1}}};
-  CHECK(copy_chunks(job, 0, 1).find("no mapped memory") != std::string::npos);
+  CHECK(copy_chunks(job, 0, 1).message().find("no mapped memory") != std::string::npos);
 }
 
 namespace {
@@ -157,25 +157,28 @@ UniqueFd sealed_memfd(std::uint64_t bytes) {
   wire::KvLayout l;
   l.region_bytes = bytes;
   auto kv = create_kv_memfd(l, {.name = "kvlink-test", .map = false});
-  REQUIRE_MESSAGE(kv, kv.detail);
-  return std::move(kv.fd);
+  REQUIRE_MESSAGE(kv, kv.error().message());
+  return std::move(kv->fd);
 }
 }  // namespace
 
 TEST_CASE("map_memfd: maps a sealed, large-enough memfd shared, refuses a small one or none, closes the fd") {
-  std::shared_ptr<const Mapping> m;
-  CHECK(map_memfd(UniqueFd{}, 4096, m) == "no memfd received with REGISTER_KV_CACHE");
+  CHECK(map_memfd(UniqueFd{}, 4096).error().message() == "no memfd received with REGISTER_KV_CACHE");
   UniqueFd fd = sealed_memfd(4096);
   REQUIRE(fd);
   const int raw = fd.get();
-  CHECK(map_memfd(duplicate_fd(raw), 8192, m) ==
+  auto small = map_memfd(duplicate_fd(raw), 8192);
+  CHECK_FALSE(small);
+  CHECK(small.error() == errc::bad_request);
+  CHECK(small.error().message() ==
         "memfd is 4096 bytes, layout needs 8192 (region_bytes); a sealed memfd cannot grow: create it at "
         "region_bytes, e.g. with kvlink::transfer::create_kv_memfd(layout)");
-  CHECK(m == nullptr);
   UniqueFd dup2 = duplicate_fd(raw);
   const int dup2_raw = dup2.get();
-  REQUIRE(map_memfd(std::move(dup2), 4096, m) == "");
+  auto mapped = map_memfd(std::move(dup2), 4096);
+  REQUIRE_MESSAGE(mapped, mapped.error().message());
   CHECK(::fcntl(dup2_raw, F_GETFD) == -1);  // closed; the mapping keeps the memory
+  const std::shared_ptr<const Mapping> m = *mapped;
   REQUIRE(m);
   m->base()[100] = std::byte{42};
   std::byte b{};
@@ -186,37 +189,37 @@ TEST_CASE("map_memfd: maps a sealed, large-enough memfd shared, refuses a small 
 TEST_CASE("map_memfd: refuses an fd whose size is not sealed, naming the missing seals and the fix") {
   // These memfds are made by hand on purpose: unsealed, half sealed, and
   // not sealable at all.
-  std::shared_ptr<const Mapping> m;
   UniqueFd unsealed(::memfd_create("kvlink-test-unsealed", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   REQUIRE(unsealed);
   REQUIRE(::ftruncate(unsealed.get(), 8192) == 0);
-  std::string why = map_memfd(duplicate_fd(unsealed.get()), 4096, m);
+  std::string why = map_memfd(duplicate_fd(unsealed.get()), 4096).error().message();
   CHECK_MESSAGE(why.find("not sealed against resizing (it lacks F_SEAL_SHRINK and F_SEAL_GROW)") != std::string::npos,
                 why);
   CHECK(why.find("seal the memfd with F_SEAL_SHRINK|F_SEAL_GROW, e.g. with kvlink::transfer::create_kv_memfd") !=
         std::string::npos);
   REQUIRE(::fcntl(unsealed.get(), F_ADD_SEALS, F_SEAL_SHRINK) == 0);
-  why = map_memfd(duplicate_fd(unsealed.get()), 4096, m);
+  why = map_memfd(duplicate_fd(unsealed.get()), 4096).error().message();
   CHECK_MESSAGE(why.find("(it lacks F_SEAL_GROW)") != std::string::npos, why);
   REQUIRE(::fcntl(unsealed.get(), F_ADD_SEALS, F_SEAL_GROW) == 0);
-  CHECK(check_memfd_seals(unsealed.get()) == "");  // both: accepted, F_SEAL_SEAL or not
+  CHECK_FALSE(check_memfd_seals(unsealed.get()));  // both: accepted, F_SEAL_SEAL or not
 
   // Created without MFD_ALLOW_SEALING: it can never take the seals.
   UniqueFd unsealable(::memfd_create("kvlink-test-unsealable", MFD_CLOEXEC));
   REQUIRE(unsealable);
   REQUIRE(::ftruncate(unsealable.get(), 4096) == 0);
-  why = map_memfd(duplicate_fd(unsealable.get()), 4096, m);
+  why = map_memfd(duplicate_fd(unsealable.get()), 4096).error().message();
   CHECK(why.find("lacks F_SEAL_SHRINK and F_SEAL_GROW") != std::string::npos);
   CHECK(why.find("MFD_ALLOW_SEALING") != std::string::npos);
 
   // Not a memfd (a regular file, a device): F_GET_SEALS fails.
   UniqueFd device(::open("/dev/null", O_RDWR | O_CLOEXEC));
   REQUIRE(device);
-  why = map_memfd(duplicate_fd(device.get()), 4096, m);
+  auto not_memfd = map_memfd(duplicate_fd(device.get()), 4096);
+  CHECK_FALSE(not_memfd);
+  why = not_memfd.error().message();
   CHECK_MESSAGE(why.find("cannot be sealed") != std::string::npos, why);
   CHECK(why.find("a regular file") != std::string::npos);
   CHECK(why.find("create_kv_memfd") != std::string::npos);
-  CHECK(m == nullptr);
 }
 
 TEST_CASE("CpuTransferEngine: refuses a REGISTER without memfd, splits jobs, completes on the io thread") {
@@ -225,9 +228,9 @@ TEST_CASE("CpuTransferEngine: refuses a REGISTER without memfd, splits jobs, com
   CHECK(engine.threads() == 2);
   Registration r;
   r.layout = small_layout(false);
-  CHECK(engine.attach(r, UniqueFd{}).find("no memfd received with REGISTER_KV_CACHE") == 0);
+  CHECK(engine.attach(r, UniqueFd{}).message().find("no memfd received with REGISTER_KV_CACHE") == 0);
   r.layout.backend = wire::KvBackend::cuda_ipc;
-  CHECK(engine.attach(r, UniqueFd{}).find("cpu_memfd") != std::string::npos);
+  CHECK(engine.attach(r, UniqueFd{}).message().find("cpu_memfd") != std::string::npos);
 
   auto reg = make_reg(false);
   fill(*reg);
@@ -296,16 +299,16 @@ TEST_CASE("a job past its fence copies nothing and says so") {
   store.registration = reg;
   store.chunks = {{slot.data(), {0, 1}}};
   store.fence = kvlink::Clock::now() - std::chrono::milliseconds(1);
-  CHECK(copy_chunks(store, 0, 1) == fence_passed);
+  CHECK(copy_chunks(store, 0, 1) == errc::timed_out);
   CHECK(std::all_of(slot.begin(), slot.end(), [](std::byte b) { return b == std::byte{0x5a}; }));
   TransferJob ret = store;
   ret.direction = Direction::retrieve;
   std::memset(reg->memory->base(), 0x11, reg->memory->size());
-  CHECK(copy_chunks(ret, 0, 1) == fence_passed);
+  CHECK(copy_chunks(ret, 0, 1) == errc::timed_out);
   const auto* m = reg->memory->base();
   CHECK(std::all_of(m, m + reg->memory->size(), [](std::byte b) { return b == std::byte{0x11}; }));
   // A fence in the future does not stop it.
   ret.fence = kvlink::Clock::now() + std::chrono::seconds(60);
-  CHECK(copy_chunks(ret, 0, 1) == "");
+  CHECK_FALSE(copy_chunks(ret, 0, 1));
   CHECK(engine_byte(*reg, 0, 0, 0, 0) == std::byte{0x5a});
 }

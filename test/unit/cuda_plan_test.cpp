@@ -26,7 +26,7 @@ std::shared_ptr<const Mapping> anonymous(std::size_t size) {
 std::shared_ptr<Registration> make_reg(wire::PagedOrder order) {
   auto r = std::make_shared<Registration>();
   r->layout = wire::paged_layout(3, 8, 4, 1, 2, 2, order);
-  REQUIRE(r->layout.check() == "");
+  REQUIRE_FALSE(r->layout.check());
   r->blocks_per_chunk = 2;
   r->slot_bytes = std::uint64_t{r->layout.num_layers} * 2 * 2 * r->layout.block_bytes();
   r->memory = anonymous(r->layout.region_bytes);
@@ -72,9 +72,9 @@ void same_as_cpu_copy(const Case& c, std::uint64_t merge_limit) {
     cpu_job.chunks.push_back({cpu_slots.data() + i * cpu_reg->slot_bytes, c.chunks[i]});
   }
   std::vector<CopySegment> plan;
-  REQUIRE(plan_copies(plan_job, allocations(*plan_reg), PlanOptions{0, merge_limit}, plan) == "");
+  REQUIRE_FALSE(plan_copies(plan_job, allocations(*plan_reg), PlanOptions{0, merge_limit}, plan));
   apply(plan);
-  REQUIRE(copy_chunks(cpu_job, 0, cpu_job.chunks.size()) == "");
+  REQUIRE_FALSE(copy_chunks(cpu_job, 0, cpu_job.chunks.size()));
   CHECK(std::memcmp(plan_reg->memory->base(), cpu_reg->memory->base(), region) == 0);
   CHECK(plan_slots == cpu_slots);
   for (const auto& s : plan) CHECK((merge_limit == 0 ? s.bytes <= 16 : s.bytes <= std::max<std::uint64_t>(merge_limit, 16)));
@@ -105,7 +105,7 @@ TEST_CASE("cuda plan: skip applies at token granularity on retrieve and never on
   std::vector<std::byte> slot(reg->slot_bytes);
   TransferJob job{Direction::retrieve, reg, {{slot.data(), {6, 7}}}, 5, {}};
   std::vector<CopySegment> plan;
-  REQUIRE(plan_copies(job, layers, {}, plan) == "");
+  REQUIRE_FALSE(plan_copies(job, layers, {}, plan));
   // Block 0 of the chunk (tokens 0-3) is skipped whole; block 1 from token 1
   // (4 bytes per token): 12 bytes per layer and plane, 3 layers x 2 planes.
   REQUIRE(plan.size() == 6);
@@ -117,14 +117,14 @@ TEST_CASE("cuda plan: skip applies at token granularity on retrieve and never on
 
   job.direction = Direction::store;
   plan.clear();
-  REQUIRE(plan_copies(job, layers, {}, plan) == "");
+  REQUIRE_FALSE(plan_copies(job, layers, {}, plan));
   CHECK(plan.size() == 12);
   CHECK(plan_bytes(plan) == reg->slot_bytes);
 
   job.direction = Direction::retrieve;
   job.skip_first_n_tokens = 8;  // the whole chunk: nothing to copy
   plan.clear();
-  REQUIRE(plan_copies(job, layers, {}, plan) == "");
+  REQUIRE_FALSE(plan_copies(job, layers, {}, plan));
   CHECK(plan.empty());
 }
 
@@ -134,7 +134,7 @@ TEST_CASE("cuda plan: contiguous blocks merge up to the limit; host_offset moves
   std::vector<std::byte> slot(reg->slot_bytes);
   TransferJob job{Direction::store, reg, {{slot.data(), {2, 3}}}, 0, {}};
   std::vector<CopySegment> plan;
-  REQUIRE(plan_copies(job, layers, PlanOptions{1000, 32}, plan) == "");
+  REQUIRE_FALSE(plan_copies(job, layers, PlanOptions{1000, 32}, plan));
   // Blocks 2 and 3 are adjacent in the engine and in the slot: one copy per
   // layer and plane.
   REQUIRE(plan.size() == 6);
@@ -142,11 +142,11 @@ TEST_CASE("cuda plan: contiguous blocks merge up to the limit; host_offset moves
   CHECK(plan[0] == CopySegment{slot_base + 1000, reinterpret_cast<std::uintptr_t>(reg->memory->base()) +
                                                      engine_offset(reg->layout, 0, 0, 2), 32});
   plan.clear();
-  REQUIRE(plan_copies(job, layers, PlanOptions{0, 16}, plan) == "");
+  REQUIRE_FALSE(plan_copies(job, layers, PlanOptions{0, 16}, plan));
   CHECK(plan.size() == 12);  // the limit forbids merging
   job.chunks[0].block_ids = {3, 2};  // not in order: nothing merges
   plan.clear();
-  REQUIRE(plan_copies(job, layers, PlanOptions{0, 1 << 20}, plan) == "");
+  REQUIRE_FALSE(plan_copies(job, layers, PlanOptions{0, 1 << 20}, plan));
   CHECK(plan.size() == 12);
 }
 
@@ -156,22 +156,24 @@ TEST_CASE("cuda plan: bad block ids and short allocations are refused before any
   std::vector<std::byte> slot(reg->slot_bytes * 2);
   std::vector<CopySegment> plan{{1, 2, 3}};
   TransferJob job{Direction::store, reg, {{slot.data(), {0, 1}}, {slot.data() + reg->slot_bytes, {1, 8}}}, 0, {}};
-  std::string why = plan_copies(job, layers, {}, plan);
+  std::string why = plan_copies(job, layers, {}, plan).message();
   CHECK(why.find("chunk 1") != std::string::npos);
   CHECK(why.find("block id 8 is not below the registered num_blocks 8") != std::string::npos);
   CHECK(plan.size() == 1);  // untouched
 
   job.chunks[1].block_ids = {1};
-  CHECK(plan_copies(job, layers, {}, plan).find("1 block ids for a chunk of 2 blocks") != std::string::npos);
+  CHECK(plan_copies(job, layers, {}, plan).message().find("1 block ids for a chunk of 2 blocks") != std::string::npos);
 
   job.chunks[1].block_ids = {1, 7};
   layers[2].size = reg->layout.layers[2].offset + 7 * reg->layout.block_stride;  // block 7 of layer 2 is cut off
-  why = plan_copies(job, layers, {}, plan);
+  why = plan_copies(job, layers, {}, plan).message();
   CHECK(why.find("block id 7 of layer 2 lies outside") != std::string::npos);
 
   layers.pop_back();
-  CHECK(plan_copies(job, layers, {}, plan).find("2 opened allocations") != std::string::npos);
+  CHECK(plan_copies(job, layers, {}, plan).message().find("2 opened allocations") != std::string::npos);
   CHECK(plan.size() == 1);
   job.registration = nullptr;
-  CHECK(plan_copies(job, layers, {}, plan) == "the job has no registration");
+  const Error err = plan_copies(job, layers, {}, plan);
+  CHECK(err == errc::bad_request);
+  CHECK(err.message() == "the job has no registration");
 }

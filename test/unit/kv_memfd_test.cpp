@@ -48,12 +48,11 @@ TEST_CASE("create_kv_memfd: region_bytes, sealed against resizing (the kernel re
   const auto l = layout();
   REQUIRE(l.region_bytes == 256 * 1024);
   auto kv = create_kv_memfd(l, {.name = "kv_memfd_test"});
-  REQUIRE_MESSAGE(kv, kv.detail);
-  CHECK(!kv.ec);
-  CHECK(kv.detail.empty());
-  REQUIRE(kv.fd);
-  REQUIRE(kv.memory);
-  const int fd = kv.fd.get();
+  REQUIRE_MESSAGE(kv, kv.error().message());
+  CHECK_FALSE(kv.error());
+  REQUIRE(kv->fd);
+  REQUIRE(kv->memory);
+  const int fd = kv->fd.get();
   CHECK(size_of(fd) == l.region_bytes);
   CHECK(link_of(fd).find("memfd:kv_memfd_test") != std::string::npos);
   CHECK((::fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
@@ -62,7 +61,7 @@ TEST_CASE("create_kv_memfd: region_bytes, sealed against resizing (the kernel re
   const int seals = ::fcntl(fd, F_GET_SEALS);
   CHECK(seals == (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL));
   CHECK((seals & kv_memfd_required_seals) == kv_memfd_required_seals);
-  CHECK(check_memfd_seals(fd) == "");  // what the server checks
+  CHECK_FALSE(check_memfd_seals(fd));  // what the server checks
 
   // The kernel refuses every size change, and further seals.
   CHECK(resize_error(fd, l.region_bytes / 2) == EPERM);
@@ -75,7 +74,7 @@ TEST_CASE("create_kv_memfd: region_bytes, sealed against resizing (the kernel re
   CHECK(size_of(fd) == l.region_bytes);
 
   // The mapping covers the whole region, shared with the fd both ways.
-  std::byte* base = kv.memory.get();
+  std::byte* base = kv->memory.get();
   base[0] = std::byte{1};
   base[l.region_bytes - 1] = std::byte{2};
   std::byte b{};
@@ -84,10 +83,10 @@ TEST_CASE("create_kv_memfd: region_bytes, sealed against resizing (the kernel re
   const std::byte seven{7};
   REQUIRE(::pwrite(fd, &seven, 1, 4096) == 1);
   CHECK(base[4096] == std::byte{7});
-  CHECK(kv.memory.get_deleter().bytes == l.region_bytes);
+  CHECK(kv->memory.get_deleter().bytes == l.region_bytes);
 
   // Moved, it keeps the fd and the mapping.
-  KvMemfd moved = std::move(kv);
+  KvMemfd moved = std::move(*kv);
   CHECK(moved.fd.get() == fd);
   CHECK(moved.memory.get() == base);
   CHECK(base[0] == std::byte{1});
@@ -95,30 +94,28 @@ TEST_CASE("create_kv_memfd: region_bytes, sealed against resizing (the kernel re
 
 TEST_CASE("create_kv_memfd: map = false creates the sealed fd only") {
   auto kv = create_kv_memfd(layout(), {.map = false});
-  REQUIRE_MESSAGE(kv, kv.detail);
-  CHECK(kv.memory == nullptr);
-  REQUIRE(kv.fd);
-  CHECK(size_of(kv.fd.get()) == layout().region_bytes);
-  CHECK(::fcntl(kv.fd.get(), F_GET_SEALS) == kv_memfd_seals);
-  CHECK(link_of(kv.fd.get()).find("memfd:kvlink-kv") != std::string::npos);  // the default name
+  REQUIRE_MESSAGE(kv, kv.error().message());
+  CHECK(kv->memory == nullptr);
+  REQUIRE(kv->fd);
+  CHECK(size_of(kv->fd.get()) == layout().region_bytes);
+  CHECK(::fcntl(kv->fd.get(), F_GET_SEALS) == kv_memfd_seals);
+  CHECK(link_of(kv->fd.get()).find("memfd:kvlink-kv") != std::string::npos);  // the default name
 }
 
-TEST_CASE("create_kv_memfd: an unusable layout or a failed call gives an error code, a detail and no fd") {
+TEST_CASE("create_kv_memfd: an unusable layout or a failed call gives an error code and a detail, no memfd") {
   auto l = layout();
   l.region_bytes = 0;
   auto kv = create_kv_memfd(l);
   CHECK(!kv);
-  CHECK(kv.ec == errc::bad_request);
-  CHECK(kv.detail.find("region_bytes is 0") != std::string::npos);
-  CHECK(!kv.fd);
-  CHECK(kv.memory == nullptr);
+  CHECK(kv.error() == errc::bad_request);
+  CHECK(kv.error().message().find("region_bytes is 0") != std::string::npos);
 
   l = layout();
   l.backend = wire::KvBackend::cuda_ipc;
   kv = create_kv_memfd(l);
-  CHECK(kv.ec == errc::bad_request);
-  CHECK(kv.detail.find("cpu_memfd") != std::string::npos);
-  CHECK(!kv.fd);
+  CHECK(!kv);
+  CHECK(kv.error() == errc::bad_request);
+  CHECK(kv.error().message().find("cpu_memfd") != std::string::npos);
 
   // 1 EiB: more than any address space (ftruncate or mmap fails; which one
   // depends on the kernel's limits).
@@ -126,8 +123,6 @@ TEST_CASE("create_kv_memfd: an unusable layout or a failed call gives an error c
   l.region_bytes = std::uint64_t{1} << 60;
   kv = create_kv_memfd(l);
   CHECK(!kv);
-  CHECK(kv.ec.category() == std::system_category());
-  CHECK_MESSAGE(kv.detail.find(" failed: ") != std::string::npos, kv.detail);
-  CHECK(!kv.fd);
-  CHECK(kv.memory == nullptr);
+  CHECK(kv.error().code().category() == std::system_category());
+  CHECK_MESSAGE(kv.error().message().find(" failed: ") != std::string::npos, kv.error().message());
 }

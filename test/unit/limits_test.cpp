@@ -83,7 +83,7 @@ struct Fixture {
     REQUIRE(f.size() == 1);
     if (!f[0].first.is_error()) return std::nullopt;
     ErrorReply e;
-    REQUIRE(decode(f[0].second, e, "error") == "");
+    REQUIRE_FALSE(decode(f[0].second, e, "error"));
     return e;
   }
   HelloRequest hello_req(std::uint64_t id, std::string token = {}) {
@@ -118,7 +118,7 @@ struct Fixture {
     auto f = sink->frames();
     REQUIRE(f.size() == 1);
     StatsReply r;
-    REQUIRE(decode(f[0].second, r, "reply") == "");
+    REQUIRE_FALSE(decode(f[0].second, r, "reply"));
     for (auto& e : r.entries)
       if (e.name == name) return e.value;
     FAIL("no stat named " << name);
@@ -280,7 +280,7 @@ TEST_CASE("limits: --instance-l1-quota as a fraction: an instance's STOREs store
   REQUIRE(f.size() == 1);
   REQUIRE_FALSE(f[0].first.is_error());
   StoreResult r;
-  REQUIRE(decode(f[0].second, r, "reply") == "");
+  REQUIRE_FALSE(decode(f[0].second, r, "reply"));
   CHECK(r.stored_chunks == 16);
   CHECK(r.skipped_chunks == 4);
   CHECK(fx.handler->store().owned_slots(1) == 16);
@@ -301,12 +301,12 @@ TEST_CASE("limits: --instance-l1-quota as a fraction: an instance's STOREs store
   REQUIRE(fx.send(b, lk));
   auto lf = fx.sink->frames();
   LookupResult lr;
-  REQUIRE(decode(lf[0].second, lr, "reply") == "");
+  REQUIRE_FALSE(decode(lf[0].second, lr, "reply"));
   CHECK(lr.matched_chunks == 0);  // chunk 0 of the first prompt was the oldest: gone
   lk.hashes = hashes(10, 2);
   REQUIRE(fx.send(b, lk));
   lf = fx.sink->frames();
-  REQUIRE(decode(lf[0].second, lr, "reply") == "");
+  REQUIRE_FALSE(decode(lf[0].second, lr, "reply"));
   CHECK(lr.matched_chunks == 10);
   CHECK(fx.stat(a, "quota_evictions") == 4);
   CHECK(fx.stat(a, "quota_refusals") == 4);
@@ -367,35 +367,38 @@ TEST_CASE("store quota: over_quota only when none of the owner's entries is evic
 TEST_CASE("access: a non-loopback endpoint needs an auth token; loopback and unix do not") {
   server::ServerConfig c;
   c.listen = {"unix:/tmp/x.sock", "tcp:127.0.0.1:0", "tcp:localhost:1", "tcp:[::1]:2", "tcp::3", "tcp:4"};
-  CHECK(server::check_access(c) == "");
+  CHECK_FALSE(server::check_access(c));
   c.listen.push_back("tcp:0.0.0.0:7070");
-  const auto why = server::check_access(c);
+  const auto why = server::check_access(c).message();
   CHECK(why.find("tcp:0.0.0.0:7070 is not a loopback address") == 0);
   CHECK(why.find("--auth-token-file") != std::string::npos);
   c.auth_token = "t";
-  CHECK(server::check_access(c) == "");
+  CHECK_FALSE(server::check_access(c));
   c.auth_token.clear();
   c.listen = {"tcp:[::]:1"};
-  CHECK(server::check_access(c) != "");
+  CHECK(server::check_access(c));
   c.listen = {"tcp:10.1.2.3:1"};
-  CHECK(server::check_access(c) != "");
+  CHECK(server::check_access(c));
 }
 
 TEST_CASE("access: tcp:PORT and tcp::PORT mean the loopback address") {
-  net::Endpoint ep;
-  std::string error;
-  REQUIRE(net::parse_endpoint("tcp:7070", ep, error));
-  CHECK(ep.host == "127.0.0.1");
-  CHECK(ep.port == 7070);
-  CHECK(ep.is_loopback());
-  REQUIRE(net::parse_endpoint("tcp::7071", ep, error));
-  CHECK(ep.host == "127.0.0.1");
-  CHECK(ep.port == 7071);
-  CHECK_FALSE(net::parse_endpoint("tcp:", ep, error));
-  CHECK(error.find("missing port") != std::string::npos);
-  CHECK_FALSE(net::parse_endpoint("tcp:70x", ep, error));
-  CHECK_FALSE(net::parse_endpoint("tcp:99999", ep, error));
-  CHECK(error.find("not a number from 0 to 65535") != std::string::npos);
+  auto ep = net::parse_endpoint("tcp:7070");
+  REQUIRE(ep);
+  CHECK(ep->host == "127.0.0.1");
+  CHECK(ep->port == 7070);
+  CHECK(ep->is_loopback());
+  ep = net::parse_endpoint("tcp::7071");
+  REQUIRE(ep);
+  CHECK(ep->host == "127.0.0.1");
+  CHECK(ep->port == 7071);
+  ep = net::parse_endpoint("tcp:");
+  CHECK_FALSE(ep);
+  CHECK(ep.error() == errc::bad_request);
+  CHECK(ep.error().message().find("missing port") != std::string::npos);
+  CHECK_FALSE(net::parse_endpoint("tcp:70x"));
+  ep = net::parse_endpoint("tcp:99999");
+  CHECK_FALSE(ep);
+  CHECK(ep.error().message().find("not a number from 0 to 65535") != std::string::npos);
 }
 
 TEST_CASE("access: the token comes from the config, else the file, else KVLINK_AUTH_TOKEN") {
@@ -404,19 +407,16 @@ TEST_CASE("access: the token comes from the config, else the file, else KVLINK_A
   REQUIRE(fd >= 0);
   ::close(fd);
   std::ofstream(path) << "  from-file\n";
-  std::string token;
-  CHECK(net::resolve_auth_token("explicit", path, token) == "");
-  CHECK(token == "explicit");
-  CHECK(net::resolve_auth_token("", path, token) == "");
-  CHECK(token == "from-file");
+  CHECK(net::resolve_auth_token("explicit", path).value() == "explicit");
+  CHECK(net::resolve_auth_token("", path).value() == "from-file");
   ::setenv("KVLINK_AUTH_TOKEN", "from-env", 1);
-  CHECK(net::resolve_auth_token("", "", token) == "");
-  CHECK(token == "from-env");
+  CHECK(net::resolve_auth_token("", "").value() == "from-env");
   ::unsetenv("KVLINK_AUTH_TOKEN");
-  CHECK(net::resolve_auth_token("", "", token) == "");
-  CHECK(token == "");
+  CHECK(net::resolve_auth_token("", "").value() == "");
   std::ofstream(path) << "\n";
-  CHECK(net::resolve_auth_token("", path, token).find("is empty") != std::string::npos);
+  CHECK(net::resolve_auth_token("", path).error().message().find("is empty") != std::string::npos);
   ::unlink(path);
-  CHECK(net::resolve_auth_token("", path, token).find("cannot be read") != std::string::npos);
+  const auto unreadable = net::resolve_auth_token("", path);
+  CHECK(unreadable.error().message().find("cannot be read") != std::string::npos);
+  CHECK(unreadable.error().code() == std::errc::no_such_file_or_directory);
 }

@@ -112,23 +112,23 @@ TEST_CASE("liveness: a grace shorter than the timeout never reaps sooner than th
 TEST_CASE("reaper flags: 0 disables, a grace below the timeout is an error, below 3 s is a warning") {
   server::ServerConfig c;
   std::string warning = "stale";
-  CHECK(check_reaper(c, warning) == "");  // defaults: 120 s, 3600 s
+  CHECK_FALSE(check_reaper(c, warning));  // defaults: 120 s, 3600 s
   CHECK(warning.empty());
   c.reap_timeout_s = 0;
   c.registration_grace_s = 1;
-  CHECK(check_reaper(c, warning) == "");
+  CHECK_FALSE(check_reaper(c, warning));
   CHECK(warning.empty());
   c.reap_timeout_s = 60;
   c.registration_grace_s = 30;
-  const std::string why = check_reaper(c, warning);
+  const std::string why = check_reaper(c, warning).message();
   CHECK(why.find("--registration-grace-s 30 is shorter than --reap-timeout-s 60") == 0);
   c.registration_grace_s = 60;  // equal is fine
-  CHECK(check_reaper(c, warning) == "");
+  CHECK_FALSE(check_reaper(c, warning));
   c.reap_timeout_s = 2;
-  CHECK(check_reaper(c, warning) == "");
+  CHECK_FALSE(check_reaper(c, warning));
   CHECK(warning.find("--reap-timeout-s 2 is below 3 s (3 x the clients' default 1 s heartbeat interval)") == 0);
   c.reap_timeout_s = 3;
-  CHECK(check_reaper(c, warning) == "");
+  CHECK_FALSE(check_reaper(c, warning));
   CHECK(warning.empty());
 }
 
@@ -166,7 +166,7 @@ std::pair<wire::Header, wire::Bytes> call(server::RequestHandler& h, server::Ses
 std::uint16_t error_code_of(const std::pair<wire::Header, wire::Bytes>& r) {
   if (!r.first.is_error()) return 0;
   wire::ErrorReply e;
-  REQUIRE(wire::decode(r.second, e, "error") == "");
+  REQUIRE_FALSE(wire::decode(r.second, e, "error"));
   return e.code;
 }
 
@@ -195,7 +195,7 @@ TEST_CASE("request handler: a reaped instance's PING answers unknown_instance un
   auto r = call(h, s, wire::StatsRequest{}, t + 23s);
   REQUIRE_FALSE(r.first.is_error());
   wire::StatsReply stats;
-  REQUIRE(wire::decode(r.second, stats, "stats") == "");
+  REQUIRE_FALSE(wire::decode(r.second, stats, "stats"));
   std::map<std::string, std::int64_t> m;
   for (auto& e : stats.entries) m[e.name] = e.value;
   CHECK(m.at("instances_live") == 1);

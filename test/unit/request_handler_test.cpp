@@ -55,7 +55,7 @@ struct Fixture {
 ErrorReply error_of(const std::pair<Header, Bytes>& f) {
   REQUIRE(f.first.is_error());
   ErrorReply e;
-  REQUIRE(decode(f.second, e, "error") == "");
+  REQUIRE_FALSE(decode(f.second, e, "error"));
   return e;
 }
 
@@ -72,7 +72,7 @@ TEST_CASE("HELLO answers with the boot id and limits") {
   CHECK(frames[0].first.is_response());
   CHECK(frames[0].first.id == 1);
   HelloReply r;
-  REQUIRE(decode(frames[0].second, r, "reply") == "");
+  REQUIRE_FALSE(decode(frames[0].second, r, "reply"));
   CHECK(r.boot_id == 77);
   CHECK(r.chunk_size == fx.config.chunk_size);
   CHECK(r.max_payload == fx.config.max_payload);
@@ -109,7 +109,7 @@ TEST_CASE("PING after HELLO answers ok") {
   CHECK(frames[0].first.id == 9);
   CHECK_FALSE(frames[0].first.is_error());
   PingReply r;
-  REQUIRE(decode(frames[0].second, r, "reply") == "");
+  REQUIRE_FALSE(decode(frames[0].second, r, "reply"));
   CHECK(r.data_path_error.empty());  // nothing registered: nothing to move
 }
 
@@ -155,7 +155,7 @@ TEST_CASE("STATS reports per-op counters") {
   fx.send(4, StatsRequest{});
   auto frames = fx.sink.frames();
   StatsReply s;
-  REQUIRE(decode(frames.at(0).second, s, "stats") == "");
+  REQUIRE_FALSE(decode(frames.at(0).second, s, "stats"));
   std::int64_t pings = -1;
   for (auto& e : s.entries)
     if (e.name == "op_ping_requests") pings = e.value;
@@ -186,12 +186,12 @@ TEST_CASE("HELLO says whether the server holds a registration and whether it dra
   h.role = Role::worker;
   CHECK(fx.send(1, h));
   HelloReply r;
-  REQUIRE(decode(fx.sink.frames().at(0).second, r, "reply") == "");
+  REQUIRE_FALSE(decode(fx.sink.frames().at(0).second, r, "reply"));
   CHECK(r.registered == 0);
   CHECK(r.draining == 0);
   fx.handler.begin_drain(fx.now, std::chrono::seconds(10));
   CHECK(fx.send(2, h));
-  REQUIRE(decode(fx.sink.frames().at(0).second, r, "reply") == "");
+  REQUIRE_FALSE(decode(fx.sink.frames().at(0).second, r, "reply"));
   CHECK(r.draining == 1);
 }
 
@@ -282,7 +282,7 @@ TEST_CASE("instance ids are bound to their first HELLO's secret: claims without 
   fx.session = std::move(later);
   REQUIRE(fx.send(2, stats));
   StatsReply s;
-  REQUIRE(decode(fx.sink.frames().at(0).second, s, "stats") == "");
+  REQUIRE_FALSE(decode(fx.sink.frames().at(0).second, s, "stats"));
   std::int64_t refused = -1;
   for (auto& e : s.entries)
     if (e.name == "instance_claims_refused") refused = e.value;

@@ -15,7 +15,7 @@ namespace {
 class Probe final : public TransferEngine {
  public:
   explicit Probe(std::uint64_t caps) : caps_(caps) {}
-  std::string attach(Registration&, UniqueFd) override {
+  Error attach(Registration&, UniqueFd) override {
     ++attached;
     return {};
   }
@@ -23,7 +23,7 @@ class Probe final : public TransferEngine {
     ++submitted;
     done({});
   }
-  std::string use_l1(const Registration&, std::byte*, std::uint64_t) override {
+  Error use_l1(const Registration&, std::byte*, std::uint64_t) override {
     ++l1;
     return {};
   }
@@ -50,8 +50,8 @@ TEST_CASE("routing engine: each backend reaches its own engine") {
   CHECK(router.capabilities() == (wire::capability::cpu_transfer | wire::capability::cuda_transfer));
   for (auto backend : {wire::KvBackend::cpu_memfd, wire::KvBackend::cuda_ipc}) {
     auto r = reg(backend);
-    REQUIRE(router.attach(*r, {}) == "");
-    REQUIRE(router.use_l1(*r, nullptr, 0) == "");
+    REQUIRE_FALSE(router.attach(*r, {}));
+    REQUIRE_FALSE(router.use_l1(*r, nullptr, 0));
     TransferJob job;
     job.registration = r;
     std::error_code result = errc::timed_out;
@@ -68,25 +68,25 @@ TEST_CASE("routing engine: no CUDA engine -> cuda_ipc is refused with the reason
   RoutingTransferEngine router(std::move(cpu), nullptr, "cudaGetDeviceCount failed: no driver");
   CHECK(router.capabilities() == wire::capability::cpu_transfer);
   auto g = reg(wire::KvBackend::cuda_ipc);
-  const std::string why = router.attach(*g, {});
+  const Error refused = router.attach(*g, {});
+  CHECK(refused == errc::bad_request);
+  const std::string why = refused.message();
   CHECK(why.find("this server has no CUDA device") != std::string::npos);
   CHECK(why.find("cudaGetDeviceCount failed: no driver") != std::string::npos);
-  CHECK(router.use_l1(*g, nullptr, 0) == "");
+  CHECK_FALSE(router.use_l1(*g, nullptr, 0));
   auto m = reg(wire::KvBackend::cpu_memfd);
-  CHECK(router.attach(*m, {}) == "");
+  CHECK_FALSE(router.attach(*m, {}));
   CHECK(c->attached == 1);
   CHECK(c->l1 == 0);
 }
 
 TEST_CASE("routing engine: --transfer-engine and --cuda-copy values") {
-  EngineChoice e{};
-  CHECK((parse_engine_choice("auto", e) && e == EngineChoice::automatic));
-  CHECK((parse_engine_choice("cpu", e) && e == EngineChoice::cpu));
-  CHECK((parse_engine_choice("cuda", e) && e == EngineChoice::cuda));
-  CHECK(!parse_engine_choice("gpu", e));
-  CudaCopyMethod m{};
-  CHECK((parse_copy_method("kernel", m) && m == CudaCopyMethod::kernel));
-  CHECK((parse_copy_method("batch", m) && m == CudaCopyMethod::batch));
-  CHECK(!parse_copy_method("memcpy", m));
+  CHECK(parse_engine_choice("auto").value() == EngineChoice::automatic);
+  CHECK(parse_engine_choice("cpu").value() == EngineChoice::cpu);
+  CHECK(parse_engine_choice("cuda").value() == EngineChoice::cuda);
+  CHECK(parse_engine_choice("gpu").error() == errc::bad_request);
+  CHECK(parse_copy_method("kernel").value() == CudaCopyMethod::kernel);
+  CHECK(parse_copy_method("batch").value() == CudaCopyMethod::batch);
+  CHECK(parse_copy_method("memcpy").error() == errc::bad_request);
   CHECK(std::string(copy_method_name(CudaCopyMethod::kernel)) == "kernel");
 }

@@ -35,21 +35,22 @@ constexpr std::byte poison_byte{0xA5};
 
 }  // namespace
 
-std::string check(const WorkloadConfig& c) {
+Error check(const WorkloadConfig& c) {
   if (c.prefixes == 0 && c.share_ratio > 0)
-    return "--prefixes is 0 but --share-ratio is above 0: give at least one prefix, or --share-ratio 0";
-  if (c.min_prompt_tokens == 0) return "--min-prompt-tokens must be at least 1";
+    return Error(errc::bad_request,
+                 "--prefixes is 0 but --share-ratio is above 0: give at least one prefix, or --share-ratio 0");
+  if (c.min_prompt_tokens == 0) return Error(errc::bad_request, "--min-prompt-tokens must be at least 1");
   if (c.max_prompt_tokens < c.min_prompt_tokens)
-    return fmt::format("--max-prompt-tokens {} is below --min-prompt-tokens {}", c.max_prompt_tokens,
-                       c.min_prompt_tokens);
+    return Error(errc::bad_request, fmt::format("--max-prompt-tokens {} is below --min-prompt-tokens {}",
+                                                c.max_prompt_tokens, c.min_prompt_tokens));
   if (c.share_ratio < 0 || c.share_ratio > 1)
-    return fmt::format("--share-ratio {} is not between 0 and 1", c.share_ratio);
-  if (c.vocab < 2) return "the vocabulary needs at least 2 token ids";
+    return Error(errc::bad_request, fmt::format("--share-ratio {} is not between 0 and 1", c.share_ratio));
+  if (c.vocab < 2) return Error(errc::bad_request, "the vocabulary needs at least 2 token ids");
   return {};
 }
 
 RequestGenerator::RequestGenerator(WorkloadConfig c) : config_(std::move(c)), rng_(mix(config_.seed)) {
-  if (auto why = check(config_); !why.empty()) throw std::invalid_argument(why);
+  if (auto err = check(config_)) throw std::invalid_argument(err.message());
 }
 
 Request RequestGenerator::next() {

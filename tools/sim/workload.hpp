@@ -46,7 +46,7 @@ struct Request {
 };
 
 // "" when the config is usable, else what is wrong (naming the flag).
-std::string check(const WorkloadConfig& c);
+Error check(const WorkloadConfig& c);
 
 // Deterministic for a seed: the n-th request is always the same.
 class RequestGenerator {

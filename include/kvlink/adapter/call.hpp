@@ -1,7 +1,9 @@
 // How the adapters expose every operation: an Asio async operation with a
 // completion token (use_awaitable, callbacks, use_future, deferred) whose
 // work runs on the adapter's io thread, plus a blocking form with a deadline
-// for engines without an event loop.
+// for engines without an event loop. The async forms complete with Asio's
+// (error_code, value); the blocking forms return kvlink::Result<value>
+// (kvlink/error.hpp): the value, or the Error that prevented it.
 //
 // Cancellation: an async form whose completion handler has a cancellation
 // slot (asio::bind_cancellation_slot, parallel_group, a coroutine's
@@ -23,6 +25,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <string>
 #include <system_error>
 #include <type_traits>
 #include <utility>
@@ -31,15 +34,6 @@
 #include "kvlink/error.hpp"
 
 namespace kvlink::adapter {
-
-// What a blocking call returns: an error (timed_out when the deadline
-// passed) and, when there is none, the value.
-template <class T>
-struct Result {
-  std::error_code ec;
-  T value{};
-  explicit operator bool() const { return !ec; }
-};
 
 namespace detail {
 
@@ -81,15 +75,21 @@ auto initiate(const asio::any_io_executor& ex, Token&& token, Start start) {
 
 // The blocking form of every adapter call: runs `start(Callback<T>)` and
 // waits at most `deadline`; never longer, whatever the server does.
-// `on_deadline` runs when it passes.
+// Returns the value, or the operation's error (timed_out when the deadline
+// passed). `on_deadline` runs when it passes.
 template <class T, class Start, class OnDeadline>
 Result<T> blocking(Duration deadline, Start start, OnDeadline on_deadline) {
   auto p = std::make_shared<std::promise<Result<T>>>();
   auto f = p->get_future();
-  start(Callback<T>([p](std::error_code ec, T v) { p->set_value(Result<T>{ec, std::move(v)}); }));
+  start(Callback<T>([p](std::error_code ec, T v) {
+    p->set_value(ec ? Result<T>(Error(ec)) : Result<T>(std::move(v)));
+  }));
   if (f.wait_for(deadline) != std::future_status::ready) {
     on_deadline();
-    return Result<T>{make_error_code(errc::timed_out), T{}};
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(deadline).count();
+    return Error(errc::timed_out, "no answer within the blocking call's deadline of " + std::to_string(ms) +
+                                      " ms (the operation may still complete); pass a longer deadline or raise "
+                                      "the adapter's blocking_deadline");
   }
   return f.get();
 }

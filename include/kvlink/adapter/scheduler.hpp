@@ -3,8 +3,8 @@
 //
 // Every operation exists as an Asio async operation, async_xxx(args...,
 // token), completing with (error_code, value), and as a blocking call with a
-// deadline returning Result<value> (timed_out once the deadline passes; the
-// monitor counts it as a missed deadline). Both may be called from any
+// deadline returning kvlink::Result<value>: the value or an Error (timed_out
+// once the deadline passes; the monitor counts it as a missed deadline). Both may be called from any
 // thread; all state lives on the adapter's executor, which must be a
 // single-threaded io_context (e.g. runtime::Runtime). Blocking calls must not
 // be made from that thread.

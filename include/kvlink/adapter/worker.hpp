@@ -154,7 +154,9 @@ class WorkerAdapter : public std::enable_shared_from_this<WorkerAdapter> {
   Result<wire::RetrieveResult> submit_retrieve(TransferSpec spec, Duration deadline = {});
 
   // Batched: every spec is submitted at once; completes when all are done
-  // with the first error (if any) and one error code per spec.
+  // with the first error (if any) and one error code per spec. The blocking
+  // forms return the per-spec codes as their value even when some failed
+  // (check each); their Result is an error only when the deadline passed.
   using BatchResult = std::vector<std::error_code>;
   template <class CompletionToken>
   auto async_submit_stores(std::vector<TransferSpec> specs, CompletionToken&& token) {

@@ -87,9 +87,8 @@ struct PendingCallImpl final : PendingCall {
   void complete(std::error_code ec, std::span<const std::byte> payload) override {
     Reply reply{};
     if (!ec) {
-      std::string why = wire::decode(payload, reply, "reply");
-      if (!why.empty()) {
-        log::warn("kvlink: malformed reply from server: {}", why);
+      if (Error malformed = wire::decode(payload, reply, "reply")) {
+        log::warn("kvlink: malformed reply from server: {}", malformed.message());
         ec = errc::protocol_error;
       }
     }
@@ -166,7 +165,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // Called once, on the connection's executor, when the connection ends
   // (with the reason). Set it before anything can close the connection.
-  void on_close(std::function<void(const StreamEnd&)> handler) { on_close_ = std::move(handler); }
+  void on_close(std::function<void(const Error&)> handler) { on_close_ = std::move(handler); }
   // Called on the connection's executor for each SERVER_NOTICE the server
   // sends unasked (e.g. draining before a planned restart).
   void on_notice(std::function<void(const wire::ServerNotice&)> handler) { on_notice_ = std::move(handler); }
@@ -232,7 +231,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void arm_deadline(Clock::time_point deadline, std::uint64_t id);
   void rearm_deadline_timer();
   void on_deadline_timer();
-  void fail_all(const StreamEnd& end);
+  void fail_all(const Error& end);
 
   executor_type executor_;
   FrameStream stream_;
@@ -248,14 +247,15 @@ class Connection : public std::enable_shared_from_this<Connection> {
   ConnectionStats stats_;
   std::string last_error_message_;
   bool is_unix_ = false;  // fds can be passed
-  std::function<void(const StreamEnd&)> on_close_;
+  std::function<void(const Error&)> on_close_;
   std::function<void(const wire::ServerNotice&)> on_notice_;
 };
 
 // Result of connect(): a connection that has completed HELLO, or why not.
+// (A struct rather than Result<T>: Asio's co_spawn default-constructs the
+// value it hands over with an exception.)
 struct ConnectResult {
-  std::error_code ec;
-  std::string error;  // human-readable, names the endpoint
+  Error error;  // its detail names the endpoint
   std::shared_ptr<Connection> connection;
   wire::HelloReply hello;
 };

@@ -10,6 +10,8 @@
 #include <string_view>
 #include <system_error>
 
+#include "kvlink/error.hpp"
+
 namespace kvlink::net {
 
 using Protocol = asio::generic::stream_protocol;
@@ -28,8 +30,8 @@ struct Endpoint {
   Protocol::endpoint asio_endpoint() const;  // throws std::system_error on a bad address
 };
 
-// Parses an endpoint; on failure returns false and says why in `error`.
-bool parse_endpoint(std::string_view text, Endpoint& out, std::string& error);
+// Parses an endpoint, or says what is wrong with it (bad_request).
+Result<Endpoint> parse_endpoint(std::string_view text);
 
 // The default server endpoint: unix:$XDG_RUNTIME_DIR/kvlink.sock, or
 // unix:/tmp/kvlink-<uid>.sock when XDG_RUNTIME_DIR is unset.

@@ -6,6 +6,9 @@
 // File descriptors (memfds) travel with frames on unix sockets (SCM_RIGHTS):
 // attach_fd() sends one with the next flush, receive_fds_into() makes the
 // reader use recvmsg and collect what arrives.
+//
+// What the reader does next (read how much, pause, hold, end) is decided by
+// ReadPacer; Reader here only makes the calls.
 #pragma once
 
 #include <sys/socket.h>
@@ -21,7 +24,6 @@
 #include <cerrno>
 #include <deque>
 #include <exception>
-#include <fmt/format.h>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -36,14 +38,10 @@
 #include "kvlink/log.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "kvlink/net/endpoint.hpp"
+#include "kvlink/net/read_pacer.hpp"
 #include "kvlink/wire/frame.hpp"
 
 namespace kvlink::net {
-
-struct StreamEnd {
-  std::error_code ec;  // eof, connection_lost, protocol_error, ...
-  std::string reason;  // human-readable
-};
 
 class FrameStream {
  public:
@@ -85,8 +83,7 @@ class FrameStream {
   // errc::limit_exceeded. on_pause(true/false) reports each stop and resume.
   // 0 bytes (the default): no limit.
   void limit_outbound(std::size_t bytes, Duration stall_timeout, std::function<void(bool paused)> on_pause) {
-    outbound_limit_ = bytes;
-    stall_timeout_ = stall_timeout;
+    pacer_.limit_outbound(bytes, stall_timeout);
     on_pause_ = std::move(on_pause);
   }
 
@@ -94,21 +91,21 @@ class FrameStream {
   // (the server's --max-inbound-bytes across connections). After the
   // frames of each read are handled, `admit` is told the payload length of
   // the frame still incomplete at the front (0: none), before the buffer
-  // grows to hold it. A non-empty reason ends read_frames with
-  // errc::limit_exceeded and that reason. Unset (the default): no bound.
-  void limit_inbound(std::function<std::string(std::uint32_t pending_payload)> admit) {
-    admit_inbound_ = std::move(admit);
+  // grows to hold it. A failure ends read_frames with that Error (the
+  // server's: errc::limit_exceeded). Unset (the default): no bound.
+  void limit_inbound(std::function<Error(std::uint32_t pending_payload)> admit) {
+    pacer_.limit_inbound(std::move(admit));
   }
 
   // Holds the connection's next frames while its owner finishes the current
   // request in slices (serving other connections in between): read_frames
   // handles and reads nothing until release_hold(). Frames keep their order.
-  void hold() { held_ = true; }
+  void hold() { pacer_.hold(); }
   void release_hold() {
-    held_ = false;
+    pacer_.release_hold();
     wake_reader();
   }
-  bool held() const { return held_; }
+  bool held() const { return pacer_.held(); }
 
   // Lower level: append whole frames to out_buffer(), then schedule_flush().
   wire::Bytes& out_buffer() { return out_; }
@@ -132,8 +129,8 @@ class FrameStream {
   // per read cost 13-14 % more instructions per PING on each side
   // (callgrind), enough to decide PERF.md's ping_rtt target.
   template <class OnFrame>
-  asio::awaitable<StreamEnd> read_frames(OnFrame on_frame) {
-    co_return co_await asio::async_initiate<const asio::use_awaitable_t<>&, void(std::exception_ptr, StreamEnd)>(
+  asio::awaitable<Error> read_frames(OnFrame on_frame) {
+    co_return co_await asio::async_initiate<const asio::use_awaitable_t<>&, void(std::exception_ptr, Error)>(
         [this](auto handler, OnFrame on_frame) {
           using R = Reader<OnFrame, decltype(handler)>;
           auto reader = std::make_unique<R>(*this, std::move(on_frame), std::move(handler));
@@ -152,8 +149,6 @@ class FrameStream {
   }
 
  private:
-  bool over_limit() const { return outbound_limit_ > 0 && queued_bytes() > outbound_limit_; }
-
   // The read loop of read_frames. Each pending operation's handler owns the
   // Reader (`self`), so an io_context destroyed with a read pending frees it
   // and, with it, the caller's suspended coroutine.
@@ -164,35 +159,31 @@ class FrameStream {
     Reader(FrameStream& s, OnFrame on_frame, Handler handler)
         : s_(s), on_frame_(std::move(on_frame)), handler_(std::move(handler)) {}
 
-    // One pass: wait out a pause, hand over frames a pause left parsed, or read.
+    // One pass: what the pacer says comes next.
     void step(Ptr self) {
-      if (s_.held_) return wait_hold(std::move(self));
-      if (s_.over_limit()) return start_pause(std::move(self));
-      if (s_.frames_left_) return handle_frames(std::move(self));
-      if (!s_.fd_sink_) {
-        auto space = prepare();
-        s_.socket_.async_read_some(asio::buffer(space.data(), space.size()),
-                                   [self = std::move(self)](std::error_code ec, std::size_t n) mutable {
-                                     Reader* r = self.get();
-                                     r->on_read(std::move(self), ec, n);
-                                   });
-        return;
+      switch (s_.pacer_.next(s_.queued_bytes(), s_.fd_sink_ != nullptr)) {
+        case ReadPacer::Next::wait_hold: return wait_hold(std::move(self));
+        case ReadPacer::Next::pause: return start_pause(std::move(self));
+        case ReadPacer::Next::handle_frames: return handle_frames(std::move(self));
+        case ReadPacer::Next::read: {
+          auto space = prepare();
+          s_.socket_.async_read_some(asio::buffer(space.data(), space.size()),
+                                     [self = std::move(self)](std::error_code ec, std::size_t n) mutable {
+                                       Reader* r = self.get();
+                                       r->on_read(std::move(self), ec, n);
+                                     });
+          return;
+        }
+        // recvmsg ourselves (Asio's reads have no control buffer, and the
+        // kernel would close any fd that arrives).
+        case ReadPacer::Next::receive: return receive(std::move(self), false);
+        case ReadPacer::Next::wait_readable: return wait_readable(std::move(self));
       }
-      // recvmsg ourselves (Asio's reads have no control buffer, and the
-      // kernel would close any fd that arrives). Like Asio's reactor: a
-      // speculative read only when the last read filled its buffer (more is
-      // likely waiting); after a short read, wait for readability first
-      // instead of paying for a recvmsg that finds nothing.
-      if (!s_.maybe_more_) return wait_readable(std::move(self));
-      receive(std::move(self), false);
     }
 
    private:
-    // Start with small reads so an idle connection holds little memory (the
-    // buffer is zero-filled, so its size is resident); grow while reads come
-    // back full (on_read).
     std::span<std::byte> prepare() {
-      auto space = s_.parser_.prepare(s_.read_size_);
+      auto space = s_.parser_.prepare(s_.pacer_.read_size());
       space_size_ = space.size();
       return space;
     }
@@ -211,7 +202,6 @@ class FrameStream {
       const std::size_t n = s_.receive_some(space.data(), space.size(), ec);
       if (ec == std::errc::resource_unavailable_try_again || ec == std::errc::operation_would_block)
         return wait_readable(std::move(self));
-      s_.maybe_more_ = !ec && n == space.size();
       if (!ec && !waited) {
         // A read that found data at once lets other sessions run first, as
         // Asio's completion would (one busy client cannot starve the rest).
@@ -226,13 +216,13 @@ class FrameStream {
 
     void on_read(Ptr self, std::error_code ec, std::size_t n) {
       if (ec) {
-        if (ec == asio::error::eof) return finish(std::move(self), {errc::connection_lost, "peer closed the connection"});
-        if (ec == asio::error::operation_aborted)
-          return finish(std::move(self), {errc::connection_lost, "connection closed locally"});
+        if (ec == asio::error::eof)
+          return finish(std::move(self), {errc::connection_lost, "peer closed the connection"});
+        if (ec == asio::error::operation_aborted) return finish(std::move(self), ReadPacer::closed_locally());
         return finish(std::move(self), {errc::connection_lost, ec.message()});
       }
       s_.parser_.commit(n);
-      if (n == space_size_ && s_.read_size_ < max_read_size) s_.read_size_ *= 2;
+      s_.pacer_.on_read(n, space_size_);
       handle_frames(std::move(self));
     }
 
@@ -240,7 +230,7 @@ class FrameStream {
     // together when the turn ends (end_read_turn), as it would after a
     // posted flush.
     void handle_frames(Ptr self) {
-      s_.frames_left_ = false;
+      s_.pacer_.begin_turn();
       s_.in_read_turn_ = true;
       bool stopped = false;
       try {
@@ -249,10 +239,7 @@ class FrameStream {
             stopped = true;
             break;
           }
-          if (s_.held_ || s_.over_limit()) {
-            s_.frames_left_ = true;
-            break;
-          }
+          if (s_.pacer_.stop_turn(s_.queued_bytes())) break;
         }
       } catch (...) {
         s_.end_read_turn();
@@ -268,18 +255,17 @@ class FrameStream {
       // The frames handled are gone: a large one's memory goes back now,
       // not at the next read (which may be long in coming).
       s_.parser_.shrink();
-      if (s_.admit_inbound_ && !s_.frames_left_) {
+      if (s_.pacer_.checks_inbound()) {
         const auto pending = s_.parser_.peek();
-        if (auto why = s_.admit_inbound_(pending ? pending->length : 0); !why.empty())
-          return finish(std::move(self), {errc::limit_exceeded, std::move(why)});
+        if (auto err = s_.pacer_.admit_inbound(pending ? pending->length : 0))
+          return finish(std::move(self), std::move(err));
       }
       step(std::move(self));
     }
 
-    // Held (hold()): waits for release_hold() or close, without a deadline:
-    // the owner's sliced request always finishes.
+    // Held (hold()): waits for release_hold() or close.
     void wait_hold(Ptr self) {
-      if (!s_.socket_.is_open()) return finish(std::move(self), {errc::connection_lost, "connection closed locally"});
+      if (!s_.socket_.is_open()) return finish(std::move(self), ReadPacer::closed_locally());
       if (!s_.drain_timer_) s_.drain_timer_.emplace(s_.socket_.get_executor());
       s_.drain_timer_->expires_at(TimePoint::max());
       s_.drain_timer_->async_wait([self = std::move(self)](std::error_code) mutable {
@@ -293,38 +279,29 @@ class FrameStream {
     void start_pause(Ptr self) {
       if (!s_.drain_timer_) s_.drain_timer_.emplace(s_.socket_.get_executor());
       if (s_.on_pause_) s_.on_pause_(true);
-      pause_deadline_ = Clock::now() + s_.stall_timeout_;
+      s_.pacer_.start_pause(Clock::now());
       check_pause(std::move(self));
     }
 
     void check_pause(Ptr self) {
-      std::optional<StreamEnd> end;
-      if (s_.over_limit()) {
-        if (!s_.socket_.is_open()) {
-          end = StreamEnd{errc::connection_lost, "connection closed locally"};
-        } else if (Clock::now() >= pause_deadline_) {
-          end = StreamEnd{errc::limit_exceeded,
-                          fmt::format("the peer did not read its replies: {} bytes stayed queued (limit {}) for {} ms",
-                                      s_.queued_bytes(), s_.outbound_limit_,
-                                      std::chrono::duration_cast<std::chrono::milliseconds>(s_.stall_timeout_).count())};
-        } else {
-          s_.drain_timer_->expires_at(pause_deadline_);
-          // Cancelled by progress (wake_reader) or close: look again either way.
-          s_.drain_timer_->async_wait([self = std::move(self)](std::error_code) mutable {
-            Reader* r = self.get();
-            r->check_pause(std::move(self));
-          });
-          return;
-        }
+      auto check = s_.pacer_.check_pause(s_.queued_bytes(), s_.socket_.is_open(), Clock::now());
+      if (check.kind == ReadPacer::PauseCheck::wait) {
+        s_.drain_timer_->expires_at(s_.pacer_.pause_deadline());
+        // Cancelled by progress (wake_reader) or close: look again either way.
+        s_.drain_timer_->async_wait([self = std::move(self)](std::error_code) mutable {
+          Reader* r = self.get();
+          r->check_pause(std::move(self));
+        });
+        return;
       }
       if (s_.on_pause_) s_.on_pause_(false);
-      if (end) return finish(std::move(self), std::move(*end));
+      if (check.kind == ReadPacer::PauseCheck::end) return finish(std::move(self), std::move(check.error));
       step(std::move(self));
     }
 
     // Completes read_frames. Posted, never called inline: this may run
     // inside async_initiate, before the caller's coroutine has suspended.
-    void finish(Ptr self, StreamEnd end, std::exception_ptr failure = nullptr) {
+    void finish(Ptr self, Error end, std::exception_ptr failure = nullptr) {
       auto ex = s_.socket_.get_executor();
       Handler handler = std::move(handler_);
       self.reset();
@@ -336,8 +313,7 @@ class FrameStream {
     FrameStream& s_;
     OnFrame on_frame_;
     Handler handler_;
-    std::size_t space_size_ = 0;  // of the last prepare(): a read that fills it grows the next
-    TimePoint pause_deadline_{};
+    std::size_t space_size_ = 0;  // of the last prepare(): what a read must fill to count as full
   };
 
   void flush(const std::shared_ptr<void>& owner) {
@@ -496,8 +472,6 @@ class FrameStream {
   // end of the turn; turn_owner_ is the owner of the first deferred flush.
   bool in_read_turn_ = false;
   std::shared_ptr<void> turn_owner_;
-  static constexpr std::size_t max_read_size = 64 * 1024;
-  std::size_t read_size_ = 2048;
   wire::Bytes out_;          // frames queued since the last flush
   wire::Bytes writing_buf_;  // frames the async write is sending
   bool writing_ = false;
@@ -506,14 +480,9 @@ class FrameStream {
   static constexpr std::size_t max_fds_per_message = 8;
   std::vector<UniqueFd> fds_out_;               // to send with the next flush
   std::deque<UniqueFd>* fd_sink_ = nullptr;     // where received fds go (null: plain reads)
-  bool maybe_more_ = false;                     // the last recvmsg filled its buffer
-  std::size_t outbound_limit_ = 0;              // limit_outbound (0: none)
-  Duration stall_timeout_{};
-  std::function<void(bool)> on_pause_;
+  ReadPacer pacer_;                             // what the reader does next
+  std::function<void(bool)> on_pause_;          // limit_outbound's
   std::optional<asio::steady_timer> drain_timer_;  // a paused or held reader waits on it; progress cancels it
-  bool held_ = false;
-  bool frames_left_ = false;                    // a pause stopped a turn with frames still parsed
-  std::function<std::string(std::uint32_t)> admit_inbound_;  // limit_inbound (empty: no bound)
 };
 
 }  // namespace kvlink::net

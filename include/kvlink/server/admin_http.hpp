@@ -10,6 +10,8 @@
 #include <string>
 #include <string_view>
 
+#include "kvlink/error.hpp"
+#include "kvlink/net/endpoint.hpp"
 #include "kvlink/server/status.hpp"
 
 namespace kvlink::server {
@@ -37,9 +39,9 @@ struct HttpAnswer {
 HttpAnswer admin_answer(std::string_view method, std::string_view path, std::string_view authorization,
                         const ServerStatus* status, TimePoint now, const AdminHttpConfig& config);
 
-// "" if `config` may be served as it is, or why not (a non-loopback
-// address without a token, an address that is not HOST:PORT).
-std::string check_admin_address(const AdminHttpConfig& config);
+// The address to serve `config` on, or why it may not be served (a
+// non-loopback address without a token, an address that is not HOST:PORT).
+Result<net::Endpoint> admin_endpoint(const AdminHttpConfig& config);
 
 class AdminHttp {
  public:

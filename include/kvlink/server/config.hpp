@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "kvlink/error.hpp"
+
 namespace kvlink::server {
 
 struct ServerConfig {
@@ -98,17 +100,17 @@ struct ServerConfig {
 inline constexpr std::uint32_t default_client_heartbeat_s = 1;
 inline constexpr std::uint32_t min_safe_reap_timeout_s = 3 * default_client_heartbeat_s;
 
-// Checks the reaper flags. Returns why they cannot be served ("" if they
-// can); sets `warning` (else leaves it empty) for a reap timeout that risks
-// reaping live clients.
-inline std::string check_reaper(const ServerConfig& c, std::string& warning) {
+// Checks the reaper flags: an error if they cannot be served; sets
+// `warning` (else leaves it empty) for a reap timeout that risks reaping
+// live clients.
+inline Error check_reaper(const ServerConfig& c, std::string& warning) {
   warning.clear();
   if (c.reap_timeout_s == 0) return {};  // no reaper: the grace is unused
   if (c.registration_grace_s < c.reap_timeout_s)
-    return "--registration-grace-s " + std::to_string(c.registration_grace_s) + " is shorter than --reap-timeout-s " +
+    return Error(errc::bad_request, "--registration-grace-s " + std::to_string(c.registration_grace_s) + " is shorter than --reap-timeout-s " +
            std::to_string(c.reap_timeout_s) +
            ": the grace is the longer silence allowed to registered instances that never pinged; raise "
-           "--registration-grace-s or lower --reap-timeout-s";
+           "--registration-grace-s or lower --reap-timeout-s");
   if (c.reap_timeout_s < min_safe_reap_timeout_s)
     warning = "--reap-timeout-s " + std::to_string(c.reap_timeout_s) + " is below " +
               std::to_string(min_safe_reap_timeout_s) + " s (3 x the clients' default " +

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <string>
 
+#include "kvlink/error.hpp"
 #include "kvlink/server/config.hpp"
 
 namespace kvlink::server {
@@ -31,11 +32,11 @@ class InboundBudget {
   explicit InboundBudget(std::uint64_t limit) : limit_(limit) {}
 
   // The connection's frame still arriving has a payload of `payload` bytes
-  // (0: no frame is arriving). Returns "" with the claim set to it (what it
-  // held before is released), or why the frame is refused, naming
-  // --max-inbound-bytes (the claim is unchanged; close the connection and
-  // release it).
-  std::string hold(Claim& claim, std::uint32_t payload);
+  // (0: no frame is arriving). Returns success with the claim set to it
+  // (what it held before is released), or errc::limit_exceeded with why
+  // the frame is refused, naming --max-inbound-bytes (the claim is
+  // unchanged; close the connection and release it).
+  Error hold(Claim& claim, std::uint32_t payload);
   // The connection ended: its claim goes back.
   void release(Claim& claim);
 
@@ -52,8 +53,8 @@ class InboundBudget {
 // max_payload when that is 0 (the default).
 std::uint64_t inbound_limit(const ServerConfig& config);
 
-// Why `config`'s inbound limit cannot be served ("" if it can): below
-// max_payload, a frame of the largest size would always be refused.
-std::string check_inbound(const ServerConfig& config);
+// Why `config`'s inbound limit cannot be served (bad_request), or success:
+// below max_payload, a frame of the largest size would always be refused.
+Error check_inbound(const ServerConfig& config);
 
 }  // namespace kvlink::server

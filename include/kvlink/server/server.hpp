@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kvlink/clock.hpp"
+#include "kvlink/error.hpp"
 #include "kvlink/server/config.hpp"
 #include "kvlink/server/request_handler.hpp"
 
@@ -64,9 +65,9 @@ class Server {
   std::string admin_url_;
 };
 
-// Why `config` must not be served as it is, or "": listening on a
-// non-loopback address needs an auth token.
-std::string check_access(const ServerConfig& config);
+// Why `config` must not be served as it is (unauthorized), or success:
+// listening on a non-loopback address needs an auth token.
+Error check_access(const ServerConfig& config);
 
 // A random 64-bit server boot id, never 0.
 std::uint64_t random_boot_id();

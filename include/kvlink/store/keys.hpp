@@ -10,6 +10,7 @@
 #include <string_view>
 #include <vector>
 
+#include "kvlink/error.hpp"
 #include "kvlink/wire/messages.hpp"
 
 namespace kvlink::store {
@@ -27,8 +28,8 @@ struct NamespaceSpec {
   std::string cache_salt;
 };
 
-// "" when valid, otherwise what is wrong and what to do.
-std::string check_namespace(const NamespaceSpec& spec);
+// Success when valid, otherwise what is wrong and what to do (bad_request).
+Error check_namespace(const NamespaceSpec& spec);
 // The 64-bit namespace id (never 0). Call check_namespace first; throws
 // std::invalid_argument with its message otherwise.
 std::uint64_t namespace_id(const NamespaceSpec& spec);
@@ -39,8 +40,8 @@ std::uint64_t namespace_id(const NamespaceSpec& spec);
 // id's bytes); never 0.
 std::uint64_t session_id_of(std::string_view request_id);
 
-// "" when chunk_size is a positive multiple of the engine's block size.
-std::string check_chunk_size(std::uint32_t chunk_size, std::uint32_t block_size);
+// Success when chunk_size is a positive multiple of the engine's block size.
+Error check_chunk_size(std::uint32_t chunk_size, std::uint32_t block_size);
 
 // hash(chunk i) = XXH3-128(hash(chunk i-1) || tokens of chunk i), with
 // hash(chunk -1) = `seed`. Only full chunks are hashed; a partial tail chunk

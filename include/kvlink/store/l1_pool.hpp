@@ -22,12 +22,14 @@
 #include <string_view>
 #include <vector>
 
+#include "kvlink/error.hpp"
+
 namespace kvlink::store {
 
 // Parses a size such as "512MiB", "8GiB", "1.5G", "4096" or "64k" (k/M/G/T
-// and KiB/MiB/GiB/TiB are binary, KB/MB/GB/TB decimal). Returns "" and sets
-// `bytes`, or a message naming what is wrong.
-std::string parse_size(std::string_view text, std::uint64_t& bytes);
+// and KiB/MiB/GiB/TiB are binary, KB/MB/GB/TB decimal), or says what is
+// wrong with it (bad_request).
+Result<std::uint64_t> parse_size(std::string_view text);
 
 // A chunk slot: its byte offset in the region.
 using Slot = std::uint64_t;
@@ -50,17 +52,17 @@ class L1Pool {
   L1Pool& operator=(const L1Pool&) = delete;
 
   // Maps the whole region; `lock` also pins it in RAM (mlock), so it can
-  // never be paged out. Returns "" or why not, naming --l1-size (0, more
+  // never be paged out. On failure says why, naming --l1-size (0, more
   // than this machine's memory, refused by the kernel) or the lock limit.
-  std::string map(bool lock = false);
+  Error map(bool lock = false);
   bool mapped() const { return base_ != nullptr; }
 
-  // "" if chunks of `slot_bytes` can be stored, or why not (naming
+  // Whether chunks of `slot_bytes` can be stored, or why not (naming
   // --l1-slab-size and --l1-size).
-  std::string check_layout(std::uint64_t slot_bytes) const;
+  Error check_layout(std::uint64_t slot_bytes) const;
   // The class of chunks of `slot_bytes` (made if none holds slabs), mapping
-  // the region first if map() was not called. Returns "" or why not.
-  std::string class_for(std::uint64_t slot_bytes, LayoutClass& cls);
+  // the region first if map() was not called; or why there is none.
+  Error class_for(std::uint64_t slot_bytes, LayoutClass& cls);
 
   // A free slot of `cls`: in one of its slabs with room, else in a free
   // slab. nullopt when neither is left (evict, or reclaim a slab).

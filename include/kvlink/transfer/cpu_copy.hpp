@@ -8,6 +8,7 @@
 #include <string>
 #include <string_view>
 
+#include "kvlink/error.hpp"
 #include "kvlink/transfer/transfer_engine.hpp"
 
 namespace kvlink::transfer {
@@ -31,20 +32,22 @@ inline std::uint64_t engine_offset(const wire::KvLayout& l, std::uint32_t layer,
 // engine blocks, leaving the chunk's first `skip_tokens` tokens untouched
 // (whole blocks, then the head of a partial block). Every block id is checked
 // against num_blocks and the mapping's size before anything is copied;
-// returns "" or why not (nothing outside the mapping is ever written).
-// Before each layer of each block it checks `fence` and stops with
-// fence_passed once the clock reached it.
-std::string copy_chunk(Direction direction, const Registration& reg, const Mapping& memory, const ChunkCopy& chunk,
+// refuses with bad_request and why (nothing outside the mapping is ever
+// written). Before each layer of each block it checks `fence` and stops
+// with timed_out (fence_passed()) once the clock reached it.
+Error copy_chunk(Direction direction, const Registration& reg, const Mapping& memory, const ChunkCopy& chunk,
                        std::uint32_t skip_tokens, TimePoint fence = TimePoint::max());
 
 // What copy_chunk(s) return when the job's fence passed mid-copy.
-inline constexpr std::string_view fence_passed =
-    "the request's fence passed before the copy was done: the engine may reuse its blocks now, so the server "
-    "stopped touching them; raise the worker's transfer_timeout if the server is merely busy";
+inline Error fence_passed() {
+  return Error(errc::timed_out,
+               "the request's fence passed before the copy was done: the engine may reuse its blocks now, so the "
+               "server stopped touching them; raise the worker's transfer_timeout if the server is merely busy");
+}
 
 // Copies chunks [first, last) of `job`; chunk i of the job covers tokens
 // [i x chunk_size, (i+1) x chunk_size) for skip_first_n_tokens. Stops at the
 // first error (or the job's fence) and returns it.
-std::string copy_chunks(const TransferJob& job, std::size_t first, std::size_t last);
+Error copy_chunks(const TransferJob& job, std::size_t first, std::size_t last);
 
 }  // namespace kvlink::transfer

@@ -31,7 +31,7 @@ class CpuTransferEngine final : public TransferEngine {
   // Maps the memfd of a cpu_memfd layout (map_memfd); refuses other
   // backends, a REGISTER without an fd, and an fd not sealed against
   // resizing (create_kv_memfd makes one that is).
-  std::string attach(Registration& reg, UniqueFd fd) override;
+  Error attach(Registration& reg, UniqueFd fd) override;
   void submit(TransferJob job, TransferDone done) override;
   std::uint64_t capabilities() const override { return wire::capability::cpu_transfer; }
 

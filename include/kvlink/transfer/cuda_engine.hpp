@@ -19,6 +19,9 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
+
+#include "kvlink/error.hpp"
 
 #include "kvlink/transfer/transfer_engine.hpp"
 
@@ -29,8 +32,8 @@ enum class CudaCopyMethod : std::uint8_t {
   kernel,  // a gather/scatter kernel over mapped pinned L1 (16-byte accesses)
 };
 const char* copy_method_name(CudaCopyMethod m);
-// "batch" or "kernel"; false for anything else.
-bool parse_copy_method(const std::string& text, CudaCopyMethod& out);
+// "batch" or "kernel" (bad_request otherwise).
+Result<CudaCopyMethod> parse_copy_method(std::string_view text);
 
 struct CudaEngineConfig {
   CudaCopyMethod method = CudaCopyMethod::batch;
@@ -56,16 +59,16 @@ struct CudaEngineConfig {
   bool batch_location_hints = false;
 };
 
-// Counts usable CUDA devices: "" and the count (>= 1), or why there are
-// none ("CUDA driver version is insufficient" is what a host without an
-// NVIDIA driver answers).
-std::string cuda_device_count(int& count);
+// Counts usable CUDA devices: the count (>= 1), or why there are none
+// ("CUDA driver version is insufficient" is what a host without an NVIDIA
+// driver answers; not_found when the driver sees no device).
+Result<int> cuda_device_count();
 
 class CudaTransferEngine final : public TransferEngine {
  public:
-  // Returns nullptr and sets `why` when no CUDA device is usable.
-  static std::unique_ptr<CudaTransferEngine> create(asio::any_io_executor completions, CudaEngineConfig config,
-                                                    std::string& why);
+  // Fails ("no CUDA device: ...") when no CUDA device is usable.
+  static Result<std::unique_ptr<CudaTransferEngine>> create(asio::any_io_executor completions,
+                                                            CudaEngineConfig config);
   // Waits for the copies in flight, then releases streams, buffers and the
   // L1 pinning. Their completions are posted (run if the io_context runs).
   ~CudaTransferEngine() override;
@@ -75,14 +78,14 @@ class CudaTransferEngine final : public TransferEngine {
   // Opens a cuda_ipc layout's handles on its device; refuses other
   // backends, unknown devices, closed or invalid handles and layouts that
   // do not fit the allocations.
-  std::string attach(Registration& reg, UniqueFd fd) override;
+  Error attach(Registration& reg, UniqueFd fd) override;
   void submit(TransferJob job, TransferDone done) override;
   // Pins [base, base + bytes) (mapped, portable) the first time.
-  std::string use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) override;
+  Error use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) override;
   std::uint64_t capabilities() const override { return wire::capability::cuda_transfer; }
   // Why the device of `reg` cannot copy any more (its context hit a sticky
   // error), or "".
-  std::string fault(const Registration& reg) const override;
+  Error fault(const Registration& reg) const override;
 
   const CudaEngineConfig& config() const;
   int devices() const;

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "kvlink/error.hpp"
 #include "kvlink/wire/messages.hpp"
 
 namespace kvlink::transfer::cuda {
@@ -43,11 +44,12 @@ struct PagedKvCache {
   std::uint64_t plane_stride = 0;  // bytes; 0: from `order`
 };
 
-// Builds the cuda_ipc layout of `cache` into `out`: "" or why not (not
-// device memory, layers on different devices, a layer not fitting its
-// allocation, memory that cannot be exported). Each handle names the whole
+// The cuda_ipc layout of `cache`, or why not: bad_request for the
+// caller's mistakes (not device memory, layers on different devices, a
+// layer not fitting its allocation, memory that cannot be exported),
+// server_error for other CUDA failures. Each handle names the whole
 // cudaMalloc allocation holding a layer; layers sharing one are fine.
-std::string export_kv_cache(const PagedKvCache& cache, wire::KvLayout& out);
+Result<wire::KvLayout> export_kv_cache(const PagedKvCache& cache);
 
 // An interprocess CUDA event (cudaEventInterprocess | cudaEventDisableTiming)
 // on the current device. Record it on the stream that wrote (or will read)
@@ -63,10 +65,10 @@ class EngineEvent {
   EngineEvent(const EngineEvent&) = delete;
   EngineEvent& operator=(const EngineEvent&) = delete;
 
-  // Creates the event and its IPC handle; "" or why not.
-  std::string create();
-  // cudaEventRecord on `stream`; "" or why not.
-  std::string record(cudaStream_t stream);
+  // Creates the event and its IPC handle.
+  Error create();
+  // cudaEventRecord on `stream`.
+  Error record(cudaStream_t stream);
   const wire::Bytes& handle() const { return handle_; }
   cudaEvent_t get() const { return event_; }
 

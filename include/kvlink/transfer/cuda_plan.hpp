@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kvlink/error.hpp"
 #include "kvlink/transfer/transfer_engine.hpp"
 
 namespace kvlink::transfer {
@@ -49,10 +50,10 @@ struct PlanOptions {
 // skip_first_n_tokens tokens untouched (whole blocks, then the head of a
 // partial block), exactly as copy_chunks does. `layers` has one entry per
 // layer of the layout. Every block id is checked against num_blocks and
-// its layer's allocation before anything is added; returns "" or why not
-// (then `out` is left as it was).
-std::string plan_copies(const TransferJob& job, std::span<const DeviceAllocation> layers, const PlanOptions& options,
-                        std::vector<CopySegment>& out);
+// its layer's allocation before anything is added; a bad_request says
+// which is wrong (then `out` is left as it was).
+Error plan_copies(const TransferJob& job, std::span<const DeviceAllocation> layers, const PlanOptions& options,
+                  std::vector<CopySegment>& out);
 
 // Total bytes of a plan.
 std::uint64_t plan_bytes(std::span<const CopySegment> plan);

@@ -6,8 +6,8 @@
 // allowed: the engine and the server both write the KV blocks.
 //
 //   auto kv = kvlink::transfer::create_kv_memfd(layout);
-//   if (!kv) fail(kv.detail);
-//   worker->register_kv_caches(layout, kv.fd.get());  // kv.memory.get(): the blocks
+//   if (!kv) fail(kv.error().message());
+//   worker->register_kv_caches(layout, kv->fd.get());  // kv->memory.get(): the blocks
 #pragma once
 
 #include <fcntl.h>
@@ -17,6 +17,7 @@
 #include <string>
 #include <system_error>
 
+#include "kvlink/error.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "kvlink/wire/messages.hpp"
 
@@ -43,21 +44,17 @@ struct Unmap {
   void operator()(std::byte* base) const noexcept;
 };
 
-// What create_kv_memfd returns: on success an empty `ec`, the sealed memfd
-// and (with KvMemfdOptions::map) its mapping; on failure `ec` (the errno of
-// the call that failed, or errc::bad_request for an unusable layout),
-// `detail` saying what failed, and nothing else.
+// The sealed memfd and (with KvMemfdOptions::map) its mapping.
 struct KvMemfd {
-  std::error_code ec;
-  std::string detail;
   UniqueFd fd;  // pass fd.get() to REGISTER_KV_CACHE; closed with this
   std::unique_ptr<std::byte, Unmap> memory;  // layout.region_bytes bytes, unmapped with this
-  explicit operator bool() const { return !ec; }
 };
 
 // Creates the memfd of a cpu_memfd layout: memfd_create(MFD_CLOEXEC |
 // MFD_ALLOW_SEALING), ftruncate to layout.region_bytes, seals it with
-// kv_memfd_seals, and maps it unless options.map is false.
-KvMemfd create_kv_memfd(const wire::KvLayout& layout, const KvMemfdOptions& options = {});
+// kv_memfd_seals, and maps it unless options.map is false. On failure the
+// error is the errno of the call that failed (or bad_request for an
+// unusable layout) with what failed.
+Result<KvMemfd> create_kv_memfd(const wire::KvLayout& layout, const KvMemfdOptions& options = {});
 
 }  // namespace kvlink::transfer

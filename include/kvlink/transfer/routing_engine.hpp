@@ -20,11 +20,11 @@ class RoutingTransferEngine final : public TransferEngine {
   // `no_cuda` (why there is no CUDA engine).
   RoutingTransferEngine(std::unique_ptr<TransferEngine> cpu, std::unique_ptr<TransferEngine> cuda,
                         std::string no_cuda);
-  std::string attach(Registration& reg, UniqueFd fd) override;
+  Error attach(Registration& reg, UniqueFd fd) override;
   void submit(TransferJob job, TransferDone done) override;
-  std::string use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) override;
+  Error use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) override;
   std::uint64_t capabilities() const override;
-  std::string fault(const Registration& reg) const override;
+  Error fault(const Registration& reg) const override;
   bool has_cuda() const { return cuda_ != nullptr; }
 
  private:
@@ -39,8 +39,8 @@ enum class EngineChoice : std::uint8_t {
   cpu,        // CPU engine only: cuda_ipc registrations are refused
   cuda,       // both, and a start without a CUDA device is an error
 };
-// "auto", "cpu" or "cuda"; false for anything else.
-bool parse_engine_choice(const std::string& text, EngineChoice& out);
+// "auto", "cpu" or "cuda" (bad_request otherwise).
+Result<EngineChoice> parse_engine_choice(std::string_view text);
 
 struct TransferEngineOptions {
   EngineChoice choice = EngineChoice::automatic;
@@ -48,11 +48,11 @@ struct TransferEngineOptions {
   CudaEngineConfig cuda;
 };
 
-// The engine --transfer-engine asks for, or nullptr and why not (cuda
-// without a usable device or in a build without CUDA). `summary` says what
-// was built, for the server's start-up log line.
-std::unique_ptr<RoutingTransferEngine> make_transfer_engine(asio::any_io_executor completions,
-                                                            const TransferEngineOptions& options, std::string& why,
-                                                            std::string& summary);
+// The engine --transfer-engine asks for, or why not (cuda without a usable
+// device or in a build without CUDA). `summary` says what was built, for
+// the server's start-up log line.
+Result<std::unique_ptr<RoutingTransferEngine>> make_transfer_engine(asio::any_io_executor completions,
+                                                                    const TransferEngineOptions& options,
+                                                                    std::string& summary);
 
 }  // namespace kvlink::transfer

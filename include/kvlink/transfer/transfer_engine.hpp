@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kvlink/clock.hpp"
+#include "kvlink/error.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "kvlink/wire/messages.hpp"
 
@@ -36,16 +37,18 @@ class Mapping {
   std::size_t size_;
 };
 
-// Returns "" if `fd` is sealed against shrinking and growing
-// (kv_memfd_required_seals, kv_memfd.hpp), or why not and how to fix it.
-std::string check_memfd_seals(int fd);
+// Success if `fd` is sealed against shrinking and growing
+// (kv_memfd_required_seals, kv_memfd.hpp), else a bad_request saying why
+// not and how to fix it.
+Error check_memfd_seals(int fd);
 
 // Maps `fd` (a memfd of at least region_bytes, sealed per
 // check_memfd_seals, so that it can never shrink under the mapping and
-// fault the server's copies with SIGBUS) read-write and shared. Returns ""
-// and sets `out`, or why not ("memfd is N bytes, layout needs M", "... not
-// sealed ..."). The fd is closed either way (the mapping keeps the memory).
-std::string map_memfd(UniqueFd fd, std::uint64_t region_bytes, std::shared_ptr<const Mapping>& out);
+// fault the server's copies with SIGBUS) read-write and shared, or says
+// why not ("memfd is N bytes, layout needs M", "... not sealed ...": a
+// bad_request; a failed fstat or mmap: its errno). The fd is closed either
+// way (the mapping keeps the memory).
+Result<std::shared_ptr<const Mapping>> map_memfd(UniqueFd fd, std::uint64_t region_bytes);
 
 // What an engine keeps per registration besides a memfd mapping (the CUDA
 // engine: the opened IPC memory handles and events). Released, like the
@@ -98,29 +101,29 @@ class TransferEngine {
   virtual ~TransferEngine() = default;
   // Attaches the engine's memory to a new registration (called on the
   // request-handling thread before the registration is used). `fd` is the
-  // memfd received with REGISTER_KV_CACHE, or empty. Returns "" or why the
-  // registration is refused (a bad_request). The fd is closed either way.
-  // The default accepts every registration and needs no memory.
-  virtual std::string attach(Registration& reg, UniqueFd fd) {
+  // memfd received with REGISTER_KV_CACHE, or empty. On failure says why
+  // the registration is refused. The fd is closed either way. The default
+  // accepts every registration and needs no memory.
+  virtual Error attach(Registration& reg, UniqueFd fd) {
     (void)reg;
     fd.reset();
     return {};
   }
   virtual void submit(TransferJob job, TransferDone done) = 0;
   // Called after `reg` was attached and L1 [base, base + bytes) mapped for
-  // it, on every registration: the CUDA engine pins L1 here, once. Returns
-  // "" or why the registration is refused.
-  virtual std::string use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) {
+  // it, on every registration: the CUDA engine pins L1 here, once. On
+  // failure says why the registration is refused.
+  virtual Error use_l1(const Registration& reg, std::byte* base, std::uint64_t bytes) {
     (void)reg, (void)base, (void)bytes;
     return {};
   }
   // wire::capability bits announced in HELLO.
   virtual std::uint64_t capabilities() const { return 0; }
-  // "" while copies for `reg` can work; otherwise why they cannot, for
+  // Success while copies for `reg` can work; otherwise why they cannot, for
   // good (a device fault lost the server's CUDA context on its device).
   // The server then refuses its transfers at once and says so in STATS
   // and in the answers to its engine's PINGs.
-  virtual std::string fault(const Registration& reg) const {
+  virtual Error fault(const Registration& reg) const {
     (void)reg;
     return {};
   }
@@ -132,7 +135,7 @@ class TransferEngine {
 class NullTransferEngine final : public TransferEngine {
  public:
   // Accepts any registration, with or without an fd (which it closes).
-  std::string attach(Registration&, UniqueFd fd) override {
+  Error attach(Registration&, UniqueFd fd) override {
     if (fd) ++fds_;
     return {};
   }
@@ -144,8 +147,8 @@ class NullTransferEngine final : public TransferEngine {
   // Makes the next job fail with `ec` (fault injection for tests).
   void fail_next(std::error_code ec) { fail_next_ = ec; }
   // Makes the data path of every registration down (`why`), or up ("").
-  void set_fault(std::string why) { fault_ = std::move(why); }
-  std::string fault(const Registration&) const override { return fault_; }
+  void set_fault(std::string why) { fault_ = why.empty() ? Error{} : Error(errc::server_error, std::move(why)); }
+  Error fault(const Registration&) const override { return fault_; }
   std::uint64_t jobs() const { return jobs_; }
   std::uint64_t chunks() const { return chunks_; }
   std::uint64_t fds() const { return fds_; }  // fds received by attach()
@@ -155,7 +158,7 @@ class NullTransferEngine final : public TransferEngine {
   std::uint64_t jobs_ = 0;
   std::uint64_t chunks_ = 0;
   std::error_code fail_next_;
-  std::string fault_;
+  Error fault_;
 };
 
 }  // namespace kvlink::transfer

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kvlink/clock.hpp"
+#include "kvlink/error.hpp"
 #include "kvlink/wire/codec.hpp"
 #include "kvlink/wire/frame.hpp"
 
@@ -143,7 +144,7 @@ struct HelloRequest {
     v.str(client_name, "client_name", max_string);
     v.str(instance_secret, "instance_secret", max_instance_secret);
   }
-  std::string check() const;
+  Error check() const;
 };
 
 struct Empty {
@@ -241,7 +242,7 @@ struct KvLayout {
   std::uint64_t block_bytes() const {
     return std::uint64_t{block_size} * num_kv_heads * head_size * dtype_size;
   }
-  std::string check() const;
+  Error check() const;
 };
 
 // Block order of each layer's paged KV tensor.
@@ -272,7 +273,7 @@ struct RegisterKvCacheRequest {
     v.num(kv_rank, "kv_rank");
     v.object(layout);
   }
-  std::string check() const;
+  Error check() const;
 };
 
 struct UnregisterKvCacheRequest {
@@ -518,25 +519,25 @@ Bytes encode(const M& m) {
   return out;
 }
 
-// Decodes a whole payload into `out`. Returns "" on success, otherwise an
-// error naming the message and the field that was wrong.
+// Decodes a whole payload into `out`. On failure the error names the
+// message and the field that was wrong: protocol_error for malformed
+// bytes, the message's own check() for well-formed but invalid values.
 template <class M>
-std::string decode(std::span<const std::byte> payload, M& out, std::string_view what) {
+Error decode(std::span<const std::byte> payload, M& out, std::string_view what) {
   Reader r(payload, what);
   Decoder d(r);
   out.visit(d);
   r.finish();
-  if (!r.ok()) return r.error();
+  if (!r.ok()) return Error(errc::protocol_error, r.error());
   if constexpr (requires { out.check(); }) {
-    std::string why = out.check();
-    if (!why.empty()) return std::string(what) + ": " + why;
+    if (Error err = out.check()) return err.context(what);
   }
   return {};
 }
 
 template <class M>
   requires requires { M::opcode; }
-std::string decode(std::span<const std::byte> payload, M& out) {
+Error decode(std::span<const std::byte> payload, M& out) {
   return decode(payload, out, opcode_name(M::opcode));
 }
 

@@ -1,0 +1,223 @@
+#include "kvlink/server/lookup_sessions.hpp"
+
+#include <algorithm>
+#include <fmt/format.h>
+
+#include "kvlink/server/request_limits.hpp"
+
+namespace kvlink::server {
+
+using store::ChunkKey;
+
+bool LookupSessions::release_locks(const RequestSession& s, LockRelease& at, std::size_t& budget) {
+  for (; at.record < s.locked.size(); ++at.record, at.started = false) {
+    const std::uint64_t ns = s.locked[at.record].first;
+    const auto& hashes = s.locked[at.record].second;
+    if (!at.started) {
+      at.loop = SlicedLoop(hashes.size(), s.world_size);
+      at.started = true;
+    }
+    const bool done = at.loop.run(budget, [&](std::size_t i, std::uint32_t r) {
+      store_.release_all(ChunkKey{ns, hashes[i], r}, s.holder);
+    });
+    if (!done) return false;
+  }
+  return true;
+}
+
+LookupSessions::Sessions::iterator LookupSessions::forget(Sessions::iterator it) {
+  if (!it->second.locked.empty()) ended_.emplace_back(std::move(it->second), LockRelease{});
+  return sessions_.erase(it);
+}
+
+bool LookupSessions::release_ended(std::size_t budget) {
+  while (!ended_.empty()) {
+    auto& front = ended_.front();
+    if (!release_locks(front.first, front.second, budget)) return false;
+    ended_.pop_front();
+  }
+  return true;
+}
+
+void LookupSessions::release_retrieved(std::uint64_t session_id, std::uint64_t ns, std::uint32_t rank,
+                                       std::span<const wire::ChunkHash> hashes) {
+  if (session_id == 0) return;
+  for (auto it = sessions_.lower_bound({session_id, 0}); it != sessions_.end() && it->first.first == session_id; ++it)
+    for (const auto& h : hashes) store_.release_all(ChunkKey{ns, h, rank}, it->second.holder);
+}
+
+void LookupSessions::release_instance(std::uint64_t instance) {
+  for (auto it = sessions_.begin(); it != sessions_.end();) it = it->first.second == instance ? forget(it) : std::next(it);
+  release_ended();
+  std::erase_if(jobs_, [&](const auto& j) { return j.second.instance_id == instance; });
+}
+
+void LookupSessions::tick(TimePoint now) {
+  while (!job_queue_.empty()) {
+    auto it = jobs_.find(job_queue_.front());
+    if (it != jobs_.end() && it->second.expiry > now) break;
+    if (it != jobs_.end()) jobs_.erase(it);  // never polled
+    job_queue_.pop_front();
+  }
+  if (now >= next_session_scan_) {
+    next_session_scan_ = now + std::chrono::seconds(1);
+    for (auto it = sessions_.begin(); it != sessions_.end();) {
+      it = it->second.last_seen + config_.session_ttl <= now ? forget(it) : std::next(it);
+    }
+  }
+  release_ended();
+}
+
+std::uint32_t LookupSessions::record_locks(const SessionKey& key, store::Holder holder, std::uint64_t ns,
+                                           std::uint32_t world_size, std::span<const wire::ChunkHash> hashes,
+                                           std::uint32_t matched, TimePoint now) {
+  auto it = sessions_.find(key);
+  if (it == sessions_.end() || it->second.holder != holder) {
+    // The session ended (or was reaped) while the lookup ran: nobody will
+    // release these locks, so the lookup counts as a miss.
+    for (std::uint32_t i = 0; i < matched; ++i)
+      for (std::uint32_t r = 0; r < world_size; ++r) store_.release_all(ChunkKey{ns, hashes[i], r}, holder);
+    return 0;
+  }
+  RequestSession& s = it->second;
+  s.last_seen = now;
+  s.world_size = std::max(s.world_size, world_size);
+  if (matched == 0) return matched;
+  // Remember which keys this session locked, once each (release_all drops
+  // all of a holder's locks on a key): a repeated or growing lookup of the
+  // same prompt replaces its earlier record instead of adding one.
+  const std::span<const wire::ChunkHash> now_locked(hashes.data(), matched);
+  for (auto& [rec_ns, rec] : s.locked) {
+    if (rec_ns != ns) continue;
+    const std::size_t common = std::min(rec.size(), now_locked.size());
+    if (!std::equal(rec.begin(), rec.begin() + static_cast<std::ptrdiff_t>(common), now_locked.begin())) continue;
+    if (now_locked.size() > rec.size()) rec.assign(now_locked.begin(), now_locked.end());
+    return matched;
+  }
+  // Bounded: past the cap the oldest record's locks are left to their TTL.
+  constexpr std::size_t max_records = 64;
+  if (s.locked.size() >= max_records) s.locked.erase(s.locked.begin());
+  s.locked.emplace_back(ns, std::vector<wire::ChunkHash>(now_locked.begin(), now_locked.end()));
+  return matched;
+}
+
+void LookupSessions::lookup(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now,
+                            bool sync) {
+  // SYNC_LOOKUP answers the match; LOOKUP a job id to poll (L1 is the only
+  // tier, so the job is done by the time it is answered).
+  wire::LookupRequest req;
+  if (sync) {
+    wire::SyncLookupRequest s;
+    if (!reporter_.parse(frame, sink, s)) return;
+    req = {s.ns, s.world_size, s.session_id, std::move(s.hashes)};
+  } else if (!reporter_.parse(frame, sink, req)) {
+    return;
+  }
+  if (auto err = check_world_size(req.world_size)) return reporter_.fail(frame, sink, err);
+  if (auto err = check_keys(req.hashes.size(), req.world_size)) return reporter_.fail(frame, sink, err);
+  const SessionKey key{req.session_id, session.instance_id};
+  auto& s = sessions_[key];
+  if (s.holder == 0) s.holder = next_holder_++;
+  s.last_seen = now;
+  run_sliced(session, sink, now,
+             [this, req = std::move(req), key, holder = s.holder, header = frame.header, sync, next = std::uint32_t{0}](
+                 ReplySink& out, TimePoint at, std::size_t& budget) mutable {
+               const auto n = static_cast<std::uint32_t>(req.hashes.size());
+               bool missed = false;
+               while (next < n && budget > 0) {
+                 if (!store_.match_chunk(req.ns, req.world_size, req.hashes[next], at, holder)) {
+                   missed = true;
+                   break;
+                 }
+                 ++next;
+                 budget -= std::min<std::size_t>(budget, req.world_size);
+               }
+               if (!missed && next < n) return false;
+               store_.record_lookup(next, n - next);
+               const std::uint32_t matched = record_locks(key, holder, req.ns, req.world_size, req.hashes, next, at);
+               totals_.lookup_requested_tokens += std::uint64_t{n} * config_.chunk_size;
+               totals_.lookup_hit_tokens += std::uint64_t{matched} * config_.chunk_size;
+               if (sync) {
+                 reply(out, header, wire::LookupResult{matched});
+                 return true;
+               }
+               const std::uint64_t id = next_job_++;
+               Job job;
+               job.instance_id = key.second;
+               job.matched = matched;
+               job.expiry = at + config_.job_ttl;
+               jobs_.emplace(id, job);
+               job_queue_.push_back(id);
+               reply(out, header, wire::LookupAccepted{id});
+               return true;
+             });
+}
+
+void LookupSessions::query(const wire::Frame& frame, ReplySink& sink) {
+  wire::QueryPrefetchStatusRequest req;
+  if (!reporter_.parse(frame, sink, req)) return;
+  auto it = jobs_.find(req.job_id);
+  if (it == jobs_.end())
+    return reporter_.fail(frame, sink, errc::not_found,
+                          fmt::format("prefetch job {} is unknown: its result was already reported, it expired after "
+                                      "{} s without a poll, or it never existed; start a new LOOKUP",
+                                      req.job_id, config_.job_ttl.count()));
+  wire::PrefetchStatus st{it->second.state, it->second.matched};
+  if (st.state == wire::PrefetchState::done) jobs_.erase(it);  // reported exactly once
+  reply(sink, frame.header, st);
+}
+
+void LookupSessions::free_locks(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
+  wire::FreeLookupLocksRequest req;
+  if (!reporter_.parse(frame, sink, req)) return;
+  if (auto err = check_world_size(req.world_size)) return reporter_.fail(frame, sink, err);
+  if (auto err = check_keys(req.hashes.size(), req.world_size)) return reporter_.fail(frame, sink, err);
+  if (req.start > req.end || req.end > req.hashes.size())
+    return reporter_.fail(frame, sink, errc::bad_request,
+                          fmt::format("FREE_LOOKUP_LOCKS range [{}, {}) is not within the {} hashes given", req.start,
+                                      req.end, req.hashes.size()));
+  const SessionKey key{req.session_id, session.instance_id};
+  const SlicedLoop range(req.end - req.start, req.world_size);
+  run_sliced(session, sink, now,
+             [this, req = std::move(req), key, header = frame.header, loop = range](
+                 ReplySink& out, TimePoint, std::size_t& budget) mutable {
+               auto it = sessions_.find(key);
+               if (it != sessions_.end()) {
+                 const store::Holder holder = it->second.holder;
+                 if (!loop.run(budget, [&](std::size_t i, std::uint32_t r) {
+                       store_.release_all(ChunkKey{req.ns, req.hashes[req.start + i], r}, holder);
+                     }))
+                   return false;
+               }
+               if (!header.is_one_way()) reply(out, header, wire::Empty{});
+               return true;
+             });
+}
+
+void LookupSessions::end_session(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now) {
+  wire::EndSessionRequest req;
+  if (!reporter_.parse(frame, sink, req)) return;
+  // The session ends now (its locks are released slice by slice: an
+  // aborted request's hits pin nothing); then its chunks are made most
+  // recently used, at most max_keys_per_request of them.
+  RequestSession ended;
+  if (auto it = sessions_.find({req.session_id, session.instance_id}); it != sessions_.end()) {
+    ended = std::move(it->second);
+    sessions_.erase(it);
+  }
+  const std::uint32_t ws = ended.world_size;
+  const std::size_t touched = std::min<std::size_t>(req.hashes.size(), max_keys_per_request / ws);
+  run_sliced(session, sink, now,
+             [this, req = std::move(req), ended = std::move(ended), header = frame.header, at = LockRelease{},
+              touch = SlicedLoop(touched, ws)](ReplySink& out, TimePoint, std::size_t& budget) mutable {
+               if (!release_locks(ended, at, budget)) return false;
+               if (!touch.run(budget, [&](std::size_t i, std::uint32_t r) {
+                     store_.touch(ChunkKey{req.ns, req.hashes[i], r});
+                   }))
+                 return false;
+               if (!header.is_one_way()) reply(out, header, wire::Empty{});
+               return true;
+             });
+}
+
+}  // namespace kvlink::server
