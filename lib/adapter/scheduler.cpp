@@ -4,7 +4,7 @@
 #include <stdexcept>
 
 #include "kvlink/log.hpp"
-#include "kvlink/net/auth_token.hpp"
+#include "monitor_options.hpp"
 
 namespace kvlink::adapter {
 
@@ -18,18 +18,7 @@ std::shared_ptr<SchedulerAdapter> SchedulerAdapter::create(asio::any_io_executor
   if (self->config_.monitor) {
     self->monitor_ = self->config_.monitor;
   } else {
-    health::MonitorOptions o;
-    o.health = self->config_.health;
-    auto endpoint = net::parse_endpoint(self->config_.endpoint);
-    if (!endpoint) throw std::invalid_argument(endpoint.error().message());
-    o.endpoint = *endpoint;
-    o.hello.role = wire::Role::scheduler;
-    auto token = net::resolve_auth_token(self->config_.auth_token, self->config_.auth_token_file);
-    if (!token) throw std::invalid_argument(token.error().message());
-    o.hello.auth_token = std::move(*token);
-    o.hello.client_name = self->config_.name;
-    o.name = self->config_.name;
-    self->monitor_ = health::Monitor::create(ex, std::move(o));
+    self->monitor_ = health::Monitor::create(ex, detail::monitor_options(self->config_, wire::Role::scheduler));
     self->owns_monitor_ = true;
     self->monitor_->start();
   }

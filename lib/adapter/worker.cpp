@@ -10,7 +10,7 @@
 #include <stdexcept>
 
 #include "kvlink/log.hpp"
-#include "kvlink/net/auth_token.hpp"
+#include "monitor_options.hpp"
 
 namespace kvlink::adapter {
 
@@ -54,18 +54,7 @@ std::shared_ptr<WorkerAdapter> WorkerAdapter::create(asio::any_io_executor ex, W
   store::NamespaceSpec spec{config.model, config.world_size, config.cache_salt};
   std::shared_ptr<WorkerAdapter> self(new WorkerAdapter(ex, std::move(config)));
   self->ns_ = store::namespace_id(spec);  // throws on an invalid namespace
-  health::MonitorOptions o;
-  o.health = self->config_.health;
-  auto endpoint = net::parse_endpoint(self->config_.endpoint);
-  if (!endpoint) throw std::invalid_argument(endpoint.error().message());
-  o.endpoint = *endpoint;
-  o.hello.role = wire::Role::worker;
-  auto token = net::resolve_auth_token(self->config_.auth_token, self->config_.auth_token_file);
-  if (!token) throw std::invalid_argument(token.error().message());
-  o.hello.auth_token = std::move(*token);
-  o.hello.client_name = self->config_.name;
-  o.name = self->config_.name;
-  self->monitor_ = health::Monitor::create(ex, std::move(o));
+  self->monitor_ = health::Monitor::create(ex, detail::monitor_options(self->config_, wire::Role::worker));
   // Set before start(): nothing runs on the monitor yet.
   self->monitor_->on_event([weak = std::weak_ptr<WorkerAdapter>(self)](const health::Event& e) {
     if (auto s = weak.lock()) s->on_monitor_event(e);
