@@ -353,10 +353,10 @@ TEST_CASE("health: a server alive but unable to move KV data makes the worker's 
   server.start();
   auto guard = asio::make_work_guard(server_io);
   std::thread server_thread([&] { server_io.run(); });
-  auto set_fault = [&](std::string why) {
+  auto set_fault = [&](Error fault) {
     std::promise<void> done;
     asio::post(server_io, [&] {
-      engine.set_fault(why);
+      engine.set_fault(fault);
       done.set_value();
     });
     done.get_future().wait();
@@ -385,7 +385,7 @@ TEST_CASE("health: a server alive but unable to move KV data makes the worker's 
     return asio::co_spawn(worker->monitor().get_executor(), worker->shared_monitor()->changed(), asio::use_future);
   };
   auto degraded = next_transition();
-  set_fault("injected: the server's CUDA context on CUDA device 0 is lost");
+  set_fault(Error(errc::server_error, "injected: the server's CUDA context on CUDA device 0 is lost"));
   REQUIRE(degraded.wait_for(5s) == std::future_status::ready);
   const Transition t = degraded.get();
   CHECK(t.to == State::degraded);
@@ -398,7 +398,7 @@ TEST_CASE("health: a server alive but unable to move KV data makes the worker's 
   CHECK(worker->submit_store(spec, 2s).error() == errc::unhealthy);
 
   auto healthy = next_transition();
-  set_fault("");
+  set_fault({});
   REQUIRE(healthy.wait_for(5s) == std::future_status::ready);
   CHECK(healthy.get().to == State::healthy);
   auto stored = worker->submit_store(spec, 2s);

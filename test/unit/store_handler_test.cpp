@@ -1006,7 +1006,7 @@ TEST_CASE("a data path down for good: PING says why, STORE and RETRIEVE are refu
   CHECK(f.stat("data_path_down") == 0);
 
   const std::string why = "the server's CUDA context on CUDA device 0 failed: cudaErrorIllegalAddress";
-  f.null_engine.set_fault(why);
+  f.null_engine.set_fault(Error(errc::server_error, why));
   CHECK(f.call(f.worker, PingRequest{}).data_path_error == why);
   CHECK(f.call(f.scheduler, PingRequest{}).data_path_error == "");  // no registration: nothing to move
   const std::uint64_t jobs = f.null_engine.jobs();
@@ -1024,7 +1024,7 @@ TEST_CASE("a data path down for good: PING says why, STORE and RETRIEVE are refu
   CHECK(f.sync_lookup(h) == 4);
   CHECK(f.stat("store_entries") == 4);  // nothing was lost or half-written
 
-  f.null_engine.set_fault("");  // (a restarted server, in effect)
+  f.null_engine.set_fault({});  // (a restarted server, in effect)
   CHECK(f.call(f.worker, PingRequest{}).data_path_error == "");
   CHECK(f.stat("data_path_down") == 0);
 }

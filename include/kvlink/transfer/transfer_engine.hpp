@@ -146,8 +146,8 @@ class NullTransferEngine final : public TransferEngine {
   }
   // Makes the next job fail with `ec` (fault injection for tests).
   void fail_next(std::error_code ec) { fail_next_ = ec; }
-  // Makes the data path of every registration down (`why`), or up ("").
-  void set_fault(std::string why) { fault_ = why.empty() ? Error{} : Error(errc::server_error, std::move(why)); }
+  // Makes the data path of every registration down (a failure), or up (success).
+  void set_fault(Error fault) { fault_ = std::move(fault); }
   Error fault(const Registration&) const override { return fault_; }
   std::uint64_t jobs() const { return jobs_; }
   std::uint64_t chunks() const { return chunks_; }
