@@ -1,6 +1,8 @@
 """Sums test results from meson's testlog.json files into one line:
    tests: N passed, N failed[, N skipped]
-A doctest binary counts its test cases; any other test counts once. A test
+A doctest binary counts its test cases; a pytest run its cases, read from
+the JUnit XML its command line names (--junitxml=); any other test counts
+once. A test
 that failed although doctest reported no failing case (a crash, a timeout)
 adds one failure. Prints the failing tests' output, exits 1 on any failure.
 
@@ -11,8 +13,25 @@ doctest::skip ones, e.g. GPU cases without a GPU)."""
 import json
 import re
 import sys
+import xml.etree.ElementTree as ElementTree
 
 DOCTEST = re.compile(r"test cases:\s*(\d+)\s*\|\s*(\d+) passed\s*\|\s*(\d+) failed\s*\|\s*(\d+) skipped")
+
+
+
+def junit_counts(path):
+    """(passed, failed, skipped) of the test cases in a JUnit XML file."""
+    passed = failed = skipped = 0
+    for case in ElementTree.parse(path).getroot().iter("testcase"):
+        tags = {child.tag for child in case}
+        if tags & {"failure", "error"}:
+            failed += 1
+        elif "skipped" in tags:
+            skipped += 1
+        else:
+            passed += 1
+    return passed, failed, skipped
+
 
 build_failed = sys.argv[1] == "1"
 passed = failed = skipped = 0
@@ -31,7 +50,17 @@ for path in sys.argv[2:]:
         m = DOCTEST.findall(out)
         command = t.get("command") or []
         by_file = any(a.startswith("-sf=") for a in command[1:])
-        if m and by_file:
+        junit = [a.split("=", 1)[1] for a in command[1:] if a.startswith("--junitxml=")]
+        if junit:
+            try:
+                p, f, s = junit_counts(junit[0])
+            except (OSError, ElementTree.ParseError) as e:  # it crashed before writing its report
+                p, f, s = 0, 1, 0
+                out += f"\ncount_tests: no pytest report {junit[0]}: {e}"
+            passed, failed, skipped = passed + p, failed + f, skipped + s
+            if not ok and t["result"] != "SKIP" and f == 0:
+                failed += 1
+        elif m and by_file:
             n, p, f, s = map(int, m[-1])  # n: the cases the filter ran; s: the rest
             g = per_file_runs.setdefault(command[0], [n + s, 0, 0])
             g[1], g[2] = g[1] + p, g[2] + f
