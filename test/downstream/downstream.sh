@@ -5,7 +5,7 @@
 # the C++ standard, Asio's configuration and every library), check that
 # this CPU-only engine contains no CUDA, and run it against the real
 # server; in a CUDA build, also build a GPU engine with kvlink-cuda.pc and
-# start it without libcudart.so.
+# start it without libcudart.so; import the installed Python package.
 #
 # downstream.sh BUILD_DIR EXAMPLE_SOURCE RUN_EXAMPLE KVLINK_SERVER
 set -euo pipefail
@@ -67,4 +67,18 @@ CPP
   fi
   "$tmp/gpu_engine"
   echo "downstream: a CUDA consumer built with pkg-config kvlink-cuda alone and started"
+fi
+
+# The Python package, where the build made one: meson install put it into
+# the prefix's site-packages for /usr/bin/python3; it imports from there
+# alone (the extension and the pure-Python modules side by side).
+ext=$(find "$tmp" -name '_kvlink*.so' | head -1)
+if [ -n "$ext" ]; then
+  site=$(dirname "$(dirname "$ext")")
+  (cd "$tmp" && PYTHONPATH=$site /usr/bin/python3 -c "
+import kvlink, os
+assert kvlink.__file__.startswith('$site'), kvlink.__file__
+layout = kvlink.paged_layout(1, 4, 16, 4, 32, 2)
+cache = kvlink.CpuKvCache(layout)
+print('downstream: the installed Python package imports from', os.path.dirname(kvlink.__file__), 'and made a', cache.nbytes, 'byte KV cache')")
 fi
