@@ -461,9 +461,19 @@ asio::awaitable<void> WorkerAdapter::do_shutdown(std::shared_ptr<WorkerAdapter> 
 // ---- blocking forms ------------------------------------------------------------------------
 
 Result<Done> WorkerAdapter::register_kv_caches(wire::KvLayout layout, int memfd, Duration deadline) {
-  return wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {
-    start_register(std::move(layout), duplicate_fd(memfd), std::move(cb));
+  // A refusal's reason, read on the executor when it completes (before the
+  // result is handed over): the Error then says what the server refused.
+  auto refusal = std::make_shared<std::string>();
+  auto r = wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {
+    start_register(std::move(layout), duplicate_fd(memfd),
+                   [self = shared_from_this(), refusal, cb = std::move(cb)](std::error_code ec, Done d) {
+                     if (ec == errc::bad_request) *refusal = self->refusal_;
+                     cb(ec, d);
+                   });
   });
+  if (!r && r.error() == errc::bad_request && !refusal->empty())
+    return Error(errc::bad_request, "REGISTER_KV_CACHE refused by the server: " + *refusal);
+  return r;
 }
 Result<Done> WorkerAdapter::unregister_kv_caches(Duration deadline) {
   return wait_for<Done>(deadline, [&](detail::Callback<Done> cb) {

@@ -421,6 +421,20 @@ TEST_CASE("adapter: worker gate triggers; unregister") {
   }
 }
 
+TEST_CASE("adapter: a refused registration's error says what the server refused") {
+  Fixture f;
+  f.server.start();
+  f.make(LookupMode::sync, GateTrigger::register_ack);
+  const auto tiny = wire::paged_layout(1, 256, block, 1, 1, 1);  // chunks far below the server's minimum
+  auto kv = transfer::create_kv_memfd(tiny);
+  REQUIRE(kv);
+  auto r = f.worker->register_kv_caches(tiny, kv->fd.get());
+  REQUIRE(!r);
+  CHECK(r.error() == errc::bad_request);
+  CHECK(r.error().message().find("refused by the server") != std::string::npos);
+  CHECK(r.error().message().find("minimum") != std::string::npos);
+}
+
 TEST_CASE("adapter: reaped by the server (unknown_instance) -> HELLO again, re-registered, no degraded episode") {
   Fixture f({"--reap-timeout-s", "1", "--registration-grace-s", "1"});
   f.server.start();

@@ -192,6 +192,15 @@ def test_events_arrive_in_poll_and_degraded_calls_fail_fast(rt, server, register
     assert worker.reregistrations >= 1
 
 
+def test_a_refused_registration_says_why(rt, server):
+    worker = kvlink.WorkerAdapter(rt, worker_config(server))
+    tiny = kvlink.paged_layout(num_layers=1, num_blocks=8, block_size=16, num_kv_heads=1, head_size=1, dtype_size=2)
+    cache = kvlink.CpuKvCache(tiny)
+    with pytest.raises(kvlink.Error) as e:
+        worker.register_kv_caches(cache.layout, cache.fd)
+    assert e.value.code == "bad_request" and "minimum" in e.value.message
+
+
 def test_engine_starts_before_the_server(rt, server_factory):
     server = server_factory(["--chunk-size", "16"], start=False)
     worker = kvlink.WorkerAdapter(rt, worker_config(server, call_timeout=5.0))
