@@ -154,8 +154,8 @@ void PyAdapter<Adapter>::on_event(py::object fn) {
 
 template <class Adapter>
 double PyAdapter<Adapter>::ping(std::optional<double> timeout) {
-  const Duration limit = timeout ? deadline(timeout) : adapter_->config().call_timeout;
-  auto monitor = adapter_->shared_monitor();
+  const Duration limit = timeout ? deadline(timeout) : get().config().call_timeout;
+  auto monitor = get().shared_monitor();
   Error error;
   Duration rtt{};
   {
@@ -244,7 +244,7 @@ void bind_adapters(py::module_& m) {
       .def(
           "submit_lookup",
           [](PyScheduler& a, std::string id, std::vector<store::Token> tokens, Timeout t) {
-            return run_blocking([&, d = deadline(t)] { return a.get().submit_lookup(std::move(id), std::move(tokens), d); });
+            return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.submit_lookup(std::move(id), std::move(tokens), d); });
           },
           py::arg("request_id"), py::arg("tokens"), py::arg("timeout") = py::none(),
           "Starts a lookup of the tokens' full chunks (a second one for the same id is ignored).")
@@ -259,7 +259,7 @@ void bind_adapters(py::module_& m) {
       .def(
           "check_lookup",
           [](PyScheduler& a, std::string id, Timeout t) {
-            return run_blocking([&, d = deadline(t)] { return a.get().check_lookup(std::move(id), d); });
+            return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.check_lookup(std::move(id), d); });
           },
           py::arg("request_id"), py::arg("timeout") = py::none(),
           "LookupStatus: pending, or ready with the matched tokens. Unknown id: not_found.")
@@ -274,7 +274,7 @@ void bind_adapters(py::module_& m) {
           "free_lookup_locks",
           [](PyScheduler& a, std::string id, std::uint32_t start, std::uint32_t end, Timeout t) {
             return run_blocking(
-                [&, d = deadline(t)] { return a.get().free_lookup_locks(std::move(id), start, end, d); });
+                [&, d = deadline(t), &ad = a.get()] { return ad.free_lookup_locks(std::move(id), start, end, d); });
           },
           py::arg("request_id"), py::arg("start_chunk"), py::arg("end_chunk"), py::arg("timeout") = py::none(),
           "Releases the lookup's read locks on chunks [start_chunk, end_chunk).")
@@ -289,7 +289,7 @@ void bind_adapters(py::module_& m) {
       .def(
           "end_session",
           [](PyScheduler& a, std::string id, Timeout t) {
-            return run_blocking([&, d = deadline(t)] { return a.get().end_session(std::move(id), d); });
+            return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.end_session(std::move(id), d); });
           },
           py::arg("request_id"), py::arg("timeout") = py::none(), "END_SESSION, then drops the request's state.")
       .def(
@@ -303,7 +303,7 @@ void bind_adapters(py::module_& m) {
           "report_block_allocation",
           [](PyScheduler& a, std::string id, std::uint32_t allocated, std::uint32_t total, Timeout t) {
             return run_blocking(
-                [&, d = deadline(t)] { return a.get().report_block_allocation(std::move(id), allocated, total, d); });
+                [&, d = deadline(t), &ad = a.get()] { return ad.report_block_allocation(std::move(id), allocated, total, d); });
           },
           py::arg("request_id"), py::arg("allocated_blocks"), py::arg("total_blocks"), py::arg("timeout") = py::none())
       .def(
@@ -317,7 +317,7 @@ void bind_adapters(py::module_& m) {
       .def(
           "cleanup",
           [](PyScheduler& a, std::string id, Timeout t) {
-            return run_blocking([&, d = deadline(t)] { return a.get().cleanup(std::move(id), d); });
+            return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.cleanup(std::move(id), d); });
           },
           py::arg("request_id"), py::arg("timeout") = py::none(), "Drops the request's local state (nothing is sent).")
       .def(
@@ -348,7 +348,7 @@ void bind_adapters(py::module_& m) {
       .def(
           "register_kv_caches",
           [](PyWorker& a, wire::KvLayout layout, int memfd, Timeout t) {
-            return run_blocking([&, d = deadline(t)] { return a.get().register_kv_caches(std::move(layout), memfd, d); });
+            return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.register_kv_caches(std::move(layout), memfd, d); });
           },
           py::arg("layout"), py::arg("memfd") = -1, py::arg("timeout") = py::none(),
           "Registers the engine's KV memory (a cpu_memfd layout with its memfd, or a cuda_ipc layout). The memfd "
@@ -363,7 +363,7 @@ void bind_adapters(py::module_& m) {
           py::arg("layout"), py::arg("memfd") = -1)
       .def(
           "unregister_kv_caches",
-          [](PyWorker& a, Timeout t) { return run_blocking([&, d = deadline(t)] { return a.get().unregister_kv_caches(d); }); },
+          [](PyWorker& a, Timeout t) { return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.unregister_kv_caches(d); }); },
           py::arg("timeout") = py::none())
       .def("async_unregister_kv_caches",
            [](PyWorker& a) {
@@ -373,7 +373,7 @@ void bind_adapters(py::module_& m) {
       .def(
           "submit_store",
           [](PyWorker& a, TransferSpec spec, Timeout t) {
-            return run_blocking([&, d = deadline(t)] { return a.get().submit_store(std::move(spec), d); });
+            return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.submit_store(std::move(spec), d); });
           },
           py::arg("spec"), py::arg("timeout") = py::none(), "STORE; StoreResult once the server finished it.")
       .def(
@@ -386,7 +386,7 @@ void bind_adapters(py::module_& m) {
       .def(
           "submit_retrieve",
           [](PyWorker& a, TransferSpec spec, Timeout t) {
-            return run_blocking([&, d = deadline(t)] { return a.get().submit_retrieve(std::move(spec), d); });
+            return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.submit_retrieve(std::move(spec), d); });
           },
           py::arg("spec"), py::arg("timeout") = py::none(),
           "RETRIEVE; RetrieveResult. On failure its blocks become load errors.")
@@ -400,7 +400,7 @@ void bind_adapters(py::module_& m) {
       .def(
           "submit_stores",
           [](PyWorker& a, Specs specs, Timeout t) {
-            return run_blocking([&, d = deadline(t)] { return a.get().submit_stores(std::move(specs), d); });
+            return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.submit_stores(std::move(specs), d); });
           },
           py::arg("specs"), py::arg("timeout") = py::none(),
           "Every STORE at once; one entry per spec: None or the kvlink.Error it failed with.")
@@ -414,7 +414,7 @@ void bind_adapters(py::module_& m) {
       .def(
           "submit_retrieves",
           [](PyWorker& a, Specs specs, Timeout t) {
-            return run_blocking([&, d = deadline(t)] { return a.get().submit_retrieves(std::move(specs), d); });
+            return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.submit_retrieves(std::move(specs), d); });
           },
           py::arg("specs"), py::arg("timeout") = py::none(),
           "Every RETRIEVE at once; one entry per spec: None or the kvlink.Error it failed with.")
@@ -428,7 +428,7 @@ void bind_adapters(py::module_& m) {
       .def(
           "get_finished",
           [](PyWorker& a, std::vector<std::string> finished, Timeout t) {
-            return run_blocking([&, d = deadline(t)] { return a.get().get_finished(std::move(finished), d); });
+            return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.get_finished(std::move(finished), d); });
           },
           py::arg("engine_finished"), py::arg("timeout") = py::none(),
           "FinishedSets (stores, retrieves) given the request ids the engine reports finished.")
@@ -441,7 +441,7 @@ void bind_adapters(py::module_& m) {
           py::arg("engine_finished"))
       .def(
           "take_load_errors",
-          [](PyWorker& a, Timeout t) { return run_blocking([&, d = deadline(t)] { return a.get().take_load_errors(d); }); },
+          [](PyWorker& a, Timeout t) { return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.take_load_errors(d); }); },
           py::arg("timeout") = py::none(), "Block ids whose load failed since the last call (sorted).")
       .def("async_take_load_errors",
            [](PyWorker& a) {
@@ -449,7 +449,7 @@ void bind_adapters(py::module_& m) {
                  a.runtime(), [&](auto h) { a.get().async_take_load_errors(std::move(h)); });
            })
       .def(
-          "shutdown", [](PyWorker& a, Timeout t) { return run_blocking([&, d = deadline(t)] { return a.get().shutdown(d); }); },
+          "shutdown", [](PyWorker& a, Timeout t) { return run_blocking([&, d = deadline(t), &ad = a.get()] { return ad.shutdown(d); }); },
           py::arg("timeout") = py::none(),
           "Stops the heartbeat and new transfers, sends UNREGISTER, closes the connection.")
       .def("async_shutdown", [](PyWorker& a) {

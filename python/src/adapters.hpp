@@ -23,14 +23,24 @@ class PyAdapter {
   PyAdapter(py::object runtime, std::shared_ptr<Adapter> adapter);
   // Drops the adapter with the GIL released: its destructor stops the
   // monitor, which must not wait on a thread that waits for the GIL.
+  // In a child forked since, the adapter belongs to an io thread that does
+  // not exist here: it is left as it is (leaked).
   ~PyAdapter() {
+    if (runtime_.cast<PyRuntime&>().forked()) {
+      new std::shared_ptr<Adapter>(std::move(adapter_));
+      return;
+    }
     py::gil_scoped_release release;
     adapter_.reset();
   }
   PyAdapter(const PyAdapter&) = delete;
   PyAdapter& operator=(const PyAdapter&) = delete;
 
-  Adapter& get() { return *adapter_; }
+  // The adapter; kvlink.Error in a child forked since its runtime was made.
+  Adapter& get() {
+    runtime_.cast<PyRuntime&>().get();
+    return *adapter_;
+  }
   const std::shared_ptr<Adapter>& shared() { return adapter_; }
   const py::object& runtime() const { return runtime_; }
   void on_event(py::object fn);

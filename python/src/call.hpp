@@ -90,7 +90,8 @@ py::object start_call(const py::object& runtime, Initiate initiate) {
 }
 
 // Runs a blocking adapter call (returning kvlink::Result<T>) with the GIL
-// released; its value, or kvlink.Error raised.
+// released; its value, or kvlink.Error raised. `f` runs without the GIL:
+// it must not touch Python (take the adapter, deadline... before).
 template <class F>
 py::object run_blocking(F f) {
   using R = decltype(f());

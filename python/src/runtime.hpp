@@ -5,6 +5,8 @@
 // loop whenever host_fd() is readable).
 #pragma once
 
+#include <unistd.h>
+
 #include <memory>
 
 #include "bindings.hpp"
@@ -17,17 +19,33 @@ class PyRuntime {
   PyRuntime() : rt_(std::make_unique<runtime::Runtime>()) {}
   // Joins the io thread with the GIL released: the thread may need the GIL
   // to drop a Python callback (PyObjects), and would wait for it forever.
+  // In a child forked since, the thread does not exist: nothing to join,
+  // and the runtime is left as it is (leaked).
   ~PyRuntime() {
+    if (forked()) {
+      (void)rt_.release();
+      return;
+    }
     py::gil_scoped_release release;
     rt_.reset();
   }
   PyRuntime(const PyRuntime&) = delete;
   PyRuntime& operator=(const PyRuntime&) = delete;
 
-  runtime::Runtime& get() { return *rt_; }
+  // The runtime, in the process that created it. A forked child has no io
+  // thread: kvlink.Error(shutting_down) tells it to make its own runtime.
+  runtime::Runtime& get() {
+    if (forked())
+      raise(Error(errc::shutting_down, "this kvlink.Runtime was created in process " + std::to_string(pid_) +
+                                           ", before a fork: its io thread does not exist here; create a new "
+                                           "Runtime (and adapters) in this process"));
+    return *rt_;
+  }
+  bool forked() const { return getpid() != pid_; }
   // Stops the io thread (idempotent). Adapters on it stop working; their
   // pending calls never complete.
   void stop() {
+    if (forked()) return;
     py::gil_scoped_release release;
     rt_->stop();
     stopped_ = true;
@@ -36,6 +54,7 @@ class PyRuntime {
 
  private:
   std::unique_ptr<runtime::Runtime> rt_;
+  pid_t pid_ = getpid();
   bool stopped_ = false;
 };
 

@@ -1,6 +1,7 @@
 """The kvlink package against the real kvlink-server: the three call forms,
 errors, the GIL, where Python runs, events, the CPU KV cache views."""
 import asyncio
+import os
 import threading
 import time
 
@@ -228,6 +229,33 @@ def _ping_fails(adapter):
         return False
     except kvlink.Error as e:
         return e.code in ("not_connected", "connection_lost", "timed_out")
+
+
+def test_a_forked_child_makes_its_own_runtime(rt, server):
+    sched = connected_scheduler(rt, server)
+    parent_instance = sched.instance_id
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code, never return into pytest
+        code = 10
+        try:
+            try:
+                sched.check_lookup("x", timeout=0.2)
+                code = 11
+            except kvlink.Error as e:
+                code = 12 if e.code != "shutting_down" or "fork" not in e.message else 13
+            if code == 13:
+                own = kvlink.Runtime()
+                child = connected_scheduler(own, server)
+                child.submit_lookup("c", list(range(32)))
+                ok = child.check_lookup("c").ready and child.instance_id != parent_instance
+                own.stop()
+                code = 0 if ok else 14
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    sched.submit_lookup("p", list(range(32)))  # the parent's runtime is untouched
+    assert sched.check_lookup("p").ready
 
 
 def test_stopped_runtime_refuses_new_adapters():
