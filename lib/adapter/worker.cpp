@@ -105,6 +105,10 @@ void WorkerAdapter::on_monitor_event(const health::Event& e) {
 
 void WorkerAdapter::act(health::RegistrationLifecycle::Action a, detail::Callback<Done> unregister_cb) {
   using Kind = health::RegistrationLifecycle::Action::Kind;
+  // Published first: a caller woken by the completions below (another
+  // thread, for a blocking register) must already see `registered`.
+  metrics_->update([held = lifecycle_.held()](AdapterMetrics& m) { m.registered = held; });
+  monitor_->set_registration_pending(lifecycle_.pending());
   switch (a.kind) {
     case Kind::none:
       break;
@@ -136,8 +140,6 @@ void WorkerAdapter::act(health::RegistrationLifecycle::Action a, detail::Callbac
       break;
   }
   if (unregister_cb) unregister_cb(make_error_code(errc::not_connected), Done{});
-  metrics_->update([held = lifecycle_.held()](AdapterMetrics& m) { m.registered = held; });
-  monitor_->set_registration_pending(lifecycle_.pending());
   arm_registration_timer();
 }
 

@@ -40,17 +40,12 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
+from .errors import Error
+
 log = logging.getLogger("kvlink.connector")
 
 _LOOKUP_MODES = ("two_phase", "sync")
 _GATE_TRIGGERS = ("register_ack", "first_transfer", "explicit_ready")
-
-
-def _is_kvlink_error(e: BaseException) -> bool:
-    # kvlink.Error carries a string code ("timed_out", "unhealthy", ...).
-    # Testing for that keeps this module free of the compiled binding, so
-    # the unit tests can use fakes.
-    return isinstance(getattr(e, "code", None), str)
 
 
 # ---- settings ----------------------------------------------------------------------
@@ -225,6 +220,12 @@ class StepPlan:
     loads: list[Transfer] = field(default_factory=list)
     stores: list[Transfer] = field(default_factory=list)
     preempted_ids: set[str] | None = field(default_factory=set)
+    # request_finished since the last plan, each once (vLLM's own finished
+    # ids may repeat). held_ids: those whose blocks vLLM holds until the
+    # workers report their stores (request_finished returned True); only
+    # these may be reported, vLLM fails on a report for blocks it freed.
+    finished_ids: set[str] = field(default_factory=set)
+    held_ids: set[str] = field(default_factory=set)
 
     def has_work(self) -> bool:
         return bool(self.loads or self.stores)
@@ -251,7 +252,7 @@ class _SchedRequest:
     prompt: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     stored: int | None = None   # prompt tokens stored (or planned); None: not scheduled yet
-    has_store: bool = False     # a store was planned: request_finished must hold the blocks
+    has_store: bool = False     # a store reads the current blocks: request_finished must hold them
 
 
 class SchedulerCore:
@@ -271,7 +272,10 @@ class SchedulerCore:
         self._lookup_deadline = 2 * settings.call_timeout_s + 1.0
         self._reqs: dict[str, _SchedRequest] = {}
         self._pending_loads: list[Transfer] = []
+        self._finished: set[str] = set()
+        self._held: set[str] = set()
         self._mismatch_logged = False
+        self._shut = False
 
     # vLLM: get_num_new_matched_tokens(request, num_computed_tokens)
     def get_num_new_matched_tokens(self, request_id: str, tokens: Iterable[int],
@@ -291,6 +295,7 @@ class SchedulerCore:
                 return 0, False
             self._end_session(request_id)  # preempted: look up again, fresh locks
             r.lookup = None
+            r.has_store = False  # the worker waited for its stores when it was preempted
         if r.lookup is None:
             tokens = list(tokens)
             r.lookup = _Lookup(tokens=tokens, started=time.monotonic(),
@@ -320,9 +325,7 @@ class SchedulerCore:
             call, lk.check = lk.check, None
             try:
                 status = call.result()
-            except Exception as e:
-                if not _is_kvlink_error(e):
-                    raise
+            except Error as e:
                 log.debug("kvlink check_lookup(%s): %s", request_id, e)
                 lk.matched = 0
                 return 0
@@ -367,14 +370,19 @@ class SchedulerCore:
         store of each scheduled request's prompt chunks completed by this
         step and not stored yet."""
         self._runtime.poll()
-        plan = StepPlan(loads=self._pending_loads, preempted_ids=step.preempted_ids)
-        self._pending_loads = []
+        plan = StepPlan(loads=self._pending_loads, preempted_ids=step.preempted_ids, finished_ids=self._finished,
+                        held_ids=self._held)
+        self._pending_loads, self._finished, self._held = [], set(), set()
+        for rid in step.preempted_ids or ():
+            if rid in self._reqs:
+                self._reqs[rid].has_store = False  # its blocks are freed once the worker waited for its stores
         usable = self._chunk_size_agrees()
         for nr in step.new_requests:
             r = self._reqs.setdefault(nr.request_id, _SchedRequest())
             r.ran_since_lookup = True
             r.prompt = list(nr.prompt_tokens or [])
             r.block_ids = list(nr.block_ids)  # a resumed request comes here with all its blocks anew
+            r.has_store = False
             if r.stored is None:
                 # Chunks the server has (it just matched them) and vLLM kept
                 # (a failed load lowered num_computed_tokens) need no store.
@@ -389,6 +397,7 @@ class SchedulerCore:
             r.ran_since_lookup = True
             if cr.resumed:
                 r.block_ids = list(cr.new_block_ids or [])
+                r.has_store = False
             else:
                 r.block_ids.extend(cr.new_block_ids or [])
             if usable:
@@ -410,18 +419,23 @@ class SchedulerCore:
 
     # vLLM: request_finished(request, block_ids)
     def request_finished(self, request_id: str) -> bool:
-        """True: the request's blocks must wait until a worker reports its
-        stores finished (get_finished's first set)."""
+        """True: the request's blocks must wait until the workers report its
+        stores finished (get_finished's first set); the next plan says so."""
         self._runtime.poll()
         r = self._reqs.pop(request_id, None)
         if r is None:
             return False
         if r.lookup is not None:
             self._end_session(request_id)
+        self._finished.add(request_id)
+        if r.has_store:
+            self._held.add(request_id)
         return r.has_store
 
     def shutdown(self) -> None:
-        self._adapter.stop()
+        if not self._shut:
+            self._shut = True
+            self._adapter.stop()
 
     def _chunk_size_agrees(self) -> bool:
         # The server hashes and copies in its own chunk size: with another
@@ -440,17 +454,13 @@ class SchedulerCore:
             return
         try:
             self._adapter.free_lookup_locks(request_id, start, end)
-        except Exception as e:  # dropped while degraded: the locks expire on the server
-            if not _is_kvlink_error(e):
-                raise
+        except Error as e:  # dropped while degraded: the locks expire on the server
             log.debug("kvlink free_lookup_locks(%s): %s", request_id, e)
 
     def _end_session(self, request_id: str) -> None:
         try:
             self._adapter.end_session(request_id)
-        except Exception as e:  # degraded: dropped, but the adapter forgot the lookup anyway
-            if not _is_kvlink_error(e):
-                raise
+        except Error as e:  # degraded: dropped, but the adapter forgot the lookup anyway
             log.debug("kvlink end_session(%s): %s", request_id, e)
 
 
@@ -458,9 +468,12 @@ class SchedulerCore:
 
 
 class WorkerCore:
-    """Worker-side execution of the plans. `adapter` is a kvlink.WorkerAdapter
-    (or a fake), `runtime` its kvlink.Runtime; all calls on one thread.
-    `transfer_spec` builds the adapter's specs (kvlink.TransferSpec)."""
+    """Worker-side execution of the plans, in vLLM's order: bind(plan),
+    handle_preemptions, start_load_kv, (forward pass), wait_for_save,
+    get_finished, get_block_ids_with_load_errors. `adapter` is a
+    kvlink.WorkerAdapter (or a fake), `runtime` its kvlink.Runtime; all
+    calls on one thread. `transfer_spec` builds the adapter's specs
+    (kvlink.TransferSpec)."""
 
     def __init__(self, adapter, runtime, settings: ConnectorSettings, transfer_spec=None):
         if transfer_spec is None:
@@ -477,7 +490,9 @@ class WorkerCore:
         self._stores: dict[str, list[Any]] = {}  # request id -> store Calls not done yet
         self._retrieves: list[Any] = []         # retrieve Calls not done yet (kept until they complete)
         self._load_errors: set[int] = set()
-        self._unreported: set[str] = set()       # finished ids the adapter has not taken yet
+        self._held: set[str] = set()             # finished, blocks held by vLLM until reported
+        self._closing: set[str] = set()          # finished, not held: told to the adapter once
+        self._plan = StepPlan()
         self._shut = False
 
     # vLLM: register_kv_caches(kv_caches)
@@ -486,9 +501,7 @@ class WorkerCore:
         it with every server that lacks it (engine before server included)."""
         try:
             self._adapter.register_kv_caches(layout, memfd)
-        except Exception as e:
-            if not _is_kvlink_error(e):
-                raise
+        except Error as e:
             if e.code == "bad_request":
                 log.error("kvlink-server refused the KV cache registration (%s): every load and store will fail "
                           "and vLLM computes everything itself", e)
@@ -506,49 +519,65 @@ class WorkerCore:
         if pending and not self._wait(pending, self._store_wait_s):
             log.error("kvlink stores of preempted requests %s did not end within %.1f s", ids, self._store_wait_s)
 
+    # vLLM: bind_connector_metadata(metadata)
+    def bind(self, plan: StepPlan) -> None:
+        """This step's plan, bound before anything else of the step."""
+        self._plan = plan
+        self._held |= plan.held_ids
+        self._closing |= plan.finished_ids - plan.held_ids
+        # explicit_ready: the gate opens when vLLM starts serving (the first
+        # step with work), however long model loading and warmup took.
+        if self._explicit_ready and not self._gate_opened and plan.has_work():
+            self._gate_opened = True
+            self._adapter.ready()
+
     # vLLM: start_load_kv(forward_context)
-    def start_load_kv(self, plan: StepPlan) -> None:
+    def start_load_kv(self) -> None:
         """Starts the plan's retrieves; their requests are not in this
-        step's forward pass (vLLM waits for get_finished's second set)."""
-        self._open_gate(plan)
-        self.handle_preemptions(plan.preempted_ids)
-        for t in plan.loads:
+        step's forward pass (vLLM waits for get_finished's second set).
+        First waits for the stores of requests preempted in this step, in
+        case vLLM did not call handle_preemptions."""
+        self.handle_preemptions(self._plan.preempted_ids)
+        for t in self._plan.loads:
             self._retrieves.append(self._adapter.async_submit_retrieve(self._spec(t)))
 
     # vLLM: wait_for_save()
-    def wait_for_save(self, plan: StepPlan) -> None:
+    def wait_for_save(self) -> None:
         """Starts the plan's stores: this step's forward pass wrote their
         blocks. They end in the background; get_finished reports them."""
-        self._open_gate(plan)
-        for t in plan.stores:
+        for t in self._plan.stores:
             self._stores.setdefault(t.request_id, []).append(self._adapter.async_submit_store(self._spec(t)))
 
     # vLLM: get_finished(finished_req_ids)
-    def get_finished(self, finished_ids: Iterable[str]) -> tuple[set[str] | None, set[str] | None]:
+    def get_finished(self, finished_ids: Iterable[str] = ()) -> tuple[set[str] | None, set[str] | None]:
         """(requests whose stores finished, requests whose loads finished).
-        A store is reported only after vLLM listed its request finished,
-        once per request even if vLLM lists it again; a load as soon as it
-        ended, its failed blocks in get_block_ids_with_load_errors."""
+
+        Stores: a request is reported once, when the adapter's fence says
+        the server can no longer read its blocks, and only if vLLM holds its
+        blocks for this report (the plan's held_ids, which vLLM also lists
+        among this step's finished ids). The adapter learns of finished
+        requests from the plans, not from vLLM's finished ids: those may
+        repeat under async scheduling, and a repeat reaching the adapter
+        after the id was reused would end the new request's stores early.
+        Loads: reported as soon as they ended, failed blocks in
+        get_block_ids_with_load_errors."""
+        del finished_ids  # the plans carry them, once each (see above)
         self._poll()
-        # Ids the adapter did not take (its call failed) go again: without
-        # them a finished request's stores would never be reported and its
-        # blocks never freed. The adapter ignores repeats.
-        self._unreported.update(finished_ids)
         try:
-            fin = self._adapter.get_finished(sorted(self._unreported))
-        except Exception as e:
-            if not _is_kvlink_error(e):
-                raise
+            # Held ids until reported; the others once, so that the adapter
+            # closes their stores' bookkeeping (reports of them are dropped).
+            fin = self._adapter.get_finished(sorted(self._held | self._closing))
+        except Error as e:
             log.warning("kvlink get_finished: %s; trying again next step", e)
             return None, None
-        self._unreported.clear()
+        self._closing.clear()
         try:
             self._load_errors.update(self._adapter.take_load_errors())
-        except Exception as e:
-            if not _is_kvlink_error(e):
-                raise
+        except Error as e:
             log.error("kvlink take_load_errors: %s", e)
-        return set(fin.stores) or None, set(fin.retrieves) or None
+        sending = self._held.intersection(fin.stores)
+        self._held -= sending
+        return sending or None, set(fin.retrieves) or None
 
     # vLLM: get_block_ids_with_load_errors()
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -563,21 +592,12 @@ class WorkerCore:
         self._shut = True
         try:
             self._adapter.shutdown()
-        except Exception as e:
-            if not _is_kvlink_error(e):
-                raise
+        except Error as e:
             log.warning("kvlink worker shutdown: %s", e)
 
     def _spec(self, t: Transfer):
         return self._transfer_spec(request_id=t.request_id, tokens=list(t.tokens), block_ids=list(t.block_ids),
                                    skip_first_n_tokens=t.skip_tokens)
-
-    def _open_gate(self, plan: StepPlan) -> None:
-        # explicit_ready: the gate opens when vLLM starts serving (the first
-        # step with work), however long model loading and warmup took.
-        if self._explicit_ready and not self._gate_opened and plan.has_work():
-            self._gate_opened = True
-            self._adapter.ready()
 
     def _poll(self) -> None:
         """Runs completions and forgets finished calls (their outcome is in
