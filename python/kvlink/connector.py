@@ -492,6 +492,12 @@ class WorkerCore:
         self._load_errors: set[int] = set()
         self._held: set[str] = set()             # finished, blocks held by vLLM until reported
         self._closing: set[str] = set()          # finished, not held: told to the adapter once
+        self._asked_closing: set[str] = set()    # ...in the get_finished call in flight
+        # get_finished and take_load_errors in flight, kept across steps
+        # until answered: an answer dropped would lose a report for good.
+        self._finished_call = None
+        self._load_errors_call = None
+        self._answer_wait_s = 0.5
         self._plan = StepPlan()
         self._shut = False
 
@@ -563,18 +569,32 @@ class WorkerCore:
         get_block_ids_with_load_errors."""
         del finished_ids  # the plans carry them, once each (see above)
         self._poll()
-        try:
+        if self._finished_call is None:
             # Held ids until reported; the others once, so that the adapter
             # closes their stores' bookkeeping (reports of them are dropped).
-            fin = self._adapter.get_finished(sorted(self._held | self._closing))
-        except Error as e:
-            log.warning("kvlink get_finished: %s; trying again next step", e)
+            self._finished_call = self._adapter.async_get_finished(sorted(self._held | self._closing))
+            self._asked_closing, self._closing = self._closing, set()
+        if self._load_errors_call is None:
+            self._load_errors_call = self._adapter.async_take_load_errors()
+        # Both are bookkeeping on kvlink's thread, answered in microseconds.
+        # An answer that is late (that thread stalled) is not dropped: it is
+        # taken at the next step, since the adapter reports each id once.
+        if not self._wait([self._finished_call, self._load_errors_call], self._answer_wait_s):
+            log.warning("kvlink get_finished: no answer within %.1f s; taking it at the next step",
+                        self._answer_wait_s)
             return None, None
-        self._closing.clear()
+        finished, self._finished_call = self._finished_call, None
+        load_errors, self._load_errors_call = self._load_errors_call, None
         try:
-            self._load_errors.update(self._adapter.take_load_errors())
+            self._load_errors.update(load_errors.result())
         except Error as e:
             log.error("kvlink take_load_errors: %s", e)
+        try:
+            fin = finished.result()
+        except Error as e:
+            log.warning("kvlink get_finished: %s; trying again next step", e)
+            self._closing |= self._asked_closing
+            return None, None
         sending = self._held.intersection(fin.stores)
         self._held -= sending
         return sending or None, set(fin.retrieves) or None

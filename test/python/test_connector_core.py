@@ -429,17 +429,17 @@ class FakeWorker:
         self.retrieves.append(spec)
         return self.rt.add(FakeCall(SimpleNamespace(retrieved_chunks=1)))
 
-    def get_finished(self, ids):
+    def async_get_finished(self, ids):
         self.finished_calls.append(list(ids))
         if self.get_finished_error:
             e, self.get_finished_error = self.get_finished_error, None
-            raise e
+            return self.rt.add(FakeCall(error=e))
         r, self.report = self.report, SimpleNamespace(stores=[], retrieves=[])
-        return r
+        return self.rt.add(FakeCall(r))
 
-    def take_load_errors(self):
+    def async_take_load_errors(self):
         e, self.load_errors = self.load_errors, []
-        return e
+        return self.rt.add(FakeCall(e))
 
     def ready(self):
         self.ready_calls += 1
@@ -511,6 +511,22 @@ def test_worker_tells_held_ids_again_when_the_adapter_did_not_take_them():
     assert a.finished_calls == [["r1"], ["r1"]]
     core.get_finished(set())
     assert a.finished_calls[-1] == []
+
+
+def test_worker_keeps_a_late_get_finished_answer_for_the_next_step():
+    core, a, rt = worker()
+    core._answer_wait_s = 0.01
+    core.bind(StepPlan(finished_ids={"r1"}, held_ids={"r1"}))
+    a.report = SimpleNamespace(stores=["r1"], retrieves=["r2"])
+    a.load_errors = [7, 8]
+    rt.hold = True  # kvlink's thread stalls: no answer this step
+    assert core.get_finished(set()) == (None, None)
+    assert core.get_block_ids_with_load_errors() == set()
+    rt.hold = False
+    # The same calls' answers, not new calls: the adapter reported them once.
+    assert core.get_finished(set()) == ({"r1"}, {"r2"})
+    assert core.get_block_ids_with_load_errors() == {7, 8}
+    assert a.finished_calls == [["r1"]]
 
 
 def test_worker_waits_for_stores_of_preempted_requests_only():
