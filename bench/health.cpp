@@ -58,7 +58,7 @@
 #include <thread>
 #include <vector>
 
-#include "../test/integration/server_process.hpp"
+#include "server_process.hpp"
 #include "kvlink/adapter/scheduler.hpp"
 #include "kvlink/adapter/worker.hpp"
 #include "kvlink/error.hpp"

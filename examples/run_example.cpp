@@ -9,7 +9,7 @@
 #include <exception>
 #include <string>
 
-#include "../test/integration/server_process.hpp"
+#include "server_process.hpp"
 
 int main(int argc, char** argv) {
   if (argc != 2) {

@@ -49,9 +49,11 @@ AdapterMetrics SchedulerAdapter::metrics() const {
   return m;
 }
 
-void SchedulerAdapter::start_submit(std::string id, std::vector<store::Token> tokens, detail::Callback<Done> cb) {
+void SchedulerAdapter::start_submit(std::string id, std::vector<store::Token> tokens, detail::Callback<Done> cb,
+                                    detail::CancelSignal cancel) {
   cb = detail::timed(metrics_, Op::lookup, std::move(cb));
-  asio::post(ex_, [self = shared_from_this(), id = std::move(id), tokens = std::move(tokens), cb = std::move(cb)]() mutable {
+  asio::post(ex_, [self = shared_from_this(), id = std::move(id), tokens = std::move(tokens), cb = std::move(cb),
+                   cancel = std::move(cancel)]() mutable {
     if (self->lookups_.contains(id)) return cb({}, Done{});  // duplicate submit: ignored
     if (self->config_.open_gate_on_first_lookup) self->monitor_->gate().open("first lookup");
     auto l = std::make_shared<Lookup>();
@@ -75,19 +77,21 @@ void SchedulerAdapter::start_submit(std::string id, std::vector<store::Token> to
     if (self->config_.lookup_mode == LookupMode::sync) {
       wire::SyncLookupRequest req{self->ns_, self->config_.world_size, l->session_id, l->hashes};
       conn->async_call(std::move(req), self->config_.call_timeout,
-                       [self, l, cb = std::move(cb)](std::error_code ec, wire::LookupResult r) {
+                       detail::with_cancel(std::move(cancel), [self, l, cb = std::move(cb)](std::error_code ec,
+                                                                                            wire::LookupResult r) {
                          self->note_error(ec);
                          l->final = true;
                          l->matched_tokens = ec ? 0 : r.matched_chunks * l->chunk_size;
                          if (!ec)
                            self->metrics_->update([&](AdapterMetrics& m) { m.lookup_hit_tokens += l->matched_tokens; });
                          cb(ec, Done{});
-                       });
+                       }));
       return;
     }
     wire::LookupRequest req{self->ns_, self->config_.world_size, l->session_id, l->hashes};
     conn->async_call(std::move(req), self->config_.call_timeout,
-                     [self, l, cb = std::move(cb)](std::error_code ec, wire::LookupAccepted r) {
+                     detail::with_cancel(std::move(cancel), [self, l, cb = std::move(cb)](std::error_code ec,
+                                                                                          wire::LookupAccepted r) {
                        self->note_error(ec);
                        if (ec) {
                          l->final = true;  // the lookup is lost: nothing matched
@@ -96,13 +100,14 @@ void SchedulerAdapter::start_submit(std::string id, std::vector<store::Token> to
                          l->job_known = true;
                        }
                        cb(ec, Done{});
-                     });
+                     }));
   });
 }
 
-void SchedulerAdapter::start_check(std::string id, detail::Callback<LookupStatus> cb) {
+void SchedulerAdapter::start_check(std::string id, detail::Callback<LookupStatus> cb, detail::CancelSignal cancel) {
   cb = detail::timed(metrics_, Op::check_lookup, std::move(cb));
-  asio::post(ex_, [self = shared_from_this(), id = std::move(id), cb = std::move(cb)]() mutable {
+  asio::post(ex_, [self = shared_from_this(), id = std::move(id), cb = std::move(cb),
+                   cancel = std::move(cancel)]() mutable {
     auto it = self->lookups_.find(id);
     if (it == self->lookups_.end()) return cb(make_error_code(errc::not_found), LookupStatus{});
     auto l = it->second;
@@ -118,10 +123,14 @@ void SchedulerAdapter::start_check(std::string id, detail::Callback<LookupStatus
     if (!l->job_known || l->query_in_flight) return cb({}, LookupStatus{});  // pending
     l->query_in_flight = true;
     conn->async_call(wire::QueryPrefetchStatusRequest{l->job_id}, self->config_.call_timeout,
-                     [self, l, cb = std::move(cb)](std::error_code ec, wire::PrefetchStatus st) {
+                     detail::with_cancel(std::move(cancel), [self, l, cb = std::move(cb)](std::error_code ec,
+                                                                                          wire::PrefetchStatus st) {
                        self->note_error(ec);
                        l->query_in_flight = false;
                        if (!l->final) {
+                         // A failed query makes the lookup final with no hit. So does a
+                         // cancelled one: the server may have reported the job's result
+                         // to it, and it reports a result once.
                          if (ec) {
                            l->final = true;
                            l->matched_tokens = 0;
@@ -132,8 +141,10 @@ void SchedulerAdapter::start_check(std::string id, detail::Callback<LookupStatus
                                [&](AdapterMetrics& m) { m.lookup_hit_tokens += l->matched_tokens; });
                          }
                        }
-                       cb({}, LookupStatus{l->final, l->matched_tokens});
-                     });
+                       // Counted as cancelled; other errors count as an answer (no hit).
+                       const std::error_code counted = ec == asio::error::operation_aborted ? ec : std::error_code{};
+                       cb(counted, LookupStatus{l->final, l->matched_tokens});
+                     }));
   });
 }
 

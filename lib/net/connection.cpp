@@ -11,6 +11,8 @@
 #include <cerrno>
 #include <system_error>
 
+#include "frame_stream.hpp"
+
 namespace kvlink::net {
 
 namespace {
@@ -25,29 +27,40 @@ std::shared_ptr<Connection> Connection::start(Socket socket, std::uint32_t max_p
 }
 
 Connection::Connection(Socket socket, std::uint32_t max_payload)
-    : executor_(socket.get_executor()), stream_(std::move(socket), max_payload), deadline_timer_(executor_) {
+    : executor_(socket.get_executor()),
+      stream_(std::make_unique<FrameStream>(std::move(socket), max_payload)),
+      deadline_timer_(executor_) {
   std::error_code ec;
-  const auto local = stream_.socket().local_endpoint(ec);
+  const auto local = stream_->socket().local_endpoint(ec);
   is_unix_ = !ec && local.protocol().family() == AF_UNIX;
 }
 
 Connection::~Connection() = default;
 
 void Connection::close() {
-  asio::dispatch(executor_, [self = shared_from_this()] { self->stream_.close(); });
+  asio::dispatch(executor_, [self = shared_from_this()] { self->stream_->close(); });
 }
 
 void Connection::set_limits(std::uint32_t max_payload, std::uint32_t max_in_flight) {
-  stream_.parser().set_max_payload(std::max(max_payload, wire::min_max_payload));
+  stream_->parser().set_max_payload(std::max(max_payload, wire::min_max_payload));
   max_in_flight_ = std::max<std::uint32_t>(max_in_flight, 1);
 }
 
 asio::awaitable<void> Connection::read_loop() {
   auto self = shared_from_this();  // alive until the reader ends
-  Error end = co_await stream_.read_frames([this](const wire::Frame& f) { return on_frame(f); });
-  stream_.close();
+  Error end = co_await stream_->read_frames([this](const wire::Frame& f) { return on_frame(f); });
+  stream_->close();
   fail_all(end);
 }
+
+std::size_t Connection::queued_bytes() const { return stream_->queued_bytes(); }
+
+void Connection::send_frame(std::uint8_t opcode, std::uint16_t flags, std::uint64_t id, EncodeFn encode,
+                            const void* request) {
+  stream_->send(opcode, flags, id, [&](wire::Writer& w) { encode(w, request); }, shared_from_this());
+}
+
+void Connection::attach_fd(UniqueFd fd) { stream_->attach_fd(std::move(fd)); }
 
 bool Connection::on_frame(const wire::Frame& frame) {
   const wire::Header& h = frame.header;

@@ -1,4 +1,4 @@
-#include "kvlink/net/read_pacer.hpp"
+#include "read_pacer.hpp"
 
 #include <chrono>
 #include <fmt/format.h>

@@ -21,9 +21,9 @@
 #include "kvlink/clock.hpp"
 #include "kvlink/log.hpp"
 #include "kvlink/net/endpoint.hpp"
-#include "kvlink/net/frame_stream.hpp"
 #include "kvlink/server/admin_http.hpp"
 #include "kvlink/server/inbound_budget.hpp"
+#include "net/frame_stream.hpp"
 
 namespace kvlink::server {
 

@@ -13,8 +13,8 @@
 #include <numeric>
 #include <thread>
 
-#include "../integration/server_process.hpp"
-#include "../integration/client.hpp"
+#include "server_process.hpp"
+#include "client.hpp"
 #include "gpu_engine.hpp"
 #include "gpu_kernels.hpp"
 #include "kvlink/runtime/runtime.hpp"

@@ -360,6 +360,80 @@ TEST_CASE("adapter: a cancelled async call completes at once with operation_abor
   f.server.resume();
 }
 
+TEST_CASE("adapter: a cancelled lookup cancels its connection call at once; the lookup then reports no hit") {
+  Fixture f;
+  f.server.start();
+  f.make(LookupMode::two_phase);
+  REQUIRE(f.worker->register_kv_caches(layout(), f.kv.get()));
+  const auto tokens = prompt(2 * chunk);
+  REQUIRE(f.worker->submit_store(f.spec("s", tokens)));
+  // A scheduler whose heartbeat waits 5 s for a ping: while the server is
+  // stopped below, its connection stays up and healthy, and only the
+  // cancellations can end the lookups' calls before their 1 s deadline.
+  auto s = test::config_for<SchedulerConfig>(f.endpoint, 1s);
+  s.lookup_mode = LookupMode::two_phase;
+  s.health.ping_timeout = 5s;
+  f.scheduler->stop();
+  f.scheduler = SchedulerAdapter::create(f.rt.executor(), s);
+  f.scheduler_connected();
+  REQUIRE(f.scheduler->submit_lookup("a", tokens));  // job known, its status not asked yet
+  const auto conn = f.scheduler->monitor().connection();
+  REQUIRE(conn);
+  auto stats = [&] {  // the connection's counters, read on its executor
+    std::promise<net::ConnectionStats> p;
+    asio::post(f.rt.executor(), [&] { p.set_value(conn->stats()); });
+    return p.get_future().get();
+  };
+
+  // Starts `call(slot-bound handler)` on the adapters' thread, cancels it
+  // 50 ms later and returns its completion's error.
+  auto cancel_after_50ms = [&](auto call) {
+    asio::cancellation_signal signal;
+    std::promise<std::error_code> done;
+    asio::post(f.rt.executor(), [&] {
+      call(asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec, auto) { done.set_value(ec); }));
+    });
+    std::this_thread::sleep_for(50ms);
+    asio::post(f.rt.executor(), [&] { signal.emit(asio::cancellation_type::terminal); });
+    auto ec = done.get_future().get();
+    std::promise<void> drained;  // the forwarded cancellation ran too (posted after the completion's)
+    asio::post(f.rt.executor(), [&] { drained.set_value(); });
+    drained.get_future().wait();
+    return ec;
+  };
+
+  stop_server(f.server);
+  const auto before = stats();
+  const auto t0 = std::chrono::steady_clock::now();
+  // check_lookup: its QUERY_PREFETCH_STATUS leaves the pending table now,
+  // not at its deadline; the lookup is final, with no hit.
+  CHECK(cancel_after_50ms([&](auto handler) { f.scheduler->async_check_lookup("a", std::move(handler)); }) ==
+        asio::error::operation_aborted);
+  CHECK(stats().cancelled == before.cancelled + 1);
+  auto a = f.scheduler->check_lookup("a");
+  REQUIRE_MESSAGE(a, a.error().message());
+  CHECK(a->ready);
+  CHECK(a->matched_tokens == 0);
+  // submit_lookup: the same for its LOOKUP.
+  CHECK(cancel_after_50ms([&](auto handler) { f.scheduler->async_submit_lookup("b", tokens, std::move(handler)); }) ==
+        asio::error::operation_aborted);
+  CHECK(stats().cancelled == before.cancelled + 2);
+  auto b = f.scheduler->check_lookup("b");
+  REQUIRE_MESSAGE(b, b.error().message());
+  CHECK(b->ready);
+  CHECK(b->matched_tokens == 0);
+  CHECK(std::chrono::steady_clock::now() - t0 < 900ms);  // both before the calls' 1 s deadline
+  CHECK(stats().timeouts == before.timeouts);
+
+  // The server answers the cancelled calls once it runs: late replies,
+  // dropped; the connection serves the next lookup.
+  f.server.resume();
+  CHECK(eventually([&] { return stats().late_replies >= before.late_replies + 2; }, 5s));
+  REQUIRE(f.scheduler->submit_lookup("c", tokens));
+  CHECK(f.matched("c") == 2 * chunk);
+  CHECK(f.scheduler->monitor().connection() == conn);
+}
+
 TEST_CASE("adapter: no server -> degraded; nothing hangs, everything reports the degraded outcome") {
   Fixture f;
   f.make();

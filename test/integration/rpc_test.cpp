@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "kvlink/net/connection.hpp"
+#include "net/frame_stream.hpp"
 #include "server_process.hpp"
 #include "test_support.hpp"
 

@@ -6,7 +6,7 @@
 #include <chrono>
 #include <string>
 
-#include "kvlink/net/read_pacer.hpp"
+#include "net/read_pacer.hpp"
 
 using namespace kvlink;
 using namespace std::chrono_literals;

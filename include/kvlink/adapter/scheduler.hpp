@@ -83,22 +83,30 @@ class SchedulerAdapter : public std::enable_shared_from_this<SchedulerAdapter> {
 
   // Starts a lookup of `tokens`' full chunks for `request_id`. A second
   // submit for the same id is ignored (completes at once, no error).
+  // Cancelled (call.hpp), the LOOKUP call is cancelled too and the lookup
+  // reports no hit.
   template <class CompletionToken>
   auto async_submit_lookup(std::string request_id, std::vector<store::Token> tokens, CompletionToken&& token) {
-    return detail::initiate<Done>(ex_, token, [self = shared_from_this(), id = std::move(request_id),
-                                               t = std::move(tokens)](detail::Callback<Done> cb) mutable {
-      self->start_submit(std::move(id), std::move(t), std::move(cb));
-    });
+    return detail::initiate<Done>(
+        ex_, token,
+        [self = shared_from_this(), id = std::move(request_id), t = std::move(tokens)](
+            detail::Callback<Done> cb, detail::CancelSignal cancel) mutable {
+          self->start_submit(std::move(id), std::move(t), std::move(cb), std::move(cancel));
+        });
   }
   Result<Done> submit_lookup(std::string request_id, std::vector<store::Token> tokens, Duration deadline = {});
 
   // Pending, or the matched tokens (cached after the first final answer).
   // Two-phase: polls QUERY_PREFETCH_STATUS. Unknown id: not_found.
+  // Cancelled (call.hpp), the query is cancelled too and the lookup is
+  // final with no hit (the server reports a job's result only once).
   template <class CompletionToken>
   auto async_check_lookup(std::string request_id, CompletionToken&& token) {
     return detail::initiate<LookupStatus>(
-        ex_, token, [self = shared_from_this(), id = std::move(request_id)](detail::Callback<LookupStatus> cb) mutable {
-          self->start_check(std::move(id), std::move(cb));
+        ex_, token,
+        [self = shared_from_this(), id = std::move(request_id)](detail::Callback<LookupStatus> cb,
+                                                                detail::CancelSignal cancel) mutable {
+          self->start_check(std::move(id), std::move(cb), std::move(cancel));
         });
   }
   Result<LookupStatus> check_lookup(std::string request_id, Duration deadline = {});
@@ -170,8 +178,10 @@ class SchedulerAdapter : public std::enable_shared_from_this<SchedulerAdapter> {
   };
   SchedulerAdapter(asio::any_io_executor ex, SchedulerConfig config);
 
-  void start_submit(std::string id, std::vector<store::Token> tokens, detail::Callback<Done> cb);
-  void start_check(std::string id, detail::Callback<LookupStatus> cb);
+  // `cancel`: the caller's cancellation, forwarded to the call (async forms).
+  void start_submit(std::string id, std::vector<store::Token> tokens, detail::Callback<Done> cb,
+                    detail::CancelSignal cancel = nullptr);
+  void start_check(std::string id, detail::Callback<LookupStatus> cb, detail::CancelSignal cancel = nullptr);
   void start_free_locks(std::string id, std::uint32_t start, std::uint32_t end, detail::Callback<Done> cb);
   void start_end_session(std::string id, detail::Callback<Done> cb);
   void start_report(std::string id, std::uint32_t allocated, std::uint32_t total, detail::Callback<Done> cb);

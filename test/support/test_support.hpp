@@ -1,4 +1,4 @@
-// Helpers shared by the integration tests: run an io_context until a
+// Helpers shared by the integration and GPU tests: run an io_context until a
 // coroutine finishes or a condition holds (always with a hang guard), parse
 // endpoints, run a command and capture its output.
 #pragma once

@@ -38,7 +38,7 @@
 #include "kvlink/log.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "kvlink/net/endpoint.hpp"
-#include "kvlink/net/read_pacer.hpp"
+#include "read_pacer.hpp"
 #include "kvlink/wire/frame.hpp"
 
 namespace kvlink::net {
