@@ -46,6 +46,26 @@ PyEvent to_py_event(const health::Event& e) {
 py::dict metrics_dict(const adapter::AdapterMetrics& m) {
   py::dict d;
   d["state"] = m.health.state;
+  // The link's heartbeat and connection counters (health::Counters).
+  const auto& h = m.health.counters;
+  py::dict health;
+  health["pings_sent"] = h.pings_sent;
+  health["pings_ok"] = h.pings_ok;
+  health["pings_failed"] = h.pings_failed;
+  health["deadlines_missed"] = h.deadlines_missed;
+  health["connects_ok"] = h.connects_ok;
+  health["connects_failed"] = h.connects_failed;
+  health["connections_lost"] = h.connections_lost;
+  health["hellos_repeated"] = h.hellos_repeated;
+  health["planned_restarts"] = h.planned_restarts;
+  health["transitions"] = h.transitions;
+  health["last_rtt"] = std::chrono::duration<double>(h.last_rtt).count();
+  py::dict seconds_in;
+  for (int i = 0; i < health::state_count; ++i)
+    seconds_in[health::state_name(static_cast<health::State>(i))] =
+        std::chrono::duration<double>(h.time_in_state[i]).count();
+  health["seconds_in_state"] = seconds_in;
+  d["health"] = health;
   py::dict calls;
   for (auto op : adapter::ops_of(m.role)) {
     const auto& c = m.call(op);

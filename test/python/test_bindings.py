@@ -99,6 +99,9 @@ def test_store_then_retrieve_every_byte_blocking(rt, server, registered):
     m = worker.metrics()
     assert m["stored_chunks"] == 4 and m["retrieved_bytes"] == 4 * 2 * 2 * LAYOUT["block_size"] * 4 * 32 * 2
     assert "kvlink_engine_" in worker.metrics_text()
+    health = m["health"]
+    assert health["connects_ok"] >= 1 and health["pings_ok"] >= 1 and health["pings_failed"] == 0
+    assert health["seconds_in_state"]["healthy"] > 0 and m["state"] == kvlink.State.healthy
 
 
 def test_a_call_completes_only_in_poll_on_the_polling_thread(rt, server):
