@@ -70,11 +70,14 @@ CPP
 fi
 
 # The Python package, where the build made one: meson install put it into
-# the prefix's site-packages for /usr/bin/python3; it imports from there
-# alone (the extension and the pure-Python modules side by side).
+# the prefix's directory that /usr/bin/python3 searches; it imports from
+# there alone (the extension and the pure-Python modules side by side).
 ext=$(find "$tmp" -name '_kvlink*.so' | head -1)
 if [ -n "$ext" ]; then
   site=$(dirname "$(dirname "$ext")")
+  # Where it goes without --destdir must be a directory python3 searches.
+  /usr/bin/python3 -c "import sys; d = sys.argv[1]; assert d in sys.path, d + ' is not on python3 sys.path: ' + str(sys.path)" "${site#"$tmp"}" \
+    || { echo "downstream: meson install puts the Python package where python3 does not look"; exit 1; }
   (cd "$tmp" && PYTHONPATH=$site /usr/bin/python3 -c "
 import kvlink, os
 assert kvlink.__file__.startswith('$site'), kvlink.__file__
