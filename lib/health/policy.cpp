@@ -4,6 +4,8 @@
 
 #include <algorithm>
 
+#include "kvlink/jitter.hpp"
+
 namespace kvlink::health {
 
 const char* state_name(State s) {
@@ -70,11 +72,7 @@ Duration Policy::probe_timeout() const {
   return std::min(config_.ping_timeout, std::max(config_.ping_timeout / threshold, 4 * srtt_));
 }
 
-Duration Policy::jittered(Duration d, double fraction) {
-  if (fraction <= 0) return d;
-  std::uniform_real_distribution<double> u(-fraction, fraction);
-  return std::chrono::duration_cast<Duration>(d * (1.0 + u(rng_)));
-}
+Duration Policy::jittered(Duration d, double fraction) { return kvlink::jittered(d, fraction, rng_); }
 
 void Policy::enter(Actions& a, State to, std::string reason, TimePoint now) {
   account(now);

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 
+#include "kvlink/jitter.hpp"
+
 namespace kvlink::store {
 
 namespace {
@@ -47,12 +49,7 @@ TierHealth::OpId TierHealth::op_started(TimePoint now, std::string what) {
 }
 
 void TierHealth::schedule_probe(TimePoint now) {
-  Duration d = backoff_;
-  if (config_.probe_jitter > 0) {
-    std::uniform_real_distribution<double> u(-config_.probe_jitter, config_.probe_jitter);
-    d = std::chrono::duration_cast<Duration>(d * (1.0 + u(rng_)));
-  }
-  probe_at_ = now + d;
+  probe_at_ = now + jittered(backoff_, config_.probe_jitter, rng_);
   backoff_ = std::min(std::chrono::duration_cast<Duration>(backoff_ * config_.probe_multiplier), config_.probe_max);
 }
 
