@@ -129,6 +129,32 @@ int main(int argc, char** argv) {
   app.add_flag("--l1-lock", cfg.l1_lock,
                "Pin L1 in RAM at startup (mlock): it is never paged out; needs a locked-memory limit (ulimit -l, "
                "systemd LimitMEMLOCK=) of at least --l1-size");
+  std::string l2_disk_size, l2_max_write, l2_max_read;
+  app.add_option("--l2-disk", cfg.l2_disk,
+                 "A directory for the disk tier below L1 (one server each): L1's evictions are written there and "
+                 "found again by lookups and after a restart; needs --l2-disk-size");
+  app.add_option("--l2-disk-size", l2_disk_size, "Bytes the disk tier may take: 64GiB, 1TiB, ...");
+  app.add_option("--l2-disk-layouts", cfg.l2_disk_layouts,
+                 "KV layouts (chunk sizes) the disk tier's space is split between")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 64u));
+  app.add_flag("--l2-write-through", cfg.l2_write_through,
+               "Write every stored chunk to the tier too, not only what L1 evicts");
+  app.add_option_function<std::int64_t>(
+         "--l2-lookup-wait-ms", [&cfg](std::int64_t v) { cfg.l2_lookup_wait = std::chrono::milliseconds(v); },
+         "The longest a lookup waits for chunks coming up from the tier (keep it below the engines' call timeout)")
+      ->default_str(std::to_string(cfg.l2_lookup_wait.count()))
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{60000}));
+  app.add_option_function<std::int64_t>(
+         "--l2-io-deadline-ms", [&cfg](std::int64_t v) { cfg.l2_io_deadline = std::chrono::milliseconds(v); },
+         "A tier I/O without a completion this long marks the tier degraded (L1-only service until a probe "
+         "succeeds)")
+      ->default_str(std::to_string(cfg.l2_io_deadline.count()))
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{600000}));
+  app.add_option("--l2-max-write-bytes", l2_max_write, "Tier writes in flight at most (evictions past it are dropped)")
+      ->default_str("256MiB");
+  app.add_option("--l2-max-read-bytes", l2_max_read, "Tier reads in flight at most (lookups past it miss)")
+      ->default_str("256MiB");
   auto seconds = [&](const char* name, std::chrono::seconds& field, const char* what) {
     app.add_option_function<std::int64_t>(name, [&field](std::int64_t v) { field = std::chrono::seconds(v); }, what)
         ->default_str(std::to_string(field.count()))
@@ -189,6 +215,21 @@ int main(int argc, char** argv) {
   if (!l1_slab_size.empty()) {
     if (auto bytes = size_flag(l1_slab_size, 1, "must be more than 0 bytes")) cfg.l1_slab_size = *bytes;
     else return usage_error("--l1-slab-size", bytes.error());
+  }
+  if (!cfg.l2_disk.empty() && l2_disk_size.empty())
+    return usage_error("--l2-disk", kvlink::Error(kvlink::errc::bad_request,
+                                                  "needs --l2-disk-size: the bytes the tier may take (e.g. 64GiB)"));
+  if (!l2_disk_size.empty()) {
+    if (auto bytes = size_flag(l2_disk_size, 1 << 20, "must be at least 1MiB")) cfg.l2_disk_size = *bytes;
+    else return usage_error("--l2-disk-size", bytes.error());
+  }
+  if (!l2_max_write.empty()) {
+    if (auto bytes = size_flag(l2_max_write, 1, "must not be 0")) cfg.l2_max_write_bytes = *bytes;
+    else return usage_error("--l2-max-write-bytes", bytes.error());
+  }
+  if (!l2_max_read.empty()) {
+    if (auto bytes = size_flag(l2_max_read, 1, "must not be 0")) cfg.l2_max_read_bytes = *bytes;
+    else return usage_error("--l2-max-read-bytes", bytes.error());
   }
   if (auto bytes = size_flag(max_outbound, 65536, "must be at least 64KiB")) cfg.max_outbound_bytes = *bytes;
   else return usage_error("--max-outbound-bytes", bytes.error());

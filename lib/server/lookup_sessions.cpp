@@ -53,6 +53,13 @@ void LookupSessions::release_instance(std::uint64_t instance) {
 }
 
 void LookupSessions::tick(TimePoint now) {
+  // Lookups whose tier fetches did not all land in time answer with what did.
+  for (auto it = tier_waits_.begin(); it != tier_waits_.end();) {
+    const std::uint64_t id = it->first;
+    const bool expired = it->second.deadline <= now;
+    ++it;
+    if (expired) finish_tier_wait(id, now);
+  }
   while (!job_queue_.empty()) {
     auto it = jobs_.find(job_queue_.front());
     if (it != jobs_.end() && it->second.expiry > now) break;
@@ -103,8 +110,8 @@ std::uint32_t LookupSessions::record_locks(const SessionKey& key, store::Holder 
 
 void LookupSessions::lookup(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now,
                             bool sync) {
-  // SYNC_LOOKUP answers the match; LOOKUP a job id to poll (L1 is the only
-  // tier, so the job is done by the time it is answered).
+  // SYNC_LOOKUP answers the match; LOOKUP a job id to poll, done once the
+  // match is known (at once, unless chunks come up from a tier).
   wire::LookupRequest req;
   if (sync) {
     wire::SyncLookupRequest s;
@@ -120,8 +127,9 @@ void LookupSessions::lookup(SessionState& session, const wire::Frame& frame, Rep
   if (s.holder == 0) s.holder = next_holder_++;
   s.last_seen = now;
   run_sliced(session, sink, now,
-             [this, req = std::move(req), key, holder = s.holder, header = frame.header, sync, next = std::uint32_t{0}](
-                 ReplySink& out, TimePoint at, std::size_t& budget) mutable {
+             [this, req = std::move(req), key, holder = s.holder, header = frame.header, sync,
+              conn = session.in_flight, next = std::uint32_t{0}](ReplySink& out, TimePoint at,
+                                                                  std::size_t& budget) mutable {
                const auto n = static_cast<std::uint32_t>(req.hashes.size());
                bool missed = false;
                while (next < n && budget > 0) {
@@ -133,24 +141,105 @@ void LookupSessions::lookup(SessionState& session, const wire::Frame& frame, Rep
                  budget -= std::min<std::size_t>(budget, req.world_size);
                }
                if (!missed && next < n) return false;
-               store_.record_lookup(next, n - next);
-               const std::uint32_t matched = record_locks(key, holder, req.ns, req.world_size, req.hashes, next, at);
-               totals_.lookup_requested_tokens += std::uint64_t{n} * config_.chunk_size;
-               totals_.lookup_hit_tokens += std::uint64_t{matched} * config_.chunk_size;
-               if (sync) {
-                 reply(out, header, wire::LookupResult{matched});
-                 return true;
+               std::uint64_t job_id = 0;
+               if (!sync) {
+                 job_id = next_job_++;
+                 Job job;
+                 job.instance_id = key.second;
+                 job.state = wire::PrefetchState::pending;
+                 job.expiry = at + config_.job_ttl;
+                 jobs_.emplace(job_id, job);
+                 job_queue_.push_back(job_id);
+                 reply(out, header, wire::LookupAccepted{job_id});
                }
-               const std::uint64_t id = next_job_++;
-               Job job;
-               job.instance_id = key.second;
-               job.matched = matched;
-               job.expiry = at + config_.job_ttl;
-               jobs_.emplace(id, job);
-               job_queue_.push_back(id);
-               reply(out, header, wire::LookupAccepted{id});
+               if (missed && fetches_.enabled()) {
+                 TierWait w;
+                 w.req = std::move(req);
+                 w.key = key;
+                 w.holder = holder;
+                 w.header = header;
+                 w.sync = sync;
+                 w.job_id = job_id;
+                 w.first = next;
+                 w.sink = out.weak_self();
+                 if (wait_for_tier(w, conn, at)) return true;
+                 req = std::move(w.req);
+               }
+               answer(req, key, holder, header, sync, job_id, next, &out, at);
                return true;
              });
+}
+
+void LookupSessions::answer(const wire::LookupRequest& req, const SessionKey& key, store::Holder holder,
+                            const wire::Header& header, bool sync, std::uint64_t job_id, std::uint32_t matched,
+                            ReplySink* sink, TimePoint now) {
+  const auto n = static_cast<std::uint32_t>(req.hashes.size());
+  store_.record_lookup(matched, n - matched);
+  matched = record_locks(key, holder, req.ns, req.world_size, req.hashes, matched, now);
+  totals_.lookup_requested_tokens += std::uint64_t{n} * config_.chunk_size;
+  totals_.lookup_hit_tokens += std::uint64_t{matched} * config_.chunk_size;
+  if (sync) {
+    if (sink) reply(*sink, header, wire::LookupResult{matched});
+    return;
+  }
+  // A job whose scheduler left meanwhile is gone: nobody polls it.
+  if (auto it = jobs_.find(job_id); it != jobs_.end()) {
+    it->second.state = wire::PrefetchState::done;
+    it->second.matched = matched;
+  }
+}
+
+bool LookupSessions::wait_for_tier(TierWait& w, const InFlight::ConnectionCount& conn, TimePoint now) {
+  // The chunks from the first miss on that are whole (every rank) in L1 or
+  // on the tier, a slice's worth of keys at most.
+  const std::uint64_t id = next_wait_;
+  std::weak_ptr<bool> alive = alive_;
+  const auto landed = [this, alive, id] {
+    if (auto a = alive.lock(); a && *a) fetch_landed(id);
+  };
+  const auto n = static_cast<std::uint32_t>(w.req.hashes.size());
+  std::size_t pending = 0;
+  std::size_t keys = 0;
+  w.end = w.first;
+  for (; w.end < n && keys < keys_per_slice; ++w.end) {
+    bool whole = true;
+    for (std::uint32_t r = 0; r < w.req.world_size && whole; ++r, ++keys) {
+      switch (fetches_.fetch(ChunkKey{w.req.ns, w.req.hashes[w.end], r}, now, landed)) {
+        case TierFetches::Fetch::in_l1: break;
+        case TierFetches::Fetch::pending: ++pending; break;
+        case TierFetches::Fetch::unavailable: whole = false; break;
+      }
+    }
+    if (!whole) break;
+  }
+  if (pending == 0) return false;
+  ++next_wait_;
+  w.waiting = pending;
+  w.deadline = now + config_.l2_lookup_wait;
+  w.ticket = in_flight_.start(conn, w.key.second);
+  tier_waits_.emplace(id, std::move(w));
+  return true;
+}
+
+void LookupSessions::fetch_landed(std::uint64_t wait_id) {
+  auto it = tier_waits_.find(wait_id);
+  if (it == tier_waits_.end() || --it->second.waiting > 0) return;
+  finish_tier_wait(wait_id, Clock::now());
+}
+
+void LookupSessions::finish_tier_wait(std::uint64_t wait_id, TimePoint now) {
+  auto it = tier_waits_.find(wait_id);
+  if (it == tier_waits_.end()) return;
+  TierWait w = std::move(it->second);
+  tier_waits_.erase(it);
+  InFlight::end(&in_flight_, w.ticket);
+  // What landed is in L1 now (what did not is a miss): match and lock it.
+  std::uint32_t matched = w.first;
+  while (matched < w.end && store_.match_chunk(w.req.ns, w.req.world_size, w.req.hashes[matched], now, w.holder))
+    ++matched;
+  tier_hits_ += matched - w.first;
+  auto sink = w.sink.lock();
+  answer(w.req, w.key, w.holder, w.header, w.sync, w.job_id, matched, sink.get(), now);
 }
 
 void LookupSessions::query(const wire::Frame& frame, ReplySink& sink) {

@@ -27,7 +27,7 @@ RequestHandler::RequestHandler(const ServerConfig& config, std::uint64_t boot_id
       liveness_({std::chrono::seconds(config.reap_timeout_s), std::chrono::seconds(config.registration_grace_s)}),
       pool_(config.l1_size, config.huge_pages, config.l1_slab_size),
       store_(pool_, store_config(config)),
-      lookups_(config, store_, reporter_, totals_),
+      lookups_(config, store_, reporter_, totals_, in_flight_, fetches_),
       transfers_({config, engine, pool_, store_, liveness_, reporter_, in_flight_, lookups_, totals_}),
       handshake_(config, {boot_id, engine.capabilities()}, liveness_, reporter_, in_flight_,
                  {.registered = [this](std::uint64_t id) { return transfers_.registered(id); },
@@ -35,6 +35,16 @@ RequestHandler::RequestHandler(const ServerConfig& config, std::uint64_t boot_id
                   .release_scheduler_state = [this](std::uint64_t id) { lookups_.release_instance(id); },
                   .draining = [this] { return transfers_.draining(); }}) {
   fill_stats_table();
+}
+
+void RequestHandler::attach_tier(store::LowerTier* tier) {
+  tier_ = tier;
+  fetches_.set_tier(tier);
+  transfers_.set_write_through(config_.l2_write_through ? tier : nullptr);
+  if (!tier) return store_.set_eviction_hook(nullptr);
+  store_.set_eviction_hook([tier](const store::ChunkKey& key, std::span<const std::byte> bytes) {
+    (void)tier->put(key, bytes, Clock::now());  // not taken: counted by the tier
+  });
 }
 
 void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
@@ -48,6 +58,7 @@ void RequestHandler::tick(TimePoint now) {
   handshake_.reap(now);
   store_.tick(now);
   lookups_.tick(now);
+  if (tier_) tier_->tick(now);
 }
 
 void RequestHandler::send_drain_notice(ReplySink& sink) const {
@@ -278,6 +289,36 @@ void RequestHandler::fill_stats_table() {
   // Registrations whose data path is down (their transfers are refused).
   t.add("data_path_down", [this] { return transfers_.data_paths_down(); });
   t.add("transfers_refused_data_path", [this] { return transfers_.refused_data_path(); });
+  // The tier below L1 (all 0 without one).
+  const auto tier = [this](auto field) {
+    return [this, field]() -> std::uint64_t { return tier_ ? static_cast<std::uint64_t>(tier_->stats().*field) : 0; };
+  };
+  using S = store::LowerTierStats;
+  t.add("tier_enabled", [this] { return tier_ ? 1 : 0; });
+  t.add("tier_healthy", tier(&S::healthy));
+  t.add("tier_chunks", tier(&S::chunks));
+  t.add("tier_bytes", tier(&S::bytes));
+  t.add("tier_capacity_bytes", tier(&S::capacity_bytes));
+  t.add("tier_writes", tier(&S::writes));
+  t.add("tier_write_bytes", tier(&S::write_bytes));
+  t.add("tier_writes_failed", tier(&S::writes_failed));
+  t.add("tier_writes_skipped", tier(&S::writes_skipped));
+  t.add("tier_reads", tier(&S::reads));
+  t.add("tier_read_bytes", tier(&S::read_bytes));
+  t.add("tier_reads_failed", tier(&S::reads_failed));
+  t.add("tier_corrupt_dropped", tier(&S::corrupt_dropped));
+  t.add("tier_evictions", tier(&S::evictions));
+  t.add("tier_write_bytes_in_flight", tier(&S::write_bytes_in_flight));
+  t.add("tier_read_bytes_in_flight", tier(&S::read_bytes_in_flight));
+  t.add("tier_io_errors", tier(&S::io_errors));
+  t.add("tier_stalls", tier(&S::stalls));
+  t.add("tier_transitions", tier(&S::transitions));
+  t.add("tier_recovered_chunks", tier(&S::recovered_chunks));
+  t.add("tier_lookup_hits", [this] { return lookups_.tier_hits(); });
+  t.add("tier_lookups_waiting", [this] { return lookups_.tier_waits(); });
+  t.add("tier_fetches_started", [this] { return fetches_.stats().started; });
+  t.add("tier_fetches_joined", [this] { return fetches_.stats().joined; });
+  t.add("tier_fetches_failed", [this] { return fetches_.stats().failed; });
   t.add("block_allocation_reports", [this] { return block_reports_; });
   t.add("engine_blocks_allocated", [this] { return engine_blocks_allocated_; });
   t.add("engine_blocks_total", [this] { return engine_blocks_total_; });

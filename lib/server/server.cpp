@@ -10,6 +10,7 @@
 #include <asio/steady_timer.hpp>
 #include <asio/ip/tcp.hpp>
 #include <asio/local/stream_protocol.hpp>
+#include <asio/posix/stream_descriptor.hpp>
 #include <fmt/format.h>
 #include <cstring>
 #include <functional>
@@ -24,6 +25,7 @@
 #include "kvlink/server/admin_http.hpp"
 #include "kvlink/server/inbound_budget.hpp"
 #include "net/frame_stream.hpp"
+#include "store/disk_tier.hpp"
 
 namespace kvlink::server {
 
@@ -105,6 +107,12 @@ struct Server::Impl {
   asio::io_context& io;
   ServerConfig config;
   RequestHandler handler;
+  // The disk tier (--l2-disk), after the handler: it goes first, and no
+  // completion reaches the handler after. Its completions wake disk_loop.
+  std::unique_ptr<store::DiskTier> disk;
+  std::optional<asio::posix::stream_descriptor> disk_events;
+  void open_disk_tier();
+  asio::awaitable<void> disk_loop();
   InboundBudget inbound;
   std::list<net::Acceptor> acceptors;
   std::vector<std::string> bound;  // the endpoints actually bound (Server::endpoints())
@@ -147,6 +155,42 @@ struct Server::Impl {
     return n;
   }
 };
+
+void Server::Impl::open_disk_tier() {
+  if (config.l2_disk.empty()) return;
+  store::DiskTierConfig d;
+  d.dir = config.l2_disk;
+  d.capacity_bytes = config.l2_disk_size;
+  d.layouts = config.l2_disk_layouts;
+  d.max_write_bytes_in_flight = config.l2_max_write_bytes;
+  d.max_read_bytes_in_flight = config.l2_max_read_bytes;
+  d.health.op_deadline = config.l2_io_deadline;
+  auto opened = store::DiskTier::open(d, std::random_device{}(), Clock::now());
+  if (!opened) throw std::runtime_error(fmt::format("--l2-disk {}: {}", config.l2_disk, opened.error().message()));
+  disk = std::move(*opened);
+  const auto& st = disk->startup();
+  log::info("kvlink-server: disk tier {}: {} chunks found again in {} ms ({} torn or corrupt journal records, {} "
+            "unfinished writes, {} past a file's end dropped){}; {} I/O",
+            config.l2_disk, disk->index().present(),
+            std::chrono::duration_cast<std::chrono::milliseconds>(st.took).count(), st.recovery.corrupt_records,
+            st.recovery.incomplete_writes, st.truncated_dropped,
+            st.journal_unusable ? "; its journal did not fit --l2-disk-size, so it started empty" : "",
+            disk->direct() ? "O_DIRECT" : "buffered (the filesystem refuses O_DIRECT)");
+  handler.attach_tier(disk.get());
+  const int fd = ::dup(disk->event_fd());
+  if (fd < 0) throw std::runtime_error(fmt::format("--l2-disk {}: dup: {}", config.l2_disk, std::strerror(errno)));
+  disk_events.emplace(io, fd);
+  asio::co_spawn(io, disk_loop(), asio::detached);
+}
+
+asio::awaitable<void> Server::Impl::disk_loop() {
+  while (!stopped) {
+    auto [ec] = co_await disk_events->async_wait(asio::posix::descriptor_base::wait_read,
+                                                 asio::experimental::as_tuple(asio::use_awaitable));
+    if (ec || stopped) co_return;
+    disk->on_ready(Clock::now());
+  }
+}
 
 // Drives the handler's timed housekeeping (TTLs, reaping) on the io thread.
 asio::awaitable<void> Server::Impl::tick_loop() {
@@ -340,6 +384,7 @@ void Server::start() {
   if (auto err = check_reaper(cfg, warning)) throw std::runtime_error(err.message());
   if (auto err = check_inbound(cfg)) throw std::runtime_error(err.message());
   if (auto err = impl_->handler.map_l1()) throw std::runtime_error(err.message());
+  impl_->open_disk_tier();  // a warm restart's chunks are indexed before ready
   const std::optional<gid_t> group = cfg.unix_group.empty() ? std::nullopt : std::optional(group_id(cfg.unix_group));
   for (const auto& text : cfg.listen) {
     auto parsed = net::parse_endpoint(text);
@@ -418,6 +463,10 @@ void Server::Impl::stop() {
   if (stopped) return;
   stopped = true;
   stop_accepting();
+  if (disk_events) {
+    std::error_code ignored;
+    disk_events->cancel(ignored);
+  }
   for (auto& w : sessions) {
     if (auto s = w.lock()) s->stream.close();
   }

@@ -304,8 +304,14 @@ void Transfers::store(SessionState& session, const wire::Frame& frame, ReplySink
     const TimePoint done = Clock::now();
     p_.totals.latency[header.opcode].observe(done - started);
     for (const auto& r : reserved) {
-      if (ec) p_.store.abort(r.key, r.generation);
-      else p_.store.commit(r.key, r.generation, done);
+      if (ec) {
+        p_.store.abort(r.key, r.generation);
+        continue;
+      }
+      p_.store.commit(r.key, r.generation, done);
+      if (!write_through_) continue;
+      if (const auto* e = p_.store.find(r.key))
+        (void)write_through_->put(r.key, {p_.pool.data(e->slot), p_.store.slot_bytes(*e)}, done);
     }
     if (!ec) {
       p_.totals.stored_bytes += bytes;

@@ -68,7 +68,7 @@ AlignedBuffer& AlignedBuffer::operator=(AlignedBuffer&& other) noexcept {
 }
 
 struct DiskFiles::Impl {
-  enum class Kind : std::uint8_t { read, write, probe };
+  enum class Kind : std::uint8_t { read, write, probe, sync };
   struct Op {
     std::uint64_t tag = 0;
     Kind kind = Kind::read;
@@ -163,6 +163,7 @@ struct DiskFiles::Impl {
     Op op{tag, kind, len, 0, false, std::move(what)};
     op.fault = take_fault(true, op.stall);
     if (op.fault) io_uring_prep_nop(sqe);
+    else if (kind == Kind::sync) io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
     else if (kind == Kind::read) io_uring_prep_read(sqe, fd, buf, static_cast<unsigned>(len), offset);
     else io_uring_prep_write(sqe, fd, buf, static_cast<unsigned>(len), offset);
     const std::uint64_t id = next_id++;
@@ -250,9 +251,13 @@ bool DiskFiles::direct() const { return impl_->all_direct; }
 int DiskFiles::event_fd() const { return impl_->event.get(); }
 std::size_t DiskFiles::in_flight() const { return impl_->ops.size() + impl_->held.size(); }
 
+std::string DiskFiles::data_file_name(DiskClass cls, std::uint64_t slot_bytes) {
+  return fmt::format("class-{}-{}.data", cls, slot_bytes);
+}
+
 Result<std::uint32_t> DiskFiles::open_class(DiskClass cls, std::uint64_t slot_bytes, std::uint32_t slots) {
   Impl& m = *impl_;
-  const std::string p = m.path(fmt::format("class-{}-{}.data", cls, slot_bytes));
+  const std::string p = m.path(data_file_name(cls, slot_bytes));
   auto opened = m.open_direct(p);
   if (!opened) return opened.error();
   auto [fd, direct] = std::move(*opened);
@@ -305,6 +310,11 @@ Error DiskFiles::submit_probe(std::uint64_t tag) {
   if (vfs.f_flag & ST_RDONLY) return disk_error(EROFS, "probe: " + m.dir);
   return m.submit(Impl::Kind::probe, m.probe.get(), m.probe_block.data(), disk_block_bytes, 0, tag,
                   "probe write of " + m.path("probe"));
+}
+
+Error DiskFiles::submit_journal_sync(std::uint64_t tag) {
+  Impl& m = *impl_;
+  return m.submit(Impl::Kind::sync, m.journal.get(), nullptr, 0, 0, tag, "fdatasync " + m.path("journal"));
 }
 
 std::vector<DiskCompletion> DiskFiles::reap() {

@@ -103,6 +103,8 @@ class DiskFiles {
   // Readable when completions are waiting (registered with the ring).
   int event_fd() const;
 
+  // The name of class `cls`'s data file in the directory.
+  static std::string data_file_name(DiskClass cls, std::uint64_t slot_bytes);
   // Opens (making) class `cls`'s data file and preallocates `slots` slots
   // of `slot_bytes` (fallocate). Returns how many slots the file already
   // held before: fewer than `slots` when it is new or was truncated, and
@@ -131,6 +133,8 @@ class DiskFiles {
   Result<std::vector<std::byte>> read_journal();
   Error append_journal(std::span<const std::byte> records);
   Error sync_journal();  // fdatasync
+  // The same through the ring: the io thread never waits on the device.
+  Error submit_journal_sync(std::uint64_t tag);
   // Compaction: writes `records` to a new file, syncs it, renames it over
   // the journal and syncs the directory; a crash leaves the old or the new.
   Error replace_journal(std::span<const std::byte> records);

@@ -227,6 +227,12 @@ std::size_t DiskIndex::drop_slots_from(DiskClass cls, std::uint32_t first_slot) 
   return gone.size();
 }
 
+std::optional<DiskLocation> DiskIndex::find(const ChunkKey& key) const {
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.state != State::present) return std::nullopt;
+  return location(it->second);
+}
+
 std::vector<std::byte> DiskIndex::take_journal() { return std::exchange(journal_, {}); }
 
 std::vector<std::byte> DiskIndex::compact() {

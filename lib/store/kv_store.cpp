@@ -143,7 +143,7 @@ KvStore::Reserve KvStore::reserve(const ChunkKey& key, const Writer& writer, Tim
       return Reserve::over_quota;
     }
     ++stats_.quota_evictions;
-    drop(*victim);
+    evict(*victim);
   }
   auto s = pool_.allocate(cls);
   if (!s) s = make_room(cls);
@@ -192,6 +192,17 @@ void KvStore::abort(const ChunkKey& key, std::uint64_t generation) {
   drop(&*it);
 }
 
+bool KvStore::reserved(const ChunkKey& key, std::uint64_t generation) const {
+  auto it = map_.find(key);
+  return it != map_.end() && it->second.generation == generation && it->second.state == State::writing;
+}
+
+void KvStore::evict(Node* n) {
+  if (on_evict_ && n->second.state == State::present)
+    on_evict_(n->first, {pool_.data(n->second.slot), slot_bytes(n->second)});
+  drop(n);
+}
+
 const KvStore::Entry* KvStore::find(const ChunkKey& key) const {
   auto it = map_.find(key);
   if (it == map_.end() || it->second.state != State::present) return nullptr;
@@ -209,7 +220,7 @@ std::optional<Slot> KvStore::make_room(LayoutClass cls) {
   if (take_slab_for(cls)) return pool_.allocate(cls);
   Queue& q = lru(cls);
   if (q.empty()) return std::nullopt;
-  drop(q.front());
+  evict(q.front());
   ++stats_.evictions;
   return pool_.allocate(cls);
 }
@@ -246,7 +257,7 @@ bool KvStore::take_slab_for(LayoutClass cls) {
       else movable = false;
     }
     if (!movable) continue;
-    for (Node* n : scratch_) drop(n);
+    for (Node* n : scratch_) evict(n);
     stats_.evictions += scratch_.size();
     ++stats_.slabs_moved;
     return true;
@@ -295,7 +306,7 @@ std::size_t KvStore::evict_to(LayoutClass cls, std::uint64_t target) {
   std::size_t n = 0;
   Queue& q = lru(cls);
   while (pool_.class_used(cls) > target && !q.empty()) {
-    drop(q.front());
+    evict(q.front());
     ++n;
   }
   stats_.evictions += n;

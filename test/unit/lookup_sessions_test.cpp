@@ -23,7 +23,9 @@ struct Fixture {
   server::TrafficTotals totals;
   store::L1Pool pool{1 << 20, false, 1 << 16};
   store::KvStore store{pool, {}};
-  server::LookupSessions lookups{config, store, reporter, totals};
+  server::InFlight in_flight;
+  server::TierFetches fetches{store};
+  server::LookupSessions lookups{config, store, reporter, totals, in_flight, fetches};
   server::SessionState scheduler;
   std::shared_ptr<test::CollectSink> sink = std::make_shared<test::CollectSink>();
   TimePoint now{};

@@ -23,7 +23,8 @@ struct Fixture {
   transfer::NullTransferEngine engine;
   store::L1Pool pool{1 << 20, false, 1 << 16};
   store::KvStore store{pool, {}};
-  server::LookupSessions lookups{config, store, reporter, totals};
+  server::TierFetches fetches{store};
+  server::LookupSessions lookups{config, store, reporter, totals, in_flight, fetches};
   server::Transfers transfers{{config, engine, pool, store, liveness, reporter, in_flight, lookups, totals}};
   std::shared_ptr<test::CollectSink> sink = std::make_shared<test::CollectSink>();
   TimePoint now{};

@@ -89,6 +89,26 @@ struct ServerConfig {
   // Silence allowed to instances that hold a KV-cache registration but never
   // pinged (an engine still loading its model). Not below reap_timeout_s.
   std::uint32_t registration_grace_s = 3600;
+  // ---- tiers below L1 (docs/tiers.md) ----
+  // The local disk tier: a directory (one server each) and the bytes it may
+  // take ("": no disk tier). Its space is split between up to
+  // l2_disk_layouts chunk sizes.
+  std::string l2_disk;
+  std::uint64_t l2_disk_size = 0;
+  std::uint32_t l2_disk_layouts = 1;
+  // Write every stored chunk to the tier as well (write-through), not only
+  // the chunks L1 evicts (write-back).
+  bool l2_write_through = false;
+  // The longest a lookup waits for chunks coming up from a tier; then it
+  // answers with what reached L1. Keep it below the engines' call timeout.
+  std::chrono::milliseconds l2_lookup_wait{500};
+  // Bytes of tier writes and of tier reads in flight at most; evicted chunks
+  // past the write bound are dropped, lookups past the read bound miss.
+  std::uint64_t l2_max_write_bytes = std::uint64_t{256} << 20;
+  std::uint64_t l2_max_read_bytes = std::uint64_t{256} << 20;
+  // An I/O of the tier without a completion this long marks it degraded.
+  std::chrono::milliseconds l2_io_deadline{2000};
+
   // Planned restart (SIGTERM/SIGINT): how long the server waits for STOREs
   // and RETRIEVEs in flight before closing the connections. 0: no wait.
   std::chrono::seconds drain_timeout{10};

@@ -2,11 +2,20 @@
 // they take on matched chunks and who releases them (FREE_LOOKUP_LOCKS,
 // END_SESSION, a RETRIEVE, the scheduler leaving, the session TTL), and
 // LOOKUP's prefetch jobs (QUERY_PREFETCH_STATUS).
+//
+// With a tier below L1, a lookup that misses L1 asks the tier for the
+// chunks that follow: those it holds (every rank of a chunk) are fetched
+// into L1 (TierFetches), and the lookup answers once they landed or
+// config.l2_lookup_wait passed, with the prefix then in L1, locked as
+// usual. SYNC_LOOKUP's reply waits for that (the connection's other
+// requests do not: it is answered like a transfer, later); LOOKUP's job
+// stays pending until then.
 #pragma once
 
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <memory>
 #include <span>
 #include <unordered_map>
 #include <utility>
@@ -14,18 +23,27 @@
 
 #include "kvlink/clock.hpp"
 #include "kvlink/server/config.hpp"
+#include "kvlink/server/in_flight.hpp"
 #include "kvlink/server/reporter.hpp"
 #include "kvlink/server/session.hpp"
 #include "kvlink/server/sliced_work.hpp"
 #include "kvlink/server/status.hpp"
+#include "kvlink/server/tier_fetches.hpp"
 #include "kvlink/store/kv_store.hpp"
 
 namespace kvlink::server {
 
 class LookupSessions {
  public:
-  LookupSessions(const ServerConfig& config, store::KvStore& store, Reporter& reporter, TrafficTotals& totals)
-      : config_(config), store_(store), reporter_(reporter), totals_(totals) {}
+  LookupSessions(const ServerConfig& config, store::KvStore& store, Reporter& reporter, TrafficTotals& totals,
+                 InFlight& in_flight, TierFetches& fetches)
+      : config_(config),
+        store_(store),
+        reporter_(reporter),
+        totals_(totals),
+        in_flight_(in_flight),
+        fetches_(fetches) {}
+  ~LookupSessions() { *alive_ = false; }
 
   // LOOKUP (a job id to poll) or SYNC_LOOKUP (the match), sliced.
   void lookup(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now, bool sync);
@@ -52,6 +70,10 @@ class LookupSessions {
 
   std::size_t jobs() const { return jobs_.size(); }
   std::size_t sessions() const { return sessions_.size(); }
+  // Lookups waiting for chunks from a tier.
+  std::size_t tier_waits() const { return tier_waits_.size(); }
+  // Chunks lookups matched that were not in L1 when asked (the tier's hits).
+  std::uint64_t tier_hits() const { return tier_hits_; }
 
  private:
   // A prefetch job started by LOOKUP; reported once by QUERY_PREFETCH_STATUS.
@@ -82,6 +104,34 @@ class LookupSessions {
     bool started = false;
   };
 
+  // A lookup waiting for chunks from a tier (see the top of this file).
+  struct TierWait {
+    wire::LookupRequest req;
+    SessionKey key;
+    store::Holder holder = 0;
+    wire::Header header;
+    bool sync = true;
+    std::uint64_t job_id = 0;
+    std::uint32_t first = 0;   // chunks matched (and locked) in L1 before the wait
+    std::uint32_t end = 0;     // chunks past the last one asked of the tier
+    std::size_t waiting = 0;   // fetches not landed yet
+    TimePoint deadline{};
+    std::weak_ptr<ReplySink> sink;
+    InFlight::Ticket ticket;
+  };
+
+  // A lookup missed L1 at chunk `first`: fetches what the tier holds from
+  // there. False when nothing is coming (answer now); true when `w` waits.
+  bool wait_for_tier(TierWait& w, const InFlight::ConnectionCount& conn, TimePoint now);
+  void fetch_landed(std::uint64_t wait_id);
+  // Matches from w.first on (locking), records and answers.
+  void finish_tier_wait(std::uint64_t wait_id, TimePoint now);
+  // The end of a lookup: counts, remembers the locks, and answers SYNC_LOOKUP
+  // (into `sink`, if it still exists) or completes LOOKUP's job.
+  void answer(const wire::LookupRequest& req, const SessionKey& key, store::Holder holder,
+              const wire::Header& header, bool sync, std::uint64_t job_id, std::uint32_t matched, ReplySink* sink,
+              TimePoint now);
+
   // Forgets the session; its locks are released by release_ended().
   Sessions::iterator forget(Sessions::iterator it);
   // Releases the locks of `s` recorded from `at` on, within `budget`; true once all are.
@@ -96,6 +146,12 @@ class LookupSessions {
   store::KvStore& store_;
   Reporter& reporter_;
   TrafficTotals& totals_;
+  InFlight& in_flight_;
+  TierFetches& fetches_;
+  std::map<std::uint64_t, TierWait> tier_waits_;  // by id
+  std::uint64_t next_wait_ = 1;
+  std::uint64_t tier_hits_ = 0;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // fetch completions after destruction are dropped
   std::unordered_map<std::uint64_t, Job> jobs_;
   std::deque<std::uint64_t> job_queue_;  // job ids by expiry (the TTL is constant)
   std::uint64_t next_job_ = 1;

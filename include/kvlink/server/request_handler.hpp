@@ -28,6 +28,7 @@
 #include "kvlink/server/sliced_work.hpp"
 #include "kvlink/server/stats_table.hpp"
 #include "kvlink/server/status.hpp"
+#include "kvlink/server/tier_fetches.hpp"
 #include "kvlink/server/transfers.hpp"
 #include "kvlink/store/kv_store.hpp"
 #include "kvlink/store/l1_pool.hpp"
@@ -50,6 +51,12 @@ class RequestHandler {
   // Maps (and with l1_lock pins) L1 before the server says ready, or says
   // why the configured --l1-size cannot be served.
   Error map_l1() { return pool_.map(config_.l1_lock); }
+
+  // The tier below L1 (null: none), set before the first request; it must
+  // outlive the handler's use of it. L1's evictions are written to it
+  // (with config.l2_write_through, every store too) and lookups that miss
+  // L1 fetch from it.
+  void attach_tier(store::LowerTier* tier);
 
   // Handles one frame of a session at time `now`. Returns false when the
   // connection must be closed (after the replies already in the sink are sent).
@@ -141,6 +148,8 @@ class RequestHandler {
   store::L1Pool pool_;
   store::KvStore store_;
   InFlight in_flight_;
+  store::LowerTier* tier_ = nullptr;
+  TierFetches fetches_{store_};
   LookupSessions lookups_;
   Transfers transfers_;
   Handshake handshake_;

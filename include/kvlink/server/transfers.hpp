@@ -22,6 +22,7 @@
 #include "kvlink/server/status.hpp"
 #include "kvlink/store/kv_store.hpp"
 #include "kvlink/store/l1_pool.hpp"
+#include "kvlink/store/lower_tier.hpp"
 #include "kvlink/transfer/transfer_engine.hpp"
 #include "kvlink/unique_fd.hpp"
 
@@ -72,6 +73,10 @@ class Transfers {
   void store(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   void retrieve(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
 
+  // With a tier (write-through), every chunk a STORE committed is written
+  // to it too; null: only L1's evictions go there.
+  void set_write_through(store::LowerTier* tier) { write_through_ = tier; }
+
   // ---- registrations ----
   bool registered(std::uint64_t instance) const { return registrations_.contains(instance); }
   // The instance is forgotten: its registration goes (a no-op if none).
@@ -121,6 +126,7 @@ class Transfers {
   void copy_failed(const wire::Header& header, std::error_code ec, ReplySink& sink, std::string_view consequence);
 
   Parts p_;
+  store::LowerTier* write_through_ = nullptr;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // completions after destruction are dropped
   std::unordered_map<std::uint64_t, std::shared_ptr<const transfer::Registration>> registrations_;
   std::uint64_t failures_ = 0;

@@ -113,6 +113,8 @@ class DiskIndex {
   void unpin(const ReadPin& pin);
 
   bool contains(const ChunkKey& key) const { return map_.count(key) != 0; }
+  // Where a present entry is (nullopt when absent or still being written).
+  std::optional<DiskLocation> find(const ChunkKey& key) const;
   std::optional<State> state(const ChunkKey& key) const;
   // Marks a present entry most recently used.
   void touch(const ChunkKey& key);

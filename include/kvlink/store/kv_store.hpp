@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <optional>
 #include <utility>
@@ -130,6 +131,15 @@ class KvStore {
 
   // The present entry of `key`, or null.
   const Entry* find(const ChunkKey& key) const;
+  // Whether the reservation (key, generation) is still being written: its
+  // slot is still the writer's to fill (a late fill must check first).
+  bool reserved(const ChunkKey& key, std::uint64_t generation) const;
+
+  // Called with each chunk evicted for room (LRU, watermark, slab moves,
+  // quota), before its slot is freed: the next tier's write-back copies it.
+  // Not called for CLEAR, aborted or expired writes.
+  using EvictionHook = std::function<void(const ChunkKey& key, std::span<const std::byte> bytes)>;
+  void set_eviction_hook(EvictionHook hook) { on_evict_ = std::move(hook); }
   // Marks a present, unlocked entry most recently used.
   void touch(const ChunkKey& key);
 
@@ -174,6 +184,7 @@ class KvStore {
   void lock_node(Node& n, Holder holder, TimePoint now);
   void after_unlock(Node& n);
   void drop(Node* n);
+  void evict(Node* n);  // drop() for room: the eviction hook sees it first
   Queue& lru(LayoutClass cls);
   std::optional<Slot> make_room(LayoutClass cls);
   bool take_slab_for(LayoutClass cls);
@@ -198,6 +209,7 @@ class KvStore {
   std::uint64_t write_locks_ = 0;
   StoreStats stats_;
   std::unordered_map<std::uint64_t, NamespaceUsage> namespaces_;
+  EvictionHook on_evict_;
 };
 
 }  // namespace kvlink::store
