@@ -59,6 +59,7 @@ Result<std::unique_ptr<DiskTier>> DiskTier::open(const DiskTierConfig& config, s
   }
   if (auto err = (*files)->replace_journal(index.compact())) return err;
   std::unique_ptr<DiskTier> tier(new DiskTier(config, std::move(*files), std::move(index), seed));
+  tier->opened_.assign(tier->index_.classes(), true);
   tier->startup_ = startup;
   tier->startup_.took = Clock::now() - now;
   tier->counters_.recovered_chunks = tier->index_.present();
@@ -106,29 +107,39 @@ void DiskTier::give_back(AlignedBuffer buffer) {
 }
 
 std::optional<DiskClass> DiskTier::class_for(std::uint64_t bytes, TimePoint now) {
-  if (auto cls = index_.find_class(bytes)) return cls;
-  const std::uint64_t share = config_.capacity_bytes / std::max<std::uint32_t>(config_.layouts, 1);
-  const std::uint64_t slots = std::min(share, index_.unassigned_bytes()) / disk_slot_stride(bytes);
-  if (index_.classes() >= config_.layouts || slots == 0) {
-    if (!warned_layouts_) {
-      warned_layouts_ = true;
-      log::warn("kvlink-server: disk tier {}: chunks of {} bytes are not written to disk: its space is split between "
-                "{} KV layout{} already in use ({} bytes each); raise --l2-disk-layouts (and --l2-disk-size)",
-                config_.dir, bytes, index_.classes(), index_.classes() == 1 ? "" : "s", share);
+  auto cls = index_.find_class(bytes);
+  if (!cls) {
+    const std::uint64_t share = config_.capacity_bytes / std::max<std::uint32_t>(config_.layouts, 1);
+    const std::uint64_t slots = std::min(share, index_.unassigned_bytes()) / disk_slot_stride(bytes);
+    if (index_.classes() >= config_.layouts || slots == 0) {
+      if (!warned_layouts_) {
+        warned_layouts_ = true;
+        log::warn("kvlink-server: disk tier {}: chunks of {} bytes are not written to disk: its space is split "
+                  "between {} KV layout{} already in use ({} bytes each); raise --l2-disk-layouts (and "
+                  "--l2-disk-size)",
+                  config_.dir, bytes, index_.classes(), index_.classes() == 1 ? "" : "s", share);
+      }
+      return std::nullopt;
     }
-    return std::nullopt;
+    auto added = index_.add_class(bytes, static_cast<std::uint32_t>(std::min<std::uint64_t>(slots, UINT32_MAX)));
+    if (!added) return std::nullopt;
+    cls = *added;
+    // Unjournaled (a failing journal), the class still works; after a
+    // restart its chunks' records name an unknown class and are dropped.
+    (void)write_journal(now);
   }
-  auto cls = index_.add_class(bytes, static_cast<std::uint32_t>(std::min<std::uint64_t>(slots, UINT32_MAX)));
-  if (!cls) return std::nullopt;
-  // Unjournaled (a failing journal), the class still works; after a restart
-  // its chunks' records name an unknown class and are dropped.
-  (void)write_journal(now);
-  if (auto had = files_->open_class(*cls, bytes, index_.slots(*cls)); !had) {
-    io_failed(had.error(), now);
-    return std::nullopt;
+  if (opened_.size() <= *cls) opened_.resize(*cls + 1, false);
+  if (!opened_[*cls]) {
+    // Preallocating its file may fail (a full filesystem): tried again on
+    // the next write once the tier is healthy.
+    if (auto had = files_->open_class(*cls, bytes, index_.slots(*cls)); !had) {
+      io_failed(had.error(), now);
+      return std::nullopt;
+    }
+    opened_[*cls] = true;
+    log::info("kvlink-server: disk tier {}: {} slots for chunks of {} bytes", config_.dir, index_.slots(*cls), bytes);
   }
-  log::info("kvlink-server: disk tier {}: {} slots for chunks of {} bytes", config_.dir, index_.slots(*cls), bytes);
-  return *cls;
+  return cls;
 }
 
 bool DiskTier::write_journal(TimePoint now) {

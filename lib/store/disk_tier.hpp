@@ -118,6 +118,7 @@ class DiskTier final : public LowerTier {
   TimePoint next_journal_sync_{};
   std::uint64_t journal_bytes_ = 0;  // in the journal file since the last compaction
   bool warned_layouts_ = false;
+  std::vector<bool> opened_;  // per class: its data file is open
   // Last: destroyed first, waiting for the I/O still using the ops' buffers.
   std::unique_ptr<DiskFiles> files_;
 };
