@@ -300,7 +300,7 @@ Error DiskFiles::submit_read(const DiskLocation& where, std::span<std::byte> buf
                   fmt::format("read class {} slot {}", where.cls, where.slot));
 }
 
-Error DiskFiles::submit_probe(std::uint64_t tag) {
+Error DiskFiles::submit_probe(std::uint64_t tag, std::uint64_t free_bytes) {
   Impl& m = *impl_;
   // The open descriptors outlive a deleted directory: look at it by name.
   struct stat st {};
@@ -308,6 +308,9 @@ Error DiskFiles::submit_probe(std::uint64_t tag) {
   struct statvfs vfs {};
   if (::statvfs(m.dir.c_str(), &vfs) != 0) return disk_error(errno, "probe: statvfs " + m.dir);
   if (vfs.f_flag & ST_RDONLY) return disk_error(EROFS, "probe: " + m.dir);
+  if (std::uint64_t{vfs.f_bavail} * vfs.f_frsize < free_bytes)
+    return disk_error(ENOSPC, fmt::format("probe: {} has {} bytes free, the tier needs {}", m.dir,
+                                          std::uint64_t{vfs.f_bavail} * vfs.f_frsize, free_bytes));
   return m.submit(Impl::Kind::probe, m.probe.get(), m.probe_block.data(), disk_block_bytes, 0, tag,
                   "probe write of " + m.path("probe"));
 }

@@ -166,8 +166,15 @@ void DiskTier::apply(const TierActions& actions, TimePoint now) {
     else log::info("{}", actions.transition->line);
   }
   if (!actions.probe) return;
+  // A data file that could not be preallocated (a full filesystem) needs
+  // its room back before the tier is healthy: else it would flap.
+  std::uint64_t unallocated = 0;
+  for (DiskClass cls = 0; cls < index_.classes(); ++cls)
+    if (cls >= opened_.size() || !opened_[cls])
+      unallocated += std::uint64_t{index_.slots(cls)} * disk_slot_stride(index_.slot_bytes(cls));
   const std::uint64_t tag = next_tag_++;
-  if (auto err = files_->submit_probe(tag)) return apply(health_.probe_finished(now, actions.probe_id, err), now);
+  if (auto err = files_->submit_probe(tag, unallocated))
+    return apply(health_.probe_finished(now, actions.probe_id, err), now);
   Op op;
   op.kind = OpKind::probe;
   op.probe_id = actions.probe_id;

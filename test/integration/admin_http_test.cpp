@@ -261,3 +261,25 @@ TEST_CASE("admin http: oversized and slow requests are bounded and affect nothin
     ::close(fd);
   }
 }
+
+TEST_CASE("admin http: /metrics shows the disk tier when there is one, and nothing of it when not") {
+  TempDir dir;
+  {
+    ServerProcess server({"--listen", dir.socket(), "--l1-size", "64MiB", "--http", "127.0.0.1:0", "--l2-disk",
+                          dir.path() + "/tier", "--l2-disk-size", "8MiB"});
+    server.start();
+    std::string text;
+    for (int i = 0; i < 40 && text.find("kvlink_tier_healthy") == std::string::npos; ++i) {
+      std::this_thread::sleep_for(100ms);
+      text = get_body(server.admin_url(), "/metrics");
+    }
+    CHECK(metric(dir.path(), text, "kvlink_tier_healthy") == 1);
+    CHECK(metric(dir.path(), text, "kvlink_tier_capacity_bytes") == 8 << 20);
+    CHECK(metric(dir.path(), text, "kvlink_tier_chunks") == 0);
+    CHECK(metric(dir.path(), text, "kvlink_tier_chunks_total op=write") == 0);
+  }
+  ServerProcess server({"--listen", dir.socket(), "--l1-size", "64MiB", "--http", "127.0.0.1:0"});
+  server.start();
+  std::this_thread::sleep_for(300ms);
+  CHECK(metric(dir.path(), get_body(server.admin_url(), "/metrics"), "kvlink_tier_healthy") == -1);
+}

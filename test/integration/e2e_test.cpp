@@ -819,6 +819,8 @@ TEST_CASE("e2e: disk tier: a full filesystem makes the tier degraded, L1 keeps s
   const auto prompts = store_prompts(f, 6);
   REQUIRE(eventually([&] { return f.stat("tier_healthy") == 0; }));
   CHECK(f.stat("tier_io_errors") >= 1);
+  std::this_thread::sleep_for(1s);  // probes run meanwhile: they see no room and it stays degraded, no flapping
+  CHECK(f.stat("tier_transitions") == 1);
   CHECK(hit_and_verify(f, "l1-only", prompts[5]) == 4 * chunk);
   CHECK(f.state_is(health::State::healthy));
   // Room again: a probe finds it and the tier takes work again.
