@@ -187,6 +187,14 @@ std::int64_t stat_of(const std::string& endpoint, const std::string& name) {
   return std::strtoll(out.c_str() + at + name.size() + 3, nullptr, 10);
 }
 
+adapter::TransferSpec spec(std::string id, std::vector<store::Token> tokens, std::vector<std::uint32_t> blocks) {
+  adapter::TransferSpec s;
+  s.request_id = std::move(id);
+  s.tokens = std::move(tokens);
+  s.block_ids = std::move(blocks);
+  return s;
+}
+
 void disk_hit(const std::string& base, int rounds) {
   // 32 layers x K,V x 16 blocks of 16 tokens x 8 heads x 128 x 2 bytes:
   // 32 MiB per 256-token chunk. L1 holds 3 such chunks; 5 prompts looked
@@ -225,11 +233,7 @@ void disk_hit(const std::string& base, int rounds) {
   std::vector<std::uint32_t> src(16), dst(16);
   for (std::uint32_t i = 0; i < 16; ++i) src[i] = i, dst[i] = 16 + i;
   for (int p = 0; p < prompts; ++p) {
-    adapter::TransferSpec s;
-    s.request_id = fmt::format("store-{}", p);
-    s.tokens = tokens(p);
-    s.block_ids = src;
-    if (auto r = worker->submit_store(s); !r || r->stored_chunks != 1)
+    if (auto r = worker->submit_store(spec(fmt::format("store-{}", p), tokens(p), src)); !r || r->stored_chunks != 1)
       throw std::runtime_error("store failed: " + (r ? std::string("not stored") : r.error().message()));
   }
   // The reference file: 32 MiB written with O_DIRECT beside the tier's files.
@@ -253,11 +257,7 @@ void disk_hit(const std::string& base, int rounds) {
                                            "{}, evictions {})",
                                            r, !st ? st.error().message() : fmt::format("ready {} matched {}", st->ready, st->matched_tokens),
                                            stat_of(ep, "tier_writes"), stat_of(ep, "tier_chunks"), stat_of(ep, "evictions")));
-    adapter::TransferSpec s;
-    s.request_id = id;
-    s.tokens = t;
-    s.block_ids = dst;
-    if (auto got = worker->submit_retrieve(s); !got || got->retrieved_chunks != 1)
+    if (auto got = worker->submit_retrieve(spec(id, t, dst)); !got || got->retrieved_chunks != 1)
       throw std::runtime_error("retrieve failed: " + (got ? std::string("nothing retrieved") : got.error().message()));
     hit.push_back(seconds(Clock::now() - t0));
     (void)worker->get_finished({});

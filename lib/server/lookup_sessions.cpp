@@ -122,18 +122,23 @@ void LookupSessions::lookup(SessionState& session, const wire::Frame& frame, Rep
   }
   if (auto err = check_world_size(req.world_size)) return reporter_.fail(frame, sink, err);
   if (auto err = check_keys(req.hashes.size(), req.world_size)) return reporter_.fail(frame, sink, err);
-  const SessionKey key{req.session_id, session.instance_id};
-  auto& s = sessions_[key];
+  Lookup l;
+  l.key = {req.session_id, session.instance_id};
+  auto& s = sessions_[l.key];
   if (s.holder == 0) s.holder = next_holder_++;
   s.last_seen = now;
+  l.req = std::move(req);
+  l.holder = s.holder;
+  l.header = frame.header;
+  l.sync = sync;
   run_sliced(session, sink, now,
-             [this, req = std::move(req), key, holder = s.holder, header = frame.header, sync,
-              conn = session.in_flight, next = std::uint32_t{0}](ReplySink& out, TimePoint at,
-                                                                  std::size_t& budget) mutable {
+             [this, l = std::move(l), conn = session.in_flight, next = std::uint32_t{0}](
+                 ReplySink& out, TimePoint at, std::size_t& budget) mutable {
+               const wire::LookupRequest& req = l.req;
                const auto n = static_cast<std::uint32_t>(req.hashes.size());
                bool missed = false;
                while (next < n && budget > 0) {
-                 if (!store_.match_chunk(req.ns, req.world_size, req.hashes[next], at, holder)) {
+                 if (!store_.match_chunk(req.ns, req.world_size, req.hashes[next], at, l.holder)) {
                    missed = true;
                    break;
                  }
@@ -141,49 +146,42 @@ void LookupSessions::lookup(SessionState& session, const wire::Frame& frame, Rep
                  budget -= std::min<std::size_t>(budget, req.world_size);
                }
                if (!missed && next < n) return false;
-               std::uint64_t job_id = 0;
-               if (!sync) {
-                 job_id = next_job_++;
+               if (!l.sync) {
+                 l.job_id = next_job_++;
                  Job job;
-                 job.instance_id = key.second;
+                 job.instance_id = l.key.second;
                  job.state = wire::PrefetchState::pending;
                  job.expiry = at + config_.job_ttl;
-                 jobs_.emplace(job_id, job);
-                 job_queue_.push_back(job_id);
-                 reply(out, header, wire::LookupAccepted{job_id});
+                 jobs_.emplace(l.job_id, job);
+                 job_queue_.push_back(l.job_id);
+                 reply(out, l.header, wire::LookupAccepted{l.job_id});
                }
                if (missed && fetches_.enabled()) {
                  TierWait w;
-                 w.req = std::move(req);
-                 w.key = key;
-                 w.holder = holder;
-                 w.header = header;
-                 w.sync = sync;
-                 w.job_id = job_id;
+                 w.lookup = std::move(l);
                  w.first = next;
                  w.sink = out.weak_self();
                  if (wait_for_tier(w, conn, at)) return true;
-                 req = std::move(w.req);
+                 l = std::move(w.lookup);
                }
-               answer(req, key, holder, header, sync, job_id, next, &out, at);
+               answer(l, next, &out, at);
                return true;
              });
 }
 
-void LookupSessions::answer(const wire::LookupRequest& req, const SessionKey& key, store::Holder holder,
-                            const wire::Header& header, bool sync, std::uint64_t job_id, std::uint32_t matched,
-                            ReplySink* sink, TimePoint now) {
+void LookupSessions::answer(const Lookup& l, std::uint32_t matched, ReplySink* sink, TimePoint now) {
+  const wire::LookupRequest& req = l.req;
   const auto n = static_cast<std::uint32_t>(req.hashes.size());
   store_.record_lookup(matched, n - matched);
-  matched = record_locks(key, holder, req.ns, req.world_size, req.hashes, matched, now);
+  matched = record_locks(l.key, l.holder, req.ns, req.world_size, req.hashes, matched, now);
   totals_.lookup_requested_tokens += std::uint64_t{n} * config_.chunk_size;
   totals_.lookup_hit_tokens += std::uint64_t{matched} * config_.chunk_size;
-  if (sync) {
-    if (sink) reply(*sink, header, wire::LookupResult{matched});
+  if (l.sync) {
+    if (sink) reply(*sink, l.header, wire::LookupResult{matched});
     return;
   }
   // A job whose scheduler left meanwhile is gone: nobody polls it.
-  if (auto it = jobs_.find(job_id); it != jobs_.end()) {
+  if (auto it = jobs_.find(l.job_id); it != jobs_.end()) {
     it->second.state = wire::PrefetchState::done;
     it->second.matched = matched;
   }
@@ -197,14 +195,15 @@ bool LookupSessions::wait_for_tier(TierWait& w, const InFlight::ConnectionCount&
   const auto landed = [this, alive, id] {
     if (auto a = alive.lock(); a && *a) fetch_landed(id);
   };
-  const auto n = static_cast<std::uint32_t>(w.req.hashes.size());
+  const wire::LookupRequest& req = w.lookup.req;
+  const auto n = static_cast<std::uint32_t>(req.hashes.size());
   std::size_t pending = 0;
   std::size_t keys = 0;
   w.end = w.first;
   for (; w.end < n && keys < keys_per_slice; ++w.end) {
     bool whole = true;
-    for (std::uint32_t r = 0; r < w.req.world_size && whole; ++r, ++keys) {
-      switch (fetches_.fetch(ChunkKey{w.req.ns, w.req.hashes[w.end], r}, now, landed)) {
+    for (std::uint32_t r = 0; r < req.world_size && whole; ++r, ++keys) {
+      switch (fetches_.fetch(ChunkKey{req.ns, req.hashes[w.end], r}, now, landed)) {
         case TierFetches::Fetch::in_l1: break;
         case TierFetches::Fetch::pending: ++pending; break;
         case TierFetches::Fetch::unavailable: whole = false; break;
@@ -216,7 +215,7 @@ bool LookupSessions::wait_for_tier(TierWait& w, const InFlight::ConnectionCount&
   ++next_wait_;
   w.waiting = pending;
   w.deadline = now + config_.l2_lookup_wait;
-  w.ticket = in_flight_.start(conn, w.key.second);
+  w.ticket = in_flight_.start(conn, w.lookup.key.second);
   tier_waits_.emplace(id, std::move(w));
   return true;
 }
@@ -234,12 +233,13 @@ void LookupSessions::finish_tier_wait(std::uint64_t wait_id, TimePoint now) {
   tier_waits_.erase(it);
   InFlight::end(&in_flight_, w.ticket);
   // What landed is in L1 now (what did not is a miss): match and lock it.
+  const wire::LookupRequest& req = w.lookup.req;
   std::uint32_t matched = w.first;
-  while (matched < w.end && store_.match_chunk(w.req.ns, w.req.world_size, w.req.hashes[matched], now, w.holder))
+  while (matched < w.end && store_.match_chunk(req.ns, req.world_size, req.hashes[matched], now, w.lookup.holder))
     ++matched;
   tier_hits_ += matched - w.first;
   auto sink = w.sink.lock();
-  answer(w.req, w.key, w.holder, w.header, w.sync, w.job_id, matched, sink.get(), now);
+  answer(w.lookup, matched, sink.get(), now);
 }
 
 void LookupSessions::query(const wire::Frame& frame, ReplySink& sink) {

@@ -104,14 +104,18 @@ class LookupSessions {
     bool started = false;
   };
 
-  // A lookup waiting for chunks from a tier (see the top of this file).
-  struct TierWait {
+  // One LOOKUP or SYNC_LOOKUP, from its parse to its answer.
+  struct Lookup {
     wire::LookupRequest req;
     SessionKey key;
     store::Holder holder = 0;
     wire::Header header;
     bool sync = true;
-    std::uint64_t job_id = 0;
+    std::uint64_t job_id = 0;  // LOOKUP's
+  };
+  // A lookup waiting for chunks from a tier (see the top of this file).
+  struct TierWait {
+    Lookup lookup;
     std::uint32_t first = 0;   // chunks matched (and locked) in L1 before the wait
     std::uint32_t end = 0;     // chunks past the last one asked of the tier
     std::size_t waiting = 0;   // fetches not landed yet
@@ -126,11 +130,10 @@ class LookupSessions {
   void fetch_landed(std::uint64_t wait_id);
   // Matches from w.first on (locking), records and answers.
   void finish_tier_wait(std::uint64_t wait_id, TimePoint now);
-  // The end of a lookup: counts, remembers the locks, and answers SYNC_LOOKUP
-  // (into `sink`, if it still exists) or completes LOOKUP's job.
-  void answer(const wire::LookupRequest& req, const SessionKey& key, store::Holder holder,
-              const wire::Header& header, bool sync, std::uint64_t job_id, std::uint32_t matched, ReplySink* sink,
-              TimePoint now);
+  // The end of a lookup that matched `matched` chunks: counts, remembers
+  // the locks, and answers SYNC_LOOKUP (into `sink`, if it still exists)
+  // or completes LOOKUP's job.
+  void answer(const Lookup& l, std::uint32_t matched, ReplySink* sink, TimePoint now);
 
   // Forgets the session; its locks are released by release_ended().
   Sessions::iterator forget(Sessions::iterator it);
