@@ -88,6 +88,7 @@ struct DiskFiles::Impl {
   bool want_direct = true;
   UniqueFd dir_fd;
   UniqueFd journal;
+  std::uint64_t journal_size = 0;  // bytes appended whole: a failed append is cut back to it
   UniqueFd probe;
   UniqueFd event;
   io_uring ring{};
@@ -230,6 +231,9 @@ Result<std::unique_ptr<DiskFiles>> DiskFiles::open(const DiskFilesOptions& optio
   fd = ::open(jpath.c_str(), O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
   if (fd < 0) return disk_error(errno, "open " + jpath);
   impl->journal = UniqueFd(fd);
+  struct stat jst {};
+  if (::fstat(fd, &jst) != 0) return disk_error(errno, "stat " + jpath);
+  impl->journal_size = static_cast<std::uint64_t>(jst.st_size);
 
   auto probe = impl->open_direct(impl->path("probe"));
   if (!probe) return probe.error();
@@ -394,7 +398,13 @@ Error DiskFiles::append_journal(std::span<const std::byte> records) {
   Impl& m = *impl_;
   bool stall = false;
   if (int f = m.take_fault(false, stall)) return disk_error(f, "append to " + m.path("journal"));
-  if (int err = write_all(m.journal.get(), records)) return disk_error(err, "append to " + m.path("journal"));
+  if (int err = write_all(m.journal.get(), records)) {
+    // A partial record would shift every later one off the 64-byte grid
+    // (each would then fail its checksum at recovery): cut it off.
+    (void)!::ftruncate(m.journal.get(), static_cast<off_t>(m.journal_size));
+    return disk_error(err, "append to " + m.path("journal"));
+  }
+  m.journal_size += records.size();
   return {};
 }
 
@@ -423,6 +433,7 @@ Error DiskFiles::replace_journal(std::span<const std::byte> records) {
   fd = ::open(final_path.c_str(), O_RDWR | O_APPEND | O_CLOEXEC);
   if (fd < 0) return disk_error(errno, "open " + final_path);
   m.journal = UniqueFd(fd);
+  m.journal_size = records.size();
   return {};
 }
 

@@ -196,7 +196,7 @@ bool DiskTier::put(const ChunkKey& key, std::span<const std::byte> bytes, TimePo
   // put without its commit says the slot may be half-written.
   if (!write_journal(now)) {
     (void)index_.abort_write(key);
-    (void)index_.take_journal();  // the journal is failing: the next compaction writes the truth
+    (void)index_.take_journal();  // neither record reached the journal: it stays as it was
     return skip();
   }
   Op op;
@@ -209,7 +209,7 @@ bool DiskTier::put(const ChunkKey& key, std::span<const std::byte> bytes, TimePo
   const std::uint64_t tag = next_tag_++;
   if (auto err = files_->submit_write(grant->where, op.buffer->span(), tag)) {
     (void)index_.abort_write(key);
-    write_journal(now);
+    (void)write_journal(now);
     give_back(std::move(*op.buffer));
     return skip();
   }
