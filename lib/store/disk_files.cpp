@@ -304,11 +304,22 @@ Error DiskFiles::submit_read(const DiskLocation& where, std::span<std::byte> buf
                   fmt::format("read class {} slot {}", where.cls, where.slot));
 }
 
+Error DiskFiles::check_dir() const {
+  const Impl& m = *impl_;
+  // The open descriptors outlive a deleted directory: look at it by name,
+  // and make sure the name still leads to the directory the files are in.
+  struct stat named {}, opened {};
+  if (::stat(m.dir.c_str(), &named) != 0) return disk_error(errno, "stat " + m.dir);
+  if (::fstat(m.dir_fd.get(), &opened) != 0) return disk_error(errno, "fstat " + m.dir);
+  if (named.st_ino != opened.st_ino || named.st_dev != opened.st_dev)
+    return disk_error(ENOENT, m.dir + " was replaced by another directory; restart the server to start the tier "
+                                      "afresh there");
+  return {};
+}
+
 Error DiskFiles::submit_probe(std::uint64_t tag, std::uint64_t free_bytes) {
   Impl& m = *impl_;
-  // The open descriptors outlive a deleted directory: look at it by name.
-  struct stat st {};
-  if (::stat(m.dir.c_str(), &st) != 0) return disk_error(errno, "probe: stat " + m.dir);
+  if (auto err = check_dir()) return err;
   struct statvfs vfs {};
   if (::statvfs(m.dir.c_str(), &vfs) != 0) return disk_error(errno, "probe: statvfs " + m.dir);
   if (vfs.f_flag & ST_RDONLY) return disk_error(EROFS, "probe: " + m.dir);

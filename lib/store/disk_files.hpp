@@ -119,7 +119,10 @@ class DiskFiles {
   // truncated file's end); a short write is EIO.
   Error submit_write(const DiskLocation& where, std::span<const std::byte> buffer, std::uint64_t tag);
   Error submit_read(const DiskLocation& where, std::span<std::byte> buffer, std::uint64_t tag);
-  // A health probe: the directory is there and writable, has `free_bytes`
+  // Whether the directory is still there under its name (the files stay
+  // open when it is deleted or replaced): a stat, cheap.
+  Error check_dir() const;
+  // A health probe: check_dir(), the directory writable, has `free_bytes`
   // free (what the tier still has to preallocate), and one block written
   // through the ring completes.
   Error submit_probe(std::uint64_t tag, std::uint64_t free_bytes = 0);

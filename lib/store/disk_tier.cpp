@@ -156,7 +156,7 @@ bool DiskTier::write_journal(TimePoint now) {
 
 void DiskTier::io_failed(const Error& error, TimePoint now) {
   // Judged like an I/O that failed at once.
-  apply(health_.op_finished(health_.op_started(now, "journal"), now, error), now);
+  apply(health_.op_finished(health_.op_started(now, "disk tier"), now, error), now);
 }
 
 void DiskTier::apply(const TierActions& actions, TimePoint now) {
@@ -309,6 +309,12 @@ void DiskTier::finish_read(Op& op, const Error& result, TimePoint now) {
 
 void DiskTier::tick(TimePoint now) {
   apply(health_.tick(now), now);
+  // Writes into a deleted directory's files succeed and vanish: look
+  // every second while healthy (while degraded the probes look).
+  if (health_.accepting() && now >= next_dir_check_) {
+    next_dir_check_ = now + std::chrono::seconds(1);
+    if (auto err = files_->check_dir()) io_failed(err, now);
+  }
   if (journal_dirty_ && !journal_syncing_ && now >= next_journal_sync_) {
     next_journal_sync_ = now + config_.journal_sync_interval;
     const std::uint64_t tag = next_tag_++;

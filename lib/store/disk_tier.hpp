@@ -116,6 +116,7 @@ class DiskTier final : public LowerTier {
   bool journal_dirty_ = false;
   bool journal_syncing_ = false;
   TimePoint next_journal_sync_{};
+  TimePoint next_dir_check_{};
   std::uint64_t journal_bytes_ = 0;  // in the journal file since the last compaction
   bool warned_layouts_ = false;
   std::vector<bool> opened_;  // per class: its data file is open

@@ -257,3 +257,25 @@ TEST_CASE("disk tier: writes past the in-flight bound and chunks of a further la
   CHECK(t->stats().writes_skipped == 2);
   CHECK(t->stats().writes == 3);
 }
+
+TEST_CASE("disk tier: its directory deleted or replaced under it -> degraded, and it stays out (no writes into "
+          "files nobody will find)") {
+  Dir dir;
+  auto c = config_for(dir);
+  c.dir = dir.path + "/tier";
+  Tier t(c);
+  t.write(0);
+  std::filesystem::remove_all(c.dir);
+  t.now += 1s;
+  t->tick(t.now);
+  CHECK_FALSE(t->accepting());
+  CHECK_FALSE(t->put(key(1), bytes_of(1), t.now));
+  std::filesystem::create_directory(c.dir);  // another directory under the same name
+  for (int i = 0; i < 5; ++i) {
+    t.now += 40s;
+    t->tick(t.now);
+    t.settle();
+  }
+  CHECK_FALSE(t->accepting());
+  CHECK(t->stats().transitions == 1);
+}
