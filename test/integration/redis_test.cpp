@@ -1,0 +1,174 @@
+// The Redis Cluster tier's connection to one node (lib/store/
+// redis_connection.hpp) against a real redis-server on loopback: pipelined
+// commands answered in order with binary values, AUTH, a node that hangs
+// (SIGSTOP: deadlines, then the late replies dropped and the stream still
+// in order), a node that dies, a node that is not there.
+#include <doctest/doctest.h>
+#include <unistd.h>
+
+#include <random>
+
+#include "child.hpp"
+#include "store/redis_connection.hpp"
+#include "test_support.hpp"
+
+using namespace kvlink;
+using namespace kvlink::store;
+using namespace std::chrono_literals;
+using kvlink::test::Child;
+using kvlink::test::run_until;
+
+namespace {
+
+const bool no_redis = ::access("/usr/bin/redis-server", X_OK) != 0;
+
+// A redis-server on 127.0.0.1 at a free port (tried until one binds).
+struct RedisNode {
+  std::uint16_t port = 0;
+  std::unique_ptr<Child> proc;
+  explicit RedisNode(std::vector<std::string> extra = {}) {
+    std::mt19937 rng(std::random_device{}());
+    for (int attempt = 0; attempt < 20 && !proc; ++attempt) {
+      port = static_cast<std::uint16_t>(20000 + rng() % 20000);
+      std::vector<std::string> argv{"/usr/bin/redis-server", "--port", std::to_string(port), "--bind", "127.0.0.1",
+                                    "--save", "", "--appendonly", "no"};
+      argv.insert(argv.end(), extra.begin(), extra.end());
+      auto c = std::make_unique<Child>(argv);
+      if (c->wait_for("Ready to accept connections", 10s)) proc = std::move(c);
+    }
+    REQUIRE(proc);
+  }
+  ClusterNode node() const { return {"127.0.0.1", port}; }
+};
+
+std::shared_ptr<RedisConnection> connect(asio::io_context& io, const ClusterNode& node, std::string password = {}) {
+  std::optional<Result<std::shared_ptr<RedisConnection>>> got;
+  RedisConnection::connect(io.get_executor(), node, std::move(password), 2s, [&](auto r) { got = std::move(r); });
+  REQUIRE(run_until(io, [&] { return got.has_value(); }));
+  REQUIRE_MESSAGE(*got, got->error().message());
+  return **got;
+}
+
+struct Answer {
+  bool done = false;
+  Error error;
+  RedisValue::Type type = RedisValue::Type::none;
+  std::string value;
+};
+
+RedisConnection::Done into(Answer& a) {
+  return [&a](const Error& e, RedisValue v) {
+    a.done = true;
+    a.error = e;
+    a.type = v.type();
+    a.value = std::string(v.str());
+  };
+}
+
+}  // namespace
+
+TEST_CASE("redis connection: pipelined binary SET/GET answered in order" * doctest::skip(no_redis)) {
+  RedisNode redis;
+  asio::io_context io;
+  auto c = connect(io, redis.node());
+  std::string big(1 << 20, '\0');
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 7);
+  constexpr int n = 64;
+  std::vector<Answer> sets(n), gets(n);
+  for (int i = 0; i < n; ++i) {
+    const std::string key = "k" + std::to_string(i);
+    const std::string value = big.substr(static_cast<std::size_t>(i));
+    c->send({"SET", key, value}, 5s, into(sets[static_cast<std::size_t>(i)]));
+    c->send({"GET", key}, 5s, into(gets[static_cast<std::size_t>(i)]));
+  }
+  CHECK_FALSE(sets[0].done);  // never inside send()
+  REQUIRE(run_until(io, [&] { return gets[n - 1].done; }));
+  for (int i = 0; i < n; ++i) {
+    CHECK(sets[static_cast<std::size_t>(i)].value == "OK");
+    CHECK(gets[static_cast<std::size_t>(i)].value == big.substr(static_cast<std::size_t>(i)));
+  }
+  Answer missing, wrong;
+  c->send({"GET", "nope"}, 5s, into(missing));
+  c->send({"LPUSH", "k0", "x"}, 5s, into(wrong));  // an error reply is a reply
+  REQUIRE(run_until(io, [&] { return wrong.done; }));
+  CHECK(missing.type == RedisValue::Type::nil);
+  CHECK(wrong.type == RedisValue::Type::error);
+  CHECK(wrong.value.starts_with("WRONGTYPE"));
+  CHECK_FALSE(wrong.error);
+  CHECK(c->pending() == 0);
+}
+
+TEST_CASE("redis connection: AUTH with the right password, a clear refusal with a wrong one" * doctest::skip(no_redis)) {
+  RedisNode redis({"--requirepass", "s3cret"});
+  asio::io_context io;
+  auto c = connect(io, redis.node(), "s3cret");
+  Answer a;
+  c->send({"PING"}, 2s, into(a));
+  REQUIRE(run_until(io, [&] { return a.done; }));
+  CHECK(a.value == "PONG");
+  std::optional<Result<std::shared_ptr<RedisConnection>>> got;
+  RedisConnection::connect(io.get_executor(), redis.node(), "wrong", 2s, [&](auto r) { got = std::move(r); });
+  REQUIRE(run_until(io, [&] { return got.has_value(); }));
+  REQUIRE_FALSE(*got);
+  CHECK(got->error() == errc::unauthorized);
+  CHECK(got->error().message().find("refused the password") != std::string::npos);
+}
+
+TEST_CASE("redis connection: a hung node -> each command times out at its deadline; late replies are dropped and "
+          "the stream stays in order" * doctest::skip(no_redis)) {
+  RedisNode redis;
+  asio::io_context io;
+  auto c = connect(io, redis.node());
+  Answer set;
+  c->send({"SET", "a", "1"}, 2s, into(set));
+  REQUIRE(run_until(io, [&] { return set.done; }));
+  redis.proc->signal(SIGSTOP);
+  Answer early, late;
+  const auto t0 = std::chrono::steady_clock::now();
+  c->send({"GET", "a"}, 100ms, into(early));
+  c->send({"GET", "a"}, 300ms, into(late));
+  REQUIRE(run_until(io, [&] { return early.done; }));
+  const auto t_early = std::chrono::steady_clock::now() - t0;
+  REQUIRE(run_until(io, [&] { return late.done; }));
+  const auto t_late = std::chrono::steady_clock::now() - t0;
+  CHECK(early.error == errc::timed_out);
+  CHECK(late.error == errc::timed_out);
+  CHECK(t_early >= 100ms);
+  CHECK(t_early < 250ms);
+  CHECK(t_late >= 300ms);
+  CHECK(t_late < 450ms);
+  redis.proc->signal(SIGCONT);
+  Answer after;
+  c->send({"SET", "b", "2"}, 2s, into(after));
+  REQUIRE(run_until(io, [&] { return after.done; }));
+  CHECK(after.value == "OK");  // not one of the two late "1"s
+  CHECK(c->pending() == 0);
+}
+
+TEST_CASE("redis connection: a node that dies fails what is pending; one that is not there is refused" *
+          doctest::skip(no_redis)) {
+  asio::io_context io;
+  ClusterNode gone;
+  {
+    RedisNode redis;
+    gone = redis.node();
+    auto c = connect(io, redis.node());
+    redis.proc->signal(SIGSTOP);
+    Answer a;
+    c->send({"PING"}, 5s, into(a));
+    redis.proc.reset();  // SIGKILL
+    REQUIRE(run_until(io, [&] { return a.done; }, 3s));
+    CHECK(a.error == errc::not_connected);
+    CHECK_FALSE(c->is_open());
+    Answer after;
+    c->send({"PING"}, 5s, into(after));
+    REQUIRE(run_until(io, [&] { return after.done; }));
+    CHECK(after.error == errc::not_connected);
+  }
+  std::optional<Result<std::shared_ptr<RedisConnection>>> got;
+  RedisConnection::connect(io.get_executor(), gone, {}, 2s, [&](auto r) { got = std::move(r); });
+  REQUIRE(run_until(io, [&] { return got.has_value(); }));
+  REQUIRE_FALSE(*got);
+  CHECK(got->error() == errc::not_connected);
+  CHECK(got->error().message().find("cannot connect") != std::string::npos);
+}
