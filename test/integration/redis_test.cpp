@@ -172,3 +172,100 @@ TEST_CASE("redis connection: a node that dies fails what is pending; one that is
   CHECK(got->error() == errc::not_connected);
   CHECK(got->error().message().find("cannot connect") != std::string::npos);
 }
+
+// ---- a cluster ----------------------------------------------------------------------
+
+#include "redis_cluster.hpp"
+#include "store/redis_cluster.hpp"
+
+namespace {
+const bool no_cluster = !kvlink::test::have_redis();
+
+std::shared_ptr<ClusterClient> cluster_client(asio::io_context& io, kvlink::test::RedisCluster& cluster) {
+  ClusterConfig cfg;
+  for (auto& n : cluster.nodes()) cfg.seeds.push_back({"127.0.0.1", n.port});
+  auto client = ClusterClient::create(io.get_executor(), cfg);
+  std::optional<Error> refreshed;
+  client->refresh([&](const Error& e) { refreshed = e; });
+  REQUIRE(run_until(io, [&] { return refreshed.has_value(); }));
+  REQUIRE_MESSAGE(!*refreshed, refreshed->message());
+  return client;
+}
+}  // namespace
+
+TEST_CASE("redis cluster: the slot map from CLUSTER SLOTS; keys go to their masters; MOVED is followed" *
+          doctest::skip(no_cluster)) {
+  kvlink::test::RedisCluster cluster(3, 1);
+  asio::io_context io;
+  auto client = cluster_client(io, cluster);
+  CHECK(client->slots().covered() == cluster_slots);
+  CHECK(client->slots().masters().size() == 3);
+  // 200 keys over every master, written and read back.
+  constexpr int n = 200;
+  std::vector<Answer> sets(n), gets(n);
+  for (int i = 0; i < n; ++i) {
+    const std::string k = "key-" + std::to_string(i);
+    client->send(k, {"SET", k, "value-" + std::to_string(i)}, 5s, into(sets[static_cast<std::size_t>(i)]));
+    client->send(k, {"GET", k}, 5s, into(gets[static_cast<std::size_t>(i)]));
+  }
+  REQUIRE(run_until(io, [&] { return std::all_of(gets.begin(), gets.end(), [](auto& a) { return a.done; }); }));
+  for (int i = 0; i < n; ++i) {
+    CAPTURE(i);
+    CHECK_MESSAGE(!gets[static_cast<std::size_t>(i)].error, gets[static_cast<std::size_t>(i)].error.message());
+    CHECK(gets[static_cast<std::size_t>(i)].value == "value-" + std::to_string(i));
+  }
+  CHECK(client->connections() >= 3);  // the masters, and the seed asked for the map if it is a replica
+  // A stale map (as after a reshard): every slot pointed at one master.
+  // The others answer MOVED, which is followed and corrects the map.
+  const ClusterNode first = client->slots().masters().front();
+  const_cast<SlotMap&>(client->slots()).assign({{0, cluster_slots - 1, first, {}}});
+  for (auto& g : gets) g = Answer{};
+  for (int i = 0; i < n; ++i) {
+    const std::string k = "key-" + std::to_string(i);
+    client->send(k, {"GET", k}, 5s, into(gets[static_cast<std::size_t>(i)]));
+  }
+  REQUIRE(run_until(io, [&] { return std::all_of(gets.begin(), gets.end(), [](auto& a) { return a.done; }); }));
+  for (int i = 0; i < n; ++i) CHECK(gets[static_cast<std::size_t>(i)].value == "value-" + std::to_string(i));
+  CHECK(run_until(io, [&] { return client->slots().masters().size() == 3; }));  // read again after MOVED
+}
+
+TEST_CASE("redis cluster: a master killed -> its keys miss until the cluster promotes its replica, then the client "
+          "follows by itself" * doctest::skip(no_cluster)) {
+  kvlink::test::RedisCluster cluster(3, 1, 1000);
+  asio::io_context io;
+  auto client = cluster_client(io, cluster);
+  const std::string k = "failover-key";
+  Answer set;
+  client->send(k, {"SET", k, "v"}, 5s, into(set));
+  REQUIRE(run_until(io, [&] { return set.done; }));
+  REQUIRE_FALSE(set.error);
+  const std::uint16_t slot = cluster_slot(k);
+  // Replicas join a moment after the cluster says ok: wait until the map names one.
+  REQUIRE(run_until(io, [&] {
+    if (!client->slots().replicas(slot).empty()) return true;
+    client->refresh();
+    return false;
+  }));
+  const std::uint16_t old_master = client->slots().master(slot)->port;
+  const std::uint16_t replica = client->slots().replicas(slot).at(0).port;
+  cluster.node(old_master)->proc.reset();  // SIGKILL
+  // Until the failover: misses (not_connected), each at once, never a wait.
+  int misses = 0;
+  Answer got;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - t0 < 20s) {
+    got = Answer{};
+    const auto sent = std::chrono::steady_clock::now();
+    client->send(k, {"GET", k}, 500ms, into(got));
+    REQUIRE(run_until(io, [&] { return got.done; }));
+    CHECK(std::chrono::steady_clock::now() - sent < 700ms);
+    if (!got.error && got.value == "v") break;
+    ++misses;
+    run_until(io, [] { return false; }, 50ms);
+  }
+  MESSAGE(misses << " misses, then the promoted replica answered after "
+                 << std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count()
+                 << " ms (cluster-node-timeout " << cluster.node_timeout_ms() << " ms)");
+  CHECK(got.value == "v");
+  CHECK(client->slots().master(slot)->port == replica);
+}

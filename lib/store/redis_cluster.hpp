@@ -1,0 +1,88 @@
+// A Redis Cluster client on the io_context, for the cluster tier (issue
+// 18): the slot map read with CLUSTER SLOTS from any reachable node,
+// commands sent to the master of their key's slot over one pipelined
+// connection per node (made on first use), MOVED followed (the map is
+// corrected at once and read again soon after), ASK followed once
+// (ASKING, then the command, on the node named).
+//
+// What it does not do (yet): health monitors per node, replicas for reads,
+// reconnect backoff. A node that cannot be reached fails its commands with
+// not_connected at once; the next command tries it again.
+#pragma once
+
+#include <asio/any_io_executor.hpp>
+#include <asio/steady_timer.hpp>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvlink/clock.hpp"
+#include "kvlink/error.hpp"
+#include "kvlink/store/cluster_keys.hpp"
+#include "store/redis_connection.hpp"
+
+namespace kvlink::store {
+
+struct ClusterConfig {
+  std::vector<ClusterNode> seeds;  // any nodes of the cluster
+  std::string password;            // AUTH, when the cluster requires it
+  Duration connect_timeout = std::chrono::seconds(1);
+  Duration slots_timeout = std::chrono::seconds(2);
+  int max_redirects = 5;
+};
+
+class ClusterClient : public std::enable_shared_from_this<ClusterClient> {
+ public:
+  static std::shared_ptr<ClusterClient> create(asio::any_io_executor ex, ClusterConfig config);
+  ClusterClient(const ClusterClient&) = delete;
+  ClusterClient& operator=(const ClusterClient&) = delete;
+
+  // Reads the slot map (from the seeds, in turn); `done` says whether one
+  // answered. Called again after a MOVED, and by the owner when it wants.
+  void refresh(std::function<void(const Error&)> done = {});
+  const SlotMap& slots() const { return slots_; }
+
+  // Sends `args` (the command, then its arguments; `key` among them) to
+  // the master of `key`'s slot. `done` as RedisConnection's: a redirect is
+  // followed, never handed back.
+  using Done = RedisConnection::Done;
+  void send(const std::string& key, std::vector<std::string> args, Duration deadline, Done done);
+
+  // Closes every connection (pending commands fail with not_connected).
+  void close();
+  std::size_t connections() const { return nodes_.size(); }
+
+ private:
+  struct NodeLink {
+    std::shared_ptr<RedisConnection> conn;
+    bool connecting = false;
+    std::vector<std::function<void(const Error&, const std::shared_ptr<RedisConnection>&)>> waiting;
+  };
+  struct Command {
+    std::string key;
+    std::vector<std::string> args;
+    TimePoint deadline;
+    Done done;
+    int redirects = 0;
+  };
+  ClusterClient(asio::any_io_executor ex, ClusterConfig config);
+  // The node's connection, made if needed; `then` gets it or why not.
+  void with_node(const ClusterNode& node,
+                 std::function<void(const Error&, const std::shared_ptr<RedisConnection>&)> then);
+  void dispatch(std::shared_ptr<Command> cmd, const ClusterNode* ask = nullptr);
+  void read_slots(std::size_t seed, std::function<void(const Error&)> done);
+
+  asio::any_io_executor ex_;
+  ClusterConfig config_;
+  SlotMap slots_;
+  std::map<std::string, NodeLink> nodes_;  // by "host:port"
+  bool refreshing_ = false;
+  std::vector<std::function<void(const Error&)>> refresh_waiters_;
+};
+
+// The slot ranges of a CLUSTER SLOTS reply, or why it is not one.
+Result<std::vector<SlotMap::Range>> parse_cluster_slots(RedisValue reply);
+
+}  // namespace kvlink::store
