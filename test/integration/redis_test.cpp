@@ -176,6 +176,7 @@ TEST_CASE("redis connection: a node that dies fails what is pending; one that is
 // ---- a cluster ----------------------------------------------------------------------
 
 #include "redis_cluster.hpp"
+#include "store/cluster_tier.hpp"
 #include "store/redis_cluster.hpp"
 
 namespace {
@@ -268,4 +269,81 @@ TEST_CASE("redis cluster: a master killed -> its keys miss until the cluster pro
                  << " ms (cluster-node-timeout " << cluster.node_timeout_ms() << " ms)");
   CHECK(got.value == "v");
   CHECK(client->slots().master(slot)->port == replica);
+}
+
+TEST_CASE("cluster tier: what one server stores, another finds and reads back byte-exact; a bad value is a "
+          "counted miss; a TTL expires chunks" * doctest::skip(no_cluster)) {
+  kvlink::test::RedisCluster cluster(3, 0);
+  asio::io_context io;
+  ClusterTierConfig cfg;
+  for (auto& n : cluster.nodes()) cfg.cluster.seeds.push_back({"127.0.0.1", n.port});
+  ClusterTier a(io.get_executor(), cfg), b(io.get_executor(), cfg);
+  int started = 0;
+  for (ClusterTier* t : {&a, &b})
+    t->start([&](const Error& e) {
+      REQUIRE_MESSAGE(!e, e.message());
+      ++started;
+    });
+  REQUIRE(run_until(io, [&] { return started == 2; }));
+  constexpr std::size_t n = 20, size = 64 << 10;
+  auto chunk = [](std::size_t i) {
+    std::vector<std::byte> v(size);
+    for (std::size_t j = 0; j < size; ++j) v[j] = static_cast<std::byte>((j * 13 + i) & 0xff);
+    return v;
+  };
+  std::vector<ChunkKey> keys;
+  for (std::size_t i = 0; i < n; ++i) {
+    keys.push_back(ChunkKey{99, ChunkHash{i + 1, 7}, 0});
+    CHECK(a.put(keys.back(), chunk(i)));
+  }
+  REQUIRE(run_until(io, [&] { return a.stats().writes == n; }));
+  keys.push_back(ChunkKey{99, ChunkHash{12345, 7}, 0});  // never stored
+  std::optional<std::vector<std::optional<std::uint64_t>>> found;
+  b.find(keys, [&](auto sizes) { found = std::move(sizes); });
+  REQUIRE(run_until(io, [&] { return found.has_value(); }));
+  for (std::size_t i = 0; i < n; ++i) CHECK((*found)[i] == size);
+  CHECK_FALSE((*found)[n]);
+  std::size_t verified = 0;
+  for (std::size_t i = 0; i < n; ++i)
+    REQUIRE_FALSE(b.get(keys[i], size, [&, i](const Error& e, std::span<const std::byte> got) {
+      REQUIRE_MESSAGE(!e, e.message());
+      const auto want = chunk(i);
+      CHECK(std::equal(got.begin(), got.end(), want.begin(), want.end()));
+      ++verified;
+    }));
+  REQUIRE(run_until(io, [&] { return verified == n; }));
+  CHECK(b.stats().reads == n);
+
+  // Garbage under a chunk's key, and a value of another layout: misses, counted.
+  Answer raw;
+  b.client().send(cluster_key(keys[0]), {"SET", cluster_key(keys[0]), std::string(size + 48, 'x')}, 2s, into(raw));
+  REQUIRE(run_until(io, [&] { return raw.done; }));
+  std::optional<Error> bad, other;
+  REQUIRE_FALSE(b.get(keys[0], size, [&](const Error& e, std::span<const std::byte>) { bad = e; }));
+  REQUIRE_FALSE(b.get(keys[1], size / 2, [&](const Error& e, std::span<const std::byte>) { other = e; }));
+  std::optional<Error> missing;
+  REQUIRE_FALSE(b.get(keys[n], size, [&](const Error& e, std::span<const std::byte>) { missing = e; }));
+  REQUIRE(run_until(io, [&] { return bad && other && missing; }));
+  CHECK(*bad == errc::server_error);
+  CHECK(*other == errc::server_error);
+  CHECK(*missing == errc::not_found);
+  CHECK(b.stats().corrupt_dropped == 2);
+
+  cfg.ttl = std::chrono::seconds(1);
+  ClusterTier expiring(io.get_executor(), cfg);
+  bool up = false;
+  expiring.start([&](const Error&) { up = true; });
+  REQUIRE(run_until(io, [&] { return up; }));
+  const ChunkKey k{99, ChunkHash{777, 7}, 0};
+  expiring.put(k, chunk(7));
+  REQUIRE(run_until(io, [&] { return expiring.stats().writes == 1; }));
+  found.reset();
+  expiring.find({k}, [&](auto sizes) { found = std::move(sizes); });
+  REQUIRE(run_until(io, [&] { return found.has_value(); }));
+  CHECK((*found)[0] == size);
+  run_until(io, [] { return false; }, 2100ms);
+  found.reset();
+  expiring.find({k}, [&](auto sizes) { found = std::move(sizes); });
+  REQUIRE(run_until(io, [&] { return found.has_value(); }));
+  CHECK_FALSE((*found)[0]);
 }

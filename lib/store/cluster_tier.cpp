@@ -1,0 +1,105 @@
+#include "store/cluster_tier.hpp"
+
+#include <fmt/format.h>
+
+namespace kvlink::store {
+
+ClusterTier::ClusterTier(asio::any_io_executor ex, ClusterTierConfig config)
+    : config_(std::move(config)), client_(ClusterClient::create(ex, config_.cluster)) {}
+
+ClusterTier::~ClusterTier() {
+  *alive_ = false;
+  client_->close();
+}
+
+void ClusterTier::start(std::function<void(const Error&)> done) { client_->refresh(std::move(done)); }
+
+bool ClusterTier::put(const ChunkKey& key, std::span<const std::byte> bytes) {
+  const std::uint64_t size = cluster_header_bytes + bytes.size();
+  if (stats_.write_bytes_in_flight > 0 && stats_.write_bytes_in_flight + size > config_.max_write_bytes_in_flight) {
+    ++stats_.writes_skipped;
+    return false;
+  }
+  const auto value = encode_cluster_value(key, bytes);
+  const std::string name = cluster_key(key);
+  std::vector<std::string> args{"SET", name, std::string(reinterpret_cast<const char*>(value.data()), value.size())};
+  if (config_.ttl.count() > 0) {
+    args.emplace_back("EX");
+    args.push_back(std::to_string(config_.ttl.count()));
+  }
+  stats_.write_bytes_in_flight += size;
+  client_->send(name, std::move(args), config_.command_deadline,
+                [this, alive = std::weak_ptr<bool>(alive_), size, bytes = bytes.size()](const Error& e, RedisValue v) {
+                  if (auto a = alive.lock(); !a || !*a) return;
+                  stats_.write_bytes_in_flight -= size;
+                  if (e || v.is_error()) {
+                    ++stats_.writes_failed;
+                    return;
+                  }
+                  ++stats_.writes;
+                  stats_.write_bytes += bytes;
+                });
+  return true;
+}
+
+void ClusterTier::find(std::vector<ChunkKey> keys, Found done) {
+  struct State {
+    std::vector<std::optional<std::uint64_t>> sizes;
+    std::size_t left = 0;
+    Found done;
+  };
+  auto st = std::make_shared<State>();
+  st->sizes.resize(keys.size());
+  st->left = keys.size();
+  st->done = std::move(done);
+  if (keys.empty()) {
+    // Never inside the call, like every other answer.
+    client_->send("", {"PING"}, config_.command_deadline, [st](const Error&, RedisValue) { st->done({}); });
+    return;
+  }
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    const std::string name = cluster_key(keys[i]);
+    client_->send(name, {"STRLEN", name}, config_.command_deadline, [st, i](const Error& e, RedisValue v) {
+      if (!e && v.type() == RedisValue::Type::integer && v.integer() > static_cast<long long>(cluster_header_bytes))
+        st->sizes[i] = static_cast<std::uint64_t>(v.integer()) - cluster_header_bytes;
+      if (--st->left == 0) st->done(std::move(st->sizes));
+    });
+  }
+}
+
+Error ClusterTier::get(const ChunkKey& key, std::uint64_t slot_bytes, LowerTier::ReadDone done) {
+  const std::uint64_t size = cluster_header_bytes + slot_bytes;
+  if (stats_.read_bytes_in_flight > 0 && stats_.read_bytes_in_flight + size > config_.max_read_bytes_in_flight)
+    return Error(errc::limit_exceeded, "the cluster tier's reads in flight are at their bound");
+  stats_.read_bytes_in_flight += size;
+  const std::string name = cluster_key(key);
+  client_->send(name, {"GET", name}, config_.command_deadline,
+                [this, alive = std::weak_ptr<bool>(alive_), key, slot_bytes, size, done = std::move(done)](
+                    const Error& e, RedisValue v) {
+                  if (auto a = alive.lock(); !a || !*a) return;
+                  stats_.read_bytes_in_flight -= size;
+                  if (e) {
+                    ++stats_.reads_failed;
+                    return done(e, {});
+                  }
+                  if (v.type() == RedisValue::Type::nil) {
+                    ++stats_.reads_failed;
+                    return done(Error(errc::not_found, "the chunk is not in the cluster (evicted or expired)"), {});
+                  }
+                  if (v.type() != RedisValue::Type::string) {
+                    ++stats_.reads_failed;
+                    return done(Error(errc::server_error, fmt::format("GET answered {}", v.str())), {});
+                  }
+                  auto bytes = decode_cluster_value(key, slot_bytes, v.bytes());
+                  if (!bytes) {
+                    ++stats_.corrupt_dropped;
+                    return done(bytes.error(), {});
+                  }
+                  ++stats_.reads;
+                  stats_.read_bytes += bytes->size();
+                  done({}, *bytes);
+                });
+  return {};
+}
+
+}  // namespace kvlink::store
