@@ -48,6 +48,34 @@ void ClusterClient::close() {
   for (auto& [name, link] : nodes_)
     if (link.conn) link.conn->close();
   nodes_.clear();
+  for (auto& [name, m] : monitors_) m->stop();
+  monitors_.clear();
+}
+
+health::State ClusterClient::node_state(const ClusterNode& node) const {
+  auto it = monitors_.find(to_string(node));
+  return it == monitors_.end() ? health::State::healthy : it->second->state();
+}
+
+void ClusterClient::watch_masters() {
+  if (!config_.watch_nodes) return;
+  std::map<std::string, std::shared_ptr<NodeMonitor>> next;
+  for (const auto& m : slots_.masters()) {
+    const std::string name = to_string(m);
+    if (auto it = monitors_.find(name); it != monitors_.end()) {
+      next.emplace(name, std::move(it->second));
+      monitors_.erase(it);
+      continue;
+    }
+    auto monitor = NodeMonitor::create(ex_, m, config_.password, config_.health, next_seed_++,
+                                       [weak = weak_from_this()](const ClusterNode&, const health::Transition&) {
+                                         if (auto self = weak.lock()) self->refresh();
+                                       });
+    monitor->start();
+    next.emplace(name, std::move(monitor));
+  }
+  for (auto& [name, m] : monitors_) m->stop();  // no longer masters
+  monitors_ = std::move(next);
 }
 
 void ClusterClient::with_node(const ClusterNode& node,
@@ -73,6 +101,14 @@ void ClusterClient::with_node(const ClusterNode& node,
         const Error err = r ? Error() : r.error();
         for (auto& w : waiting) w(err, l.conn);
       });
+}
+
+void ClusterClient::refresh_soon() {
+  // Failures come per command: one CLUSTER SLOTS per interval at most.
+  const TimePoint now = Clock::now();
+  if (now - last_failure_refresh_ < min_refresh_interval) return;
+  last_failure_refresh_ = now;
+  refresh();
 }
 
 void ClusterClient::refresh(std::function<void(const Error&)> done) {
@@ -111,6 +147,7 @@ void ClusterClient::read_slots(std::size_t seed, std::function<void(const Error&
                      if (rep.host.empty()) rep.host = node.host;
                  }
                  self->slots_.assign(*ranges);
+                 self->watch_masters();
                  done({});
                });
   });
@@ -136,20 +173,27 @@ void ClusterClient::dispatch(std::shared_ptr<Command> cmd, const ClusterNode* as
       self->dispatch(cmd);
     });
   }
+  if (node_state(*master) == health::State::degraded) {
+    // Down, or failed over: the map may have news.
+    refresh_soon();
+    return cmd->done(Error(errc::not_connected, fmt::format("redis node {} is down (its heartbeat failed): a miss",
+                                                            to_string(*master))),
+                     RedisValue());
+  }
   const bool asking = ask != nullptr;
   with_node(*master, [self = shared_from_this(), cmd, asking](const Error& err,
                                                               const std::shared_ptr<RedisConnection>& conn) {
     if (err) {
       // A master gone (a crash the cluster is failing over): this command
       // misses; reading the map again finds the replica promoted.
-      self->refresh();
+      self->refresh_soon();
       return cmd->done(err, RedisValue());
     }
     const Duration left = cmd->deadline - Clock::now();
     if (asking) conn->send({"ASKING"}, left, [](const Error&, RedisValue) {});
     std::vector<std::string_view> argv(cmd->args.begin(), cmd->args.end());
     conn->send(argv, left, [self, cmd](const Error& e, RedisValue v) {
-      if (e == errc::not_connected) self->refresh();
+      if (e == errc::not_connected) self->refresh_soon();
       if (e || !v.is_error()) return cmd->done(e, v);
       auto redirect = parse_redirect(v.str());
       if (!redirect) return cmd->done(e, v);
@@ -162,7 +206,7 @@ void ClusterClient::dispatch(std::shared_ptr<Command> cmd, const ClusterNode* as
       // MOVED: the slot has a new master (a failover, a reshard). Correct
       // the map now, read it whole soon after.
       self->slots_.moved(redirect->slot, redirect->node);
-      self->refresh();
+      self->refresh_soon();
       self->dispatch(cmd);
     });
   });

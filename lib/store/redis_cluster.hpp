@@ -5,9 +5,11 @@
 // corrected at once and read again soon after), ASK followed once
 // (ASKING, then the command, on the node named).
 //
-// What it does not do (yet): health monitors per node, replicas for reads,
-// reconnect backoff. A node that cannot be reached fails its commands with
-// not_connected at once; the next command tries it again.
+// Every master is watched by a NodeMonitor (health::Policy, as an engine
+// watches its server): while one is degraded its slots fail at once with
+// not_connected (a miss, never a wait), and each of its transitions has
+// the map read again, so a replica the cluster promoted takes over.
+// Not done (yet): reads from replicas.
 #pragma once
 
 #include <asio/any_io_executor.hpp>
@@ -21,7 +23,9 @@
 #include "kvlink/clock.hpp"
 #include "kvlink/error.hpp"
 #include "kvlink/store/cluster_keys.hpp"
+#include "kvlink/health/policy.hpp"
 #include "store/redis_connection.hpp"
+#include "store/redis_node_monitor.hpp"
 
 namespace kvlink::store {
 
@@ -31,6 +35,9 @@ struct ClusterConfig {
   Duration connect_timeout = std::chrono::seconds(1);
   Duration slots_timeout = std::chrono::seconds(2);
   int max_redirects = 5;
+  // The masters' heartbeat (the engine link's defaults; tests shorten it).
+  health::Config health;
+  bool watch_nodes = true;
 };
 
 class ClusterClient : public std::enable_shared_from_this<ClusterClient> {
@@ -50,9 +57,12 @@ class ClusterClient : public std::enable_shared_from_this<ClusterClient> {
   using Done = RedisConnection::Done;
   void send(const std::string& key, std::vector<std::string> args, Duration deadline, Done done);
 
-  // Closes every connection (pending commands fail with not_connected).
+  // Closes every connection (pending commands fail with not_connected)
+  // and stops the monitors.
   void close();
   std::size_t connections() const { return nodes_.size(); }
+  // The state of `node`'s monitor (healthy while it has none yet).
+  health::State node_state(const ClusterNode& node) const;
 
  private:
   struct NodeLink {
@@ -73,11 +83,19 @@ class ClusterClient : public std::enable_shared_from_this<ClusterClient> {
                  std::function<void(const Error&, const std::shared_ptr<RedisConnection>&)> then);
   void dispatch(std::shared_ptr<Command> cmd, const ClusterNode* ask = nullptr);
   void read_slots(std::size_t seed, std::function<void(const Error&)> done);
+  // refresh(), at most once per min_refresh_interval (after failures).
+  void refresh_soon();
+  static constexpr std::chrono::milliseconds min_refresh_interval{100};
+  TimePoint last_failure_refresh_{};
+  // Monitors for the masters of the map, none for nodes that are not.
+  void watch_masters();
 
   asio::any_io_executor ex_;
   ClusterConfig config_;
   SlotMap slots_;
   std::map<std::string, NodeLink> nodes_;  // by "host:port"
+  std::map<std::string, std::shared_ptr<NodeMonitor>> monitors_;  // by "host:port"
+  std::uint64_t next_seed_ = 1;
   bool refreshing_ = false;
   std::vector<std::function<void(const Error&)>> refresh_waiters_;
 };

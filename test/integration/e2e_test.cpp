@@ -10,7 +10,6 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -36,6 +35,7 @@
 #include "kvlink/transfer/kv_memfd.hpp"
 #include "kvlink/unique_fd.hpp"
 #include "adapter_fixture.hpp"
+#include "e2e_fixture.hpp"
 #include "child.hpp"
 #include "server_process.hpp"
 #include "sim/workload.hpp"
@@ -48,86 +48,9 @@ using kvlink::test::Child;
 using kvlink::test::ServerProcess;
 using kvlink::test::TempDir;
 using kvlink::test::eventually;
+using namespace kvlink::test::e2e;
 
 namespace {
-
-using test::block;
-using test::chunk;
-constexpr std::uint32_t num_blocks = 256;  // test::layout()'s
-// Engine threads use blocks below this; tests' own probes use the rest.
-constexpr std::uint32_t engine_blocks = 192;
-// Deadlines: transfers give up (1 s) before the engine's blocking calls (2 s).
-constexpr auto transfer_timeout = 1s;
-constexpr auto deadline = 2s;
-
-// 2 layers, 2 heads x 16 x 2 bytes: 64 bytes per token, 1 KiB per block.
-using test::layout;
-
-// The engine's KV memory: a sealed memfd of the layout's size, mapped here.
-struct KvMemory {
-  wire::KvLayout lay = layout();
-  Result<transfer::KvMemfd> memfd = transfer::create_kv_memfd(lay, {.name = "e2e_test-kv"});
-  KvMemory() { REQUIRE_MESSAGE(memfd, memfd.error().message()); }
-  sim::KvView view() const { return sim::KvView(memfd->memory.get(), lay); }
-};
-
-std::uint64_t mismatches(const sim::KvView& kv, const std::vector<store::Token>& tokens,
-                         const std::vector<std::uint32_t>& blocks, std::uint32_t first, std::uint32_t last) {
-  std::uint64_t n = 0;
-  sim::verify_tokens(kv, tokens, blocks, first, last, 0, &n);
-  return n;
-}
-
-struct Fixture {
-  TempDir dir;
-  KvMemory kv;
-  std::string endpoint = dir.socket();
-  ServerProcess server;
-  runtime::Runtime rt;
-  std::shared_ptr<WorkerAdapter> worker;
-  std::shared_ptr<SchedulerAdapter> scheduler;
-
-  explicit Fixture(std::string l1 = "64MiB", std::vector<std::string> extra = {}) : server(args(l1, std::move(extra))) {}
-  std::vector<std::string> args(const std::string& l1, std::vector<std::string> extra) const {
-    std::vector<std::string> a{"--listen", endpoint, "--log-level", "warn", "--chunk-size", std::to_string(chunk),
-                               "--l1-size", l1, "--no-huge-pages"};
-    a.insert(a.end(), extra.begin(), extra.end());
-    return a;
-  }
-  ~Fixture() {
-    if (worker) (void)worker->shutdown(2s);  // teardown: its answer is not under test
-    if (scheduler) scheduler->stop();
-    rt.stop();
-  }
-  void make(LookupMode mode = LookupMode::sync) {
-    WorkerConfig w = test::config_for<WorkerConfig>(endpoint, 1s);
-    w.transfer_timeout = transfer_timeout;
-    w.blocking_deadline = deadline;
-    worker = WorkerAdapter::create(rt.executor(), w);
-    SchedulerConfig s = test::config_for<SchedulerConfig>(endpoint, 1s);
-    s.lookup_mode = mode;
-    s.blocking_deadline = deadline;
-    scheduler = SchedulerAdapter::create(rt.executor(), s);
-    auto r = worker->register_kv_caches(kv.lay, kv.memfd->fd.get());
-    REQUIRE_MESSAGE(r, r.error().message());
-  }
-  bool state_is(health::State s) {
-    return worker->monitor().state() == s && scheduler->monitor().state() == s;
-  }
-  std::uint32_t matched(const std::string& id, const std::vector<store::Token>& tokens) {
-    REQUIRE(scheduler->submit_lookup(id, tokens));
-    return test::final_match(*scheduler, id);
-  }
-  TransferSpec spec(std::string id, const std::vector<store::Token>& tokens, const std::vector<std::uint32_t>& blocks) {
-    TransferSpec s;
-    s.request_id = std::move(id);
-    s.tokens = tokens;
-    s.block_ids = blocks;
-    return s;
-  }
-  std::int64_t stat(const std::string& name) { return test::server_stat(endpoint, name); }
-};
-
 
 // An engine thread written like a non-coroutine engine: per request, a
 // lookup, a blocking retrieve of the hit (verified block by block; blocks
@@ -307,11 +230,6 @@ std::string summary_of(Child& sim) {
   return s ? s->text : std::string();
 }
 
-std::vector<store::Token> prompt(std::size_t n, store::Token first) {
-  std::vector<store::Token> t(n);
-  for (std::size_t i = 0; i < n; ++i) t[i] = first + static_cast<store::Token>(i * 13 % 1000);
-  return t;
-}
 
 }  // namespace
 
@@ -674,159 +592,4 @@ TEST_CASE("e2e: kvlink-engine-sim exits 2 with the server's reason when its KV c
     CHECK(out.find("stopping: registration refused by the server") != std::string::npos);
     CHECK(out.find("more than all of L1 (65536 bytes); raise --l1-size") != std::string::npos);
   }
-}
-
-// ---- the disk tier (--l2-disk) ---------------------------------------------------
-
-namespace {
-
-// Prompts of 4 chunks stored from their own blocks (8 per prompt from
-// `first_block`), their bytes in the engine's KV memory for checking.
-std::vector<std::vector<store::Token>> store_prompts(Fixture& f, int n, std::uint32_t first_block = 0) {
-  const auto kv = f.kv.view();
-  std::vector<std::vector<store::Token>> prompts;
-  for (int p = 0; p < n; ++p) {
-    auto tokens = prompt(4 * chunk, static_cast<store::Token>(100 * p + 1));
-    const auto src = test::blocks(first_block + 8 * static_cast<std::uint32_t>(p), 8);
-    sim::fill_tokens(kv, tokens, src, 0, 4 * chunk);
-    auto st = f.worker->submit_store(f.spec("store-" + std::to_string(p), tokens, src));
-    REQUIRE_MESSAGE(st, st.error().message());
-    prompts.push_back(std::move(tokens));
-  }
-  return prompts;
-}
-
-// Looks `tokens` up and retrieves what matched into fresh blocks: the
-// matched tokens, after checking every retrieved byte (0 mismatches).
-std::uint32_t hit_and_verify(Fixture& f, const std::string& id, const std::vector<store::Token>& tokens) {
-  const std::uint32_t matched = f.matched(id, tokens);
-  if (matched == 0) return 0;
-  const auto kv = f.kv.view();
-  const auto dst = test::blocks(engine_blocks, matched / block);
-  sim::poison_blocks(kv, dst);
-  std::vector<store::Token> hit(tokens.begin(), tokens.begin() + matched);
-  auto r = f.worker->submit_retrieve(f.spec(id, hit, dst));
-  REQUIRE_MESSAGE(r, r.error().message());
-  CHECK(mismatches(kv, tokens, dst, 0, matched) == 0);
-  return matched;
-}
-
-// After a restart: the worker registered again by itself, the scheduler's
-// link is up (it stays warming until its first lookup).
-void reconnected(Fixture& f) {
-  REQUIRE(eventually([&] {
-    return f.worker->monitor().state() == health::State::healthy && f.stat("registrations") == 1 &&
-           f.scheduler->monitor().connection() != nullptr;
-  }));
-}
-
-// Whether this process may mount a tmpfs (root, outside a locked-down
-// container): the full-filesystem test needs one.
-bool can_mount_tmpfs() {
-  char tmpl[] = "/tmp/kvlink-mount-XXXXXX";
-  if (!::mkdtemp(tmpl)) return false;
-  const bool ok = ::mount("tmpfs", tmpl, "tmpfs", 0, "size=64k") == 0;
-  if (ok) ::umount(tmpl);
-  ::rmdir(tmpl);
-  return ok;
-}
-const bool no_tmpfs = !can_mount_tmpfs();
-
-}  // namespace
-
-TEST_CASE("e2e: disk tier: chunks L1 evicted are written back and come back as hits from disk, byte-exact") {
-  TempDir disk;
-  Fixture f("131072", {"--l2-disk", disk.path() + "/tier", "--l2-disk-size", "4MiB"});  // L1: 16 chunks
-  f.server.start();
-  f.make();
-  const auto prompts = store_prompts(f, 6);  // 24 chunks
-  CHECK(f.stat("evictions") >= 8);
-  REQUIRE(eventually([&] { return f.stat("tier_writes") >= 8; }));
-  CHECK(f.stat("tier_writes_skipped") == 0);
-  // The first prompts left L1: their lookups find them on disk.
-  CHECK(hit_and_verify(f, "again-0", prompts[0]) == 4 * chunk);
-  CHECK(hit_and_verify(f, "again-1", prompts[1]) == 4 * chunk);
-  CHECK(f.stat("tier_lookup_hits") >= 8);
-  CHECK(f.stat("tier_reads") >= 8);
-  CHECK(f.stat("tier_corrupt_dropped") == 0);
-  // Two-phase lookups (a pending job while the disk reads) hit the same way.
-  f.make(LookupMode::two_phase);
-  CHECK(hit_and_verify(f, "again-2", prompts[2]) == 4 * chunk);
-}
-
-TEST_CASE("e2e: disk tier: after SIGKILL and a restart on the same directory the chunks are hits again") {
-  TempDir disk;
-  Fixture f("64MiB", {"--l2-disk", disk.path() + "/tier", "--l2-disk-size", "4MiB", "--l2-write-through"});
-  f.server.start();
-  f.make();
-  const auto prompts = store_prompts(f, 3);
-  REQUIRE(eventually([&] { return f.stat("tier_writes") == 12; }));
-  f.server.kill();
-  f.server.start();
-  reconnected(f);
-  CHECK(f.stat("tier_recovered_chunks") == 12);
-  CHECK(f.stat("stores_committed") == 0);  // L1 starts empty: every hit below comes from disk
-  for (int p = 0; p < 3; ++p) CHECK(hit_and_verify(f, "warm-" + std::to_string(p), prompts[p]) == 4 * chunk);
-  CHECK(f.stat("tier_lookup_hits") == 12);
-}
-
-TEST_CASE("e2e: disk tier: flipped bytes and a truncated file are dropped and counted, never served") {
-  TempDir disk;
-  const std::string dir = disk.path() + "/tier";
-  Fixture f("64MiB", {"--l2-disk", dir, "--l2-disk-size", "4MiB", "--l2-write-through"});
-  f.server.start();
-  f.make();
-  const auto prompts = store_prompts(f, 3);
-  REQUIRE(eventually([&] { return f.stat("tier_writes") == 12; }));
-  f.server.kill();
-  // Flip a byte in every one of the first 4 slots, and cut the file after 8 slots.
-  const std::string data = dir + "/class-0-8192.data";
-  {
-    std::fstream file(data, std::ios::in | std::ios::out | std::ios::binary);
-    REQUIRE(file);
-    for (int slot = 0; slot < 4; ++slot) {
-      file.seekp(slot * 8192 + 1000);
-      file.put('\x33');
-    }
-  }
-  std::filesystem::resize_file(data, 8 * 8192);
-  f.server.start();
-  reconnected(f);
-  CHECK(f.stat("tier_recovered_chunks") == 8);
-  std::uint32_t hits = 0;
-  for (int p = 0; p < 3; ++p) hits += hit_and_verify(f, "after-" + std::to_string(p), prompts[p]);
-  MESSAGE("tokens hit after the damage: " << hits << " of " << 12 * chunk);
-  CHECK(hits <= 4 * chunk);  // at most the 4 intact slots' chunks
-  CHECK(f.stat("tier_corrupt_dropped") >= 4 + 1);  // 4 cut off, and at least one flipped that a lookup read
-  CHECK(f.stat("tier_healthy") == 1);  // a bad chunk is the chunk's problem, not the disk's
-}
-
-TEST_CASE("e2e: disk tier: a full filesystem makes the tier degraded, L1 keeps serving, and it recovers "
-          "once there is room" * doctest::skip(no_tmpfs)) {
-  TempDir disk;
-  const std::string mnt = disk.path() + "/small";
-  REQUIRE(std::filesystem::create_directory(mnt));
-  REQUIRE(::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=256k") == 0);
-  struct Unmount {
-    std::string path;
-    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
-  } unmount{mnt};
-  Fixture f("131072", {"--l2-disk", mnt + "/tier", "--l2-disk-size", "4MiB", "--l2-io-deadline-ms", "500"});
-  f.server.start();
-  f.make();
-  // The tier's data file cannot be preallocated: degraded, and the engine
-  // never notices (every store and retrieve succeeds from L1).
-  const auto prompts = store_prompts(f, 6);
-  REQUIRE(eventually([&] { return f.stat("tier_healthy") == 0; }));
-  CHECK(f.stat("tier_io_errors") >= 1);
-  std::this_thread::sleep_for(1s);  // probes run meanwhile: they see no room and it stays degraded, no flapping
-  CHECK(f.stat("tier_transitions") == 1);
-  CHECK(hit_and_verify(f, "l1-only", prompts[5]) == 4 * chunk);
-  CHECK(f.state_is(health::State::healthy));
-  // Room again: a probe finds it and the tier takes work again.
-  REQUIRE(::mount("tmpfs", mnt.c_str(), "tmpfs", MS_REMOUNT, "size=16m") == 0);
-  REQUIRE(eventually([&] { return f.stat("tier_healthy") == 1; }, 10s));
-  const auto more = store_prompts(f, 6, 48);
-  REQUIRE(eventually([&] { return f.stat("tier_writes") >= 8; }));
-  (void)more;
 }

@@ -184,6 +184,8 @@ const bool no_cluster = !kvlink::test::have_redis();
 
 std::shared_ptr<ClusterClient> cluster_client(asio::io_context& io, kvlink::test::RedisCluster& cluster) {
   ClusterConfig cfg;
+  cfg.health.interval = 100ms;
+  cfg.health.ping_timeout = 100ms;
   for (auto& n : cluster.nodes()) cfg.seeds.push_back({"127.0.0.1", n.port});
   auto client = ClusterClient::create(io.get_executor(), cfg);
   std::optional<Error> refreshed;
@@ -346,4 +348,36 @@ TEST_CASE("cluster tier: what one server stores, another finds and reads back by
   expiring.find({k}, [&](auto sizes) { found = std::move(sizes); });
   REQUIRE(run_until(io, [&] { return found.has_value(); }));
   CHECK_FALSE((*found)[0]);
+}
+
+TEST_CASE("redis cluster: a hung master (SIGSTOP) -> its heartbeat marks it down within its timeouts and its keys "
+          "miss at once; SIGCONT -> they hit again" * doctest::skip(no_cluster)) {
+  kvlink::test::RedisCluster cluster(3, 0, 5000);  // no failover within the test: the node must come back itself
+  asio::io_context io;
+  auto client = cluster_client(io, cluster);
+  const std::string k = "hang-key";
+  Answer set;
+  client->send(k, {"SET", k, "v"}, 5s, into(set));
+  REQUIRE(run_until(io, [&] { return set.done && !set.error; }));
+  const ClusterNode master = *client->slots().master(cluster_slot(k));
+  REQUIRE(run_until(io, [&] { return client->node_state(master) == health::State::healthy; }));
+  cluster.node(master.port)->proc->signal(SIGSTOP);
+  const auto t0 = std::chrono::steady_clock::now();
+  REQUIRE(run_until(io, [&] { return client->node_state(master) == health::State::degraded; }, 3s));
+  const auto detected = std::chrono::steady_clock::now() - t0;
+  MESSAGE("hung master detected after " << std::chrono::duration_cast<std::chrono::milliseconds>(detected).count()
+                                        << " ms (ping interval and timeout 100 ms)");
+  CHECK(detected < 500ms);
+  Answer miss;
+  const auto sent = std::chrono::steady_clock::now();
+  client->send(k, {"GET", k}, 5s, into(miss));
+  REQUIRE(run_until(io, [&] { return miss.done; }));
+  CHECK(miss.error == errc::not_connected);
+  CHECK(std::chrono::steady_clock::now() - sent < 50ms);  // at once, not the 5 s deadline
+  cluster.node(master.port)->proc->signal(SIGCONT);
+  REQUIRE(run_until(io, [&] { return client->node_state(master) == health::State::healthy; }, 5s));
+  Answer hit;
+  client->send(k, {"GET", k}, 5s, into(hit));
+  REQUIRE(run_until(io, [&] { return hit.done; }));
+  CHECK(hit.value == "v");
 }

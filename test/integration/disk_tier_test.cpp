@@ -1,0 +1,174 @@
+// The disk tier (--l2-disk) end to end: the real kvlink-server, both
+// adapters, every retrieved byte checked. Evictions written back and hit
+// again from disk, a warm restart after SIGKILL, flipped bytes and a
+// truncated file, a full filesystem (a tmpfs the test mounts). Runs in the
+// plain build only (test/meson.build): the sanitizer builds run the rest.
+#include <doctest/doctest.h>
+#include <sys/mount.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "e2e_fixture.hpp"
+
+using namespace kvlink;
+using namespace kvlink::adapter;
+using namespace std::chrono_literals;
+using namespace kvlink::test::e2e;
+using kvlink::test::TempDir;
+using kvlink::test::eventually;
+
+namespace {
+
+// Prompts of 4 chunks stored from their own blocks (8 per prompt from
+// `first_block`), their bytes in the engine's KV memory for checking.
+std::vector<std::vector<store::Token>> store_prompts(Fixture& f, int n, std::uint32_t first_block = 0) {
+  const auto kv = f.kv.view();
+  std::vector<std::vector<store::Token>> prompts;
+  for (int p = 0; p < n; ++p) {
+    auto tokens = prompt(4 * chunk, static_cast<store::Token>(100 * p + 1));
+    const auto src = test::blocks(first_block + 8 * static_cast<std::uint32_t>(p), 8);
+    sim::fill_tokens(kv, tokens, src, 0, 4 * chunk);
+    auto st = f.worker->submit_store(f.spec("store-" + std::to_string(p), tokens, src));
+    REQUIRE_MESSAGE(st, st.error().message());
+    prompts.push_back(std::move(tokens));
+  }
+  return prompts;
+}
+
+// Looks `tokens` up and retrieves what matched into fresh blocks: the
+// matched tokens, after checking every retrieved byte (0 mismatches).
+std::uint32_t hit_and_verify(Fixture& f, const std::string& id, const std::vector<store::Token>& tokens) {
+  const std::uint32_t matched = f.matched(id, tokens);
+  if (matched == 0) return 0;
+  const auto kv = f.kv.view();
+  const auto dst = test::blocks(engine_blocks, matched / block);
+  sim::poison_blocks(kv, dst);
+  std::vector<store::Token> hit(tokens.begin(), tokens.begin() + matched);
+  auto r = f.worker->submit_retrieve(f.spec(id, hit, dst));
+  REQUIRE_MESSAGE(r, r.error().message());
+  CHECK(mismatches(kv, tokens, dst, 0, matched) == 0);
+  return matched;
+}
+
+// After a restart: the worker registered again by itself, the scheduler's
+// link is up (it stays warming until its first lookup).
+void reconnected(Fixture& f) {
+  REQUIRE(eventually([&] {
+    return f.worker->monitor().state() == health::State::healthy && f.stat("registrations") == 1 &&
+           f.scheduler->monitor().connection() != nullptr;
+  }));
+}
+
+// Whether this process may mount a tmpfs (root, outside a locked-down
+// container): the full-filesystem test needs one.
+bool can_mount_tmpfs() {
+  char tmpl[] = "/tmp/kvlink-mount-XXXXXX";
+  if (!::mkdtemp(tmpl)) return false;
+  const bool ok = ::mount("tmpfs", tmpl, "tmpfs", 0, "size=64k") == 0;
+  if (ok) ::umount(tmpl);
+  ::rmdir(tmpl);
+  return ok;
+}
+const bool no_tmpfs = !can_mount_tmpfs();
+
+}  // namespace
+
+TEST_CASE("e2e: disk tier: chunks L1 evicted are written back and come back as hits from disk, byte-exact") {
+  TempDir disk;
+  Fixture f("131072", {"--l2-disk", disk.path() + "/tier", "--l2-disk-size", "4MiB"});  // L1: 16 chunks
+  f.server.start();
+  f.make();
+  const auto prompts = store_prompts(f, 6);  // 24 chunks
+  CHECK(f.stat("evictions") >= 8);
+  REQUIRE(eventually([&] { return f.stat("tier_writes") >= 8; }));
+  CHECK(f.stat("tier_writes_skipped") == 0);
+  // The first prompts left L1: their lookups find them on disk.
+  CHECK(hit_and_verify(f, "again-0", prompts[0]) == 4 * chunk);
+  CHECK(hit_and_verify(f, "again-1", prompts[1]) == 4 * chunk);
+  CHECK(f.stat("tier_lookup_hits") >= 8);
+  CHECK(f.stat("tier_reads") >= 8);
+  CHECK(f.stat("tier_corrupt_dropped") == 0);
+  // Two-phase lookups (a pending job while the disk reads) hit the same way.
+  f.make(LookupMode::two_phase);
+  CHECK(hit_and_verify(f, "again-2", prompts[2]) == 4 * chunk);
+}
+
+TEST_CASE("e2e: disk tier: after SIGKILL and a restart on the same directory the chunks are hits again") {
+  TempDir disk;
+  Fixture f("64MiB", {"--l2-disk", disk.path() + "/tier", "--l2-disk-size", "4MiB", "--l2-write-through"});
+  f.server.start();
+  f.make();
+  const auto prompts = store_prompts(f, 3);
+  REQUIRE(eventually([&] { return f.stat("tier_writes") == 12; }));
+  f.server.kill();
+  f.server.start();
+  reconnected(f);
+  CHECK(f.stat("tier_recovered_chunks") == 12);
+  CHECK(f.stat("stores_committed") == 0);  // L1 starts empty: every hit below comes from disk
+  for (int p = 0; p < 3; ++p) CHECK(hit_and_verify(f, "warm-" + std::to_string(p), prompts[p]) == 4 * chunk);
+  CHECK(f.stat("tier_lookup_hits") == 12);
+}
+
+TEST_CASE("e2e: disk tier: flipped bytes and a truncated file are dropped and counted, never served") {
+  TempDir disk;
+  const std::string dir = disk.path() + "/tier";
+  Fixture f("64MiB", {"--l2-disk", dir, "--l2-disk-size", "4MiB", "--l2-write-through"});
+  f.server.start();
+  f.make();
+  const auto prompts = store_prompts(f, 3);
+  REQUIRE(eventually([&] { return f.stat("tier_writes") == 12; }));
+  f.server.kill();
+  // Flip a byte in every one of the first 4 slots, and cut the file after 8 slots.
+  const std::string data = dir + "/class-0-8192.data";
+  {
+    std::fstream file(data, std::ios::in | std::ios::out | std::ios::binary);
+    REQUIRE(file);
+    for (int slot = 0; slot < 4; ++slot) {
+      file.seekp(slot * 8192 + 1000);
+      file.put('\x33');
+    }
+  }
+  std::filesystem::resize_file(data, 8 * 8192);
+  f.server.start();
+  reconnected(f);
+  CHECK(f.stat("tier_recovered_chunks") == 8);
+  std::uint32_t hits = 0;
+  for (int p = 0; p < 3; ++p) hits += hit_and_verify(f, "after-" + std::to_string(p), prompts[p]);
+  MESSAGE("tokens hit after the damage: " << hits << " of " << 12 * chunk);
+  CHECK(hits <= 4 * chunk);  // at most the 4 intact slots' chunks
+  CHECK(f.stat("tier_corrupt_dropped") >= 4 + 1);  // 4 cut off, and at least one flipped that a lookup read
+  CHECK(f.stat("tier_healthy") == 1);  // a bad chunk is the chunk's problem, not the disk's
+}
+
+TEST_CASE("e2e: disk tier: a full filesystem makes the tier degraded, L1 keeps serving, and it recovers "
+          "once there is room" * doctest::skip(no_tmpfs)) {
+  TempDir disk;
+  const std::string mnt = disk.path() + "/small";
+  REQUIRE(std::filesystem::create_directory(mnt));
+  REQUIRE(::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=256k") == 0);
+  struct Unmount {
+    std::string path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+  Fixture f("131072", {"--l2-disk", mnt + "/tier", "--l2-disk-size", "4MiB", "--l2-io-deadline-ms", "500"});
+  f.server.start();
+  f.make();
+  // The tier's data file cannot be preallocated: degraded, and the engine
+  // never notices (every store and retrieve succeeds from L1).
+  const auto prompts = store_prompts(f, 6);
+  REQUIRE(eventually([&] { return f.stat("tier_healthy") == 0; }));
+  CHECK(f.stat("tier_io_errors") >= 1);
+  std::this_thread::sleep_for(1s);  // probes run meanwhile: they see no room and it stays degraded, no flapping
+  CHECK(f.stat("tier_transitions") == 1);
+  CHECK(hit_and_verify(f, "l1-only", prompts[5]) == 4 * chunk);
+  CHECK(f.state_is(health::State::healthy));
+  // Room again: a probe finds it and the tier takes work again.
+  REQUIRE(::mount("tmpfs", mnt.c_str(), "tmpfs", MS_REMOUNT, "size=16m") == 0);
+  REQUIRE(eventually([&] { return f.stat("tier_healthy") == 1; }, 10s));
+  const auto more = store_prompts(f, 6, 48);
+  REQUIRE(eventually([&] { return f.stat("tier_writes") >= 8; }));
+  (void)more;
+}
