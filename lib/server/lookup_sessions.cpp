@@ -188,36 +188,65 @@ void LookupSessions::answer(const Lookup& l, std::uint32_t matched, ReplySink* s
 }
 
 bool LookupSessions::wait_for_tier(TierWait& w, const InFlight::ConnectionCount& conn, TimePoint now) {
-  // The chunks from the first miss on that are whole (every rank) in L1 or
-  // on the tier, a slice's worth of keys at most.
-  const std::uint64_t id = next_wait_;
-  std::weak_ptr<bool> alive = alive_;
-  const auto landed = [this, alive, id] {
-    if (auto a = alive.lock(); a && *a) fetch_landed(id);
-  };
+  store::LowerTier* tier = fetches_.tier();
+  if (!tier->accepting()) return false;
+  // The tier is asked about the chunks from the first miss on (every rank
+  // of each, a slice's worth of keys at most); found() fetches the prefix
+  // it holds whole.
   const wire::LookupRequest& req = w.lookup.req;
   const auto n = static_cast<std::uint32_t>(req.hashes.size());
-  std::size_t pending = 0;
-  std::size_t keys = 0;
+  const std::uint32_t ranks = req.world_size;
+  const std::uint32_t chunks =
+      std::min<std::uint32_t>(n - w.first, std::max<std::uint32_t>(1, static_cast<std::uint32_t>(keys_per_slice / ranks)));
+  std::vector<ChunkKey> keys;
+  keys.reserve(std::size_t{chunks} * ranks);
+  for (std::uint32_t i = 0; i < chunks; ++i)
+    for (std::uint32_t r = 0; r < ranks; ++r) keys.push_back(ChunkKey{req.ns, req.hashes[w.first + i], r});
+  const std::uint64_t id = next_wait_++;
   w.end = w.first;
-  for (; w.end < n && keys < keys_per_slice; ++w.end) {
+  w.waiting = 1;  // the find
+  w.deadline = now + config_.l2_lookup_wait;
+  w.ticket = in_flight_.start(conn, w.lookup.key.second);
+  tier_waits_.emplace(id, std::move(w));
+  // The fetches are stamped with the time of the ask (the find is quick,
+  // and a remote tier's answer carries no clock).
+  tier->find(keys, [this, alive = std::weak_ptr<bool>(alive_), id, keys,
+                    now](std::vector<std::optional<std::uint64_t>> sizes) {
+    if (auto a = alive.lock(); a && *a) found(id, keys, sizes, now);
+  });
+  return true;
+}
+
+void LookupSessions::found(std::uint64_t wait_id, std::span<const ChunkKey> keys,
+                           const std::vector<std::optional<std::uint64_t>>& sizes, TimePoint now) {
+  auto it = tier_waits_.find(wait_id);
+  if (it == tier_waits_.end()) return;  // answered already: its deadline passed
+  TierWait& w = it->second;
+  const auto landed = [this, alive = std::weak_ptr<bool>(alive_), wait_id] {
+    if (auto a = alive.lock(); a && *a) fetch_landed(wait_id);
+  };
+  const std::uint32_t ranks = w.lookup.req.world_size;
+  std::size_t pending = 0;
+  for (std::size_t k = 0; k + ranks <= keys.size(); k += ranks) {
     bool whole = true;
-    for (std::uint32_t r = 0; r < req.world_size && whole; ++r, ++keys) {
-      switch (fetches_.fetch(ChunkKey{req.ns, req.hashes[w.end], r}, now, landed)) {
+    for (std::uint32_t r = 0; r < ranks && whole; ++r) {
+      const ChunkKey& key = keys[k + r];
+      const auto size = k + r < sizes.size() ? sizes[k + r] : std::nullopt;
+      if (!size && !store_.find(key) && !fetches_.pending(key)) {
+        whole = false;
+        break;
+      }
+      switch (fetches_.fetch(key, size.value_or(0), now, landed)) {
         case TierFetches::Fetch::in_l1: break;
         case TierFetches::Fetch::pending: ++pending; break;
         case TierFetches::Fetch::unavailable: whole = false; break;
       }
     }
     if (!whole) break;
+    ++w.end;
   }
-  if (pending == 0) return false;
-  ++next_wait_;
   w.waiting = pending;
-  w.deadline = now + config_.l2_lookup_wait;
-  w.ticket = in_flight_.start(conn, w.lookup.key.second);
-  tier_waits_.emplace(id, std::move(w));
-  return true;
+  if (pending == 0) finish_tier_wait(wait_id, now);
 }
 
 void LookupSessions::fetch_landed(std::uint64_t wait_id) {

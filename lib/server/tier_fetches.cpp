@@ -4,7 +4,7 @@
 
 namespace kvlink::server {
 
-TierFetches::Fetch TierFetches::fetch(const store::ChunkKey& key, TimePoint now, Done done) {
+TierFetches::Fetch TierFetches::fetch(const store::ChunkKey& key, std::uint64_t bytes, TimePoint now, Done done) {
   if (store_.find(key)) return Fetch::in_l1;
   if (auto it = pending_.find(key); it != pending_.end()) {
     ++stats_.joined;
@@ -12,16 +12,14 @@ TierFetches::Fetch TierFetches::fetch(const store::ChunkKey& key, TimePoint now,
     return Fetch::pending;
   }
   if (!tier_ || !tier_->accepting()) return Fetch::unavailable;
-  const auto bytes = tier_->holds(key);
-  if (!bytes) return Fetch::unavailable;
   // Fetched chunks belong to no instance: no quota applies to them.
   store::Slot slot = 0;
   std::uint64_t generation = 0;
-  const auto got = store_.reserve(key, store::Writer{*bytes, 0, 0}, now, slot, generation);
+  const auto got = store_.reserve(key, store::Writer{bytes, 0, 0}, now, slot, generation);
   if (got == store::KvStore::Reserve::present) return Fetch::in_l1;
   if (got != store::KvStore::Reserve::reserved) return Fetch::unavailable;  // a STORE writing it, no room
   std::weak_ptr<bool> alive = alive_;
-  auto err = tier_->get(key, now, [this, alive, key](const Error& error, std::span<const std::byte> data) {
+  auto err = tier_->get(key, bytes, now, [this, alive, key](const Error& error, std::span<const std::byte> data) {
     if (auto a = alive.lock(); a && *a) landed(key, error, data);
   });
   if (err) {
@@ -29,7 +27,7 @@ TierFetches::Fetch TierFetches::fetch(const store::ChunkKey& key, TimePoint now,
     return Fetch::unavailable;
   }
   ++stats_.started;
-  pending_.emplace(key, Pending{generation, slot, *bytes, {std::move(done)}});
+  pending_.emplace(key, Pending{generation, slot, bytes, {std::move(done)}});
   return Fetch::pending;
 }
 

@@ -14,7 +14,23 @@ ClusterTier::~ClusterTier() {
 
 void ClusterTier::start(std::function<void(const Error&)> done) { client_->refresh(std::move(done)); }
 
-bool ClusterTier::put(const ChunkKey& key, std::span<const std::byte> bytes) {
+void ClusterTier::tick(TimePoint now) {
+  if (accepting() || now < next_refresh_) return;
+  next_refresh_ = now + std::chrono::seconds(1);
+  client_->refresh();
+}
+
+LowerTierStats ClusterTier::stats() const {
+  LowerTierStats s = stats_;
+  s.healthy = accepting();
+  return s;
+}
+
+bool ClusterTier::put(const ChunkKey& key, std::span<const std::byte> bytes, TimePoint) {
+  if (!accepting()) {
+    ++stats_.writes_skipped;
+    return false;
+  }
   const std::uint64_t size = cluster_header_bytes + bytes.size();
   if (stats_.write_bytes_in_flight > 0 && stats_.write_bytes_in_flight + size > config_.max_write_bytes_in_flight) {
     ++stats_.writes_skipped;
@@ -42,7 +58,7 @@ bool ClusterTier::put(const ChunkKey& key, std::span<const std::byte> bytes) {
   return true;
 }
 
-void ClusterTier::find(std::vector<ChunkKey> keys, Found done) {
+void ClusterTier::find(std::span<const ChunkKey> keys, Found done) {
   struct State {
     std::vector<std::optional<std::uint64_t>> sizes;
     std::size_t left = 0;
@@ -67,7 +83,7 @@ void ClusterTier::find(std::vector<ChunkKey> keys, Found done) {
   }
 }
 
-Error ClusterTier::get(const ChunkKey& key, std::uint64_t slot_bytes, LowerTier::ReadDone done) {
+Error ClusterTier::get(const ChunkKey& key, std::uint64_t slot_bytes, TimePoint, ReadDone done) {
   const std::uint64_t size = cluster_header_bytes + slot_bytes;
   if (stats_.read_bytes_in_flight > 0 && stats_.read_bytes_in_flight + size > config_.max_read_bytes_in_flight)
     return Error(errc::limit_exceeded, "the cluster tier's reads in flight are at their bound");

@@ -33,30 +33,31 @@ struct ClusterTierConfig {
   std::uint64_t max_read_bytes_in_flight = std::uint64_t{256} << 20;
 };
 
-class ClusterTier {
+class ClusterTier final : public LowerTier {
  public:
   ClusterTier(asio::any_io_executor ex, ClusterTierConfig config);
-  ~ClusterTier();
+  ~ClusterTier() override;
 
-  // Reads the slot map; `done` says whether the cluster answered.
-  void start(std::function<void(const Error&)> done);
+  // Reads the slot map; `done` says whether the cluster answered. Until
+  // one did, the tier takes nothing (accepting() is false) and tick()
+  // asks again every second.
+  void start(std::function<void(const Error&)> done = {});
 
-  bool put(const ChunkKey& key, std::span<const std::byte> bytes);
+  bool accepting() const override { return !client_->slots().empty(); }
   // Per key: the chunk's size when the cluster holds a value for it (its
   // bytes are checked only by get()), else nullopt (missing, unreachable).
-  using Found = std::function<void(std::vector<std::optional<std::uint64_t>>)>;
-  void find(std::vector<ChunkKey> keys, Found done);
-  // `key`'s chunk of `slot_bytes` bytes: done(success, bytes valid during
-  // the call) or done(error, {}). An Error returned now: done never runs.
-  Error get(const ChunkKey& key, std::uint64_t slot_bytes, LowerTier::ReadDone done);
-
-  LowerTierStats stats() const { return stats_; }
+  void find(std::span<const ChunkKey> keys, Found done) override;
+  bool put(const ChunkKey& key, std::span<const std::byte> bytes, TimePoint now) override;
+  Error get(const ChunkKey& key, std::uint64_t bytes, TimePoint now, ReadDone done) override;
+  void tick(TimePoint now) override;
+  LowerTierStats stats() const override;
   ClusterClient& client() { return *client_; }
 
  private:
   ClusterTierConfig config_;
   std::shared_ptr<ClusterClient> client_;
   LowerTierStats stats_;
+  TimePoint next_refresh_{};
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 

@@ -82,6 +82,13 @@ DiskTier::~DiskTier() {
   // the ops' buffers. No `done` runs from here.
 }
 
+void DiskTier::find(std::span<const ChunkKey> keys, Found done) {
+  std::vector<std::optional<std::uint64_t>> sizes;
+  sizes.reserve(keys.size());
+  for (const auto& k : keys) sizes.push_back(accepting() ? holds(k) : std::nullopt);
+  done(std::move(sizes));
+}
+
 std::optional<std::uint64_t> DiskTier::holds(const ChunkKey& key) const {
   auto where = index_.find(key);
   if (!where) return std::nullopt;
@@ -218,11 +225,16 @@ bool DiskTier::put(const ChunkKey& key, std::span<const std::byte> bytes, TimePo
   return true;
 }
 
-Error DiskTier::get(const ChunkKey& key, TimePoint now, ReadDone done) {
+Error DiskTier::get(const ChunkKey& key, std::uint64_t bytes, TimePoint now, ReadDone done) {
   if (!health_.accepting())
     return Error(errc::not_connected, "the disk tier is degraded: serving from L1 only until a probe succeeds");
   auto pin = index_.pin_read(key);
   if (!pin) return pin.error();
+  if (bytes != 0 && pin->where.bytes != bytes) {
+    index_.unpin(*pin);
+    return Error(errc::not_found, fmt::format("chunk {} is on the disk tier with {} bytes, not {}", to_string(key.hash),
+                                              pin->where.bytes, bytes));
+  }
   const std::uint64_t stride = disk_slot_stride(pin->where.bytes);
   if (read_bytes_in_flight_ > 0 && read_bytes_in_flight_ + stride > config_.max_read_bytes_in_flight) {
     index_.unpin(*pin);

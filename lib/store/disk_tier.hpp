@@ -58,9 +58,13 @@ class DiskTier final : public LowerTier {
   DiskTier& operator=(const DiskTier&) = delete;
 
   bool accepting() const override { return health_.accepting(); }
-  std::optional<std::uint64_t> holds(const ChunkKey& key) const override;
+  // The index knows at once: `done` runs before find() returns.
+  void find(std::span<const ChunkKey> keys, Found done) override;
   bool put(const ChunkKey& key, std::span<const std::byte> bytes, TimePoint now) override;
-  Error get(const ChunkKey& key, TimePoint now, ReadDone done) override;
+  Error get(const ChunkKey& key, std::uint64_t bytes, TimePoint now, ReadDone done) override;
+  Error get(const ChunkKey& key, TimePoint now, ReadDone done) { return get(key, 0, now, std::move(done)); }
+  // The size of `key`'s chunk when it is on the tier whole, else nullopt.
+  std::optional<std::uint64_t> holds(const ChunkKey& key) const;
   void tick(TimePoint now) override;
   LowerTierStats stats() const override;
 

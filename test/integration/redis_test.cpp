@@ -296,7 +296,7 @@ TEST_CASE("cluster tier: what one server stores, another finds and reads back by
   std::vector<ChunkKey> keys;
   for (std::size_t i = 0; i < n; ++i) {
     keys.push_back(ChunkKey{99, ChunkHash{i + 1, 7}, 0});
-    CHECK(a.put(keys.back(), chunk(i)));
+    CHECK(a.put(keys.back(), chunk(i), Clock::now()));
   }
   REQUIRE(run_until(io, [&] { return a.stats().writes == n; }));
   keys.push_back(ChunkKey{99, ChunkHash{12345, 7}, 0});  // never stored
@@ -307,7 +307,7 @@ TEST_CASE("cluster tier: what one server stores, another finds and reads back by
   CHECK_FALSE((*found)[n]);
   std::size_t verified = 0;
   for (std::size_t i = 0; i < n; ++i)
-    REQUIRE_FALSE(b.get(keys[i], size, [&, i](const Error& e, std::span<const std::byte> got) {
+    REQUIRE_FALSE(b.get(keys[i], size, Clock::now(), [&, i](const Error& e, std::span<const std::byte> got) {
       REQUIRE_MESSAGE(!e, e.message());
       const auto want = chunk(i);
       CHECK(std::equal(got.begin(), got.end(), want.begin(), want.end()));
@@ -321,10 +321,10 @@ TEST_CASE("cluster tier: what one server stores, another finds and reads back by
   b.client().send(cluster_key(keys[0]), {"SET", cluster_key(keys[0]), std::string(size + 48, 'x')}, 2s, into(raw));
   REQUIRE(run_until(io, [&] { return raw.done; }));
   std::optional<Error> bad, other;
-  REQUIRE_FALSE(b.get(keys[0], size, [&](const Error& e, std::span<const std::byte>) { bad = e; }));
-  REQUIRE_FALSE(b.get(keys[1], size / 2, [&](const Error& e, std::span<const std::byte>) { other = e; }));
+  REQUIRE_FALSE(b.get(keys[0], size, Clock::now(), [&](const Error& e, std::span<const std::byte>) { bad = e; }));
+  REQUIRE_FALSE(b.get(keys[1], size / 2, Clock::now(), [&](const Error& e, std::span<const std::byte>) { other = e; }));
   std::optional<Error> missing;
-  REQUIRE_FALSE(b.get(keys[n], size, [&](const Error& e, std::span<const std::byte>) { missing = e; }));
+  REQUIRE_FALSE(b.get(keys[n], size, Clock::now(), [&](const Error& e, std::span<const std::byte>) { missing = e; }));
   REQUIRE(run_until(io, [&] { return bad && other && missing; }));
   CHECK(*bad == errc::server_error);
   CHECK(*other == errc::server_error);
@@ -337,15 +337,15 @@ TEST_CASE("cluster tier: what one server stores, another finds and reads back by
   expiring.start([&](const Error&) { up = true; });
   REQUIRE(run_until(io, [&] { return up; }));
   const ChunkKey k{99, ChunkHash{777, 7}, 0};
-  expiring.put(k, chunk(7));
+  expiring.put(k, chunk(7), Clock::now());
   REQUIRE(run_until(io, [&] { return expiring.stats().writes == 1; }));
   found.reset();
-  expiring.find({k}, [&](auto sizes) { found = std::move(sizes); });
+  expiring.find(std::span(&k, 1), [&](auto sizes) { found = std::move(sizes); });
   REQUIRE(run_until(io, [&] { return found.has_value(); }));
   CHECK((*found)[0] == size);
   run_until(io, [] { return false; }, 2100ms);
   found.reset();
-  expiring.find({k}, [&](auto sizes) { found = std::move(sizes); });
+  expiring.find(std::span(&k, 1), [&](auto sizes) { found = std::move(sizes); });
   REQUIRE(run_until(io, [&] { return found.has_value(); }));
   CHECK_FALSE((*found)[0]);
 }

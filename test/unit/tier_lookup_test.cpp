@@ -39,18 +39,35 @@ struct FakeTier final : store::LowerTier {
   int puts = 0;
 
   bool accepting() const override { return healthy; }
-  std::optional<std::uint64_t> holds(const store::ChunkKey& key) const override {
+  std::optional<std::uint64_t> holds(const store::ChunkKey& key) const {
     auto it = held.find(key);
     if (it == held.end()) return std::nullopt;
     return it->second.size();
+  }
+  // Answers at once (like the disk), or, with `defer_finds`, when the test
+  // calls answer_finds() (like a remote tier).
+  bool defer_finds = false;
+  std::vector<std::pair<std::vector<store::ChunkKey>, Found>> finds;
+  void find(std::span<const store::ChunkKey> keys, Found done) override {
+    finds.emplace_back(std::vector<store::ChunkKey>(keys.begin(), keys.end()), std::move(done));
+    if (!defer_finds) answer_finds();
+  }
+  void answer_finds() {
+    auto pending = std::move(finds);
+    finds.clear();
+    for (auto& [keys, done] : pending) {
+      std::vector<std::optional<std::uint64_t>> sizes;
+      for (const auto& k : keys) sizes.push_back(holds(k));
+      done(std::move(sizes));
+    }
   }
   bool put(const store::ChunkKey& key, std::span<const std::byte> bytes, TimePoint) override {
     ++puts;
     held[key].assign(bytes.begin(), bytes.end());
     return true;
   }
-  Error get(const store::ChunkKey& key, TimePoint, ReadDone done) override {
-    if (!holds(key)) return Error(errc::not_found, "not on the fake tier");
+  Error get(const store::ChunkKey& key, std::uint64_t bytes, TimePoint, ReadDone done) override {
+    if (holds(key) != bytes) return Error(errc::not_found, "not on the fake tier with that size");
     reads.emplace_back(key, std::move(done));
     return {};
   }
@@ -251,4 +268,27 @@ TEST_CASE("tier write-back: L1's evictions reach the eviction hook with their by
   // CLEAR is no eviction: what it drops is not written down.
   CHECK(st.clear() == 4);
   CHECK(tier.puts == 2);
+}
+
+TEST_CASE("tier lookup: a tier that answers its find later (a remote one): the lookup waits for the find, then "
+          "the fetches; its deadline covers both") {
+  Fixture fx;
+  fx.tier.defer_finds = true;
+  fx.sync_lookup(7, *fx.sink);
+  CHECK(fx.sink->frames().empty());
+  CHECK(fx.tier.reads.empty());  // nothing fetched before the tier said what it has
+  fx.tier.answer_finds();
+  CHECK(fx.tier.reads.size() == 2);
+  fx.tier.complete();
+  CHECK(fx.sink->only_reply<LookupResult>().matched_chunks == 4);
+
+  // A find that never answers: the lookup answers with L1's at its deadline.
+  fx.sync_lookup(8, *fx.sink);
+  fx.now += fx.config.l2_lookup_wait;
+  fx.lookups.tick(fx.now);
+  CHECK(fx.sink->only_reply<LookupResult>().matched_chunks == 4);  // 2-3 landed in L1 before
+  fx.lookups.end_session(fx.scheduler, RequestFrame(EndSessionRequest{ns, 7, fx.hashes}), *fx.sink, fx.now);
+  (void)fx.sink->only_reply<Empty>();
+  fx.tier.answer_finds();  // late: nothing happens
+  CHECK(fx.sink->frames().empty());
 }

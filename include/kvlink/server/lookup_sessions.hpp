@@ -16,6 +16,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <unordered_map>
 #include <utility>
@@ -124,9 +125,13 @@ class LookupSessions {
     InFlight::Ticket ticket;
   };
 
-  // A lookup missed L1 at chunk `first`: fetches what the tier holds from
-  // there. False when nothing is coming (answer now); true when `w` waits.
+  // A lookup missed L1 at chunk `first`: asks the tier what it holds from
+  // there (find), then fetches that. False when the tier takes nothing now
+  // (answer at once); true when `w` was taken (it may be answered already).
   bool wait_for_tier(TierWait& w, const InFlight::ConnectionCount& conn, TimePoint now);
+  // The tier's answer to the find: fetches the prefix it holds whole.
+  void found(std::uint64_t wait_id, std::span<const store::ChunkKey> keys,
+             const std::vector<std::optional<std::uint64_t>>& sizes, TimePoint now);
   void fetch_landed(std::uint64_t wait_id);
   // Matches from w.first on (locking), records and answers.
   void finish_tier_wait(std::uint64_t wait_id, TimePoint now);

@@ -40,12 +40,15 @@ class TierFetches {
   enum class Fetch : std::uint8_t {
     in_l1,        // present in L1 now: nothing to wait for
     pending,      // on its way: `done` runs when it lands or fails
-    unavailable,  // not on the tier, the tier is degraded, or no L1 room
+    unavailable,  // the tier is degraded or refused the read, or no L1 room
   };
-  // Brings `key` into L1 if the tier has it. `done` (only for pending)
-  // runs on this thread from the tier's completion, never inside fetch().
+  // Brings `key`'s chunk of `bytes` (as the tier's find() said) into L1.
+  // `done` (only for pending) runs on this thread from the tier's
+  // completion, never inside fetch().
   using Done = std::function<void()>;
-  Fetch fetch(const store::ChunkKey& key, TimePoint now, Done done);
+  Fetch fetch(const store::ChunkKey& key, std::uint64_t bytes, TimePoint now, Done done);
+  // Whether `key` is on its way into L1 already.
+  bool pending(const store::ChunkKey& key) const { return pending_.count(key) != 0; }
 
   std::size_t in_flight() const { return pending_.size(); }
   const TierFetchStats& stats() const { return stats_; }

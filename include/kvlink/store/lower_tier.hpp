@@ -6,6 +6,8 @@
 // Rules every tier keeps:
 // - put() copies the bytes before it returns (L1's slot may be reused at
 //   once) and never blocks; what it cannot take now it drops and counts.
+// - find()'s `done` may run before find() returns (a tier that knows at
+//   once, like the disk's index) or later on the same thread.
 // - get()'s `done` runs later on the same thread, never inside get(); an
 //   Error returned by get() means `done` never runs.
 // - A chunk is readable only once completely written; bytes that fail
@@ -18,6 +20,7 @@
 #include <functional>
 #include <optional>
 #include <span>
+#include <vector>
 
 #include "kvlink/clock.hpp"
 #include "kvlink/error.hpp"
@@ -54,15 +57,17 @@ class LowerTier {
 
   // Whether new work may go to the tier (false while it is degraded).
   virtual bool accepting() const = 0;
-  // The size of `key`'s chunk when the tier holds it whole now, else
-  // nullopt. Cheap: a lookup asks it per key.
-  virtual std::optional<std::uint64_t> holds(const ChunkKey& key) const = 0;
+  // Which of `keys` the tier holds whole now, with their sizes (nullopt:
+  // not there, or the tier could not say).
+  using Found = std::function<void(std::vector<std::optional<std::uint64_t>>)>;
+  virtual void find(std::span<const ChunkKey> keys, Found done) = 0;
   // Writes a copy of `bytes` for `key`. False when not taken (counted).
   virtual bool put(const ChunkKey& key, std::span<const std::byte> bytes, TimePoint now) = 0;
-  // Reads `key`'s chunk: `done(success, bytes)` with exactly the chunk's
-  // bytes (valid during the call only), or `done(error, {})`.
+  // Reads `key`'s chunk of `bytes` bytes (as find() said): `done(success,
+  // bytes)` with exactly the chunk's bytes (valid during the call only), or
+  // `done(error, {})`.
   using ReadDone = std::function<void(const Error&, std::span<const std::byte>)>;
-  virtual Error get(const ChunkKey& key, TimePoint now, ReadDone done) = 0;
+  virtual Error get(const ChunkKey& key, std::uint64_t bytes, TimePoint now, ReadDone done) = 0;
   // Timed housekeeping (health probes, stalls, journal upkeep); the server
   // calls it every tick.
   virtual void tick(TimePoint now) = 0;
