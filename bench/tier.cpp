@@ -253,10 +253,10 @@ void disk_hit(const std::string& base, int rounds) {
       st = scheduler->check_lookup(id);
     }
     if (!st || !st->ready || st->matched_tokens != 256)
-      throw std::runtime_error(fmt::format("round {}: the lookup did not hit the chunk ({}; tier_writes {}, tier_chunks "
+      throw std::runtime_error(fmt::format("round {}: the lookup did not hit the chunk ({}; disk_writes {}, disk_chunks "
                                            "{}, evictions {})",
                                            r, !st ? st.error().message() : fmt::format("ready {} matched {}", st->ready, st->matched_tokens),
-                                           stat_of(ep, "tier_writes"), stat_of(ep, "tier_chunks"), stat_of(ep, "evictions")));
+                                           stat_of(ep, "disk_writes"), stat_of(ep, "disk_chunks"), stat_of(ep, "evictions")));
     if (auto got = worker->submit_retrieve(spec(id, t, dst)); !got || got->retrieved_chunks != 1)
       throw std::runtime_error("retrieve failed: " + (got ? std::string("nothing retrieved") : got.error().message()));
     hit.push_back(seconds(Clock::now() - t0));
@@ -294,7 +294,7 @@ void warm_restart(const std::string& base, int rounds, std::uint64_t n) {
       const auto t0 = Clock::now();
       server.start(60s);
       (with_disk ? warm : cold).push_back(seconds(Clock::now() - t0));
-      if (with_disk && stat_of("unix:" + dir.path + "/s.sock", "tier_recovered_chunks") != static_cast<std::int64_t>(n))
+      if (with_disk && stat_of("unix:" + dir.path + "/s.sock", "disk_recovered_chunks") != static_cast<std::int64_t>(n))
         throw std::runtime_error("the restarted server did not find every chunk");
       server.kill();
     }

@@ -37,14 +37,41 @@ RequestHandler::RequestHandler(const ServerConfig& config, std::uint64_t boot_id
   fill_stats_table();
 }
 
-void RequestHandler::attach_tier(store::LowerTier* tier) {
-  tier_ = tier;
-  fetches_.set_tier(tier);
-  transfers_.set_write_through(config_.l2_write_through ? tier : nullptr);
-  if (!tier) return store_.set_eviction_hook(nullptr);
-  store_.set_eviction_hook([tier](const store::ChunkKey& key, std::span<const std::byte> bytes) {
-    (void)tier->put(key, bytes, Clock::now());  // not taken: counted by the tier
+void RequestHandler::attach_tier(TierChain::Member tier) {
+  add_tier_stats(tier.name, *tier.tier);
+  tiers_.add(std::move(tier));
+  fetches_.set_tier(&tiers_);
+  transfers_.set_tiers(&tiers_);
+  store_.set_eviction_hook([this](const store::ChunkKey& key, std::span<const std::byte> bytes) {
+    tiers_.evicted(key, bytes, Clock::now());
   });
+}
+
+void RequestHandler::add_tier_stats(const std::string& name, const store::LowerTier& tier) {
+  using S = store::LowerTierStats;
+  const auto row = [&](const char* what, auto field) {
+    stats_.add(name + "_" + what, [&tier, field] { return static_cast<std::uint64_t>(tier.stats().*field); });
+  };
+  stats_.add(name + "_enabled", [] { return std::uint64_t{1}; });
+  row("healthy", &S::healthy);
+  row("chunks", &S::chunks);
+  row("bytes", &S::bytes);
+  row("capacity_bytes", &S::capacity_bytes);
+  row("writes", &S::writes);
+  row("write_bytes", &S::write_bytes);
+  row("writes_failed", &S::writes_failed);
+  row("writes_skipped", &S::writes_skipped);
+  row("reads", &S::reads);
+  row("read_bytes", &S::read_bytes);
+  row("reads_failed", &S::reads_failed);
+  row("corrupt_dropped", &S::corrupt_dropped);
+  row("evictions", &S::evictions);
+  row("write_bytes_in_flight", &S::write_bytes_in_flight);
+  row("read_bytes_in_flight", &S::read_bytes_in_flight);
+  row("io_errors", &S::io_errors);
+  row("stalls", &S::stalls);
+  row("transitions", &S::transitions);
+  row("recovered_chunks", &S::recovered_chunks);
 }
 
 void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
@@ -58,7 +85,7 @@ void RequestHandler::tick(TimePoint now) {
   handshake_.reap(now);
   store_.tick(now);
   lookups_.tick(now);
-  if (tier_) tier_->tick(now);
+  tiers_.tick(now);
 }
 
 void RequestHandler::send_drain_notice(ReplySink& sink) const {
@@ -289,31 +316,8 @@ void RequestHandler::fill_stats_table() {
   // Registrations whose data path is down (their transfers are refused).
   t.add("data_path_down", [this] { return transfers_.data_paths_down(); });
   t.add("transfers_refused_data_path", [this] { return transfers_.refused_data_path(); });
-  // The tier below L1 (all 0 without one).
-  const auto tier = [this](auto field) {
-    return [this, field]() -> std::uint64_t { return tier_ ? static_cast<std::uint64_t>(tier_->stats().*field) : 0; };
-  };
-  using S = store::LowerTierStats;
-  t.add("tier_enabled", [this] { return tier_ ? 1 : 0; });
-  t.add("tier_healthy", tier(&S::healthy));
-  t.add("tier_chunks", tier(&S::chunks));
-  t.add("tier_bytes", tier(&S::bytes));
-  t.add("tier_capacity_bytes", tier(&S::capacity_bytes));
-  t.add("tier_writes", tier(&S::writes));
-  t.add("tier_write_bytes", tier(&S::write_bytes));
-  t.add("tier_writes_failed", tier(&S::writes_failed));
-  t.add("tier_writes_skipped", tier(&S::writes_skipped));
-  t.add("tier_reads", tier(&S::reads));
-  t.add("tier_read_bytes", tier(&S::read_bytes));
-  t.add("tier_reads_failed", tier(&S::reads_failed));
-  t.add("tier_corrupt_dropped", tier(&S::corrupt_dropped));
-  t.add("tier_evictions", tier(&S::evictions));
-  t.add("tier_write_bytes_in_flight", tier(&S::write_bytes_in_flight));
-  t.add("tier_read_bytes_in_flight", tier(&S::read_bytes_in_flight));
-  t.add("tier_io_errors", tier(&S::io_errors));
-  t.add("tier_stalls", tier(&S::stalls));
-  t.add("tier_transitions", tier(&S::transitions));
-  t.add("tier_recovered_chunks", tier(&S::recovered_chunks));
+  // Lookups and the tiers below L1 (each tier's own rows come with it:
+  // attach_tier).
   t.add("tier_lookup_hits", [this] { return lookups_.tier_hits(); });
   t.add("tier_lookups_waiting", [this] { return lookups_.tier_waits(); });
   t.add("tier_fetches_started", [this] { return fetches_.stats().started; });

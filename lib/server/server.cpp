@@ -176,7 +176,7 @@ void Server::Impl::open_disk_tier() {
             st.recovery.incomplete_writes, st.truncated_dropped,
             st.journal_unusable ? "; its journal did not fit --l2-disk-size, so it started empty" : "",
             disk->direct() ? "O_DIRECT" : "buffered (the filesystem refuses O_DIRECT)");
-  handler.attach_tier(disk.get());
+  handler.attach_tier({disk.get(), "disk", true, config.l2_write_through});
   const int fd = ::dup(disk->event_fd());
   if (fd < 0) throw std::runtime_error(fmt::format("--l2-disk {}: dup: {}", config.l2_disk, std::strerror(errno)));
   disk_events.emplace(io, fd);

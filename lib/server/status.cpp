@@ -206,33 +206,37 @@ std::string status_metrics(const ServerStatus& s) {
     m.counter("kvlink_refusals_total", "Requests or connections refused, by the limit or check that refused them",
               stat(name), {{"limit", limit}});
   m.gauge("kvlink_prefetch_jobs", "Prefetch jobs not yet polled", static_cast<double>(s.jobs));
-  if (stat("tier_enabled") > 0) {
+  for (const std::string tier : {"disk", "cluster"}) {
+    if (stat(tier + "_enabled") == 0) continue;
+    const metrics::Labels l{{"tier", tier}};
+    const auto is = [&](const char* what) { return stat(tier + "_" + what); };
     m.gauge("kvlink_tier_healthy", "1 while the tier below L1 takes work, 0 while it is degraded (L1-only service)",
-            stat("tier_healthy"));
-    m.gauge("kvlink_tier_chunks", "Complete chunks on the tier below L1", stat("tier_chunks"));
-    m.gauge("kvlink_tier_bytes", "Bytes of the tier's slots in use", stat("tier_bytes"));
-    m.gauge("kvlink_tier_capacity_bytes", "Bytes the tier may take", stat("tier_capacity_bytes"));
-    m.counter("kvlink_tier_chunks_total", "Chunks written to and read back from the tier", stat("tier_writes"),
-              {{"op", "write"}});
-    m.counter("kvlink_tier_chunks_total", "Chunks written to and read back from the tier", stat("tier_reads"),
-              {{"op", "read"}});
-    m.counter("kvlink_tier_bytes_total", "Chunk bytes written to and read back from the tier",
-              stat("tier_write_bytes"), {{"op", "write"}});
-    m.counter("kvlink_tier_bytes_total", "Chunk bytes written to and read back from the tier",
-              stat("tier_read_bytes"), {{"op", "read"}});
-    m.counter("kvlink_tier_failures_total", "Tier I/O that failed, by what", stat("tier_writes_failed"),
-              {{"op", "write"}});
-    m.counter("kvlink_tier_failures_total", "Tier I/O that failed, by what", stat("tier_reads_failed"),
-              {{"op", "read"}});
+            is("healthy"), l);
+    m.gauge("kvlink_tier_chunks", "Complete chunks on the tier below L1", is("chunks"), l);
+    m.gauge("kvlink_tier_bytes", "Bytes of the tier's slots in use", is("bytes"), l);
+    m.gauge("kvlink_tier_capacity_bytes", "Bytes the tier may take", is("capacity_bytes"), l);
+    m.counter("kvlink_tier_chunks_total", "Chunks written to and read back from the tier", is("writes"),
+              {{"tier", tier}, {"op", "write"}});
+    m.counter("kvlink_tier_chunks_total", "Chunks written to and read back from the tier", is("reads"),
+              {{"tier", tier}, {"op", "read"}});
+    m.counter("kvlink_tier_bytes_total", "Chunk bytes written to and read back from the tier", is("write_bytes"),
+              {{"tier", tier}, {"op", "write"}});
+    m.counter("kvlink_tier_bytes_total", "Chunk bytes written to and read back from the tier", is("read_bytes"),
+              {{"tier", tier}, {"op", "read"}});
+    m.counter("kvlink_tier_failures_total", "Tier I/O that failed, by what", is("writes_failed"),
+              {{"tier", tier}, {"op", "write"}});
+    m.counter("kvlink_tier_failures_total", "Tier I/O that failed, by what", is("reads_failed"),
+              {{"tier", tier}, {"op", "read"}});
     m.counter("kvlink_tier_writes_skipped_total",
               "Chunks not written to the tier: degraded, over the in-flight bound, no room, another layout",
-              stat("tier_writes_skipped"));
+              is("writes_skipped"), l);
     m.counter("kvlink_tier_corrupt_dropped_total", "Chunks that failed their checksum or were torn, dropped unserved",
-              stat("tier_corrupt_dropped"));
-    m.counter("kvlink_tier_evictions_total", "Chunks the tier dropped for room", stat("tier_evictions"));
-    m.counter("kvlink_tier_stalls_total", "Tier I/O past its deadline", stat("tier_stalls"));
-    m.counter("kvlink_tier_transitions_total", "Tier health changes (healthy <-> degraded)",
-              stat("tier_transitions"));
+              is("corrupt_dropped"), l);
+    m.counter("kvlink_tier_evictions_total", "Chunks the tier dropped for room", is("evictions"), l);
+    m.counter("kvlink_tier_stalls_total", "Tier I/O past its deadline", is("stalls"), l);
+    m.counter("kvlink_tier_transitions_total", "Tier health changes (healthy <-> degraded)", is("transitions"), l);
+  }
+  if (stat("disk_enabled") + stat("cluster_enabled") > 0) {
     m.counter("kvlink_tier_lookup_hits_total", "Chunks lookups matched that came up from the tier",
               stat("tier_lookup_hits"));
     m.gauge("kvlink_tier_lookups_waiting", "Lookups waiting for chunks from the tier", stat("tier_lookups_waiting"));

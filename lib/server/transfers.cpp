@@ -309,9 +309,8 @@ void Transfers::store(SessionState& session, const wire::Frame& frame, ReplySink
         continue;
       }
       p_.store.commit(r.key, r.generation, done);
-      if (!write_through_) continue;
-      if (const auto* e = p_.store.find(r.key))
-        (void)write_through_->put(r.key, {p_.pool.data(e->slot), p_.store.slot_bytes(*e)}, done);
+      if (!tiers_) continue;
+      if (const auto* e = p_.store.find(r.key)) tiers_->stored(r.key, {p_.pool.data(e->slot), p_.store.slot_bytes(*e)}, done);
     }
     if (!ec) {
       p_.totals.stored_bytes += bytes;

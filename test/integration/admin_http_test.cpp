@@ -273,10 +273,11 @@ TEST_CASE("admin http: /metrics shows the disk tier when there is one, and nothi
       std::this_thread::sleep_for(100ms);
       text = get_body(server.admin_url(), "/metrics");
     }
-    CHECK(metric(dir.path(), text, "kvlink_tier_healthy") == 1);
-    CHECK(metric(dir.path(), text, "kvlink_tier_capacity_bytes") == 8 << 20);
-    CHECK(metric(dir.path(), text, "kvlink_tier_chunks") == 0);
-    CHECK(metric(dir.path(), text, "kvlink_tier_chunks_total op=write") == 0);
+    CHECK(metric(dir.path(), text, "kvlink_tier_healthy tier=disk") == 1);
+    CHECK(metric(dir.path(), text, "kvlink_tier_capacity_bytes tier=disk") == 8 << 20);
+    CHECK(metric(dir.path(), text, "kvlink_tier_chunks tier=disk") == 0);
+    CHECK(metric(dir.path(), text, "kvlink_tier_chunks_total tier=disk op=write") == 0);
+    CHECK(metric(dir.path(), text, "kvlink_tier_healthy tier=cluster") == -1);
   }
   ServerProcess server({"--listen", dir.socket(), "--l1-size", "64MiB", "--http", "127.0.0.1:0"});
   server.start();

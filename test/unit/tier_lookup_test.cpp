@@ -10,6 +10,7 @@
 
 #include "collect_sink.hpp"
 #include "kvlink/server/lookup_sessions.hpp"
+#include "kvlink/server/tier_chain.hpp"
 #include "kvlink/server/tier_fetches.hpp"
 #include "kvlink/store/keys.hpp"
 #include "kvlink/store/lower_tier.hpp"
@@ -291,4 +292,53 @@ TEST_CASE("tier lookup: a tier that answers its find later (a remote one): the l
   (void)fx.sink->only_reply<Empty>();
   fx.tier.answer_finds();  // late: nothing happens
   CHECK(fx.sink->frames().empty());
+}
+
+TEST_CASE("tier chain: find asks each tier for what the ones before it lack; get reads from the one that has it; "
+          "evictions and stores go where each tier wants them") {
+  FakeTier disk, cluster;
+  cluster.defer_finds = true;  // remote: answers later
+  server::TierChain chain;
+  chain.add({&disk, "disk", true, false});
+  chain.add({&cluster, "cluster", false, true});
+  const store::ChunkKey a{1, {1, 1}, 0}, b{1, {2, 2}, 0}, c{1, {3, 3}, 0};
+  disk.held[a] = pattern(1);
+  cluster.held[a] = pattern(9);  // the disk's answer wins
+  cluster.held[b] = pattern(2);
+  std::optional<std::vector<std::optional<std::uint64_t>>> sizes;
+  const std::vector<store::ChunkKey> keys{a, b, c};
+  chain.find(keys, [&](auto s) { sizes = std::move(s); });
+  CHECK_FALSE(sizes);
+  REQUIRE(cluster.finds.size() == 1);
+  CHECK(cluster.finds[0].first == std::vector<store::ChunkKey>{b, c});  // not a: the disk has it
+  cluster.answer_finds();
+  REQUIRE(sizes);
+  CHECK((*sizes)[0] == chunk_bytes);
+  CHECK((*sizes)[1] == chunk_bytes);
+  CHECK_FALSE((*sizes)[2]);
+
+  std::vector<std::byte> got_a, got_b;
+  REQUIRE_FALSE(chain.get(a, chunk_bytes, {}, [&](const Error&, std::span<const std::byte> d) { got_a.assign(d.begin(), d.end()); }));
+  REQUIRE_FALSE(chain.get(b, chunk_bytes, {}, [&](const Error&, std::span<const std::byte> d) { got_b.assign(d.begin(), d.end()); }));
+  CHECK(chain.get(c, chunk_bytes, {}, [](const Error&, std::span<const std::byte>) {}) == errc::not_found);
+  CHECK(disk.reads.size() == 1);
+  CHECK(cluster.reads.size() == 1);
+  disk.complete();
+  cluster.complete();
+  CHECK(got_a == pattern(1));
+  CHECK(got_b == pattern(2));
+
+  const auto bytes = pattern(3);
+  chain.evicted(c, bytes, {});
+  CHECK(disk.puts == 1);
+  CHECK(cluster.puts == 0);
+  chain.stored(c, bytes, {});
+  CHECK(disk.puts == 1);
+  CHECK(cluster.puts == 1);
+
+  cluster.healthy = false;  // a tier that takes nothing is not asked
+  sizes.reset();
+  chain.find(keys, [&](auto s) { sizes = std::move(s); });
+  REQUIRE(sizes);
+  CHECK_FALSE((*sizes)[1]);
 }

@@ -28,6 +28,7 @@
 #include "kvlink/server/sliced_work.hpp"
 #include "kvlink/server/stats_table.hpp"
 #include "kvlink/server/status.hpp"
+#include "kvlink/server/tier_chain.hpp"
 #include "kvlink/server/tier_fetches.hpp"
 #include "kvlink/server/transfers.hpp"
 #include "kvlink/store/kv_store.hpp"
@@ -52,11 +53,12 @@ class RequestHandler {
   // why the configured --l1-size cannot be served.
   Error map_l1() { return pool_.map(config_.l1_lock); }
 
-  // The tier below L1 (null: none), set before the first request; it must
-  // outlive the handler's use of it. L1's evictions are written to it
-  // (with config.l2_write_through, every store too) and lookups that miss
-  // L1 fetch from it.
-  void attach_tier(store::LowerTier* tier);
+  // A tier below L1, after those attached before (the disk, then a
+  // cluster), set before the first request; it must outlive the handler's
+  // use of it. L1's evictions and/or every store are written to it (its
+  // write_back / write_through), lookups that miss L1 fetch from it, and
+  // STATS shows it as NAME_* rows.
+  void attach_tier(TierChain::Member tier);
 
   // Handles one frame of a session at time `now`. Returns false when the
   // connection must be closed (after the replies already in the sink are sent).
@@ -139,6 +141,7 @@ class RequestHandler {
   void on_clear(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   // The rows of STATS, in the order they are shown.
   void fill_stats_table();
+  void add_tier_stats(const std::string& name, const store::LowerTier& tier);
 
   const ServerConfig& config_;
   ServerCounters counters_;
@@ -148,7 +151,7 @@ class RequestHandler {
   store::L1Pool pool_;
   store::KvStore store_;
   InFlight in_flight_;
-  store::LowerTier* tier_ = nullptr;
+  TierChain tiers_;
   TierFetches fetches_{store_};
   LookupSessions lookups_;
   Transfers transfers_;

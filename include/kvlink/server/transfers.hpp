@@ -20,9 +20,9 @@
 #include "kvlink/server/reporter.hpp"
 #include "kvlink/server/session.hpp"
 #include "kvlink/server/status.hpp"
+#include "kvlink/server/tier_chain.hpp"
 #include "kvlink/store/kv_store.hpp"
 #include "kvlink/store/l1_pool.hpp"
-#include "kvlink/store/lower_tier.hpp"
 #include "kvlink/transfer/transfer_engine.hpp"
 #include "kvlink/unique_fd.hpp"
 
@@ -73,9 +73,9 @@ class Transfers {
   void store(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
   void retrieve(SessionState& session, const wire::Frame& frame, ReplySink& sink, TimePoint now);
 
-  // With a tier (write-through), every chunk a STORE committed is written
-  // to it too; null: only L1's evictions go there.
-  void set_write_through(store::LowerTier* tier) { write_through_ = tier; }
+  // The tiers below L1: every chunk a STORE committed is offered to them
+  // (those that write through take it).
+  void set_tiers(TierChain* tiers) { tiers_ = tiers; }
 
   // ---- registrations ----
   bool registered(std::uint64_t instance) const { return registrations_.contains(instance); }
@@ -126,7 +126,7 @@ class Transfers {
   void copy_failed(const wire::Header& header, std::error_code ec, ReplySink& sink, std::string_view consequence);
 
   Parts p_;
-  store::LowerTier* write_through_ = nullptr;
+  TierChain* tiers_ = nullptr;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // completions after destruction are dropped
   std::unordered_map<std::uint64_t, std::shared_ptr<const transfer::Registration>> registrations_;
   std::uint64_t failures_ = 0;
