@@ -22,6 +22,7 @@
 #include "kvlink/net/endpoint.hpp"
 #include "kvlink/server/inbound_budget.hpp"
 #include "kvlink/server/server.hpp"
+#include "kvlink/store/cluster_keys.hpp"
 #include "kvlink/store/l1_pool.hpp"
 #include "kvlink/transfer/routing_engine.hpp"
 #include "kvlink/version.hpp"
@@ -155,6 +156,25 @@ int main(int argc, char** argv) {
       ->default_str("256MiB");
   app.add_option("--l2-max-read-bytes", l2_max_read, "Tier reads in flight at most (lookups past it miss)")
       ->default_str("256MiB");
+  std::string redis_seeds, redis_password_file;
+  app.add_option("--l2-redis-cluster", redis_seeds,
+                 "A Redis Cluster shared by the servers of several machines, given by some of its nodes "
+                 "(HOST:PORT[,HOST:PORT...]): every stored chunk is written there, and lookups that miss L1 and the "
+                 "disk find there what another server stored");
+  app.add_option("--l2-redis-password-file", redis_password_file,
+                 "File holding the cluster's password (or set KVLINK_REDIS_PASSWORD)");
+  app.add_option_function<std::int64_t>(
+         "--l2-redis-ttl-s", [&cfg](std::int64_t v) { cfg.l2_redis_ttl = std::chrono::seconds(v); },
+         "Seconds chunks live in the cluster (0: until the cluster evicts them)")
+      ->default_str("0")
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{86400 * 365}));
+  app.add_option_function<std::int64_t>(
+         "--l2-redis-deadline-ms", [&cfg](std::int64_t v) { cfg.l2_redis_deadline = std::chrono::milliseconds(v); },
+         "Deadline of each command to the cluster")
+      ->default_str(std::to_string(cfg.l2_redis_deadline.count()))
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{60000}));
+  app.add_flag("--l2-redis-write-back", cfg.l2_redis_write_back,
+               "Also write what L1 evicts to the cluster (stores are always written through)");
   auto seconds = [&](const char* name, std::chrono::seconds& field, const char* what) {
     app.add_option_function<std::int64_t>(name, [&field](std::int64_t v) { field = std::chrono::seconds(v); }, what)
         ->default_str(std::to_string(field.count()))
@@ -215,6 +235,20 @@ int main(int argc, char** argv) {
   if (!l1_slab_size.empty()) {
     if (auto bytes = size_flag(l1_slab_size, 1, "must be more than 0 bytes")) cfg.l1_slab_size = *bytes;
     else return usage_error("--l1-slab-size", bytes.error());
+  }
+  for (std::size_t at = 0; !redis_seeds.empty() && at <= redis_seeds.size();) {
+    const auto comma = std::min(redis_seeds.find(',', at), redis_seeds.size());
+    if (comma > at) cfg.l2_redis_cluster.push_back(redis_seeds.substr(at, comma - at));
+    at = comma + 1;
+  }
+  for (const auto& node : cfg.l2_redis_cluster)
+    if (auto parsed = kvlink::store::parse_cluster_node(node); !parsed)
+      return usage_error("--l2-redis-cluster", parsed.error());
+  if (!redis_password_file.empty()) {
+    if (auto pw = kvlink::net::read_auth_token_file(redis_password_file)) cfg.l2_redis_password = std::move(*pw);
+    else return usage_error("--l2-redis-password-file", pw.error());
+  } else if (const char* pw = std::getenv("KVLINK_REDIS_PASSWORD"); pw && *pw) {
+    cfg.l2_redis_password = pw;
   }
   if (!cfg.l2_disk.empty() && l2_disk_size.empty())
     return usage_error("--l2-disk", kvlink::Error(kvlink::errc::bad_request,

@@ -12,6 +12,7 @@
 #include <asio/local/stream_protocol.hpp>
 #include <asio/posix/stream_descriptor.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <cstring>
 #include <functional>
 #include <list>
@@ -25,6 +26,7 @@
 #include "kvlink/server/admin_http.hpp"
 #include "kvlink/server/inbound_budget.hpp"
 #include "net/frame_stream.hpp"
+#include "store/cluster_tier.hpp"
 #include "store/disk_tier.hpp"
 
 namespace kvlink::server {
@@ -112,6 +114,10 @@ struct Server::Impl {
   std::unique_ptr<store::DiskTier> disk;
   std::optional<asio::posix::stream_descriptor> disk_events;
   void open_disk_tier();
+  // The shared tier (--l2-redis-cluster), after the disk: it answers lookups
+  // for what the disk does not hold.
+  std::unique_ptr<store::ClusterTier> cluster;
+  void open_cluster_tier();
   asio::awaitable<void> disk_loop();
   InboundBudget inbound;
   std::list<net::Acceptor> acceptors;
@@ -181,6 +187,32 @@ void Server::Impl::open_disk_tier() {
   if (fd < 0) throw std::runtime_error(fmt::format("--l2-disk {}: dup: {}", config.l2_disk, std::strerror(errno)));
   disk_events.emplace(io, fd);
   asio::co_spawn(io, disk_loop(), asio::detached);
+}
+
+void Server::Impl::open_cluster_tier() {
+  if (config.l2_redis_cluster.empty()) return;
+  store::ClusterTierConfig c;
+  for (const auto& text : config.l2_redis_cluster) {
+    auto node = store::parse_cluster_node(text);
+    if (!node) throw std::runtime_error("--l2-redis-cluster: " + node.error().message());
+    c.cluster.seeds.push_back(std::move(*node));
+  }
+  c.cluster.password = config.l2_redis_password;
+  c.command_deadline = config.l2_redis_deadline;
+  c.ttl = config.l2_redis_ttl;
+  c.max_write_bytes_in_flight = config.l2_max_write_bytes;
+  c.max_read_bytes_in_flight = config.l2_max_read_bytes;
+  cluster = std::make_unique<store::ClusterTier>(io.get_executor(), c);
+  // Not waited for: the server serves from L1 (and disk) until the cluster
+  // answers, and tick() keeps asking.
+  const std::string seeds = fmt::format("{}", fmt::join(config.l2_redis_cluster, ","));
+  cluster->start([this, seeds](const Error& err) {
+    if (err) log::warn("kvlink-server: redis cluster {}: {}; serving without it, asking again every second", seeds,
+                       err.message());
+    else log::info("kvlink-server: redis cluster {}: {} masters serve its slots", seeds,
+                   cluster->client().slots().masters().size());
+  });
+  handler.attach_tier({cluster.get(), "cluster", config.l2_redis_write_back, true});
 }
 
 asio::awaitable<void> Server::Impl::disk_loop() {
@@ -385,6 +417,7 @@ void Server::start() {
   if (auto err = check_inbound(cfg)) throw std::runtime_error(err.message());
   if (auto err = impl_->handler.map_l1()) throw std::runtime_error(err.message());
   impl_->open_disk_tier();  // a warm restart's chunks are indexed before ready
+  impl_->open_cluster_tier();
   const std::optional<gid_t> group = cfg.unix_group.empty() ? std::nullopt : std::optional(group_id(cfg.unix_group));
   for (const auto& text : cfg.listen) {
     auto parsed = net::parse_endpoint(text);
@@ -467,6 +500,7 @@ void Server::Impl::stop() {
     std::error_code ignored;
     disk_events->cancel(ignored);
   }
+  if (cluster) cluster->client().close();
   for (auto& w : sessions) {
     if (auto s = w.lock()) s->stream.close();
   }

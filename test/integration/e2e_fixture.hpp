@@ -108,4 +108,46 @@ inline std::vector<store::Token> prompt(std::size_t n, store::Token first) {
   return t;
 }
 
+
+// Prompts of 4 chunks stored from their own blocks (8 per prompt from
+// `first_block`), their bytes in the engine's KV memory for checking.
+inline std::vector<std::vector<store::Token>> store_prompts(Fixture& f, int n, std::uint32_t first_block = 0,
+                                                          int first_prompt = 0) {
+  const auto kv = f.kv.view();
+  std::vector<std::vector<store::Token>> prompts;
+  for (int p = 0; p < n; ++p) {
+    auto tokens = prompt(4 * chunk, static_cast<store::Token>(100 * (first_prompt + p) + 1));
+    const auto src = test::blocks(first_block + 8 * static_cast<std::uint32_t>(p), 8);
+    sim::fill_tokens(kv, tokens, src, 0, 4 * chunk);
+    auto st = f.worker->submit_store(f.spec("store-" + std::to_string(p), tokens, src));
+    REQUIRE_MESSAGE(st, st.error().message());
+    prompts.push_back(std::move(tokens));
+  }
+  return prompts;
+}
+
+// Looks `tokens` up and retrieves what matched into fresh blocks: the
+// matched tokens, after checking every retrieved byte (0 mismatches).
+inline std::uint32_t hit_and_verify(Fixture& f, const std::string& id, const std::vector<store::Token>& tokens) {
+  const std::uint32_t matched = f.matched(id, tokens);
+  if (matched == 0) return 0;
+  const auto kv = f.kv.view();
+  const auto dst = test::blocks(engine_blocks, matched / block);
+  sim::poison_blocks(kv, dst);
+  std::vector<store::Token> hit(tokens.begin(), tokens.begin() + matched);
+  auto r = f.worker->submit_retrieve(f.spec(id, hit, dst));
+  REQUIRE_MESSAGE(r, r.error().message());
+  CHECK(mismatches(kv, tokens, dst, 0, matched) == 0);
+  return matched;
+}
+
+// After a restart: the worker registered again by itself, the scheduler's
+// link is up (it stays warming until its first lookup).
+inline void reconnected(Fixture& f) {
+  REQUIRE(eventually([&] {
+    return f.worker->monitor().state() == health::State::healthy && f.stat("registrations") == 1 &&
+           f.scheduler->monitor().connection() != nullptr;
+  }));
+}
+
 }  // namespace kvlink::test::e2e

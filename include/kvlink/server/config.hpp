@@ -108,6 +108,16 @@ struct ServerConfig {
   std::uint64_t l2_max_read_bytes = std::uint64_t{256} << 20;
   // An I/O of the tier without a completion this long marks it degraded.
   std::chrono::milliseconds l2_io_deadline{2000};
+  // The shared tier: a Redis Cluster given by some of its nodes
+  // (HOST:PORT; empty: none), its password (read from a file or
+  // KVLINK_REDIS_PASSWORD), a TTL for the chunks stored there (0: none),
+  // each command's deadline, and whether L1's evictions go there too
+  // (every stored chunk is written through to it).
+  std::vector<std::string> l2_redis_cluster;
+  std::string l2_redis_password;
+  std::chrono::seconds l2_redis_ttl{0};
+  std::chrono::milliseconds l2_redis_deadline{500};
+  bool l2_redis_write_back = false;
 
   // Planned restart (SIGTERM/SIGINT): how long the server waits for STOREs
   // and RETRIEVEs in flight before closing the connections. 0: no wait.
