@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "kvlink/store/disk_journal.hpp"
+#include "kvlink/store/little_endian.hpp"
 
 namespace kvlink::store {
 
@@ -22,15 +23,6 @@ std::uint16_t crc16(std::string_view bytes) {
     for (int i = 0; i < 8; ++i) crc = (crc & 0x8000) ? static_cast<std::uint16_t>((crc << 1) ^ 0x1021) : static_cast<std::uint16_t>(crc << 1);
   }
   return crc;
-}
-
-void put64(std::byte* p, std::uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
-std::uint64_t get64(const std::byte* p) {
-  std::uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v |= std::uint64_t{std::to_integer<std::uint8_t>(p[i])} << (8 * i);
-  return v;
 }
 
 constexpr char value_magic[4] = {'K', 'V', 'C', '1'};
@@ -58,12 +50,12 @@ std::string cluster_key(const ChunkKey& key) {
 std::vector<std::byte> encode_cluster_value(const ChunkKey& key, std::span<const std::byte> bytes) {
   std::vector<std::byte> v(cluster_header_bytes + bytes.size());
   std::memcpy(v.data(), value_magic, 4);
-  for (int i = 0; i < 4; ++i) v[4 + i] = static_cast<std::byte>(cluster_value_version >> (8 * i));
-  put64(v.data() + 8, bytes.size());
-  put64(v.data() + 16, bytes.size());
-  put64(v.data() + 24, chunk_checksum(key, bytes));
-  put64(v.data() + 32, key.ns);
-  put64(v.data() + 40, XXH3_64bits(v.data(), 40));
+  le::put_u32(v.data() + 4, cluster_value_version);
+  le::put_u64(v.data() + 8, bytes.size());
+  le::put_u64(v.data() + 16, bytes.size());
+  le::put_u64(v.data() + 24, chunk_checksum(key, bytes));
+  le::put_u64(v.data() + 32, key.ns);
+  le::put_u64(v.data() + 40, XXH3_64bits(v.data(), 40));
   if (!bytes.empty()) std::memcpy(v.data() + cluster_header_bytes, bytes.data(), bytes.size());
   return v;
 }
@@ -73,21 +65,20 @@ Result<std::span<const std::byte>> decode_cluster_value(const ChunkKey& key, std
   if (value.size() < cluster_header_bytes) return corrupt(key, fmt::format("{} bytes, shorter than its header", value.size()));
   const std::byte* h = value.data();
   if (std::memcmp(h, value_magic, 4) != 0) return corrupt(key, "not a kvlink value");
-  if (get64(h + 40) != XXH3_64bits(h, 40)) return corrupt(key, "its header fails its checksum");
-  std::uint32_t version = 0;
-  for (int i = 0; i < 4; ++i) version |= std::uint32_t{std::to_integer<std::uint8_t>(h[4 + i])} << (8 * i);
+  if (le::get_u64(h + 40) != XXH3_64bits(h, 40)) return corrupt(key, "its header fails its checksum");
+  const std::uint32_t version = le::get_u32(h + 4);
   if (version != cluster_value_version)
     return corrupt(key, fmt::format("format version {}, this server reads {}", version, cluster_value_version));
-  if (get64(h + 32) != key.ns) return corrupt(key, "another namespace's value under this key");
-  if (get64(h + 8) != slot_bytes)
-    return corrupt(key, fmt::format("stored with another KV layout ({} bytes per chunk, this one {})", get64(h + 8),
+  if (le::get_u64(h + 32) != key.ns) return corrupt(key, "another namespace's value under this key");
+  if (le::get_u64(h + 8) != slot_bytes)
+    return corrupt(key, fmt::format("stored with another KV layout ({} bytes per chunk, this one {})", le::get_u64(h + 8),
                                     slot_bytes));
-  const std::uint64_t n = get64(h + 16);
+  const std::uint64_t n = le::get_u64(h + 16);
   if (n != slot_bytes || value.size() - cluster_header_bytes != n)
     return corrupt(key, fmt::format("{} bytes after the header, {} expected", value.size() - cluster_header_bytes,
                                     slot_bytes));
   const auto bytes = value.subspan(cluster_header_bytes);
-  if (chunk_checksum(key, bytes) != get64(h + 24)) return corrupt(key, "its bytes fail their checksum");
+  if (chunk_checksum(key, bytes) != le::get_u64(h + 24)) return corrupt(key, "its bytes fail their checksum");
   return bytes;
 }
 

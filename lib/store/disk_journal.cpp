@@ -1,7 +1,10 @@
 #include "kvlink/store/disk_journal.hpp"
 
-#include <cstring>
 #include <xxhash.h>
+
+#include <cstring>
+
+#include "kvlink/store/little_endian.hpp"
 
 namespace kvlink::store {
 
@@ -9,22 +12,10 @@ namespace {
 
 constexpr std::uint32_t journal_magic = 0x314a564b;  // "KVJ1" in little-endian
 
-void put_u32(std::byte* p, std::uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
-void put_u64(std::byte* p, std::uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
-}
-std::uint32_t get_u32(const std::byte* p) {
-  std::uint32_t v = 0;
-  for (int i = 0; i < 4; ++i) v |= std::uint32_t{std::to_integer<std::uint8_t>(p[i])} << (8 * i);
-  return v;
-}
-std::uint64_t get_u64(const std::byte* p) {
-  std::uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v |= std::uint64_t{std::to_integer<std::uint8_t>(p[i])} << (8 * i);
-  return v;
-}
+using le::get_u32;
+using le::get_u64;
+using le::put_u32;
+using le::put_u64;
 
 }  // namespace
 
