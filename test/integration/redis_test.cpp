@@ -261,7 +261,7 @@ TEST_CASE("redis cluster: a master killed -> its keys miss until the cluster pro
     const auto sent = std::chrono::steady_clock::now();
     client->send(k, {"GET", k}, 500ms, into(got));
     REQUIRE(run_until(io, [&] { return got.done; }));
-    CHECK(std::chrono::steady_clock::now() - sent < 700ms);
+    CHECK(std::chrono::steady_clock::now() - sent < 1s);  // the 500 ms deadline at most
     if (!got.error && got.value == "v") break;
     ++misses;
     run_until(io, [] { return false; }, 50ms);
@@ -367,13 +367,13 @@ TEST_CASE("redis cluster: a hung master (SIGSTOP) -> its heartbeat marks it down
   const auto detected = std::chrono::steady_clock::now() - t0;
   MESSAGE("hung master detected after " << std::chrono::duration_cast<std::chrono::milliseconds>(detected).count()
                                         << " ms (ping interval and timeout 100 ms)");
-  CHECK(detected < 500ms);
+  CHECK(detected < 1s);  // two failed pings of 100 ms, with room for a loaded machine
   Answer miss;
   const auto sent = std::chrono::steady_clock::now();
   client->send(k, {"GET", k}, 5s, into(miss));
   REQUIRE(run_until(io, [&] { return miss.done; }));
   CHECK(miss.error == errc::not_connected);
-  CHECK(std::chrono::steady_clock::now() - sent < 50ms);  // at once, not the 5 s deadline
+  CHECK(std::chrono::steady_clock::now() - sent < 500ms);  // at once, not the 5 s deadline
   cluster.node(master.port)->proc->signal(SIGCONT);
   REQUIRE(run_until(io, [&] { return client->node_state(master) == health::State::healthy; }, 5s));
   Answer hit;
