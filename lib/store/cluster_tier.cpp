@@ -12,7 +12,13 @@ ClusterTier::~ClusterTier() {
   client_->close();
 }
 
-void ClusterTier::start(std::function<void(const Error&)> done) { client_->refresh(std::move(done)); }
+void ClusterTier::start(std::function<void(const Error&)> done) {
+  // The answer may come after the tier is gone (its connections closing):
+  // then nobody hears it.
+  client_->refresh([alive = std::weak_ptr<bool>(alive_), done = std::move(done)](const Error& err) {
+    if (auto a = alive.lock(); a && *a && done) done(err);
+  });
+}
 
 void ClusterTier::tick(TimePoint now) {
   if (accepting() || now < next_refresh_) return;
@@ -68,17 +74,23 @@ void ClusterTier::find(std::span<const ChunkKey> keys, Found done) {
   st->sizes.resize(keys.size());
   st->left = keys.size();
   st->done = std::move(done);
+  // Answers that come after the tier is gone (its connections closing)
+  // reach nobody.
+  std::weak_ptr<bool> alive = alive_;
   if (keys.empty()) {
     // Never inside the call, like every other answer.
-    client_->send("", {"PING"}, config_.command_deadline, [st](const Error&, RedisValue) { st->done({}); });
+    client_->send("", {"PING"}, config_.command_deadline, [st, alive](const Error&, RedisValue) {
+      if (auto a = alive.lock(); a && *a) st->done({});
+    });
     return;
   }
   for (std::size_t i = 0; i < keys.size(); ++i) {
     const std::string name = cluster_key(keys[i]);
-    client_->send(name, {"STRLEN", name}, config_.command_deadline, [st, i](const Error& e, RedisValue v) {
+    client_->send(name, {"STRLEN", name}, config_.command_deadline, [st, i, alive](const Error& e, RedisValue v) {
       if (!e && v.type() == RedisValue::Type::integer && v.integer() > static_cast<long long>(cluster_header_bytes))
         st->sizes[i] = static_cast<std::uint64_t>(v.integer()) - cluster_header_bytes;
-      if (--st->left == 0) st->done(std::move(st->sizes));
+      if (--st->left > 0) return;
+      if (auto a = alive.lock(); a && *a) st->done(std::move(st->sizes));
     });
   }
 }
