@@ -27,7 +27,7 @@ std::string_view advice(int err) {
     case ENOSPC: return "the filesystem is full: free space on it or lower --l2-disk-size";
     case EDQUOT: return "the disk quota is used up: raise the quota or lower --l2-disk-size";
     case EROFS: return "the filesystem is read-only (remounted after errors?): check dmesg, then remount it read-write";
-    case ENOENT: return "the tier's directory or a file in it disappeared: recreate the directory (the tier starts empty)";
+    case ENOENT: return "the tier's directory or a file in it disappeared: the tier starts afresh there by itself, empty";
     case EACCES:
     case EPERM: return "permission denied: give the server's user read and write access to the directory";
     case EWOULDBLOCK: return "another kvlink-server holds this directory: give each server its own --l2-disk directory";
@@ -239,7 +239,7 @@ Result<std::unique_ptr<DiskFiles>> DiskFiles::open(const DiskFilesOptions& optio
   if (!probe) return probe.error();
   impl->probe = std::move(probe->first);
 
-  fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  fd = options.event_fd >= 0 ? ::fcntl(options.event_fd, F_DUPFD_CLOEXEC, 0) : ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (fd < 0) return disk_error(errno, "eventfd");
   impl->event = UniqueFd(fd);
   if (int rc = io_uring_queue_init(std::max(options.queue_depth, 1u), &impl->ring, 0); rc < 0)
@@ -312,8 +312,8 @@ Error DiskFiles::check_dir() const {
   if (::stat(m.dir.c_str(), &named) != 0) return disk_error(errno, "stat " + m.dir);
   if (::fstat(m.dir_fd.get(), &opened) != 0) return disk_error(errno, "fstat " + m.dir);
   if (named.st_ino != opened.st_ino || named.st_dev != opened.st_dev)
-    return disk_error(ENOENT, m.dir + " was replaced by another directory; restart the server to start the tier "
-                                      "afresh there");
+    return disk_error(ENOENT, m.dir + " was replaced by another directory: the tier starts afresh there once its "
+                                      "old I/O is over");
   return {};
 }
 

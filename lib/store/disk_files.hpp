@@ -73,6 +73,10 @@ struct DiskFilesOptions {
   // O_DIRECT where the filesystem takes it; false: buffered I/O always
   // (what a filesystem that refuses O_DIRECT gets anyway).
   bool direct = true;
+  // Signal completions on this eventfd (a duplicate of it is kept) instead
+  // of a new one: a tier that reopens its files keeps the descriptor the
+  // server waits on. -1: a new eventfd.
+  int event_fd = -1;
 };
 
 struct DiskCompletion {

@@ -1,6 +1,7 @@
 #include "store/disk_tier.hpp"
 
 #include <fmt/format.h>
+#include <sys/eventfd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -25,7 +26,9 @@ Result<std::unique_ptr<DiskTier>> DiskTier::open(const DiskTierConfig& config, s
     return Error(errc::bad_request, fmt::format("--l2-disk-size {} is too small to hold a chunk: give at least a few "
                                                 "chunks' worth, e.g. 64GiB",
                                                 config.capacity_bytes));
-  auto files = DiskFiles::open({.dir = config.dir, .direct = config.direct});
+  UniqueFd events(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!events) return disk_error(errno, "eventfd");
+  auto files = DiskFiles::open({.dir = config.dir, .direct = config.direct, .event_fd = events.get()});
   if (!files) return files.error();
   auto journal = (*files)->read_journal();
   if (!journal) return journal.error();
@@ -58,7 +61,7 @@ Result<std::unique_ptr<DiskTier>> DiskTier::open(const DiskTierConfig& config, s
     if (!used) std::filesystem::remove(f.path(), ec);
   }
   if (auto err = (*files)->replace_journal(index.compact())) return err;
-  std::unique_ptr<DiskTier> tier(new DiskTier(config, std::move(*files), std::move(index), seed));
+  std::unique_ptr<DiskTier> tier(new DiskTier(config, std::move(events), std::move(*files), std::move(index), seed));
   tier->opened_.assign(tier->index_.classes(), true);
   tier->startup_ = startup;
   tier->startup_.took = Clock::now() - now;
@@ -68,11 +71,12 @@ Result<std::unique_ptr<DiskTier>> DiskTier::open(const DiskTierConfig& config, s
   return tier;
 }
 
-DiskTier::DiskTier(const DiskTierConfig& config, std::unique_ptr<DiskFiles> files, DiskIndex index,
+DiskTier::DiskTier(const DiskTierConfig& config, UniqueFd events, std::unique_ptr<DiskFiles> files, DiskIndex index,
                    std::uint64_t seed)
     : config_(config),
       index_(std::move(index)),
       health_(config.health, fmt::format("kvlink-server: disk tier {}", config.dir), seed),
+      events_(std::move(events)),
       files_(std::move(files)) {
   counters_.capacity_bytes = config.capacity_bytes;
 }
@@ -166,6 +170,26 @@ void DiskTier::io_failed(const Error& error, TimePoint now) {
   apply(health_.op_finished(health_.op_started(now, "disk tier"), now, error), now);
 }
 
+Error DiskTier::reopen(TimePoint now) {
+  // The old files' I/O must be over first: their buffers are the ops'.
+  if (!ops_.empty())
+    return Error(errc::limit_exceeded, fmt::format("{} I/O of the old directory still in flight", ops_.size()));
+  auto files = DiskFiles::open({.dir = config_.dir, .direct = config_.direct, .event_fd = events_.get()});
+  if (!files) return files.error();
+  DiskIndex fresh(DiskIndexConfig{config_.capacity_bytes, config_.max_write_bytes_in_flight});
+  if (auto err = (*files)->replace_journal(fresh.compact())) return err;
+  log::warn("kvlink-server: disk tier {}: the directory was gone or replaced; the tier starts afresh there, without "
+            "the {} chunks it held",
+            config_.dir, index_.present());
+  files_ = std::move(*files);
+  index_ = std::move(fresh);
+  opened_.clear();
+  journal_bytes_ = 0;
+  journal_dirty_ = false;
+  next_dir_check_ = now + std::chrono::seconds(1);
+  return {};
+}
+
 void DiskTier::apply(const TierActions& actions, TimePoint now) {
   if (actions.transition) {
     ++counters_.transitions;
@@ -179,6 +203,10 @@ void DiskTier::apply(const TierActions& actions, TimePoint now) {
   for (DiskClass cls = 0; cls < index_.classes(); ++cls)
     if (cls >= opened_.size() || !opened_[cls])
       unallocated += std::uint64_t{index_.slots(cls)} * disk_slot_stride(index_.slot_bytes(cls));
+  if (files_->check_dir()) {
+    if (auto err = reopen(now)) return apply(health_.probe_finished(now, actions.probe_id, err), now);
+    unallocated = 0;
+  }
   const std::uint64_t tag = next_tag_++;
   if (auto err = files_->submit_probe(tag, unallocated))
     return apply(health_.probe_finished(now, actions.probe_id, err), now);

@@ -9,6 +9,11 @@
 // chunk is written. Chunks of a further layout are not written (counted,
 // and said once in the log).
 //
+// A directory deleted or replaced under a running tier: the tier goes
+// degraded within a second; once no I/O is in flight, a probe opens the
+// directory afresh (made again if it is gone) with an empty index, and the
+// tier recovers by itself (its old chunks are lost with their files).
+//
 // Warm restart: open() replays the journal (DiskIndex::recover), drops
 // what lies past a data file's end, and rewrites the journal compactly
 // before the server says ready. Every read is checked against its
@@ -25,6 +30,7 @@
 #include "kvlink/store/disk_index.hpp"
 #include "kvlink/store/lower_tier.hpp"
 #include "kvlink/store/tier_health.hpp"
+#include "kvlink/unique_fd.hpp"
 #include "store/disk_files.hpp"
 
 namespace kvlink::store {
@@ -69,7 +75,7 @@ class DiskTier final : public LowerTier {
   LowerTierStats stats() const override;
 
   // Readable when I/O completed: call on_ready() then.
-  int event_fd() const { return files_->event_fd(); }
+  int event_fd() const { return events_.get(); }
   void on_ready(TimePoint now);
 
   const DiskTierStartup& startup() const { return startup_; }
@@ -93,10 +99,14 @@ class DiskTier final : public LowerTier {
     std::uint64_t probe_id = 0;             // probes
   };
 
-  DiskTier(const DiskTierConfig& config, std::unique_ptr<DiskFiles> files, DiskIndex index, std::uint64_t seed);
+  DiskTier(const DiskTierConfig& config, UniqueFd events, std::unique_ptr<DiskFiles> files, DiskIndex index,
+           std::uint64_t seed);
   // The class for chunks of `bytes`, made (and its file opened) if there is
   // room for another layout.
   std::optional<DiskClass> class_for(std::uint64_t bytes, TimePoint now);
+  // The directory is gone or another one: starts the tier afresh there, or
+  // says why it cannot (yet).
+  Error reopen(TimePoint now);
   // Appends what the index journaled; a failure counts against the tier
   // (false).
   bool write_journal(TimePoint now);
@@ -124,6 +134,7 @@ class DiskTier final : public LowerTier {
   std::uint64_t journal_bytes_ = 0;  // in the journal file since the last compaction
   bool warned_layouts_ = false;
   std::vector<bool> opened_;  // per class: its data file is open
+  UniqueFd events_;           // the eventfd completions signal, kept across a reopen
   // Last: destroyed first, waiting for the I/O still using the ops' buffers.
   std::unique_ptr<DiskFiles> files_;
 };

@@ -378,7 +378,7 @@ TEST_CASE("disk files: probes, a vanished directory, and one server per director
   std::filesystem::remove_all(dir.tier());
   Error gone = files->submit_probe(2);
   CHECK(gone.code() == std::error_code(ENOENT, std::generic_category()));
-  CHECK(gone.message().find("recreate the directory") != std::string::npos);
+  CHECK(gone.message().find("starts afresh there by itself") != std::string::npos);
   CHECK(is_tier_failure(gone));
 }
 
