@@ -309,7 +309,7 @@ void Transfers::store(SessionState& session, const wire::Frame& frame, ReplySink
         continue;
       }
       p_.store.commit(r.key, r.generation, done);
-      if (!tiers_) continue;
+      if (!tiers_ || !tiers_->writes_through()) continue;  // the hot path stays as without tiers
       if (const auto* e = p_.store.find(r.key)) tiers_->stored(r.key, {p_.pool.data(e->slot), p_.store.slot_bytes(*e)}, done);
     }
     if (!ec) {

@@ -24,6 +24,12 @@ class TierChain final : public store::LowerTier {
   };
   void add(Member m) { members_.push_back(std::move(m)); }
   bool empty() const { return members_.empty(); }
+  // Whether any tier wants every stored chunk (stored() is worth calling).
+  bool writes_through() const {
+    for (const auto& m : members_)
+      if (m.write_through) return true;
+    return false;
+  }
   const std::vector<Member>& members() const { return members_; }
 
   // L1 evicted `key` / a STORE committed it: each tier that wants it gets
