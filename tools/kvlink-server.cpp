@@ -173,6 +173,12 @@ int main(int argc, char** argv) {
          "Deadline of each command to the cluster")
       ->default_str(std::to_string(cfg.l2_redis_deadline.count()))
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{60000}));
+  app.add_option_function<std::int64_t>(
+         "--l2-redis-ping-ms", [&cfg](std::int64_t v) { cfg.l2_redis_ping = std::chrono::milliseconds(v); },
+         "Interval and timeout of the PINGs watching each master: a hung or dead master is known within about "
+         "two of them, and its chunks miss instead of waiting")
+      ->default_str(std::to_string(cfg.l2_redis_ping.count()))
+      ->check(CLI::Range(std::int64_t{10}, std::int64_t{60000}));
   app.add_flag("--l2-redis-write-back", cfg.l2_redis_write_back,
                "Also write what L1 evicts to the cluster (stores are always written through)");
   auto seconds = [&](const char* name, std::chrono::seconds& field, const char* what) {

@@ -72,6 +72,8 @@ void RequestHandler::add_tier_stats(const std::string& name, const store::LowerT
   row("stalls", &S::stalls);
   row("transitions", &S::transitions);
   row("recovered_chunks", &S::recovered_chunks);
+  row("nodes", &S::nodes);
+  row("nodes_degraded", &S::nodes_degraded);
 }
 
 void RequestHandler::on_session_end(SessionState& session, TimePoint now) {
@@ -341,6 +343,8 @@ void RequestHandler::status(ServerStatus& out, TimePoint now) const {
   out.namespaces.clear();
   for (const auto& [ns, usage] : store_.namespaces()) out.namespaces.push_back({ns, {}, usage.chunks, usage.bytes});
   transfers_.name_models(out.namespaces);
+  out.tiers.clear();
+  for (const auto& m : tiers_.members()) out.tiers.push_back({m.name, m.tier->stats(), m.tier->nodes()});
 }
 
 }  // namespace kvlink::server

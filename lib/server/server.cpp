@@ -199,6 +199,8 @@ void Server::Impl::open_cluster_tier() {
   }
   c.cluster.password = config.l2_redis_password;
   c.command_deadline = config.l2_redis_deadline;
+  c.cluster.health.interval = config.l2_redis_ping;
+  c.cluster.health.ping_timeout = config.l2_redis_ping;
   c.ttl = config.l2_redis_ttl;
   c.max_write_bytes_in_flight = config.l2_max_write_bytes;
   c.max_read_bytes_in_flight = config.l2_max_read_bytes;

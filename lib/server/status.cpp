@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <map>
+#include <tuple>
 
 #include "kvlink/json.hpp"
 #include "kvlink/log.hpp"
@@ -75,6 +76,21 @@ std::string instance_json(const InstanceStatus& i) {
                    json_string(r.data_path_error));
 }
 
+std::string tier_json(const TierStatus& t) {
+  const auto& ts = t.stats;
+  std::string out = fmt::format(
+      R"({{"name":{},"healthy":{},"chunks":{},"bytes":{},"capacity_bytes":{},"writes":{},"write_bytes":{},)"
+      R"("writes_failed":{},"writes_skipped":{},"reads":{},"read_bytes":{},"reads_failed":{},"corrupt_dropped":{},)"
+      R"("transitions":{},"nodes":[)",
+      json_string(t.name), ts.healthy, ts.chunks, ts.bytes, ts.capacity_bytes, ts.writes, ts.write_bytes,
+      ts.writes_failed, ts.writes_skipped, ts.reads, ts.read_bytes, ts.reads_failed, ts.corrupt_dropped,
+      ts.transitions);
+  for (std::size_t i = 0; i < t.nodes.size(); ++i)
+    out += fmt::format(R"({}{{"address":{},"healthy":{},"slots":{}}})", i ? "," : "", json_string(t.nodes[i].address),
+                       t.nodes[i].healthy, t.nodes[i].slots);
+  return out + "]}";
+}
+
 }  // namespace
 
 std::string status_json(const ServerStatus& s) {
@@ -97,6 +113,8 @@ std::string status_json(const ServerStatus& s) {
     out += fmt::format(R"({}{{"namespace":{},"model":{},"chunks":{},"bytes":{}}})", i ? "," : "", hex16(n.ns),
                        json_string(n.model), n.chunks, n.bytes);
   }
+  out += R"(],"tiers":[)";
+  for (std::size_t i = 0; i < s.tiers.size(); ++i) out += (i ? "," : "") + tier_json(s.tiers[i]);
   out += R"(],"instances":[)";
   for (std::size_t i = 0; i < s.instances.size(); ++i) out += (i ? "," : "") + instance_json(s.instances[i]);
   std::uint64_t requests = 0, errors = 0;
@@ -206,37 +224,40 @@ std::string status_metrics(const ServerStatus& s) {
     m.counter("kvlink_refusals_total", "Requests or connections refused, by the limit or check that refused them",
               stat(name), {{"limit", limit}});
   m.gauge("kvlink_prefetch_jobs", "Prefetch jobs not yet polled", static_cast<double>(s.jobs));
-  for (const std::string tier : {"disk", "cluster"}) {
-    if (stat(tier + "_enabled") == 0) continue;
-    const metrics::Labels l{{"tier", tier}};
-    const auto is = [&](const char* what) { return stat(tier + "_" + what); };
+  for (const auto& t : s.tiers) {
+    const auto& ts = t.stats;
+    const metrics::Labels l{{"tier", t.name}};
+    const auto n = [](std::uint64_t v) { return static_cast<double>(v); };
     m.gauge("kvlink_tier_healthy", "1 while the tier below L1 takes work, 0 while it is degraded (L1-only service)",
-            is("healthy"), l);
-    m.gauge("kvlink_tier_chunks", "Complete chunks on the tier below L1", is("chunks"), l);
-    m.gauge("kvlink_tier_bytes", "Bytes of the tier's slots in use", is("bytes"), l);
-    m.gauge("kvlink_tier_capacity_bytes", "Bytes the tier may take", is("capacity_bytes"), l);
-    m.counter("kvlink_tier_chunks_total", "Chunks written to and read back from the tier", is("writes"),
-              {{"tier", tier}, {"op", "write"}});
-    m.counter("kvlink_tier_chunks_total", "Chunks written to and read back from the tier", is("reads"),
-              {{"tier", tier}, {"op", "read"}});
-    m.counter("kvlink_tier_bytes_total", "Chunk bytes written to and read back from the tier", is("write_bytes"),
-              {{"tier", tier}, {"op", "write"}});
-    m.counter("kvlink_tier_bytes_total", "Chunk bytes written to and read back from the tier", is("read_bytes"),
-              {{"tier", tier}, {"op", "read"}});
-    m.counter("kvlink_tier_failures_total", "Tier I/O that failed, by what", is("writes_failed"),
-              {{"tier", tier}, {"op", "write"}});
-    m.counter("kvlink_tier_failures_total", "Tier I/O that failed, by what", is("reads_failed"),
-              {{"tier", tier}, {"op", "read"}});
+            ts.healthy ? 1 : 0, l);
+    m.gauge("kvlink_tier_chunks", "Complete chunks on the tier below L1", n(ts.chunks), l);
+    m.gauge("kvlink_tier_bytes", "Bytes of the tier's slots in use", n(ts.bytes), l);
+    m.gauge("kvlink_tier_capacity_bytes", "Bytes the tier may take", n(ts.capacity_bytes), l);
+    for (const auto& [op, chunks, bytes, failed] :
+         {std::tuple{"write", ts.writes, ts.write_bytes, ts.writes_failed},
+          std::tuple{"read", ts.reads, ts.read_bytes, ts.reads_failed}}) {
+      const metrics::Labels lo{{"tier", t.name}, {"op", op}};
+      m.counter("kvlink_tier_chunks_total", "Chunks written to and read back from the tier", n(chunks), lo);
+      m.counter("kvlink_tier_bytes_total", "Chunk bytes written to and read back from the tier", n(bytes), lo);
+      m.counter("kvlink_tier_failures_total", "Tier I/O that failed, by what", n(failed), lo);
+    }
     m.counter("kvlink_tier_writes_skipped_total",
               "Chunks not written to the tier: degraded, over the in-flight bound, no room, another layout",
-              is("writes_skipped"), l);
+              n(ts.writes_skipped), l);
     m.counter("kvlink_tier_corrupt_dropped_total", "Chunks that failed their checksum or were torn, dropped unserved",
-              is("corrupt_dropped"), l);
-    m.counter("kvlink_tier_evictions_total", "Chunks the tier dropped for room", is("evictions"), l);
-    m.counter("kvlink_tier_stalls_total", "Tier I/O past its deadline", is("stalls"), l);
-    m.counter("kvlink_tier_transitions_total", "Tier health changes (healthy <-> degraded)", is("transitions"), l);
+              n(ts.corrupt_dropped), l);
+    m.counter("kvlink_tier_evictions_total", "Chunks the tier dropped for room", n(ts.evictions), l);
+    m.counter("kvlink_tier_stalls_total", "Tier I/O past its deadline", n(ts.stalls), l);
+    m.counter("kvlink_tier_transitions_total",
+              "Tier health changes (healthy <-> degraded; for a cluster, its nodes' heartbeats)", n(ts.transitions), l);
+    for (const auto& node : t.nodes) {
+      const metrics::Labels ln{{"tier", t.name}, {"node", node.address}};
+      m.gauge("kvlink_tier_node_healthy", "1 while a node of the tier answers its heartbeat, 0 while its chunks miss",
+              node.healthy ? 1 : 0, ln);
+      m.gauge("kvlink_tier_node_slots", "Hash slots the node serves", node.slots, ln);
+    }
   }
-  if (stat("disk_enabled") + stat("cluster_enabled") > 0) {
+  if (!s.tiers.empty()) {
     m.counter("kvlink_tier_lookup_hits_total", "Chunks lookups matched that came up from the tier",
               stat("tier_lookup_hits"));
     m.gauge("kvlink_tier_lookups_waiting", "Lookups waiting for chunks from the tier", stat("tier_lookups_waiting"));

@@ -178,6 +178,12 @@ std::vector<ClusterNode> SlotMap::masters() const {
   return out;
 }
 
+std::uint32_t SlotMap::slots_of(const ClusterNode& master) const {
+  return static_cast<std::uint32_t>(std::count_if(slot_node_.begin(), slot_node_.end(), [&](std::int32_t n) {
+    return n >= 0 && nodes_[static_cast<std::size_t>(n)].master == master;
+  }));
+}
+
 std::uint32_t SlotMap::covered() const {
   return static_cast<std::uint32_t>(std::count_if(slot_node_.begin(), slot_node_.end(), [](std::int32_t n) { return n >= 0; }));
 }

@@ -29,7 +29,20 @@ void ClusterTier::tick(TimePoint now) {
 LowerTierStats ClusterTier::stats() const {
   LowerTierStats s = stats_;
   s.healthy = accepting();
+  s.transitions = client_->node_transitions();
+  for (const auto& m : client_->slots().masters()) {
+    ++s.nodes;
+    if (client_->node_state(m) == health::State::degraded) ++s.nodes_degraded;
+  }
   return s;
+}
+
+std::vector<TierNode> ClusterTier::nodes() const {
+  std::vector<TierNode> out;
+  const SlotMap& map = client_->slots();
+  for (const auto& m : map.masters())
+    out.push_back({to_string(m), client_->node_state(m) != health::State::degraded, map.slots_of(m)});
+  return out;
 }
 
 bool ClusterTier::put(const ChunkKey& key, std::span<const std::byte> bytes, TimePoint) {

@@ -1,4 +1,4 @@
-// The Redis Cluster tier (issue 18; not wired into the server yet): chunks
+// The Redis Cluster tier (--l2-redis-cluster, docs/tiers.md): chunks
 // stored under cluster_key() with the self-checked value of
 // cluster_keys.hpp, through a ClusterClient on the io_context.
 //
@@ -51,6 +51,7 @@ class ClusterTier final : public LowerTier {
   Error get(const ChunkKey& key, std::uint64_t bytes, TimePoint now, ReadDone done) override;
   void tick(TimePoint now) override;
   LowerTierStats stats() const override;
+  std::vector<TierNode> nodes() const override;
   ClusterClient& client() { return *client_; }
 
  private:

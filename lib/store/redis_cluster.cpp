@@ -69,7 +69,10 @@ void ClusterClient::watch_masters() {
     }
     auto monitor = NodeMonitor::create(ex_, m, config_.password, config_.health, next_seed_++,
                                        [weak = weak_from_this()](const ClusterNode&, const health::Transition&) {
-                                         if (auto self = weak.lock()) self->refresh();
+                                         if (auto self = weak.lock()) {
+                                           ++self->node_transitions_;
+                                           self->refresh();
+                                         }
                                        });
     monitor->start();
     next.emplace(name, std::move(monitor));

@@ -63,6 +63,8 @@ class ClusterClient : public std::enable_shared_from_this<ClusterClient> {
   std::size_t connections() const { return nodes_.size(); }
   // The state of `node`'s monitor (healthy while it has none yet).
   health::State node_state(const ClusterNode& node) const;
+  // Health transitions of the masters' monitors so far.
+  std::uint64_t node_transitions() const { return node_transitions_; }
 
  private:
   struct NodeLink {
@@ -96,6 +98,7 @@ class ClusterClient : public std::enable_shared_from_this<ClusterClient> {
   std::map<std::string, NodeLink> nodes_;  // by "host:port"
   std::map<std::string, std::shared_ptr<NodeMonitor>> monitors_;  // by "host:port"
   std::uint64_t next_seed_ = 1;
+  std::uint64_t node_transitions_ = 0;
   bool refreshing_ = false;
   std::vector<std::function<void(const Error&)>> refresh_waiters_;
 };

@@ -61,7 +61,7 @@ def status():
     now = time.time()
     sc = args.scenario
     if sc == "empty":
-        instances, history, events, namespaces, used = [], [], [], [], 0
+        instances, history, events, namespaces, tiers, used = [], [], [], [], [], 0
     else:
         count = 400 if sc == "many" else 5
         instances = []
@@ -71,6 +71,14 @@ def status():
         used = int(0.62 * GIB + (now % 60) * 1e6)
         namespaces = [{"namespace": hexid(1000), "model": "mistral-7b-instruct-v0.3", "chunks": 400, "bytes": 400 * 524288},
                       {"namespace": hexid(1001), "model": "llama-3-8b", "chunks": 870, "bytes": 870 * 524288}]
+        tiers = [{"name": "disk", "healthy": True, "chunks": 5200, "bytes": 5200 * 524288, "capacity_bytes": 4 << 30,
+                  "writes": 9100, "write_bytes": 9100 * 524288, "writes_failed": 0, "writes_skipped": 3, "reads": 2200,
+                  "read_bytes": 2200 * 524288, "reads_failed": 1, "corrupt_dropped": 2, "transitions": 0, "nodes": []},
+                 {"name": "cluster", "healthy": True, "chunks": 0, "bytes": 0, "capacity_bytes": 0,
+                  "writes": 14000, "write_bytes": 14000 * 524288, "writes_failed": 40, "writes_skipped": 0,
+                  "reads": 800, "read_bytes": 800 * 524288, "reads_failed": 12, "corrupt_dropped": 0, "transitions": 2,
+                  "nodes": [{"address": "10.0.0.%d:6379" % n, "healthy": n != 2, "slots": 5461 + (n == 0)}
+                            for n in range(3)]}]
         history = []
         req = hit = st = rt = 0
         base = now - now % 5
@@ -104,7 +112,7 @@ def status():
         "l1": {"capacity_bytes": GIB, "used_bytes": used, "free_bytes": GIB - used, "pinned_bytes": used // 7,
                "wasted_bytes": 3 << 20, "chunks": used // 524288, "read_locks": 12, "write_locks": 3,
                "slab_bytes": 128 << 20, "slabs_total": 8, "slabs_free": 2, "layouts": 2, "huge_pages": False},
-        "namespaces": namespaces, "instances": instances,
+        "namespaces": namespaces, "tiers": tiers, "instances": instances,
         "jobs": 2, "sessions": 14, "transfers_in_flight": sum(i["transfers_in_flight"] for i in instances),
         "totals": {"lookup_requested_tokens": last.get("lookup_requested_tokens", 0),
                    "lookup_hit_tokens": last.get("lookup_hit_tokens", 0),

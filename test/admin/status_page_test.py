@@ -457,6 +457,8 @@ def mock_test(a, browser):
           "empty: no events, says so")
     check(all(dom.by_id(c).attrs.get("data-points") == "0" for c in ("chart-l1", "chart-hit", "chart-tp")),
           "empty: charts drawn empty")
+    check(dom.by_id("tiers-empty").visible() and "L1 only" in dom.by_id("tiers-empty").text(),
+          "empty: no tier, says L1 only")
     stop(p)
 
     p, base = mock("--scenario", "full")
@@ -471,6 +473,13 @@ def mock_test(a, browser):
     check("<script>alert" not in dom.source and "&lt;script&gt;alert(1)" in dom.source,
           "full: engine-supplied strings are text, not HTML")
     check(dom.by_id("l1-used").attrs.get("data-bytes", "0") != "0", "full: L1 used shown")
+    tiers = {n.attrs.get("data-tier"): n.attrs.get("data-healthy")
+             for n in dom.root.find_all(lambda n: n.tag == "tr" and "data-tier" in n.attrs)}
+    nodes = {n.attrs.get("data-node"): n.attrs.get("data-healthy")
+             for n in dom.root.find_all(lambda n: "data-node" in n.attrs)}
+    check(tiers == {"disk": "true", "cluster": "true"}, "full: both tiers shown", str(tiers))
+    check(nodes == {"10.0.0.0:6379": "true", "10.0.0.1:6379": "true", "10.0.0.2:6379": "false"},
+          "full: the cluster's masters shown, the one down as down", str(nodes))
     browser.screenshot(base, os.path.join(a.out, "status_page_mock_narrow.png"), size="500,1800")
     stop(p)
 

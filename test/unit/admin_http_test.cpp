@@ -149,3 +149,30 @@ TEST_CASE("status: metrics name instances by role and count them connected or no
   CHECK(text.find("# TYPE kvlink_request_duration_seconds histogram") != std::string::npos);
   CHECK(text.find("kvlink_l1_used_bytes 4096") != std::string::npos);
 }
+
+TEST_CASE("status: tiers below L1 show in the JSON and the metrics, a cluster's nodes one by one") {
+  ServerStatus s = ready_status(Clock::now());
+  CHECK(status_json(s).find(R"("tiers":[])") != std::string::npos);
+  CHECK(status_metrics(s).find("kvlink_tier_") == std::string::npos);
+
+  store::LowerTierStats disk;
+  disk.chunks = 7;
+  disk.capacity_bytes = 1 << 20;
+  store::LowerTierStats cluster;
+  cluster.healthy = true;
+  cluster.writes = 12;
+  cluster.nodes = 2;
+  cluster.nodes_degraded = 1;
+  s.tiers = {{"disk", disk, {}},
+             {"cluster", cluster, {{"127.0.0.1:7000", true, 8192}, {"127.0.0.1:7001", false, 8192}}}};
+  const std::string json = status_json(s);
+  CHECK(json.find(R"({"name":"disk","healthy":true,"chunks":7,"bytes":0,"capacity_bytes":1048576,)") !=
+        std::string::npos);
+  CHECK(json.find(R"("nodes":[{"address":"127.0.0.1:7000","healthy":true,"slots":8192},)"
+                  R"({"address":"127.0.0.1:7001","healthy":false,"slots":8192}]})") != std::string::npos);
+  const std::string text = status_metrics(s);
+  CHECK(text.find(R"(kvlink_tier_chunks{tier="disk"} 7)") != std::string::npos);
+  CHECK(text.find(R"(kvlink_tier_chunks_total{tier="cluster",op="write"} 12)") != std::string::npos);
+  CHECK(text.find(R"(kvlink_tier_node_healthy{tier="cluster",node="127.0.0.1:7001"} 0)") != std::string::npos);
+  CHECK(text.find(R"(kvlink_tier_node_slots{tier="cluster",node="127.0.0.1:7000"} 8192)") != std::string::npos);
+}

@@ -114,6 +114,9 @@ TEST_CASE("cluster keys: the slot map follows CLUSTER SLOTS and MOVED") {
   map.moved(100, b);  // a slot migrated
   CHECK(*map.master(100) == b);
   CHECK(*map.master(101) == a);
+  CHECK(map.slots_of(a) == 5460);
+  CHECK(map.slots_of(b) == 5463);
+  CHECK(map.slots_of(ra) == 0);  // a replica serves none
   map.assign({{0, 99, a, {}}});  // a cluster with slots uncovered
   CHECK(map.covered() == 100);
   CHECK(map.master(100) == nullptr);

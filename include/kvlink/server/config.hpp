@@ -111,12 +111,14 @@ struct ServerConfig {
   // The shared tier: a Redis Cluster given by some of its nodes
   // (HOST:PORT; empty: none), its password (read from a file or
   // KVLINK_REDIS_PASSWORD), a TTL for the chunks stored there (0: none),
-  // each command's deadline, and whether L1's evictions go there too
-  // (every stored chunk is written through to it).
+  // each command's deadline, the ping interval (and ping timeout) of the
+  // heartbeat watching each master (an engine link's default), and whether
+  // L1's evictions go there too (every stored chunk is written through).
   std::vector<std::string> l2_redis_cluster;
   std::string l2_redis_password;
   std::chrono::seconds l2_redis_ttl{0};
   std::chrono::milliseconds l2_redis_deadline{500};
+  std::chrono::milliseconds l2_redis_ping{1000};
   bool l2_redis_write_back = false;
 
   // Planned restart (SIGTERM/SIGINT): how long the server waits for STOREs

@@ -15,6 +15,7 @@
 #include "kvlink/clock.hpp"
 #include "kvlink/metrics/histogram.hpp"
 #include "kvlink/server/peer.hpp"
+#include "kvlink/store/lower_tier.hpp"
 #include "kvlink/wire/messages.hpp"
 
 namespace kvlink::server {
@@ -96,6 +97,13 @@ struct HistorySample {
   std::uint64_t retrieved_bytes = 0;
 };
 
+// A tier below L1 (disk, cluster) as the status page shows it.
+struct TierStatus {
+  std::string name;
+  store::LowerTierStats stats;
+  std::vector<store::TierNode> nodes;  // a cluster's masters
+};
+
 struct ServerStatus {
   // ---- the server (network layer) ----
   std::uint64_t boot_id = 0;
@@ -117,6 +125,7 @@ struct ServerStatus {
   TrafficTotals totals;
   std::vector<InstanceStatus> instances;
   std::vector<NamespaceStatus> namespaces;
+  std::vector<TierStatus> tiers;  // in lookup order
   std::vector<ServerEvent> events;
 
   // A STATS entry by name (0 if absent).

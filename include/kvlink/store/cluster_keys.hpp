@@ -89,6 +89,8 @@ class SlotMap {
   void moved(std::uint16_t slot, const ClusterNode& node);
   // Every master the map names, once each.
   std::vector<ClusterNode> masters() const;
+  // The slots `master` serves.
+  std::uint32_t slots_of(const ClusterNode& master) const;
   // Slots with a master.
   std::uint32_t covered() const;
   bool empty() const { return covered() == 0; }

@@ -20,6 +20,7 @@
 #include <functional>
 #include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "kvlink/clock.hpp"
@@ -49,6 +50,17 @@ struct LowerTierStats {
   std::uint64_t stalls = 0;
   std::uint64_t transitions = 0;         // healthy <-> degraded
   std::uint64_t recovered_chunks = 0;    // found again at start (warm restart)
+  // A tier spread over nodes (the cluster): the nodes serving it, and
+  // those of them degraded now (their chunks miss). 0 for a local tier.
+  std::uint64_t nodes = 0;
+  std::uint64_t nodes_degraded = 0;
+};
+
+// One node of a tier spread over nodes, for the status page.
+struct TierNode {
+  std::string address;  // "host:port"
+  bool healthy = true;  // its heartbeat's verdict
+  std::uint32_t slots = 0;  // hash slots it serves
 };
 
 class LowerTier {
@@ -72,6 +84,8 @@ class LowerTier {
   // calls it every tick.
   virtual void tick(TimePoint now) = 0;
   virtual LowerTierStats stats() const = 0;
+  // The nodes the tier spreads over (none for a local tier).
+  virtual std::vector<TierNode> nodes() const { return {}; }
 };
 
 }  // namespace kvlink::store
