@@ -21,8 +21,13 @@ void ClusterTier::start(std::function<void(const Error&)> done) {
 }
 
 void ClusterTier::tick(TimePoint now) {
-  if (accepting() || now < next_refresh_) return;
-  next_refresh_ = now + std::chrono::seconds(1);
+  // No map yet: ask every second. A master down: the cluster will promote
+  // a replica (after its cluster-node-timeout), so read the map often
+  // until it names only masters that answer; writes then go to the new
+  // master from the first one, not only after a command has failed.
+  const bool master_down = client_->masters_degraded() > 0;
+  if ((accepting() && !master_down) || now < next_refresh_) return;
+  next_refresh_ = now + (accepting() ? std::chrono::milliseconds(250) : std::chrono::milliseconds(1000));
   client_->refresh();
 }
 
@@ -30,10 +35,8 @@ LowerTierStats ClusterTier::stats() const {
   LowerTierStats s = stats_;
   s.healthy = accepting();
   s.transitions = client_->node_transitions();
-  for (const auto& m : client_->slots().masters()) {
-    ++s.nodes;
-    if (client_->node_state(m) == health::State::degraded) ++s.nodes_degraded;
-  }
+  s.nodes = client_->slots().masters().size();
+  s.nodes_degraded = client_->masters_degraded();
   return s;
 }
 

@@ -57,6 +57,13 @@ health::State ClusterClient::node_state(const ClusterNode& node) const {
   return it == monitors_.end() ? health::State::healthy : it->second->state();
 }
 
+std::size_t ClusterClient::masters_degraded() const {
+  std::size_t n = 0;
+  for (const auto& [name, m] : monitors_)
+    if (m->state() == health::State::degraded) ++n;
+  return n;
+}
+
 void ClusterClient::watch_masters() {
   if (!config_.watch_nodes) return;
   std::map<std::string, std::shared_ptr<NodeMonitor>> next;

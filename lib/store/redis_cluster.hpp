@@ -63,6 +63,8 @@ class ClusterClient : public std::enable_shared_from_this<ClusterClient> {
   std::size_t connections() const { return nodes_.size(); }
   // The state of `node`'s monitor (healthy while it has none yet).
   health::State node_state(const ClusterNode& node) const;
+  // Masters of the map whose heartbeat says degraded now.
+  std::size_t masters_degraded() const;
   // Health transitions of the masters' monitors so far.
   std::uint64_t node_transitions() const { return node_transitions_; }
 
