@@ -35,21 +35,19 @@
 #include "kvlink/adapter/worker.hpp"
 #include "kvlink/runtime/runtime.hpp"
 #include "kvlink/transfer/kv_memfd.hpp"
+#include "figures.hpp"
 #include "server_process.hpp"
 #include "store/disk_tier.hpp"
 
 using namespace kvlink;
 using namespace std::chrono_literals;
 using kvlink::test::ServerProcess;
+using kvlink::bench::median;
+using kvlink::bench::seconds;
+using kvlink::bench::spec;
+using kvlink::bench::stat_of;
 
 namespace {
-
-double seconds(Duration d) { return std::chrono::duration<double>(d).count(); }
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
 
 // A directory on the filesystem under test, removed at the end.
 struct Dir {
@@ -172,26 +170,6 @@ double raw_read_s(const std::string& file, std::uint64_t bytes) {
   }
   const double s = seconds(Clock::now() - t0);
   ::close(fd);
-  return s;
-}
-
-std::int64_t stat_of(const std::string& endpoint, const std::string& name) {
-  const std::string cmd = ServerProcess::binary("KVLINK_CLI") + " stats --server " + endpoint;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  while (p && std::fgets(buf, sizeof buf, p)) out += buf;
-  if (p) ::pclose(p);
-  const auto at = out.find("\"" + name + "\":");
-  if (at == std::string::npos) throw std::runtime_error("no " + name + " in STATS: " + out);
-  return std::strtoll(out.c_str() + at + name.size() + 3, nullptr, 10);
-}
-
-adapter::TransferSpec spec(std::string id, std::vector<store::Token> tokens, std::vector<std::uint32_t> blocks) {
-  adapter::TransferSpec s;
-  s.request_id = std::move(id);
-  s.tokens = std::move(tokens);
-  s.block_ids = std::move(blocks);
   return s;
 }
 

@@ -47,16 +47,24 @@ std::string cluster_key(const ChunkKey& key) {
   return fmt::format("kvlink:v1:{:016x}:{}:{}", key.ns, to_string(key.hash), key.rank);
 }
 
+std::array<std::byte, cluster_header_bytes> cluster_value_header(const ChunkKey& key,
+                                                                 std::span<const std::byte> bytes) {
+  std::array<std::byte, cluster_header_bytes> h{};
+  std::memcpy(h.data(), value_magic, 4);
+  le::put_u32(h.data() + 4, cluster_value_version);
+  le::put_u64(h.data() + 8, bytes.size());
+  le::put_u64(h.data() + 16, bytes.size());
+  le::put_u64(h.data() + 24, chunk_checksum(key, bytes));
+  le::put_u64(h.data() + 32, key.ns);
+  le::put_u64(h.data() + 40, XXH3_64bits(h.data(), 40));
+  return h;
+}
+
 std::vector<std::byte> encode_cluster_value(const ChunkKey& key, std::span<const std::byte> bytes) {
+  const auto h = cluster_value_header(key, bytes);
   std::vector<std::byte> v(cluster_header_bytes + bytes.size());
-  std::memcpy(v.data(), value_magic, 4);
-  le::put_u32(v.data() + 4, cluster_value_version);
-  le::put_u64(v.data() + 8, bytes.size());
-  le::put_u64(v.data() + 16, bytes.size());
-  le::put_u64(v.data() + 24, chunk_checksum(key, bytes));
-  le::put_u64(v.data() + 32, key.ns);
-  le::put_u64(v.data() + 40, XXH3_64bits(v.data(), 40));
-  if (!bytes.empty()) std::memcpy(v.data() + cluster_header_bytes, bytes.data(), bytes.size());
+  std::memcpy(v.data(), h.data(), h.size());
+  if (!bytes.empty()) std::memcpy(v.data() + h.size(), bytes.data(), bytes.size());
   return v;
 }
 

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <cstring>
+
 namespace kvlink::store {
 
 ClusterTier::ClusterTier(asio::any_io_executor ex, ClusterTierConfig config)
@@ -21,12 +23,15 @@ void ClusterTier::start(std::function<void(const Error&)> done) {
 }
 
 void ClusterTier::tick(TimePoint now) {
-  // No map yet: ask every second. A master down: the cluster will promote
-  // a replica (after its cluster-node-timeout), so read the map often
-  // until it names only masters that answer; writes then go to the new
-  // master from the first one, not only after a command has failed.
-  const bool master_down = client_->masters_degraded() > 0;
-  if ((accepting() && !master_down) || now < next_refresh_) return;
+  // No map yet: ask every second. A master down, or slots without one
+  // (the cluster failed a master and has not promoted its replica yet):
+  // the cluster will promote a replica (after its cluster-node-timeout),
+  // so read the map often until it names a master that answers for every
+  // slot; writes then go to the new master from the first one, not only
+  // after a command has failed.
+  const bool failing_over =
+      client_->masters_degraded() > 0 || client_->slots().covered() < cluster_slots;
+  if ((accepting() && !failing_over) || now < next_refresh_) return;
   next_refresh_ = now + (accepting() ? std::chrono::milliseconds(250) : std::chrono::milliseconds(1000));
   client_->refresh();
 }
@@ -58,9 +63,14 @@ bool ClusterTier::put(const ChunkKey& key, std::span<const std::byte> bytes, Tim
     ++stats_.writes_skipped;
     return false;
   }
-  const auto value = encode_cluster_value(key, bytes);
+  // The value put together once, in the argument that is sent (hiredis
+  // formats it into the command: one more copy, then the socket's).
+  std::string value(size, '\0');
+  const auto header = cluster_value_header(key, bytes);
+  std::memcpy(value.data(), header.data(), header.size());
+  if (!bytes.empty()) std::memcpy(value.data() + header.size(), bytes.data(), bytes.size());
   const std::string name = cluster_key(key);
-  std::vector<std::string> args{"SET", name, std::string(reinterpret_cast<const char*>(value.data()), value.size())};
+  std::vector<std::string> args{"SET", name, std::move(value)};
   if (config_.ttl.count() > 0) {
     args.emplace_back("EX");
     args.push_back(std::to_string(config_.ttl.count()));

@@ -97,6 +97,8 @@ void RedisConnection::connect(asio::any_io_executor ex, const ClusterNode& node,
       });
 }
 
+void RedisConnection::FreeCommand::operator()(char* cmd) const { redisFreeCommand(cmd); }
+
 void RedisConnection::send(std::span<const std::string_view> args, Duration deadline, Done done) {
   if (!open_) {
     asio::post(ex_, [done = std::move(done)] {
@@ -113,20 +115,32 @@ void RedisConnection::send(std::span<const std::string_view> args, Duration dead
   char* cmd = nullptr;
   const int n = redisFormatCommandArgv(&cmd, static_cast<int>(args.size()), argv.data(), lens.data());
   if (n < 0 || !cmd) throw std::bad_alloc();
-  out_.append(cmd, static_cast<std::size_t>(n));
-  redisFreeCommand(cmd);
-  pending_.push_back({Clock::now() + deadline, std::move(done)});
+  out_.push_back({std::unique_ptr<char, FreeCommand>(cmd), static_cast<std::size_t>(n)});
+  out_bytes_ += static_cast<std::size_t>(n);
+  pending_.push_back({Clock::now() + deadline, std::move(done), static_cast<std::size_t>(n)});
   arm_timer();
   flush();
 }
 
 void RedisConnection::flush() {
   if (writing_ || out_.empty() || !open_) return;
+  std::vector<asio::const_buffer> buffers;
+  while (!out_.empty() &&
+         (unanswered_bytes_ == 0 || unanswered_bytes_ + out_.front().size <= pipeline_window_bytes)) {
+    Formatted f = std::move(out_.front());
+    out_.pop_front();
+    out_bytes_ -= f.size;
+    sending_bytes_ += f.size;
+    unanswered_bytes_ += f.size;
+    buffers.emplace_back(f.bytes.get(), f.size);
+    sending_.push_back(std::move(f));
+  }
+  if (buffers.empty()) return;  // the window is full: a reply makes room
   writing_ = true;
-  sending_.swap(out_);
-  asio::async_write(socket_, asio::buffer(sending_), [self = shared_from_this()](std::error_code ec, std::size_t) {
+  asio::async_write(socket_, buffers, [self = shared_from_this()](std::error_code ec, std::size_t) {
     self->writing_ = false;
     self->sending_.clear();
+    self->sending_bytes_ = 0;
     if (ec) return self->fail_all(Error(errc::not_connected, fmt::format("redis node {}: write failed: {}",
                                                                           to_string(self->node_), ec.message())));
     self->flush();
@@ -154,10 +168,12 @@ void RedisConnection::start_reading() {
                                                                        to_string(self->node_))));
       Pending p = std::move(self->pending_.front());
       self->pending_.pop_front();
+      self->unanswered_bytes_ -= p.bytes;
       self->complete(p, {}, RedisValue(reply.get()));
       if (!self->open_) return;
     }
     self->arm_timer();
+    self->flush();  // replies made room in the pipeline window
     self->start_reading();
   });
 }

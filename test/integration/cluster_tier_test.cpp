@@ -134,7 +134,11 @@ TEST_CASE("cluster tier: a master killed while two servers share misses at once,
   CHECK(two.stat("cluster_nodes_degraded") == 0);
   // New chunks go to the promoted master and are shared as before.
   const auto more = store_prompts(one, 1, 24, 10);
-  REQUIRE(eventually([&] { return one.stat("cluster_writes") == 16; }));
+  const bool written = eventually([&] { return one.stat("cluster_writes") == 16; });
+  INFO("writes " << one.stat("cluster_writes") << ", failed " << one.stat("cluster_writes_failed") << ", skipped "
+                 << one.stat("cluster_writes_skipped") << ", nodes " << one.stat("cluster_nodes") << ", degraded "
+                 << one.stat("cluster_nodes_degraded"));
+  REQUIRE(written);
   CHECK(hit_and_verify(two, "new", more[0]) == 4 * chunk);
 }
 

@@ -1,10 +1,10 @@
 // A child process (the engine simulator, or a server a test drains or
 // kills) whose stdout and stderr lines are collected as they come, each
 // with the time it arrived, so a test can wait for a line and time what
-// happened. Killed (SIGKILL) by the destructor if still running.
+// happened. Killed (SIGKILL) by the destructor if still running. Used by
+// tests and benches alike: failures throw.
 #pragma once
 
-#include <doctest/doctest.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -16,6 +16,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -34,12 +35,16 @@ class Child {
 
   explicit Child(std::vector<std::string> argv) {
     int fds[2];
-    REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed for a child process");
     std::vector<char*> args;
     for (auto& a : argv) args.push_back(a.data());
     args.push_back(nullptr);
     pid_ = ::fork();
-    REQUIRE(pid_ >= 0);
+    if (pid_ < 0) {
+      ::close(fds[0]);
+      ::close(fds[1]);
+      throw std::runtime_error("fork failed for a child process");
+    }
     if (pid_ == 0) {
       ::dup2(fds[1], STDOUT_FILENO);
       ::dup2(fds[1], STDERR_FILENO);

@@ -58,6 +58,10 @@ class RedisCluster {
     if (shell(cmd, out) != 0) throw std::runtime_error("redis-cli --cluster create failed: " + out);
     if (!wait_ok(std::chrono::seconds(20)))
       throw std::runtime_error("the redis cluster did not report cluster_state:ok within 20 s");
+    // A replica that never finished its first sync does not fail over: a
+    // fault injected before then would find no replica to promote.
+    if (!wait_synced(std::chrono::seconds(20)))
+      throw std::runtime_error("the redis cluster's replicas did not finish their first sync within 20 s");
   }
 
   std::vector<Node>& nodes() { return nodes_; }
@@ -82,6 +86,24 @@ class RedisCluster {
       for (auto& n : nodes_)
         if (n.proc && cli(n.port, "cluster info").find("cluster_state:ok") == std::string::npos) ok = false;
       if (ok) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
+  }
+  // Until every running replica is linked to its master and synced.
+  bool wait_synced(std::chrono::milliseconds limit) {
+    const auto end = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < end) {
+      bool synced = true;
+      for (auto& n : nodes_) {
+        if (!n.proc) continue;
+        const std::string info = cli(n.port, "info replication");
+        if (info.find("role:slave") != std::string::npos &&
+            (info.find("master_link_status:up") == std::string::npos ||
+             info.find("master_sync_in_progress:0") == std::string::npos))
+          synced = false;
+      }
+      if (synced) return true;
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
     return false;
@@ -122,7 +144,9 @@ class RedisCluster {
                                     "--cluster-enabled", "yes", "--cluster-config-file",
                                     dir_.path() + "/nodes-" + std::to_string(n.port) + ".conf",
                                     "--cluster-node-timeout", std::to_string(node_timeout_ms_), "--dir", dir_.path(),
-                                    "--save", "", "--appendonly", "no"};
+                                    "--save", "", "--appendonly", "no",
+                                    // replicas sync at once (the default waits 5 s for more of them)
+                                    "--repl-diskless-sync-delay", "0"};
       n.proc = std::make_unique<Child>(argv);
       if (n.proc->wait_for("Ready to accept connections", std::chrono::seconds(10))) return n;
     }

@@ -17,6 +17,7 @@
 // is a miss, counted, never served.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -42,6 +43,10 @@ inline constexpr std::uint32_t cluster_value_version = 1;
 
 // The value stored for `key`: header + bytes.
 std::vector<std::byte> encode_cluster_value(const ChunkKey& key, std::span<const std::byte> bytes);
+// The header alone (encode_cluster_value() is it, then the bytes): for
+// writers that put the value together where it is sent from.
+std::array<std::byte, cluster_header_bytes> cluster_value_header(const ChunkKey& key,
+                                                                 std::span<const std::byte> bytes);
 // The chunk's bytes inside `value` if it is `key`'s chunk of `slot_bytes`
 // bytes, whole and intact; otherwise why not (server_error: corrupt,
 // foreign or of another layout; the caller counts and drops it).
