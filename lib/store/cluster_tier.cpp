@@ -76,6 +76,9 @@ bool ClusterTier::put(const ChunkKey& key, std::span<const std::byte> bytes, Tim
     args.push_back(std::to_string(config_.ttl.count()));
   }
   stats_.write_bytes_in_flight += size;
+  // A write to a master that is down waits for the map to be read again
+  // (the cluster may have promoted its replica just now); nobody waits on
+  // a write. Lookups' commands miss at once instead.
   client_->send(name, std::move(args), config_.command_deadline,
                 [this, alive = std::weak_ptr<bool>(alive_), size, bytes = bytes.size()](const Error& e, RedisValue v) {
                   if (auto a = alive.lock(); !a || !*a) return;
@@ -86,7 +89,8 @@ bool ClusterTier::put(const ChunkKey& key, std::span<const std::byte> bytes, Tim
                   }
                   ++stats_.writes;
                   stats_.write_bytes += bytes;
-                });
+                },
+                ClusterClient::MasterDown::wait_for_map);
   return true;
 }
 

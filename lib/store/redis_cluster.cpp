@@ -163,8 +163,10 @@ void ClusterClient::read_slots(std::size_t seed, std::function<void(const Error&
   });
 }
 
-void ClusterClient::send(const std::string& key, std::vector<std::string> args, Duration deadline, Done done) {
-  auto cmd = std::make_shared<Command>(Command{key, std::move(args), Clock::now() + deadline, std::move(done), 0});
+void ClusterClient::send(const std::string& key, std::vector<std::string> args, Duration deadline, Done done,
+                         MasterDown on_master_down) {
+  auto cmd = std::make_shared<Command>(
+      Command{key, std::move(args), Clock::now() + deadline, std::move(done), 0, on_master_down});
   asio::post(ex_, [self = shared_from_this(), cmd] { self->dispatch(cmd); });
 }
 
@@ -184,6 +186,16 @@ void ClusterClient::dispatch(std::shared_ptr<Command> cmd, const ClusterNode* as
     });
   }
   if (node_state(*master) == health::State::degraded) {
+    if (cmd->on_master_down == MasterDown::wait_for_map && cmd->redirects++ < config_.max_redirects) {
+      return refresh([self = shared_from_this(), cmd, down = *master, slot](const Error&) {
+        const ClusterNode* now = self->slots_.master(slot);
+        if (now && !(*now == down)) return self->dispatch(cmd);
+        cmd->done(Error(errc::not_connected, fmt::format("redis node {} is down (its heartbeat failed) and no "
+                                                         "replica has taken its slots yet",
+                                                         to_string(down))),
+                  RedisValue());
+      });
+    }
     // Down, or failed over: the map may have news.
     refresh_soon();
     return cmd->done(Error(errc::not_connected, fmt::format("redis node {} is down (its heartbeat failed): a miss",

@@ -59,19 +59,33 @@ std::uint32_t hit_all(Fixture& f, const std::string& tag, const std::vector<std:
   }
   return matched;
 }
+// Two servers as two machines on one cluster of 3 masters and 3 replicas
+// (`node_timeout_ms`: its cluster-node-timeout), an engine on each, and 3
+// prompts (12 chunks) stored through the first and written to the cluster.
+struct Shared {
+  kvlink::test::RedisCluster cluster;
+  Fixture one, two;
+  std::vector<std::vector<store::Token>> prompts;
+  explicit Shared(int node_timeout_ms)
+      : cluster(3, 1, node_timeout_ms), one("64MiB", cluster_args(cluster)), two("64MiB", cluster_args(cluster)) {
+    one.server.start();
+    two.server.start();
+    one.make();
+    two.make();
+    REQUIRE(eventually([&] { return one.stat("cluster_nodes") == 3 && two.stat("cluster_nodes") == 3; }));
+    REQUIRE(one.stat("cluster_healthy") == 1);
+    prompts = store_prompts(one, 3);
+    REQUIRE(eventually([&] { return one.stat("cluster_writes") == 12; }));
+  }
+};
 }  // namespace
 
 TEST_CASE("cluster tier: what one server stores, another server's engine hits byte-exact; a hung cluster costs "
           "lookups no more than their wait, and they hit again when it is back" * doctest::skip(no_cluster)) {
-  kvlink::test::RedisCluster cluster(3, 1);
-  Fixture one("64MiB", cluster_args(cluster)), two("64MiB", cluster_args(cluster));
-  one.server.start();
-  two.server.start();
-  one.make();
-  two.make();
-  REQUIRE(eventually([&] { return one.stat("cluster_healthy") == 1 && two.stat("cluster_healthy") == 1; }));
-  const auto prompts = store_prompts(one, 3);
-  REQUIRE(eventually([&] { return one.stat("cluster_writes") == 12; }));
+  Shared shared(1000);
+  auto& cluster = shared.cluster;
+  Fixture &one = shared.one, &two = shared.two;
+  const auto& prompts = shared.prompts;
   CHECK(two.stat("stores_committed") == 0);  // nothing was stored through server 2
   for (int p = 0; p < 3; ++p) CHECK(hit_and_verify(two, "b-" + std::to_string(p), prompts[p]) == 4 * chunk);
   CHECK(two.stat("tier_lookup_hits") == 12);
@@ -99,15 +113,10 @@ TEST_CASE("cluster tier: what one server stores, another server's engine hits by
 
 TEST_CASE("cluster tier: a master killed while two servers share misses at once, nothing wrong is served, the "
           "servers follow the cluster's failover and hits resume" * doctest::skip(no_cluster)) {
-  kvlink::test::RedisCluster cluster(3, 1, 1000);
-  Fixture one("64MiB", cluster_args(cluster)), two("64MiB", cluster_args(cluster));
-  one.server.start();
-  two.server.start();
-  one.make();
-  two.make();
-  REQUIRE(eventually([&] { return one.stat("cluster_nodes") == 3 && two.stat("cluster_nodes") == 3; }));
-  const auto prompts = store_prompts(one, 3);
-  REQUIRE(eventually([&] { return one.stat("cluster_writes") == 12; }));
+  Shared shared(1000);
+  auto& cluster = shared.cluster;
+  Fixture &one = shared.one, &two = shared.two;
+  const auto& prompts = shared.prompts;
   // Replicas copy asynchronously: the kill must not outrun them (each of
   // the 12 chunks on its master and its replica).
   REQUIRE(eventually([&] {
@@ -146,15 +155,10 @@ TEST_CASE("cluster tier: a master hung is marked by the tier's heartbeat, its ch
           "call waits; when it answers again it is healthy and hits resume" * doctest::skip(no_cluster)) {
   // cluster-node-timeout 10 s: the cluster does not fail the node over
   // while it is stopped; only kvlink's own heartbeat notices.
-  kvlink::test::RedisCluster cluster(3, 1, 10000);
-  Fixture one("64MiB", cluster_args(cluster)), two("64MiB", cluster_args(cluster));
-  one.server.start();
-  two.server.start();
-  one.make();
-  two.make();
-  REQUIRE(eventually([&] { return one.stat("cluster_nodes") == 3 && two.stat("cluster_nodes") == 3; }));
-  const auto prompts = store_prompts(one, 3);
-  REQUIRE(eventually([&] { return one.stat("cluster_writes") == 12; }));
+  Shared shared(10000);
+  auto& cluster = shared.cluster;
+  Fixture& two = shared.two;
+  const auto& prompts = shared.prompts;
   auto& victim = busiest_master(cluster);
   victim.proc->signal(SIGSTOP);
   const auto t0 = std::chrono::steady_clock::now();
