@@ -51,14 +51,14 @@ class ClusterClient : public std::enable_shared_from_this<ClusterClient> {
   void refresh(std::function<void(const Error&)> done = {});
   const SlotMap& slots() const { return slots_; }
 
-  // Sends `args` (the command, then its arguments; `key` among them) to
-  // the master of `key`'s slot. `done` as RedisConnection's: a redirect is
-  // followed, never handed back.
   // What a command does when its slot's master is down: miss at once
   // (lookups), or wait for the slot map to be read again and go to the
   // master it names if that is another one (writes: a replica the cluster
   // promoted just now takes them), within the deadline.
   enum class MasterDown { miss, wait_for_map };
+  // Sends `args` (the command, then its arguments; `key` among them) to
+  // the master of `key`'s slot. `done` as RedisConnection's: a redirect is
+  // followed, never handed back.
   using Done = RedisConnection::Done;
   void send(const std::string& key, std::vector<std::string> args, Duration deadline, Done done,
             MasterDown on_master_down = MasterDown::miss);

@@ -87,6 +87,10 @@ class RedisConnection : public std::enable_shared_from_this<RedisConnection> {
   std::size_t pending() const { return pending_.size(); }
   // Bytes queued to send and not yet written.
   std::size_t queued_bytes() const { return out_bytes_ + sending_bytes_; }
+  // Bytes written whose replies have not come: at most
+  // pipeline_window_bytes, or one command when it alone is larger.
+  std::size_t unanswered_bytes() const { return unanswered_bytes_; }
+  static constexpr std::size_t pipeline_window_bytes = 1 << 20;
   const ClusterNode& node() const { return node_; }
 
  private:
@@ -130,7 +134,6 @@ class RedisConnection : public std::enable_shared_from_this<RedisConnection> {
   // that grows with their number (redis-benchmark -P 16 of 4 MiB SETs is
   // about 3x slower than -P 1); small commands still pipeline by the
   // thousand.
-  static constexpr std::size_t pipeline_window_bytes = 1 << 20;
   std::size_t unanswered_bytes_ = 0;
   std::vector<char> in_ = std::vector<char>(64 * 1024);
   bool open_ = true;

@@ -98,6 +98,37 @@ TEST_CASE("redis connection: pipelined binary SET/GET answered in order" * docte
   CHECK(c->pending() == 0);
 }
 
+TEST_CASE("redis connection: chunk-sized commands are not pipelined behind each other; small ones are, by the "
+          "hundred" * doctest::skip(no_redis)) {
+  RedisNode redis;
+  asio::io_context io;
+  auto c = connect(io, redis.node());
+  const std::string big(3 << 20, 'v');  // each SET alone is past the window
+  constexpr int n = 4;
+  std::vector<Answer> sets(n);
+  for (int i = 0; i < n; ++i) c->send({"SET", "big" + std::to_string(i), big}, 10s, into(sets[static_cast<std::size_t>(i)]));
+  std::size_t most = 0;
+  REQUIRE(run_until(io, [&] {
+    most = std::max(most, c->unanswered_bytes());
+    return sets[n - 1].done;
+  }));
+  for (const auto& a : sets) CHECK(a.value == "OK");
+  CHECK(most > big.size());           // one at a time was on the wire...
+  CHECK(most < 2 * big.size());       // ...never two
+  CHECK(c->unanswered_bytes() == 0);
+
+  constexpr int small = 500;
+  std::vector<Answer> pings(small);
+  for (auto& p : pings) c->send({"PING"}, 10s, into(p));
+  std::size_t most_small = 0;
+  REQUIRE(run_until(io, [&] {
+    most_small = std::max(most_small, c->unanswered_bytes());
+    return pings.back().done;
+  }));
+  CHECK(most_small > 400 * 14);  // "*1\r\n$4\r\nPING\r\n" is 14 bytes: hundreds at once on the wire
+  CHECK(most_small <= RedisConnection::pipeline_window_bytes);
+}
+
 TEST_CASE("redis connection: AUTH with the right password, a clear refusal with a wrong one" * doctest::skip(no_redis)) {
   RedisNode redis({"--requirepass", "s3cret"});
   asio::io_context io;
