@@ -201,23 +201,9 @@ struct Engine {
   }
   // Lookup until answered, then RETRIEVE into blocks 16..31: seconds.
   double hit(const std::string& id, const std::vector<store::Token>& tokens) {
-    const auto t0 = Clock::now();
-    if (auto l = scheduler->submit_lookup(id, tokens); !l) throw std::runtime_error(l.error().message());
-    auto st = scheduler->check_lookup(id);
-    while (st && !st->ready && Clock::now() - t0 < 10s) {
-      std::this_thread::sleep_for(100us);
-      st = scheduler->check_lookup(id);
-    }
-    if (!st || !st->ready || st->matched_tokens != tokens.size())
-      throw std::runtime_error(fmt::format("{}: the lookup did not hit the chunk ({})", id,
-                                           !st ? st.error().message() : fmt::format("matched {}", st->matched_tokens)));
     std::vector<std::uint32_t> dst(16);
     for (std::uint32_t i = 0; i < 16; ++i) dst[i] = 16 + i;
-    if (auto got = worker->submit_retrieve(spec(id, tokens, dst)); !got || got->retrieved_chunks != 1)
-      throw std::runtime_error("retrieve failed: " + (got ? std::string("nothing retrieved") : got.error().message()));
-    const double s = seconds(Clock::now() - t0);
-    (void)worker->get_finished({});
-    return s;
+    return bench::hit_seconds(*scheduler, *worker, id, tokens, dst);
   }
 };
 

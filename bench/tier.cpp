@@ -223,22 +223,10 @@ void disk_hit(const std::string& base, int rounds) {
     std::this_thread::sleep_for(200ms);  // the write-back of the last eviction completes
     const std::string id = fmt::format("hit-{}", r);
     const auto t = tokens(r % prompts);
-    const auto t0 = Clock::now();
-    if (auto l = scheduler->submit_lookup(id, t); !l) throw std::runtime_error(l.error().message());
-    auto st = scheduler->check_lookup(id);
-    while (st && !st->ready && Clock::now() - t0 < 10s) {
-      std::this_thread::sleep_for(100us);  // the answer comes when the disk read landed
-      st = scheduler->check_lookup(id);
-    }
-    if (!st || !st->ready || st->matched_tokens != 256)
-      throw std::runtime_error(fmt::format("round {}: the lookup did not hit the chunk ({}; disk_writes {}, disk_chunks "
-                                           "{}, evictions {})",
-                                           r, !st ? st.error().message() : fmt::format("ready {} matched {}", st->ready, st->matched_tokens),
-                                           stat_of(ep, "disk_writes"), stat_of(ep, "disk_chunks"), stat_of(ep, "evictions")));
-    if (auto got = worker->submit_retrieve(spec(id, t, dst)); !got || got->retrieved_chunks != 1)
-      throw std::runtime_error("retrieve failed: " + (got ? std::string("nothing retrieved") : got.error().message()));
-    hit.push_back(seconds(Clock::now() - t0));
-    (void)worker->get_finished({});
+    hit.push_back(bench::hit_seconds(*scheduler, *worker, id, t, dst, [&] {
+      return fmt::format("round {}: disk_writes {}, disk_chunks {}, evictions {}", r, stat_of(ep, "disk_writes"),
+                         stat_of(ep, "disk_chunks"), stat_of(ep, "evictions"));
+    }));
     ref.push_back(raw_read_s(raw, chunk_bytes));
   }
   const std::int64_t from_disk = stat_of(ep, "tier_lookup_hits") - hits_before;
